@@ -1,0 +1,103 @@
+"""Every Redis key and channel name upbit-broker uses, in one place (pure).
+
+This is the contract with consumers in any language (README, "Redis schema"):
+
+    {ns}:lease:{client_id}         HASH    one consumer's lease; PEXPIRE = its TTL
+    {ns}:leases                    ZSET    client_id -> lease deadline (ms, Redis server clock)
+    {ns}:control                   CHANNEL wake-ups for the leader: "lease <id>", "release <id>",
+                                           "request"
+    {ns}:requests                  LIST    JSON commands for the leader (snapshot, resubscribe)
+    {ns}:reply:{request_id}        LIST    the leader's one JSON answer to a command
+    {ns}:leader                    STRING  id of the broker holding the upstream connection; PX TTL
+    {ns}:epoch                     STRING  upstream connection counter (INCR per connection)
+    {ns}:status                    HASH    the leader's state, refreshed every second
+    {ns}:last:{stream}             HASH    code -> the latest frame of that stream (exact bytes)
+    {ns}:events                    CHANNEL JSON events: gap, connected, leader
+    {ns}:{stream}:{code}           CHANNEL every frame of one stream, exact upstream bytes
+
+``{stream}`` is the data type (``ticker``, ``trade``, ``orderbook``, ``candle.1m`` ...), or
+``orderbook@{level}`` for an orderbook grouped by a non-zero ``level``.
+Only validated names reach these functions: market codes through ``broker.upbit.codes``,
+namespaces and client ids through :func:`validate_name`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from broker.errors import ConfigError
+from broker.upbit.codes import format_level, validate_code
+from broker.upbit.types import PUBLIC_TYPES, DataType
+
+DEFAULT_NAMESPACE = "upbit"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """Namespaces and client ids: letters, digits, ``.``, ``_``, ``-``; at most 128 chars."""
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise ConfigError(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-'")
+    return value
+
+
+def stream_name(type_: str, level: float = 0.0) -> str:
+    """``ticker``; ``orderbook``; ``orderbook@10000`` for a grouped orderbook."""
+    if type_ not in PUBLIC_TYPES:
+        raise ConfigError(f"unknown data type {type_!r}")
+    if level and type_ == DataType.ORDERBOOK:
+        return f"{type_}@{format_level(level)}"
+    return type_
+
+
+def parse_stream_name(name: str) -> tuple[str, float]:
+    """Inverse of :func:`stream_name`: ``orderbook@10000`` -> ``("orderbook", 10000.0)``."""
+    type_, at, level = name.partition("@")
+    if type_ not in PUBLIC_TYPES or (at and type_ != DataType.ORDERBOOK):
+        raise ConfigError(f"unknown data type {name!r}")
+    try:
+        return type_, float(level) if at else 0.0
+    except ValueError:
+        raise ConfigError(f"bad orderbook level in {name!r}") from None
+
+
+class Keys:
+    """Key and channel names of one namespace."""
+
+    __slots__ = (
+        "control",
+        "epoch",
+        "events",
+        "leader",
+        "leases",
+        "namespace",
+        "requests",
+        "status",
+    )
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.namespace = validate_name(namespace, "namespace")
+        ns = self.namespace
+        self.leases = f"{ns}:leases"
+        self.control = f"{ns}:control"
+        self.requests = f"{ns}:requests"
+        self.leader = f"{ns}:leader"
+        self.epoch = f"{ns}:epoch"
+        self.status = f"{ns}:status"
+        self.events = f"{ns}:events"
+
+    def lease(self, client_id: str) -> str:
+        return f"{self.namespace}:lease:{validate_name(client_id, 'client id')}"
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.namespace}:reply:{validate_name(request_id, 'request id')}"
+
+    def last_values(self, type_: str, level: float = 0.0) -> str:
+        return f"{self.namespace}:last:{stream_name(type_, level)}"
+
+    def channel(self, type_: str, code: str, level: float = 0.0) -> str:
+        return f"{self.namespace}:{stream_name(type_, level)}:{validate_code(code)}"
+
+    def channel_pattern_all(self) -> str:
+        """A PSUBSCRIBE pattern for every data channel of this namespace (tools only)."""
+        return f"{self.namespace}:*:*-*"

@@ -1,0 +1,67 @@
+"""Market codes: the shape of Upbit's pair ids and the orderbook depth suffix (pure).
+
+Every code that reaches a Redis key or channel name passes through :func:`validate_code`, so a
+lease can never smuggle ``*``, ``?``, spaces or newlines into a channel pattern.
+"""
+
+from __future__ import annotations
+
+import re
+
+from broker.errors import InvalidCodeError
+
+# Quote market first, then the base asset: KRW-BTC, BTC-ETH, USDT-SOL, KRW-1INCH, KRW-SIM0042.
+_CODE_RE = re.compile(r"[A-Z]{2,6}-[A-Z0-9]{1,16}")
+
+#: Orderbook depths Upbit serves; anything else falls back to 30 (since 2025-07-02).
+ORDERBOOK_DEPTHS: tuple[int, ...] = (1, 5, 15, 30)
+DEFAULT_DEPTH = 30
+
+
+def is_valid_code(code: object) -> bool:
+    """True when ``code`` is a string of Upbit's pair shape (upper case, no suffix)."""
+    return isinstance(code, str) and _CODE_RE.fullmatch(code) is not None
+
+
+def validate_code(code: object) -> str:
+    """Return ``code`` unchanged, or raise :class:`InvalidCodeError` naming it."""
+    if not is_valid_code(code):
+        raise InvalidCodeError(f"invalid market code {code!r} (expected e.g. 'KRW-BTC')")
+    assert isinstance(code, str)
+    return code
+
+
+def split_depth(code_with_suffix: str) -> tuple[str, int | None]:
+    """Split ``"KRW-BTC.15"`` into ``("KRW-BTC", 15)``; no suffix gives ``None``.
+
+    Unsupported counts map to 30, as Upbit does (``.3`` and ``.20`` give 30 units).
+    """
+    code, dot, suffix = code_with_suffix.partition(".")
+    if not dot:
+        return code, None
+    try:
+        depth = int(suffix)
+    except ValueError:
+        return code, DEFAULT_DEPTH
+    return code, depth if depth in ORDERBOOK_DEPTHS else DEFAULT_DEPTH
+
+
+def with_depth(code: str, depth: int | None) -> str:
+    """The request spelling of an orderbook code: the default depth carries no suffix."""
+    if depth is None or depth == DEFAULT_DEPTH:
+        return code
+    return f"{code}.{depth}"
+
+
+def normalize_depth(depth: int | None) -> int:
+    """Map a requested depth to the depth Upbit will serve."""
+    if depth is None or depth not in ORDERBOOK_DEPTHS:
+        return DEFAULT_DEPTH
+    return depth
+
+
+def format_level(level: float) -> str:
+    """Canonical text of an orderbook ``level``: ``0``, ``10000``, ``0.1``."""
+    if level == int(level):
+        return str(int(level))
+    return repr(float(level))

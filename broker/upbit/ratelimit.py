@@ -1,0 +1,49 @@
+"""Upbit's per-connection message limit as a pure sliding-window budget.
+
+Upbit allows 5 messages a second and 100 a minute per connection; every subscribe request,
+every LIST_SUBSCRIPTIONS and (treated as counted) every text ``PING`` is a message. The
+budget keeps a margin under both so clock skew between us and Upbit never costs a refusal.
+Times are plain floats (seconds, monotonic) passed in by the caller: no clock is read here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class RateBudget:
+    """Sliding windows of one second and one minute over the sends of one connection."""
+
+    def __init__(self, per_second: int = 4, per_minute: int = 90) -> None:
+        if per_second < 1 or per_minute < 1:
+            raise ValueError("a rate budget needs at least one message per window")
+        self.per_second = per_second
+        self.per_minute = per_minute
+        self._sent: deque[float] = deque()
+
+    def _forget(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - 60.0:
+            self._sent.popleft()
+
+    def next_allowed(self, now: float) -> float:
+        """The earliest time (>= ``now``) at which one more message fits both windows."""
+        self._forget(now)
+        at = now
+        if len(self._sent) >= self.per_minute:
+            at = max(at, self._sent[-self.per_minute] + 60.0)
+        if len(self._sent) >= self.per_second:
+            at = max(at, self._sent[-self.per_second] + 1.0)
+        return at
+
+    def allows(self, now: float) -> bool:
+        return self.next_allowed(now) <= now
+
+    def record(self, now: float) -> None:
+        """Count one message sent at ``now``."""
+        self._sent.append(now)
+
+    def sent_within(self, now: float, seconds: float) -> int:
+        return sum(1 for t in self._sent if t > now - seconds)
+
+
+__all__ = ["RateBudget"]

@@ -1,0 +1,267 @@
+"""Value types of the Upbit protocol: data types, formats, subscriptions and sets (pure).
+
+A :class:`Subscription` is one data-type object of a request as Upbit sees it. A
+:class:`SubscriptionSet` is what a connection (or a lease, or the broker's union) wants: a set of
+streams, one per (type, code, orderbook level), each orderbook stream with the depth it needs.
+Union and diff are plain functions over these frozen values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from broker.upbit.codes import DEFAULT_DEPTH, normalize_depth, split_depth, with_depth
+
+
+class DataType(StrEnum):
+    """Public quotation types served on ``/websocket/v1``."""
+
+    TICKER = "ticker"
+    TRADE = "trade"
+    ORDERBOOK = "orderbook"
+    CANDLE_1S = "candle.1s"
+    CANDLE_1M = "candle.1m"
+    CANDLE_3M = "candle.3m"
+    CANDLE_5M = "candle.5m"
+    CANDLE_10M = "candle.10m"
+    CANDLE_15M = "candle.15m"
+    CANDLE_30M = "candle.30m"
+    CANDLE_60M = "candle.60m"
+    CANDLE_240M = "candle.240m"
+
+    @property
+    def is_candle(self) -> bool:
+        return self.value.startswith("candle.")
+
+
+#: Candle units in seconds, by type.
+CANDLE_SECONDS: dict[DataType, int] = {
+    DataType.CANDLE_1S: 1,
+    DataType.CANDLE_1M: 60,
+    DataType.CANDLE_3M: 180,
+    DataType.CANDLE_5M: 300,
+    DataType.CANDLE_10M: 600,
+    DataType.CANDLE_15M: 900,
+    DataType.CANDLE_30M: 1800,
+    DataType.CANDLE_60M: 3600,
+    DataType.CANDLE_240M: 14400,
+}
+
+#: Private types; the public endpoint refuses them, the protocol core still knows their names.
+PRIVATE_TYPES: frozenset[str] = frozenset({"myOrder", "myAsset"})
+PUBLIC_TYPES: frozenset[str] = frozenset(t.value for t in DataType)
+
+
+def parse_data_type(value: str) -> DataType:
+    """``"ticker"`` -> ``DataType.TICKER``; raises ``ValueError`` for anything else."""
+    return DataType(value)
+
+
+class Format(StrEnum):
+    """Frame formats: full or abbreviated field names, one object or a list per frame."""
+
+    DEFAULT = "DEFAULT"
+    SIMPLE = "SIMPLE"
+    JSON_LIST = "JSON_LIST"
+    SIMPLE_LIST = "SIMPLE_LIST"
+
+    @property
+    def is_simple(self) -> bool:
+        return self in (Format.SIMPLE, Format.SIMPLE_LIST)
+
+    @property
+    def is_list(self) -> bool:
+        return self in (Format.JSON_LIST, Format.SIMPLE_LIST)
+
+
+class StreamType(StrEnum):
+    SNAPSHOT = "SNAPSHOT"
+    REALTIME = "REALTIME"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One data-type object of a request.
+
+    ``codes`` are as sent on the wire, so orderbook codes may carry a depth suffix (``KRW-BTC.15``).
+    ``level`` only applies to orderbook (``None`` leaves it out of the request).
+    """
+
+    type: str
+    codes: tuple[str, ...]
+    level: float | None = None
+    is_only_snapshot: bool = False
+    is_only_realtime: bool = False
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StreamKey:
+    """One stream, and so one Redis channel: (type, plain code, orderbook level)."""
+
+    type: str
+    code: str
+    level: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionSet:
+    """What a connection, a lease or the union wants: streams, each with an orderbook depth.
+
+    ``depths`` maps every stream to the depth it needs (30 for non-orderbook types, where it is
+    meaningless). Two sets are equal when they hold the same streams at the same depths.
+    """
+
+    depths: Mapping[StreamKey, int] = field(default_factory=dict)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def of(cls, streams: Mapping[str, Iterable[str]]) -> SubscriptionSet:
+        """Build from ``{type: [codes]}``; orderbook codes may carry a depth suffix."""
+        depths: dict[StreamKey, int] = {}
+        for type_, codes in streams.items():
+            for raw in codes:
+                code, depth = split_depth(raw) if type_ == DataType.ORDERBOOK else (raw, None)
+                key = StreamKey(type_, code)
+                depths[key] = max(depths.get(key, 0), normalize_depth(depth))
+        return cls(depths)
+
+    @classmethod
+    def from_subscriptions(cls, subscriptions: Iterable[Subscription]) -> SubscriptionSet:
+        """The streams a request's data-type objects ask for (flags are not part of a set)."""
+        depths: dict[StreamKey, int] = {}
+        for sub in subscriptions:
+            level = float(sub.level or 0.0) if sub.type == DataType.ORDERBOOK else 0.0
+            for raw in sub.codes:
+                code, depth = split_depth(raw) if sub.type == DataType.ORDERBOOK else (raw, None)
+                key = StreamKey(sub.type, code, level)
+                depths[key] = max(depths.get(key, 0), normalize_depth(depth))
+        return cls(depths)
+
+    # -- views --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[StreamKey]:
+        return iter(sorted(self.depths))
+
+    def __len__(self) -> int:
+        return len(self.depths)
+
+    def __bool__(self) -> bool:
+        return bool(self.depths)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.depths
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SubscriptionSet):
+            return NotImplemented
+        return dict(self.depths) == dict(other.depths)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.depths.items()))
+
+    def keys(self) -> frozenset[StreamKey]:
+        return frozenset(self.depths)
+
+    def by_type(self) -> dict[str, list[str]]:
+        """``{type: [codes]}``, sorted; orderbook codes carry a suffix when not 30 deep.
+
+        Non-zero orderbook levels are listed under ``orderbook@LEVEL``.
+        """
+        from broker.upbit.codes import format_level
+
+        out: dict[str, list[str]] = {}
+        for key in sorted(self.depths):
+            name = key.type
+            code = key.code
+            if key.type == DataType.ORDERBOOK:
+                code = with_depth(code, self.depths[key])
+                if key.level:
+                    name = f"{key.type}@{format_level(key.level)}"
+            out.setdefault(name, []).append(code)
+        return out
+
+    def to_subscriptions(
+        self, *, is_only_snapshot: bool = False, is_only_realtime: bool = False
+    ) -> list[Subscription]:
+        """One data-type object per (type, level), codes sorted: the deterministic request body."""
+        groups: dict[tuple[str, float], list[str]] = {}
+        for key in sorted(self.depths):
+            code = key.code
+            if key.type == DataType.ORDERBOOK:
+                code = with_depth(code, self.depths[key])
+            groups.setdefault((key.type, key.level), []).append(code)
+        return [
+            Subscription(
+                type=type_,
+                codes=tuple(sorted(codes)),
+                level=level if type_ == DataType.ORDERBOOK and level else None,
+                is_only_snapshot=is_only_snapshot,
+                is_only_realtime=is_only_realtime,
+            )
+            for (type_, level), codes in sorted(groups.items())
+        ]
+
+
+EMPTY = SubscriptionSet()
+
+
+def union(*sets: SubscriptionSet) -> SubscriptionSet:
+    """Every stream any set wants; an orderbook stream gets the deepest depth asked for."""
+    depths: dict[StreamKey, int] = {}
+    for s in sets:
+        for key, depth in s.depths.items():
+            depths[key] = max(depths.get(key, 0), depth)
+    return SubscriptionSet(depths)
+
+
+@dataclass(frozen=True, slots=True)
+class SetDiff:
+    """What changes from ``old`` to ``new``: streams added, removed, and re-depthed."""
+
+    added: frozenset[StreamKey]
+    removed: frozenset[StreamKey]
+    depth_changed: frozenset[StreamKey]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.depth_changed)
+
+
+def diff(old: SubscriptionSet, new: SubscriptionSet) -> SetDiff:
+    """The change from ``old`` to ``new``."""
+    old_keys, new_keys = old.keys(), new.keys()
+    return SetDiff(
+        added=new_keys - old_keys,
+        removed=old_keys - new_keys,
+        depth_changed=frozenset(
+            k for k in old_keys & new_keys if old.depths[k] != new.depths[k]
+        ),
+    )
+
+
+def restrict(s: SubscriptionSet, keys: Iterable[StreamKey]) -> SubscriptionSet:
+    """The part of ``s`` whose streams are in ``keys``."""
+    wanted = set(keys)
+    return SubscriptionSet({k: d for k, d in s.depths.items() if k in wanted})
+
+
+__all__ = [
+    "CANDLE_SECONDS",
+    "DEFAULT_DEPTH",
+    "EMPTY",
+    "PRIVATE_TYPES",
+    "PUBLIC_TYPES",
+    "DataType",
+    "Format",
+    "SetDiff",
+    "StreamKey",
+    "StreamType",
+    "Subscription",
+    "SubscriptionSet",
+    "diff",
+    "parse_data_type",
+    "restrict",
+    "union",
+]

@@ -1,0 +1,1 @@
+"""The ``upbit-broker`` command line (typer): a thin layer over broker, consumers and simulator."""
