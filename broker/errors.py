@@ -1,16 +1,16 @@
 """The exception tree of upbit-broker (pure: stdlib only).
 
-    BrokerError
-    ├── ProtocolError               (broker.upbit: what Upbit would refuse or what we cannot parse)
-    │   ├── RequestError            a request Upbit refuses (carries Upbit's error name)
-    │   ├── FrameError              an upstream frame we cannot route or decode
-    │   └── InvalidCodeError        a market code that is not of Upbit's shape
-    ├── UpstreamError               the upstream connection failed
-    │   └── UpbitErrorFrame         Upbit sent an error frame ({"error": {...}})
-    ├── LeaseError                  a lease that cannot be read or written
-    ├── SnapshotError               a snapshot request got no (complete) answer
-    ├── NotLeaderError              this broker lost (or never had) the leader lock
-    └── ConfigError                 settings that cannot work
+BrokerError
+├── ProtocolError               (broker.upbit: what Upbit would refuse or what we cannot parse)
+│   ├── RequestError            a request Upbit refuses (carries Upbit's error name)
+│   ├── FrameError              an upstream frame we cannot route or decode
+│   └── InvalidCodeError        a market code that is not of Upbit's shape
+├── UpstreamError               the upstream connection failed
+│   └── UpbitErrorFrame         Upbit sent an error frame ({"error": {...}})
+├── LeaseError                  a lease that cannot be read or written
+├── SnapshotError               a snapshot request got no (complete) answer
+├── NotLeaderError              this broker lost (or never had) the leader lock
+└── ConfigError                 settings that cannot work
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ namespaces and client ids through :func:`validate_name`.
 
 from __future__ import annotations
 
+import math
 import re
 
 from broker.errors import ConfigError
@@ -55,10 +56,15 @@ def parse_stream_name(name: str) -> tuple[str, float]:
     type_, at, level = name.partition("@")
     if type_ not in PUBLIC_TYPES or (at and type_ != DataType.ORDERBOOK):
         raise ConfigError(f"unknown data type {name!r}")
+    if not at:
+        return type_, 0.0
     try:
-        return type_, float(level) if at else 0.0
+        value = float(level)
     except ValueError:
         raise ConfigError(f"bad orderbook level in {name!r}") from None
+    if not math.isfinite(value) or value < 0 or level != level.strip():
+        raise ConfigError(f"bad orderbook level in {name!r}")
+    return type_, value
 
 
 class Keys:
@@ -88,6 +94,10 @@ class Keys:
 
     def lease(self, client_id: str) -> str:
         return f"{self.namespace}:lease:{validate_name(client_id, 'client id')}"
+
+    def lease_pattern(self) -> str:
+        """A SCAN pattern for every lease hash of this namespace."""
+        return f"{self.namespace}:lease:*"
 
     def reply(self, request_id: str) -> str:
         return f"{self.namespace}:reply:{validate_name(request_id, 'request id')}"

@@ -93,9 +93,7 @@ class BrokerSettings:
             raise ConfigError("rate budget must stay within Upbit's 5/s and 100/min")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> BrokerSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BrokerSettings:
         """Defaults, then ``UPBIT_BROKER_*`` variables, then ``overrides`` (CLI flags; ``None``
         values are ignored so unset flags fall through to the environment)."""
         env = os.environ if environ is None else environ

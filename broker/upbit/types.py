@@ -235,9 +235,7 @@ def diff(old: SubscriptionSet, new: SubscriptionSet) -> SetDiff:
     return SetDiff(
         added=new_keys - old_keys,
         removed=old_keys - new_keys,
-        depth_changed=frozenset(
-            k for k in old_keys & new_keys if old.depths[k] != new.depths[k]
-        ),
+        depth_changed=frozenset(k for k in old_keys & new_keys if old.depths[k] != new.depths[k]),
     )
 
 

@@ -1,0 +1,324 @@
+"""The subscription controller: what to send upstream, and when (pure; no asyncio, no I/O).
+
+Upbit replaces a connection's whole subscription set on every request, so the broker owns one
+connection and always sends the FULL set. This class holds the protocol state of that
+connection and decides every message sent on it; the upstream adapter feeds it events and
+drains its output, like a sans-I/O protocol:
+
+    feed:   connection_opened(now) / connection_closed(now) / set_desired(set, now)
+            request_snapshot(set, now) / force_resubscribe(request_id, now)
+            list_reply(listed_set, now)
+    drain:  data_to_send(now) -> [bytes]      (within the rate budget)
+            confirmations() -> [request ids]  (resubscribes verified by LIST_SUBSCRIPTIONS)
+    ask:    next_wakeup(now), wants_fresh_connection, routable, upstream
+
+Rules it enforces:
+- every subscribe request carries the full desired set; the latest desired set always wins, and
+  a burst of changes within ``coalesce_delay`` becomes one request;
+- never more than the budget (below Upbit's 5/s and 100/min): subscribes, LIST_SUBSCRIPTIONS and
+  the keepalive text PING all count;
+- streams already flowing are re-sent with ``is_only_realtime`` (no needless SNAPSHOT burst);
+  new streams get their SNAPSHOT; snapshot-only fetches ride along with ``is_only_snapshot``, so
+  a snapshot request never breaks anyone's realtime stream;
+- an empty desired set cannot be expressed (Upbit refuses empty codes and has no unsubscribe),
+  so shrinking to nothing asks the adapter for a fresh connection (make before break);
+- after a subscribe, LIST_SUBSCRIPTIONS confirms what upstream holds; a mismatch is resent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass
+
+from broker.upbit.ratelimit import RateBudget
+from broker.upbit.requests import build_list_subscriptions_request, build_subscribe_request
+from broker.upbit.types import (
+    EMPTY,
+    Format,
+    StreamKey,
+    Subscription,
+    SubscriptionSet,
+    restrict,
+    union,
+)
+
+#: how long after a subscribe request we ask LIST_SUBSCRIPTIONS (lets the server apply it)
+VERIFY_DELAY = 0.5
+#: how long to wait for a LIST_SUBSCRIPTIONS reply before asking again
+VERIFY_TIMEOUT = 5.0
+#: keepalive: the text PING that starts Upbit's 10-s {"status":"UP"} cycle
+TEXT_PING = "PING"
+
+
+@dataclass(slots=True)
+class ControllerStats:
+    subscribe_requests: int = 0
+    list_requests: int = 0
+    pings: int = 0
+    deferred: int = 0  # times a wanted send waited for the rate budget
+    verify_mismatches: int = 0
+    verified: int = 0
+
+
+class SubscriptionController:
+    """Protocol state of the one upstream connection. Times are monotonic seconds."""
+
+    def __init__(
+        self,
+        *,
+        fmt: Format = Format.DEFAULT,
+        per_second: int = 4,
+        per_minute: int = 90,
+        coalesce_delay: float = 0.05,
+        verify: bool = True,
+        ticket_prefix: str = "upbit-broker",
+    ) -> None:
+        self.fmt = fmt
+        self.per_second = per_second
+        self.per_minute = per_minute
+        self.coalesce_delay = coalesce_delay
+        self.verify = verify
+        self.stats = ControllerStats()
+        self._ticket_prefix = ticket_prefix
+        self._tickets = itertools.count(1)
+        self._desired: SubscriptionSet = EMPTY
+        self._connected = False
+        self._reset_connection_state()
+
+    def _reset_connection_state(self) -> None:
+        self.budget = RateBudget(self.per_second, self.per_minute)
+        self._upstream: SubscriptionSet = EMPTY  # realtime streams the connection holds
+        self._snapshot_only: SubscriptionSet = EMPTY  # is_only_snapshot streams last sent
+        self._snapshot_routable: frozenset[StreamKey] = frozenset()  # ... not yet delivered
+        self._pending_snapshots: SubscriptionSet = EMPTY  # waiting to be sent
+        self._refresh: set[StreamKey] = set()  # realtime streams that need a new SNAPSHOT
+        self._dirty_at: float | None = None
+        self._force = False
+        self._ping_due = True
+        self._verify_at: float | None = None
+        self._verify_sent_at: float | None = None
+        self._sends_since_verify = 0
+        self._awaiting_confirmation: list[str] = []
+        self._confirmed: list[str] = []
+
+    # -- feed ---------------------------------------------------------------------------------
+
+    def connection_opened(self, now: float) -> None:
+        """A new connection: fresh budget, nothing upstream yet; the full set goes out first."""
+        waiting = self._awaiting_confirmation
+        pending = self._pending_snapshots
+        self._reset_connection_state()
+        self._connected = True
+        self._awaiting_confirmation = waiting
+        self._pending_snapshots = pending
+        if self._desired or self._pending_snapshots:
+            self._dirty_at = now - self.coalesce_delay  # no reason to wait
+            self._force = True
+
+    def connection_closed(self, now: float) -> None:
+        self._connected = False
+        self._upstream = EMPTY
+        self._snapshot_only = EMPTY
+        self._snapshot_routable = frozenset()
+        self._verify_at = None
+        self._verify_sent_at = None
+
+    def set_desired(self, desired: SubscriptionSet, now: float) -> None:
+        """The union of all leases changed (or was recomputed: equal sets are a no-op)."""
+        if desired == self._desired:
+            return
+        self._desired = desired
+        if self._dirty_at is None:
+            self._dirty_at = now
+
+    def request_snapshot(self, streams: SubscriptionSet, now: float) -> None:
+        """Fetch one SNAPSHOT of ``streams`` upstream without disturbing realtime streams."""
+        if not streams:
+            return
+        self._pending_snapshots = union(self._pending_snapshots, streams)
+        for key in streams:
+            if key in self._desired:
+                self._refresh.add(key)
+        if self._dirty_at is None:
+            self._dirty_at = now
+
+    def force_resubscribe(self, request_id: str | None, now: float) -> None:
+        """Resend the full set (operator command); confirm ``request_id`` once verified."""
+        self._force = True
+        if request_id is not None:
+            self._awaiting_confirmation.append(request_id)
+        if self._dirty_at is None:
+            self._dirty_at = now
+
+    def list_reply(self, listed: SubscriptionSet, now: float) -> bool:
+        """LIST_SUBSCRIPTIONS answered; returns True when it matches what we sent.
+
+        A reply is only judged when no subscribe went out after the LIST request (otherwise it
+        may describe either set). Streams only fetched as snapshots may or may not be listed.
+        """
+        if self._verify_sent_at is None:
+            return False
+        self._verify_sent_at = None
+        if self._sends_since_verify:
+            self._verify_at = now  # ask again about the newer request
+            return False
+        listed_keys = listed.keys()
+        wanted = self._upstream.keys()
+        extra = listed_keys - wanted - self._snapshot_only.keys()
+        if wanted <= listed_keys and not extra:
+            self.stats.verified += 1
+            self._confirmed.extend(self._awaiting_confirmation)
+            self._awaiting_confirmation.clear()
+            return True
+        self.stats.verify_mismatches += 1
+        self._force = True
+        if self._dirty_at is None:
+            self._dirty_at = now
+        return False
+
+    # -- ask ----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def desired(self) -> SubscriptionSet:
+        return self._desired
+
+    @property
+    def upstream(self) -> SubscriptionSet:
+        """The realtime set the connection holds (as last sent)."""
+        return self._upstream
+
+    @property
+    def routable(self) -> frozenset[StreamKey]:
+        """Streams whose frames are wanted now: realtime upstream plus snapshot fetches."""
+        return self._upstream.keys() | self._snapshot_routable
+
+    @property
+    def wants_fresh_connection(self) -> bool:
+        """Upstream holds streams but nobody wants any: only a new connection can say so."""
+        return (
+            self._connected
+            and not self._desired
+            and not self._pending_snapshots
+            and bool(self._upstream)
+        )
+
+    def _send_wanted(self) -> bool:
+        if not self._connected or self._dirty_at is None:
+            return False
+        if not self._desired and not self._pending_snapshots:
+            return False  # nothing expressible; see wants_fresh_connection
+        return (
+            self._force
+            or bool(self._pending_snapshots)
+            or self._desired != self._upstream
+            or bool(self._refresh)
+        )
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When ``data_to_send`` may next have something (``None``: only on new input)."""
+        if not self._connected:
+            return None
+        times: list[float] = []
+        if self._send_wanted():
+            assert self._dirty_at is not None
+            times.append(max(self._dirty_at + self.coalesce_delay, self.budget.next_allowed(now)))
+        if self._ping_due:
+            times.append(self.budget.next_allowed(now))
+        if self._verify_at is not None:
+            times.append(max(self._verify_at, self.budget.next_allowed(now)))
+        if self._verify_sent_at is not None:
+            times.append(self._verify_sent_at + VERIFY_TIMEOUT)
+        return min(times) if times else None
+
+    # -- drain --------------------------------------------------------------------------------
+
+    def _ticket(self) -> str:
+        return f"{self._ticket_prefix}-{next(self._tickets)}-{uuid.uuid4().hex[:8]}"
+
+    def build_full_request(self) -> tuple[bytes, SubscriptionSet, SubscriptionSet]:
+        """The request for the current desired set plus pending snapshots (no state change)."""
+        desired = self._desired
+        fresh = desired.keys() - self._upstream.keys() | self._refresh
+        flowing = restrict(desired, desired.keys() - fresh)
+        new = restrict(desired, fresh & desired.keys())
+        snapshot_only = restrict(
+            self._pending_snapshots, self._pending_snapshots.keys() - desired.keys()
+        )
+        subs: list[Subscription] = []
+        subs += flowing.to_subscriptions(is_only_realtime=True)
+        subs += new.to_subscriptions()
+        subs += snapshot_only.to_subscriptions(is_only_snapshot=True)
+        return (
+            build_subscribe_request(subs, ticket=self._ticket(), fmt=self.fmt),
+            desired,
+            snapshot_only,
+        )
+
+    def data_to_send(self, now: float) -> list[bytes | str]:
+        """Messages to send now, in order; empty when nothing is due or the budget is spent."""
+        out: list[bytes | str] = []
+        if not self._connected:
+            return out
+        if self._send_wanted():
+            assert self._dirty_at is not None
+            if now >= self._dirty_at + self.coalesce_delay:
+                if self.budget.allows(now):
+                    request, sent, snapshot_only = self.build_full_request()
+                    self.budget.record(now)
+                    out.append(request)
+                    self.stats.subscribe_requests += 1
+                    self._upstream = sent
+                    self._snapshot_only = snapshot_only
+                    self._snapshot_routable = snapshot_only.keys()
+                    self._pending_snapshots = EMPTY
+                    self._refresh.clear()
+                    self._dirty_at = None
+                    self._force = False
+                    self._sends_since_verify += 1
+                    if self.verify:
+                        self._verify_at = now + VERIFY_DELAY
+                else:
+                    self.stats.deferred += 1
+            return out  # the keepalive and verification wait until the set is out
+        if self._ping_due and self.budget.allows(now):
+            self.budget.record(now)
+            self._ping_due = False
+            self.stats.pings += 1
+            out.append(TEXT_PING)
+        if self._verify_sent_at is not None and now >= self._verify_sent_at + VERIFY_TIMEOUT:
+            self._verify_sent_at = None  # lost reply: ask again
+            self._verify_at = now
+        if (
+            self._verify_at is not None
+            and now >= self._verify_at
+            and self._verify_sent_at is None
+            and self.budget.allows(now)
+        ):
+            self.budget.record(now)
+            self._verify_at = None
+            self._verify_sent_at = now
+            self._sends_since_verify = 0
+            self.stats.list_requests += 1
+            # No format object: it would switch the format of the running streams.
+            out.append(build_list_subscriptions_request(ticket=self._ticket()))
+        if not self.verify and self._awaiting_confirmation and not self._send_wanted():
+            self._confirmed.extend(self._awaiting_confirmation)
+            self._awaiting_confirmation.clear()
+        return out
+
+    def confirmations(self) -> list[str]:
+        """Resubscribe request ids confirmed since the last call."""
+        out, self._confirmed = self._confirmed, []
+        return out
+
+    def snapshot_streams_done(self, keys: set[StreamKey]) -> None:
+        """Snapshot-only streams that delivered: stop routing them (Upbit sends nothing more)."""
+        self._snapshot_routable = self._snapshot_routable - keys
+
+
+__all__ = ["TEXT_PING", "ControllerStats", "SubscriptionController"]

@@ -1,0 +1,672 @@
+"""The broker service: leadership, leases -> union -> upstream, commands, status and events.
+
+Phases (uvicorn-style lifecycle): ``serve()`` loops between STANDBY (try the leader lock) and
+LEADER. As leader it runs, in one TaskGroup: the lock renewal, the lease watcher (control
+channel + reconcile at the earliest lease deadline + periodic sweep), the command handler
+(snapshots, resubscribe), the upstream connection, the publisher and the status writer. Losing
+the lock (or failing to renew it before the local deadline) ends the TaskGroup at once: the
+publisher checks the lock's local deadline before every burst, so a deposed leader never
+publishes.
+
+Everything here is I/O glue: the decisions live in ``broker.control`` (what to send upstream),
+``broker.leases`` (what a lease is) and ``broker.upbit`` (the protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from broker.control import SubscriptionController
+from broker.errors import NotLeaderError, UpbitErrorFrame
+from broker.keys import Keys, parse_stream_name
+from broker.leader import LeaderLock
+from broker.leases import LeaseStore
+from broker.publisher import Publisher, Target
+from broker.settings import BrokerSettings, redact_url
+from broker.upbit.codes import is_valid_code
+from broker.upbit.types import EMPTY, StreamKey, SubscriptionSet, union
+from broker.upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+#: most codes one snapshot request may name
+MAX_SNAPSHOT_CODES = 100
+#: a snapshot request never waits longer than this for upstream
+MAX_SNAPSHOT_TIMEOUT = 30.0
+#: commands handled per wake-up (the rest on the next)
+COMMAND_BATCH = 100
+#: replies live this long in Redis if nobody picks them up
+REPLY_TTL_MS = 60_000
+
+_json = msgspec.json.Encoder()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    leases: int = 0
+    invalid_leases: int = 0
+    lease_expiries: int = 0
+    union_recomputes: int = 0
+    commands: int = 0
+    bad_commands: int = 0
+    snapshots_from_cache: int = 0
+    snapshots_from_upstream: int = 0
+    snapshot_codes_missing: int = 0
+    resubscribes_forced: int = 0
+    leadership_changes: int = 0
+    redis_errors: int = 0
+    quiet_refreshes: int = 0
+
+
+@dataclass(slots=True)
+class _SnapshotWaiter:
+    request_id: str
+    reply_key: str
+    stream: str
+    frames: dict[str, bytes]
+    sources: dict[str, str]
+    waiting: set[StreamKey]
+    deadline: float
+
+
+class Broker:
+    """One broker process. ``await serve(stop)`` runs until ``stop`` is set."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.stats = BrokerStats()
+        self.is_leader = False
+        self.epoch = 0
+        self.desired: SubscriptionSet = EMPTY
+        self.ready = asyncio.Event()  # set once connected upstream as leader (tests, demo)
+        self._redis: aioredis.Redis | None = None
+        self._pub_redis: aioredis.Redis | None = None
+        self._lock: LeaderLock | None = None
+        self._leases_dirty = asyncio.Event()
+        self._requests_dirty = asyncio.Event()
+        self._grace_until = 0.0
+        self._grace_set: SubscriptionSet = EMPTY
+        self._invalid_logged: set[str] = set()
+        self._waiters: list[_SnapshotWaiter] = []
+        self._confirm_waiting: set[str] = set()
+        self._last_frame_ms = 0
+        self._disconnected_at_ms = 0
+        self._gap_reason = ""
+        self._takeover_since_ms = 0
+        self._last_quiet_refresh = 0.0
+        self._background: set[asyncio.Task[Any]] = set()
+        self.controller: SubscriptionController | None = None
+        self.upstream: Upstream | None = None
+        self.publisher: Publisher | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """STANDBY <-> LEADER until ``stop`` is set."""
+        s = self.settings
+        # Retries ride out a Redis restart; every loop still handles the errors that remain.
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3)
+        self._redis = aioredis.Redis.from_url(s.redis_url, health_check_interval=5, retry=retry)
+        # Publishing gets its own connection pool so pipelines never queue behind commands.
+        self._pub_redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=None)
+        self._lock = LeaderLock(self._redis, s.namespace, s.broker_id, int(s.leader_ttl * 1000))
+        logger.info(
+            "broker %s starting: redis=%s upstream=%s namespace=%s",
+            s.broker_id,
+            redact_url(s.redis_url),
+            s.upstream_url,
+            s.namespace,
+        )
+        try:
+            stopper = asyncio.create_task(stop.wait())
+            while not stop.is_set():
+                acquired = await self._standby(stopper)
+                if not acquired:
+                    break
+                lead = asyncio.create_task(self._lead())
+                done, _ = await asyncio.wait({lead, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if lead not in done:
+                    lead.cancel()
+                try:
+                    await lead
+                except asyncio.CancelledError:
+                    if not stop.is_set():
+                        raise
+                except Exception as exc:  # the leader phase ended: step down, then stand by
+                    expected = _only(exc, (NotLeaderError, RedisError, OSError))
+                    logger.warning("leader phase ended: %s", exc, exc_info=not expected)
+                    if not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(1.0):
+                                await asyncio.shield(stopper)
+                self._step_down()
+            stopper.cancel()
+        finally:
+            await self._shutdown()
+
+    async def _standby(self, stopper: asyncio.Task[Any]) -> bool:
+        """Wait for the leader lock; False when asked to stop first."""
+        assert self._lock is not None
+        announced = False
+        while not stopper.done():
+            try:
+                if await self._lock.try_acquire():
+                    return True
+                if not announced:
+                    holder = await self._lock.holder()
+                    logger.info("standby: leader is %s; waiting for the lock", holder)
+                    announced = True
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                logger.warning("standby: redis unavailable (%s)", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self.settings.leader_ttl / 3)):
+                    await asyncio.shield(stopper)
+        return False
+
+    def _step_down(self) -> None:
+        if self.is_leader:
+            logger.info("broker %s stepped down", self.settings.broker_id)
+        self.is_leader = False
+        self.ready.clear()
+
+    async def _shutdown(self) -> None:
+        if self._lock is not None and self.is_leader:
+            with contextlib.suppress(RedisError, OSError):
+                await self._lock.release()
+        self.is_leader = False
+        for client in (self._redis, self._pub_redis):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    # -- leader phase ---------------------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        s = self.settings
+        assert self._redis is not None and self._pub_redis is not None and self._lock is not None
+        self.is_leader = True
+        self.stats.leadership_changes += 1
+        logger.info("broker %s is leader of namespace %s", s.broker_id, s.namespace)
+        await self._read_previous_leader()
+        await self._event({"event": "leader", "broker": s.broker_id, "ts_ms": now_ms()})
+        lock = self._lock
+        self.controller = SubscriptionController(
+            fmt=s.upstream_format,
+            per_second=s.rate_per_second,
+            per_minute=s.rate_per_minute,
+            coalesce_delay=s.coalesce_delay,
+            verify=s.verify_subscriptions,
+            ticket_prefix=s.broker_id,
+        )
+        self.publisher = Publisher(
+            self._pub_redis,
+            last_value_cache=s.last_value_cache,
+            max_pending=s.max_pending_frames,
+            on_published=self._on_published,
+        )
+        self.upstream = Upstream(
+            s,
+            self.controller,
+            self.publisher,
+            self.keys,
+            on_connected=self._on_upstream_connected,
+            on_disconnected=self._on_upstream_disconnected,
+            on_confirmations=self._on_confirmations,
+            on_error_frame=self._on_error_frame,
+        )
+        self.desired = EMPTY
+        self._leases_dirty.set()
+        self._requests_dirty.set()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._hold_lock(), name="leader-lock")
+            tg.create_task(self._watch_control(), name="control-channel")
+            tg.create_task(self._reconcile_leases(), name="leases")
+            tg.create_task(self._handle_commands(), name="commands")
+            tg.create_task(self.publisher.run(lock.is_valid), name="publisher")
+            tg.create_task(self.upstream.run(), name="upstream")
+            tg.create_task(self._write_status(), name="status")
+
+    async def _hold_lock(self) -> None:
+        """Renew every third of the TTL; a Redis that came back empty is re-acquired."""
+        assert self._lock is not None
+        lock = self._lock
+        interval = self.settings.leader_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await lock.renew():
+                    continue
+                if await lock.holder() is None and await lock.try_acquire():
+                    logger.warning("leader lock was gone (redis restarted?): re-acquired")
+                    continue
+                raise NotLeaderError(f"lock now held by {await lock.holder()}")
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                if not lock.is_valid():
+                    raise NotLeaderError(f"could not renew the leader lock: {exc}") from exc
+                logger.warning("leader lock renewal failed (%s); still valid locally", exc)
+
+    async def _read_previous_leader(self) -> None:
+        assert self._redis is not None
+        try:
+            prev: dict[Any, Any] = await self._redis.hgetall(self.keys.status)
+        except (RedisError, OSError):
+            return
+        leader = _text(prev.get(b"leader", b""))
+        last = int(prev.get(b"last_frame_ms", b"0") or 0)
+        if leader and leader != self.settings.broker_id and last:
+            self._takeover_since_ms = last
+
+    # -- events from the upstream adapter -------------------------------------------------------
+
+    async def _on_upstream_connected(self) -> None:
+        assert self._redis is not None
+        try:
+            self.epoch = int(await self._redis.incr(self.keys.epoch))
+        except (RedisError, OSError):
+            self.epoch += 1
+        ts = now_ms()
+        since = self._takeover_since_ms or (self._last_frame_ms if self._gap_reason else 0)
+        if since:
+            reason = "takeover" if self._takeover_since_ms else self._gap_reason
+            await self._event(
+                {
+                    "event": "gap",
+                    "epoch": self.epoch,
+                    "since_ms": since,
+                    "until_ms": ts,
+                    "reason": reason,
+                    "broker": self.settings.broker_id,
+                }
+            )
+            logger.info("gap event: epoch=%d reason=%s span_ms=%d", self.epoch, reason, ts - since)
+        self._takeover_since_ms = 0
+        self._gap_reason = ""
+        await self._event(
+            {
+                "event": "connected",
+                "epoch": self.epoch,
+                "broker": self.settings.broker_id,
+                "ts_ms": ts,
+            }
+        )
+        logger.info("upstream connected: epoch=%d url=%s", self.epoch, self.settings.upstream_url)
+        self.ready.set()
+
+    def _on_upstream_disconnected(self, reason: str) -> None:
+        self.ready.clear()
+        if not reason:
+            return
+        self._disconnected_at_ms = now_ms()
+        if self.publisher is not None and self.publisher.last_publish_ms:
+            self._last_frame_ms = self.publisher.last_publish_ms
+        else:
+            self._last_frame_ms = self._disconnected_at_ms
+        self._gap_reason = "stall" if "no frame" in reason else "reconnect"
+
+    def _on_error_frame(self, error: UpbitErrorFrame) -> None:
+        logger.error("upstream refused: %s", error)
+
+    def _on_confirmations(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            upstream = self.controller.upstream.by_type() if self.controller else {}
+            self._spawn(
+                self._reply(rid, {"id": rid, "ok": True, "epoch": self.epoch, "upstream": upstream})
+            )
+
+    def _on_published(self, batch: list[tuple[Target, bytes]]) -> None:
+        if not self._waiters:
+            return
+        for target, frame in batch:
+            for waiter in self._waiters:
+                if target.key in waiter.waiting:
+                    waiter.waiting.discard(target.key)
+                    waiter.frames[target.key.code] = frame
+                    waiter.sources[target.key.code] = "upstream"
+        self._finish_waiters(force=False)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def _watch_control(self) -> None:
+        """Our own pub/sub loop on the control channel: a reconnect is noticed, never silent."""
+        assert self._redis is not None
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.control)
+                self._leases_dirty.set()
+                self._requests_dirty.set()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None:
+                        continue
+                    data = message.get("data", b"")
+                    if isinstance(data, bytes) and data.startswith(b"request"):
+                        self._requests_dirty.set()
+                    else:
+                        self._leases_dirty.set()
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                # Redis may have restarted empty: keep the current union for one lease TTL so
+                # consumers can re-assert their leases before anything is unsubscribed.
+                self._grace_until = time.monotonic() + self.settings.lease_ttl
+                self._grace_set = self.desired
+                logger.warning(
+                    "control channel lost (%s); holding the union for %.0fs",
+                    exc,
+                    self.settings.lease_ttl,
+                )
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _reconcile_leases(self) -> None:
+        """Recompute the union on every lease change, at the earliest deadline, and periodically."""
+        assert self._redis is not None
+        store = LeaseStore(self._redis, self.settings.namespace)
+        sweeps = 0
+        while True:
+            wait = self.settings.reconcile_interval
+            try:
+                listing = await store.list(scan=sweeps % 5 == 0)
+                sweeps += 1
+                self._apply_listing(listing)
+                deadlines = [lease.deadline_ms for lease in listing.leases]
+                if deadlines:
+                    # Wake just after the earliest lease would expire (server clock).
+                    until = (min(deadlines) - listing.server_now_ms) / 1000 + 0.02
+                    wait = max(0.01, min(wait, until))
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                logger.warning("lease reconcile failed: %s", exc)
+            self._leases_dirty.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._leases_dirty.wait()
+
+    def _apply_listing(self, listing: Any) -> None:
+        assert self.controller is not None and self.upstream is not None
+        wanted = union(*(lease.subscriptions for lease in listing.leases))
+        if time.monotonic() < self._grace_until:
+            wanted = union(wanted, self._grace_set)
+        for client_id, reason in listing.invalid:
+            if client_id not in self._invalid_logged:
+                self._invalid_logged.add(client_id)
+                logger.warning("skipped invalid lease %s: %s", client_id, reason)
+        self.stats.invalid_leases = len(listing.invalid)
+        if listing.expired:
+            self.stats.lease_expiries += len(listing.expired)
+            logger.info("leases expired: %s", ", ".join(listing.expired))
+        self.stats.leases = len(listing.leases)
+        if wanted != self.desired:
+            self.stats.union_recomputes += 1
+            logger.info(
+                "union changed: %d streams from %d leases", len(wanted), len(listing.leases)
+            )
+            self.desired = wanted
+            self.controller.set_desired(wanted, time.monotonic())
+            self.upstream.changed.set()
+
+    # -- commands (snapshot, resubscribe) -------------------------------------------------------
+
+    async def _handle_commands(self) -> None:
+        assert self._redis is not None
+        while True:
+            try:
+                raw: Any = await self._redis.lpop(self.keys.requests, COMMAND_BATCH)
+                for item in raw or []:
+                    await self._command(item if isinstance(item, bytes) else str(item).encode())
+                if raw and len(raw) == COMMAND_BATCH:
+                    continue
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                logger.warning("command queue unavailable: %s", exc)
+            self._finish_waiters(force=False)
+            wait = 1.0
+            if self._waiters:
+                wait = max(0.0, min(w.deadline for w in self._waiters) - time.monotonic())
+            self._requests_dirty.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, 1.0)):
+                    await self._requests_dirty.wait()
+
+    async def _command(self, raw: bytes) -> None:
+        self.stats.commands += 1
+        try:
+            cmd = msgspec.json.decode(raw)
+            if not isinstance(cmd, dict):
+                raise ValueError("not an object")
+            rid = str(cmd.get("id", ""))
+            reply_key = self.keys.reply(rid)
+        except (msgspec.DecodeError, ValueError) as exc:
+            self.stats.bad_commands += 1
+            logger.warning("dropped unreadable command %r: %s", raw[:100], exc)
+            return
+        op = cmd.get("op")
+        if op == "snapshot":
+            await self._snapshot(rid, reply_key, cmd)
+        elif op == "resubscribe":
+            self.stats.resubscribes_forced += 1
+            assert self.controller is not None and self.upstream is not None
+            logger.info("resubscribe requested (%s)", rid)
+            self.controller.force_resubscribe(rid, time.monotonic())
+            self.upstream.changed.set()
+        else:
+            self.stats.bad_commands += 1
+            await self._reply(rid, {"id": rid, "ok": False, "error": f"unknown op {op!r}"})
+
+    async def _snapshot(self, rid: str, reply_key: str, cmd: dict[str, Any]) -> None:
+        assert self._redis is not None and self.controller is not None
+        try:
+            stream = str(cmd.get("type", ""))
+            type_, level = parse_stream_name(stream)
+            level = float(cmd.get("level") or level)
+            codes = cmd.get("codes")
+            if not isinstance(codes, list) or not codes:
+                raise ValueError("codes must be a non-empty list")
+            if len(codes) > MAX_SNAPSHOT_CODES:
+                raise ValueError(f"at most {MAX_SNAPSHOT_CODES} codes per snapshot request")
+            bad = [c for c in codes if not is_valid_code(c)]
+            if bad:
+                raise ValueError(f"invalid codes: {bad[:5]}")
+            timeout = min(float(cmd.get("timeout_ms", 3000)) / 1000, MAX_SNAPSHOT_TIMEOUT)
+        except (ValueError, TypeError, Exception) as exc:
+            self.stats.bad_commands += 1
+            await self._reply(rid, {"id": rid, "ok": False, "error": str(exc)})
+            return
+        codes = sorted(set(codes))
+        keys = {StreamKey(type_, c, level) for c in codes}
+        frames: dict[str, bytes] = {}
+        sources: dict[str, str] = {}
+        # The cache is trusted only for streams flowing now: others may hold hours-old values.
+        flowing = [k for k in keys if k in self.controller.upstream]
+        if flowing and self.settings.last_value_cache:
+            values: list[Any] = await self._redis.hmget(
+                self.keys.last_values(type_, level), [k.code for k in flowing]
+            )
+            for key, value in zip(flowing, values, strict=True):
+                if isinstance(value, bytes):
+                    frames[key.code] = value
+                    sources[key.code] = "cache"
+        self.stats.snapshots_from_cache += len(frames)
+        missing = {k for k in keys if k.code not in frames}
+        waiter = _SnapshotWaiter(
+            rid, reply_key, stream, frames, sources, missing, time.monotonic() + timeout
+        )
+        if missing:
+            self.stats.snapshots_from_upstream += 1
+            self.controller.request_snapshot(
+                SubscriptionSet({k: 30 for k in missing}), time.monotonic()
+            )
+            assert self.upstream is not None
+            self.upstream.changed.set()
+        self._waiters.append(waiter)
+        self._finish_waiters(force=False)
+
+    def _finish_waiters(self, *, force: bool) -> None:
+        now = time.monotonic()
+        keep: list[_SnapshotWaiter] = []
+        done_keys: set[StreamKey] = set()
+        for w in self._waiters:
+            if w.waiting and not force and now < w.deadline:
+                keep.append(w)
+                continue
+            missing = sorted(k.code for k in w.waiting)
+            self.stats.snapshot_codes_missing += len(missing)
+            done_keys |= {StreamKey(*_key_of(w.stream, code)) for code in w.frames}
+            reply = {
+                "id": w.request_id,
+                "ok": True,
+                "frames": {code: msgspec.Raw(frame) for code, frame in w.frames.items()},
+                "missing": missing,
+                "source": w.sources,
+            }
+            self._spawn(self._reply(w.request_id, reply))
+        self._waiters = keep
+        if done_keys and self.controller is not None:
+            self.controller.snapshot_streams_done(done_keys)
+
+    async def _reply(self, request_id: str, body: dict[str, Any]) -> None:
+        assert self._redis is not None
+        key = self.keys.reply(request_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, _json.encode(body))
+                pipe.pexpire(key, REPLY_TTL_MS)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning("could not reply to %s: %s", request_id, exc)
+
+    # -- status and events ----------------------------------------------------------------------
+
+    async def _event(self, event: dict[str, Any]) -> None:
+        assert self._redis is not None
+        try:
+            await self._redis.publish(self.keys.events, _json.encode(event))
+        except (RedisError, OSError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning("could not publish event %s: %s", event.get("event"), exc)
+
+    def status_fields(self) -> dict[str, str]:
+        """The status hash as written to Redis (also used by metrics)."""
+        c, u, p = self.controller, self.upstream, self.publisher
+        up = u.stats if u else None
+        return {
+            "leader": self.settings.broker_id if self.is_leader else "",
+            "connected": "1" if (u is not None and u.connected) else "0",
+            "epoch": str(self.epoch),
+            "reconnects": str(up.reconnects if up else 0),
+            "resubscribes": str(c.stats.subscribe_requests if c else 0),
+            "list_requests": str(c.stats.list_requests if c else 0),
+            "verify_mismatches": str(c.stats.verify_mismatches if c else 0),
+            "deferred_sends": str(c.stats.deferred if c else 0),
+            "desired": _json.encode(self.desired.by_type()).decode(),
+            "upstream": _json.encode(c.upstream.by_type() if c else {}).decode(),
+            "last_error": u.last_error if u else "",
+            "frames_in": str(up.frames_in if up else 0),
+            "frames_published": str(p.stats.published if p else 0),
+            "frames_dropped": str(
+                (up.dropped_unleased if up else 0) + (p.stats.dropped_overflow if p else 0)
+            ),
+            "frames_malformed": str(up.malformed if up else 0),
+            "leases": str(self.stats.leases),
+            "invalid_leases": str(self.stats.invalid_leases),
+            "last_frame_ms": str(p.last_publish_ms if p else 0),
+            "updated_ms": str(now_ms()),
+            "upstream_url": redact_url(self.settings.upstream_url),
+            "quiet_codes": _json.encode(self.quiet_codes()).decode(),
+            "redis_errors": str(self.stats.redis_errors + (p.stats.redis_errors if p else 0)),
+        }
+
+    def quiet_codes(self) -> list[str]:
+        """Streams upstream holds that published nothing for ``quiet_after`` seconds."""
+        if self.controller is None or self.publisher is None or self.upstream is None:
+            return []
+        if not self.upstream.connected:
+            return []
+        horizon = time.monotonic() - self.settings.quiet_after
+        seen = self.publisher.last_seen
+        return sorted(
+            f"{k.type}:{k.code}" for k in self.controller.upstream if seen.get(k, 0.0) < horizon
+        )
+
+    async def _write_status(self) -> None:
+        assert self._redis is not None
+        interval = self.settings.status_interval
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(self.keys.status, mapping=self.status_fields())  # type: ignore[arg-type]
+                    pipe.pexpire(self.keys.status, int(interval * 3000))
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                logger.debug("status write failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True when ``exc`` (or every leaf of an exception group) is one of ``kinds``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kinds) for e in exc.exceptions)
+    return isinstance(exc, kinds)
+
+
+def _key_of(stream: str, code: str) -> tuple[str, str, float]:
+    type_, level = parse_stream_name(stream)
+    return (type_, code, level)
+
+
+@asynccontextmanager
+async def run_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
+    """Start a broker in this event loop; stop it (releasing the lock) on exit."""
+    broker = Broker(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(broker.serve(stop), name=f"broker-{settings.broker_id}")
+    try:
+        yield broker
+    finally:
+        stop.set()
+        try:
+            async with asyncio.timeout(10):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+__all__ = ["Broker", "BrokerStats", "RedisConnectionError", "run_broker"]

@@ -1,0 +1,326 @@
+"""The one upstream connection: connect, receive, route, send what the controller says
+(I/O adapter over ``websockets``).
+
+Receiving never awaits per frame beyond the websocket read itself: each data frame is routed
+(msgspec, only type/code/stream_type/level) and appended to the publisher's pending list.
+Everything about *what* to send lives in :class:`broker.control.SubscriptionController`.
+
+Faults handled here: connect failures and closes (exponential backoff with jitter, capped,
+reset after a healthy connection), silent stalls (no frame at all, ``{"status":"UP"}``
+included, for ``stall_timeout``), missing pongs (websockets' ping timeout), Upbit error frames
+(typed, logged, retried with backoff), and make-before-break when the set must shrink to empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from broker.control import SubscriptionController
+from broker.errors import UpbitErrorFrame, UpstreamError
+from broker.keys import Keys
+from broker.publisher import Publisher, Target, make_target
+from broker.settings import BrokerSettings
+from broker.upbit.router import FrameKind, route_frame
+from broker.upbit.types import StreamKey, Subscription, SubscriptionSet
+
+logger = logging.getLogger(__name__)
+
+
+class StallError(UpstreamError):
+    """No frame at all arrived for ``stall_timeout`` seconds."""
+
+
+class _Switch(Exception):
+    """Make-before-break: carry on with this new connection."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        super().__init__("switching to a fresh connection")
+        self.ws = ws
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    frames_in: int = 0
+    malformed: int = 0
+    dropped_unleased: int = 0
+    status_frames: int = 0
+    error_frames: int = 0
+    connects: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    stalls: int = 0
+    fresh_connection_switches: int = 0
+
+
+def parse_list_reply(frame: bytes) -> SubscriptionSet:
+    """A LIST_SUBSCRIPTIONS answer (DEFAULT or SIMPLE keys) as the set it lists."""
+    obj = msgspec.json.decode(frame)
+    result = obj.get("result", obj.get("rslt")) or []
+    subs = []
+    for entry in result:
+        type_ = entry.get("type", entry.get("ty"))
+        codes = entry.get("codes", entry.get("cds")) or []
+        level = entry.get("level", entry.get("lv"))
+        if isinstance(type_, str) and codes:
+            subs.append(Subscription(type_, tuple(codes), float(level) if level else None))
+    return SubscriptionSet.from_subscriptions(subs)
+
+
+def parse_error_frame(frame: bytes) -> UpbitErrorFrame:
+    try:
+        err = msgspec.json.decode(frame).get("error", {})
+        return UpbitErrorFrame(str(err.get("name", "?")), str(err.get("message", "")))
+    except (msgspec.DecodeError, AttributeError):
+        return UpbitErrorFrame("?", frame[:200].decode(errors="replace"))
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter in [0.5, 1] of the step: never a thundering herd."""
+    step = min(cap, initial * 2.0 ** min(attempt, 30))
+    return step * rng.uniform(0.5, 1.0)
+
+
+OnConnected = Callable[[], Awaitable[None]]
+
+
+class Upstream:
+    """Keeps one connection to Upbit (or the simulator) open for as long as it runs."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        controller: SubscriptionController,
+        publisher: Publisher,
+        keys: Keys,
+        *,
+        on_connected: OnConnected,
+        on_disconnected: Callable[[str], None],
+        on_confirmations: Callable[[list[str]], None],
+        on_error_frame: Callable[[UpbitErrorFrame], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.controller = controller
+        self.publisher = publisher
+        self.keys = keys
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._on_confirmations = on_confirmations
+        self._on_error_frame = on_error_frame
+        self.changed = asyncio.Event()
+        self.stats = UpstreamStats()
+        self.connected = False
+        self.last_error = ""
+        self._table: dict[tuple[str, str, float], Target] = {}
+        self._targets: dict[StreamKey, Target] = {}
+        self._routable: frozenset[StreamKey] = frozenset()
+        self._rng = random.Random()
+        self._healthy_since: float | None = None
+
+    # -- routing table --------------------------------------------------------------------------
+
+    def _refresh_routes(self) -> None:
+        routable = self.controller.routable
+        if routable == self._routable:
+            return
+        self._routable = routable
+        table: dict[tuple[str, str, float], Target] = {}
+        for key in routable:
+            target = self._targets.get(key)
+            if target is None:
+                target = self._targets[key] = make_target(self.keys, key)
+            table[(key.type, key.code, key.level)] = target
+        self._table = table  # swap whole: the receive loop never sees a half-built table
+
+    # -- connection loop ------------------------------------------------------------------------
+
+    async def _connect(self) -> ClientConnection:
+        s = self.settings
+        # No Origin header: Upbit puts clients that send one on a far stricter limit.
+        return await connect(
+            s.upstream_url,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_interval,
+            open_timeout=10,
+            close_timeout=2,
+            max_size=16 * 2**20,
+            max_queue=4096,
+            compression=None,
+            user_agent_header="upbit-broker",
+        )
+
+    async def run(self) -> None:
+        """Connect and serve until cancelled; reconnect with backoff on every failure."""
+        attempt = 0
+        next_ws: ClientConnection | None = None
+        while True:
+            ws = next_ws
+            next_ws = None
+            if ws is None:
+                try:
+                    ws = await self._connect()
+                except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                    self.stats.connect_failures += 1
+                    self.last_error = f"connect failed: {exc}"
+                    delay = backoff_delay(
+                        attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
+                    )
+                    attempt += 1
+                    logger.warning("upstream connect failed (%s); retry in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+            self.stats.connects += 1
+            reason = "closed"
+            try:
+                await self._serve(ws)
+            except _Switch as switch:
+                next_ws = switch.ws
+                reason = "fresh connection"
+                self.stats.fresh_connection_switches += 1
+            except StallError as exc:
+                self.stats.stalls += 1
+                reason = str(exc)
+            except UpbitErrorFrame as exc:
+                reason = str(exc)
+                if exc.is_rate_limit:
+                    attempt = max(attempt, 2)  # be gentler after a refusal
+            except ConnectionClosed as exc:
+                reason = f"connection closed ({exc.rcvd.code if exc.rcvd else 1006})"
+            except OSError as exc:
+                reason = f"connection error: {exc}"
+            finally:
+                self.connected = False
+                self.controller.connection_closed(time.monotonic())
+                self._refresh_routes()
+                if next_ws is None:
+                    ws.transport.abort()  # it failed: no close handshake to wait for
+                else:
+                    await _close_quietly(ws)
+            healthy = self._healthy_since
+            self._healthy_since = None
+            if next_ws is not None:
+                self._on_disconnected("")  # a planned switch is not a gap: nothing was wanted
+                continue
+            self.last_error = reason
+            self.stats.reconnects += 1
+            self._on_disconnected(reason)
+            if (
+                healthy is not None
+                and time.monotonic() - healthy >= self.settings.backoff_reset_after
+            ):
+                attempt = 0
+            delay = backoff_delay(
+                attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
+            )
+            attempt += 1
+            logger.warning("upstream lost (%s); reconnecting in %.2fs", reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        self.controller.connection_opened(time.monotonic())
+        self.connected = True
+        await self._on_connected()
+        receiver = asyncio.create_task(self._receive(ws), name="upstream-receive")
+        sender = asyncio.create_task(self._send_loop(ws), name="upstream-send")
+        try:
+            done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise what ended the connection
+            raise UpstreamError("upstream tasks ended")  # pragma: no cover - both loop forever
+        finally:
+            for task in (receiver, sender):
+                task.cancel()
+            for task in (receiver, sender):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _send_loop(self, ws: ClientConnection) -> None:
+        controller = self.controller
+        stall = self.settings.stall_timeout
+        last_count = self.stats.frames_in
+        last_progress = time.monotonic()
+        while True:
+            now = time.monotonic()
+            for message in controller.data_to_send(now):
+                await ws.send(message.decode() if isinstance(message, bytes) else message)
+            self._refresh_routes()
+            confirmed = controller.confirmations()
+            if confirmed:
+                self._on_confirmations(confirmed)
+            if controller.wants_fresh_connection:
+                logger.info("subscription set shrank to nothing: opening a fresh connection")
+                raise _Switch(await self._connect())
+            # Stall: any frame counts ({"status":"UP"} every 10 s keeps a quiet set alive).
+            if self.stats.frames_in != last_count:
+                last_count = self.stats.frames_in
+                last_progress = now
+                if self._healthy_since is None and controller.upstream:
+                    self._healthy_since = now
+            elif now - last_progress > stall:
+                raise StallError(f"no frame for {stall:.0f}s")
+            wakeup = controller.next_wakeup(now)
+            timeout = min(1.0, max(0.0, wakeup - now)) if wakeup is not None else 1.0
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.changed.wait()
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        stats = self.stats
+        publisher = self.publisher
+        wake = publisher.wake
+        route = route_frame
+        data = FrameKind.DATA
+        async for frame in ws:
+            stats.frames_in += 1
+            if type(frame) is str:
+                frame = frame.encode()
+            assert isinstance(frame, bytes)
+            r = route(frame)
+            if r.kind is data:
+                target = self._table.get((r.type, r.code, r.level))
+                if target is None:
+                    stats.dropped_unleased += 1
+                    continue
+                publisher.pending.append((target, frame))
+                wake.set()
+            elif r.kind is FrameKind.STATUS:
+                stats.status_frames += 1
+            elif r.kind is FrameKind.LIST_REPLY:
+                self._list_reply(frame)
+            elif r.kind is FrameKind.ERROR:
+                stats.error_frames += 1
+                error = parse_error_frame(frame)
+                logger.error("upbit error frame: %s: %s", error.name, error.message)
+                if self._on_error_frame is not None:
+                    self._on_error_frame(error)
+                raise error  # Upbit closes the socket after an error frame anyway
+            else:
+                stats.malformed += 1
+                if stats.malformed <= 10 or stats.malformed % 1000 == 0:
+                    logger.warning("dropped malformed frame #%d: %r", stats.malformed, frame[:120])
+
+    def _list_reply(self, frame: bytes) -> None:
+        try:
+            listed = parse_list_reply(frame)
+        except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
+            self.stats.malformed += 1
+            return
+        if not self.controller.list_reply(listed, time.monotonic()):
+            logger.info("LIST_SUBSCRIPTIONS does not match (yet): %s", listed.by_type())
+        self.changed.set()
+
+
+async def _close_quietly(ws: ClientConnection) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await ws.close()

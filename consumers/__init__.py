@@ -1,0 +1,49 @@
+"""Consumer library of upbit-broker: lease streams, receive them from Redis, learn about gaps.
+
+Layer: consumers import only ``broker.upbit`` (the pure protocol core), ``broker.leases``,
+``broker.keys``, ``broker.errors`` and ``broker.settings``; nothing else of the service.
+
+    async with BrokerClient(redis_url="redis://127.0.0.1:6379/0") as client:
+        await client.subscribe("ticker", ["KRW-BTC", "KRW-ETH"])
+        async for item in client.messages():
+            if item.kind == "gap":
+                print("data may be missing:", item.reason)
+            else:
+                print(item.code, item.message.trade_price)
+"""
+
+from __future__ import annotations
+
+from consumers.client import BrokerClient, Callback, ClientStats, GapCallback, default_client_id
+from consumers.errors import (
+    ClientClosedError,
+    CommandRefused,
+    NoBrokerError,
+    NoBrokerSnapshotError,
+    PartialSnapshotError,
+    RedisUnavailableError,
+)
+from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, Gap, Item, StreamMessage
+from consumers.proxy import WebSocketClientProxy
+from consumers.sync import SyncBrokerClient
+
+__all__ = [
+    "CONSUMER_DISCONNECTED",
+    "FELL_BEHIND",
+    "BrokerClient",
+    "Callback",
+    "ClientClosedError",
+    "ClientStats",
+    "CommandRefused",
+    "Gap",
+    "GapCallback",
+    "Item",
+    "NoBrokerError",
+    "NoBrokerSnapshotError",
+    "PartialSnapshotError",
+    "RedisUnavailableError",
+    "StreamMessage",
+    "SyncBrokerClient",
+    "WebSocketClientProxy",
+    "default_client_id",
+]

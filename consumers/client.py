@@ -1,0 +1,690 @@
+"""``BrokerClient``: lease what you want, receive it from Redis, learn about every gap (I/O).
+
+A consumer never talks to Upbit. It writes a lease (``broker.leases``) naming the streams it
+wants, keeps it alive with heartbeats, and SUBSCRIBEs to the streams' channels; the broker's
+leader serves the union of all leases over one upstream connection and publishes every frame.
+
+Delivery and back-pressure:
+
+* One reader task owns the pub/sub connection (``consumers.subscriber``) and never waits on the
+  application: it only appends to bounded queues, so Redis never has to buffer for us.
+* ``messages()`` reads one queue; callbacks run from a second queue in a dispatcher task. When
+  the application falls behind, each queue discards its OLDEST data messages and puts a
+  ``fell-behind`` :class:`~consumers.items.Gap` in front (drop-oldest, never block: the latest
+  price is worth more than a stale one, and blocking would only move the loss into Redis).
+* A callback that blocks the event loop stalls the reader too; then Redis drops the
+  connection at its output-buffer limit, the reader notices, reconnects, and reports a
+  ``fell-behind`` gap. Either way the application is told, and the broker never waits.
+"""
+
+# ruff: noqa: ASYNC109  (the public API takes timeouts in seconds, as the contract does)
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import os
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from broker.errors import ConfigError, InvalidCodeError, LeaseError
+from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
+from broker.leases import Lease, LeaseStore
+from broker.settings import redact_url
+from broker.upbit.codes import DEFAULT_DEPTH, normalize_depth, split_depth, validate_code
+from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
+from consumers import commands
+from consumers.errors import ClientClosedError, RedisUnavailableError
+from consumers.items import FELL_BEHIND, Gap, Item, StreamMessage, now_ms, parse_event
+from consumers.queue import DropOldestQueue, QueueClosed
+from consumers.subscriber import Break, Subscriber
+
+if TYPE_CHECKING:
+    from broker.upbit.messages import Message
+
+logger = logging.getLogger(__name__)
+
+#: A data callback gets each :class:`StreamMessage`; it may be a plain or an ``async`` function.
+Callback = Callable[[StreamMessage], Awaitable[None] | None]
+#: A gap callback gets each :class:`Gap`.
+GapCallback = Callable[[Gap], Awaitable[None] | None]
+
+_DEPTH_SUFFIX = re.compile(r"[0-9]{1,4}")
+
+
+def default_client_id() -> str:
+    """``{host}-{pid}-{random}``: unique per process start, valid for ``validate_name``."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip(".-_")[:60] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters of one client (plain ints, read them any time)."""
+
+    #: data messages received from Redis
+    messages: int = 0
+    #: gaps delivered to the application (broker gap events and local ones)
+    gaps: int = 0
+    #: pub/sub connections lost (each is followed by a reconnect and a gap)
+    reconnects: int = 0
+    #: times this client could not keep up (Redis dropped it, or a queue overflowed)
+    fell_behind: int = 0
+    #: data messages discarded by the in-process queues
+    dropped: int = 0
+    #: exceptions raised by application callbacks (logged, then ignored)
+    callback_errors: int = 0
+    #: lease writes that failed (Redis unreachable); retried by the next heartbeat
+    lease_failures: int = 0
+
+
+@dataclass(slots=True)
+class _Route:
+    """Where the messages of one channel go."""
+
+    channel: str
+    type: str
+    stream: str
+    code: str
+    level: float
+    callbacks: list[Callback] = field(default_factory=list)
+    to_queue: bool = False
+
+
+class BrokerClient:
+    """A consumer of the broker: ``async with BrokerClient(redis_url=...) as client: ...``.
+
+    Args:
+        redis_url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+        client_id: the lease's name; default ``{host}-{pid}-{random}``, unique per start.
+        namespace: key prefix shared with the broker.
+        lease_ttl: seconds the lease outlives this process if it dies; heartbeats every TTL/3.
+        on_gap: called with each :class:`Gap` (plain or ``async`` function).
+        queue_size: data messages each in-process queue holds before discarding the oldest.
+        connect_timeout: seconds for connecting to Redis (and for each Redis command).
+        ping_interval: the pub/sub connection is PINGed after this long without traffic.
+
+    Raises:
+        ConfigError: a bad URL, namespace, client id or TTL.
+    """
+
+    def __init__(
+        self,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        client_id: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        lease_ttl: float = 10.0,
+        *,
+        on_gap: GapCallback | None = None,
+        queue_size: int = 10_000,
+        connect_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+    ) -> None:
+        if not isinstance(redis_url, str) or not redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"redis url must start with redis://, rediss:// or unix://, "
+                f"got {redact_url(str(redis_url))!r}"
+            )
+        if not (isinstance(lease_ttl, int | float) and math.isfinite(lease_ttl)) or not (
+            0.1 <= lease_ttl <= 86_400
+        ):
+            raise ConfigError(f"lease_ttl must be between 0.1 and 86400 seconds, got {lease_ttl}")
+        self.redis_url = redis_url
+        self.client_id = validate_name(client_id or default_client_id(), "client id")
+        self.keys = Keys(namespace)
+        self.namespace = self.keys.namespace
+        self.lease_ttl = float(lease_ttl)
+        self.stats = ClientStats()
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._on_gap = on_gap
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._subs = SubscriptionSet()
+        self._lease: Lease | None = None
+        self._routes: dict[str, _Route] = {}
+        self._queue = DropOldestQueue(queue_size)
+        self._cb_queue = DropOldestQueue(queue_size)
+        self._queue_used = False
+        self._lock = asyncio.Lock()
+        self._renew_now = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._redis: Redis | None = None
+        self._store: LeaseStore | None = None
+        self._subscriber: Subscriber | None = None
+        self._started = False
+        self._closed = False
+        self._lease_failing = False
+        self._callback_errors_logged = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect to Redis and start the reader, heartbeat and dispatcher tasks.
+
+        Raises:
+            RedisUnavailableError: Redis did not answer PING within ``connect_timeout``.
+        """
+        if self._started:
+            return
+        if self._closed:
+            raise ClientClosedError("this BrokerClient was closed; create a new one")
+        self._started = True
+        redis = Redis.from_url(
+            self.redis_url,
+            socket_connect_timeout=self._connect_timeout,
+            # above the 1 s BLPOP slices of the command protocol
+            socket_timeout=max(self._connect_timeout, 3.0),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            client_name=f"{self.client_id}:cmd"[:128],
+        )
+        self._redis = redis
+        try:
+            async with asyncio.timeout(self._connect_timeout * 3):
+                await redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self._abort_start()
+            raise RedisUnavailableError(
+                f"cannot reach redis at {redact_url(self.redis_url)}: {_describe(exc)}"
+            ) from exc
+        self._store = LeaseStore(redis, self.namespace)
+        self._subscriber = Subscriber(
+            self.redis_url,
+            name=f"{self.client_id}:sub"[:128],
+            on_message=self._on_message,
+            on_break=self._on_break,
+            on_restored=self._on_restored,
+            connect_timeout=self._connect_timeout,
+            ping_interval=self._ping_interval,
+        )
+        await self._subscriber.subscribe([self.keys.events.encode()])
+        self._spawn(self._subscriber.run(), "reader")
+        self._spawn(self._heartbeat(), "heartbeat")
+        self._spawn(self._dispatch(), "dispatcher")
+        try:
+            await self._subscriber.wait_connected(self._connect_timeout * 3)
+        except TimeoutError:
+            await self.close()
+            raise RedisUnavailableError(
+                f"cannot subscribe at {redact_url(self.redis_url)} within "
+                f"{self._connect_timeout * 3:g}s"
+            ) from None
+        logger.debug("client %s started", self.client_id)
+
+    async def close(self) -> None:
+        """Release the lease at once, stop every task and close the connections.
+
+        Safe to call twice. If Redis is unreachable the lease simply expires after its TTL.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        heartbeat = [t for t in self._tasks if t.get_name().endswith(":heartbeat")]
+        await _cancel(heartbeat)
+        if self._store is not None and self._lease is not None:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._store.release(self.client_id)
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.warning(
+                    "could not release lease %s (%s); it expires in %gs",
+                    self.client_id,
+                    _describe(exc),
+                    self.lease_ttl,
+                )
+            self._lease = None
+        await _cancel(list(self._tasks))
+        self._queue.close()
+        self._cb_queue.close()
+        if self._subscriber is not None:
+            await self._subscriber.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+        logger.debug("client %s closed", self.client_id)
+
+    async def _abort_start(self) -> None:
+        self._closed = True
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> SubscriptionSet:
+        """What this client's lease asks for now."""
+        return self._subs
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease as last written (``None`` while nothing is subscribed)."""
+        return self._lease
+
+    async def subscribe(
+        self,
+        data_type: str,
+        codes: Iterable[str] | str,
+        callback: Callback | None = None,
+        *,
+        level: float = 0.0,
+    ) -> None:
+        """Add streams to the lease and start delivering them.
+
+        Returns once Redis confirmed the channel subscriptions and the lease is written, so
+        the first frame the broker publishes for them is received. Without ``callback`` the
+        messages go to :meth:`messages`.
+
+        Args:
+            data_type: ``ticker``, ``trade``, ``orderbook``, ``candle.1s`` ... ``candle.240m``.
+            codes: market codes (``KRW-BTC``); orderbook codes may carry a depth (``KRW-BTC.15``).
+            callback: called with each :class:`StreamMessage` of these streams.
+            level: orderbook grouping level (orderbook only).
+
+        Raises:
+            ValueError: an unknown data type, no codes, or a level for a non-orderbook type.
+            InvalidCodeError: a code not of Upbit's shape (nothing was written).
+            LeaseError: the lease could not be written (the subscription is rolled back).
+        """
+        wanted = _parse_streams(data_type, codes, level)
+        self._check_running()
+        assert self._store is not None and self._subscriber is not None
+        async with self._lock:
+            new_set = union(self._subs, SubscriptionSet(wanted))
+            added: list[_Route] = []
+            for key in sorted(wanted):
+                channel = self.keys.channel(key.type, key.code, key.level)
+                route = self._routes.get(channel)
+                if route is None:
+                    route = _Route(
+                        channel=channel,
+                        type=key.type,
+                        stream=stream_name(key.type, key.level),
+                        code=key.code,
+                        level=key.level,
+                    )
+                    self._routes[channel] = route
+                    added.append(route)
+                if callback is None:
+                    route.to_queue = True
+                    self._queue_used = True
+                elif callback not in route.callbacks:
+                    route.callbacks.append(callback)
+            try:
+                # channels before the lease: the broker starts streaming once the lease is in
+                await self._subscriber.subscribe(r.channel.encode() for r in added)
+                self._lease = await self._write_lease(new_set)
+            except BaseException:
+                for route in added:
+                    del self._routes[route.channel]
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await self._subscriber.unsubscribe(r.channel.encode() for r in added)
+                raise
+            self._subs = new_set
+
+    async def unsubscribe(
+        self, data_type: str, codes: Iterable[str] | str, *, level: float = 0.0
+    ) -> None:
+        """Remove streams from the lease and stop delivering them (depth suffixes ignored).
+
+        Returns once the lease is written (released when nothing is left). Messages of these
+        streams still queued are not delivered after this returns.
+
+        Raises:
+            ValueError / InvalidCodeError: as :meth:`subscribe`.
+            LeaseError: the lease could not be written (nothing changed).
+        """
+        removing = set(_parse_streams(data_type, codes, level))
+        self._check_running()
+        assert self._store is not None and self._subscriber is not None
+        async with self._lock:
+            remaining = SubscriptionSet(
+                {k: d for k, d in self._subs.depths.items() if k not in removing}
+            )
+            if remaining != self._subs:
+                if remaining:
+                    self._lease = await self._write_lease(remaining)
+                else:
+                    await self._release_lease()
+                self._subs = remaining
+            channels = [self.keys.channel(k.type, k.code, k.level) for k in removing]
+            gone = [c for c in channels if self._routes.pop(c, None) is not None]
+            await self._subscriber.unsubscribe(c.encode() for c in gone)
+
+    async def _write_lease(self, subs: SubscriptionSet) -> Lease:
+        assert self._store is not None
+        try:
+            async with asyncio.timeout(self._connect_timeout * 2):
+                return await self._store.write(
+                    self.client_id,
+                    subs,
+                    ttl_ms=max(1, int(self.lease_ttl * 1000)),
+                    host=self.host,
+                    pid=self.pid,
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.lease_failures += 1
+            raise LeaseError(f"could not write lease {self.client_id}: {_describe(exc)}") from exc
+
+    async def _release_lease(self) -> None:
+        assert self._store is not None
+        try:
+            async with asyncio.timeout(self._connect_timeout * 2):
+                await self._store.release(self.client_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise LeaseError(f"could not release lease {self.client_id}: {_describe(exc)}") from exc
+        self._lease = None
+
+    # -- delivery -------------------------------------------------------------------------
+
+    async def messages(self) -> AsyncIterator[Item]:
+        """Every :class:`StreamMessage` of streams subscribed without a callback, and every
+        :class:`Gap`, in arrival order; ends when the client closes."""
+        self._queue_used = True
+        while True:
+            item = await self._next(None)
+            if item is None:
+                return
+            yield item
+
+    async def next_message(self, timeout: float | None = None) -> Item | None:
+        """The next item of :meth:`messages`, or ``None`` after ``timeout`` s (or on close)."""
+        self._queue_used = True
+        return await self._next(timeout)
+
+    async def _next(self, timeout: float | None) -> Item | None:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    item = await self._queue.get()
+                    if isinstance(item, Gap):
+                        return item
+                    route = self._routes.get(item.channel)
+                    if route is not None and route.to_queue:
+                        return item
+        except (QueueClosed, TimeoutError):
+            return None
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        # the reader task: only enqueue, never wait
+        name = channel.decode()
+        route = self._routes.get(name)
+        if route is None:
+            if name == self.keys.events:
+                self._on_event(data)
+            return
+        self.stats.messages += 1
+        item = StreamMessage(
+            channel=name,
+            type=route.type,
+            stream=route.stream,
+            code=route.code,
+            level=route.level,
+            raw=data,
+            received_ms=now_ms(),
+        )
+        if route.callbacks:
+            self._put(self._cb_queue, item, "callback")
+        if route.to_queue:
+            self._put(self._queue, item, "messages()")
+
+    def _put(self, queue: DropOldestQueue, item: Item, which: str) -> None:
+        before = queue.overflows
+        if not queue.put(item):
+            self.stats.dropped += 1
+            if queue.overflows != before:
+                self.stats.fell_behind += 1
+                self.stats.gaps += 1
+                logger.warning(
+                    "client %s fell behind: %s queue full (%d), discarding oldest messages",
+                    self.client_id,
+                    which,
+                    queue.maxsize,
+                )
+
+    def _on_event(self, data: bytes) -> None:
+        try:
+            gap = parse_event(data)
+        except ValueError as exc:
+            logger.debug("ignored event: %s", exc)
+            return
+        if gap is not None:
+            logger.info(
+                "broker gap (%s, epoch %s): %d ms",
+                gap.reason,
+                gap.epoch,
+                gap.until_ms - gap.since_ms,
+            )
+            self._emit_gap(gap)
+
+    def _emit_gap(self, gap: Gap) -> None:
+        self.stats.gaps += 1
+        if self._queue_used:
+            self._queue.put(gap)
+        if self._on_gap is not None:
+            self._cb_queue.put(gap)
+
+    def _on_break(self, error: str) -> None:
+        self.stats.reconnects += 1
+
+    async def _on_restored(self, incident: Break) -> None:
+        if incident.reason == FELL_BEHIND:
+            self.stats.fell_behind += 1
+            detail = "redis dropped this subscriber (output buffer limit: it fell behind)"
+        else:
+            detail = "the pub/sub connection to redis was lost"
+        self._emit_gap(
+            Gap(
+                reason=incident.reason,
+                source="local",
+                since_ms=incident.since_ms,
+                until_ms=incident.until_ms,
+                detail=f"{detail}: {incident.error}",
+            )
+        )
+        # Redis may have restarted empty: put the lease back now, not at the next heartbeat
+        self._renew_now.set()
+
+    async def _dispatch(self) -> None:
+        while True:
+            try:
+                item = await self._cb_queue.get()
+            except QueueClosed:
+                return
+            callbacks: list[Any]
+            if isinstance(item, Gap):
+                callbacks = [self._on_gap] if self._on_gap is not None else []
+            else:
+                route = self._routes.get(item.channel)
+                callbacks = list(route.callbacks) if route is not None else []
+            for callback in callbacks:
+                try:
+                    result = callback(item)
+                    if inspect.isawaitable(result):
+                        await result
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.stats.callback_errors += 1
+                    # first ten, then every thousandth: a broken callback must not flood logs
+                    n = self.stats.callback_errors
+                    if n <= 10 or n % 1000 == 0:
+                        logger.exception("callback %r failed (%d so far)", callback, n)
+
+    # -- heartbeat ------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        interval = self.lease_ttl / 3
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
+            async with self._lock:
+                if not self._subs:
+                    continue
+                try:
+                    self._lease = await self._write_lease(self._subs)
+                except LeaseError as exc:
+                    if not self._lease_failing:
+                        logger.warning("lease heartbeat failed: %s; retrying", exc)
+                    self._lease_failing = True
+                    continue
+                if self._lease_failing:
+                    logger.info("lease %s re-asserted", self.client_id)
+                self._lease_failing = False
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    async def snapshot_frames(
+        self,
+        data_type: str,
+        codes: Iterable[str] | str,
+        *,
+        level: float = 0.0,
+        timeout: float = 3.0,
+    ) -> dict[str, bytes]:
+        """The latest frame of each code as raw bytes, from the broker (cache or upstream).
+
+        Raises:
+            ValueError / InvalidCodeError: before anything is sent.
+            NoBrokerError: no broker answered within ``timeout``.
+            PartialSnapshotError: some codes had no data (it carries the frames that did).
+        """
+        type_ = _data_type(data_type)
+        code_list = [codes] if isinstance(codes, str) else list(codes)
+        plain = [_plain_code(type_, c) for c in code_list]
+        self._check_running()
+        assert self._redis is not None
+        return await commands.snapshot_frames(
+            self._redis, self.keys, type_, plain, level=level, timeout=timeout
+        )
+
+    async def snapshot(
+        self,
+        data_type: str,
+        codes: Iterable[str] | str,
+        *,
+        level: float = 0.0,
+        timeout: float = 3.0,
+    ) -> dict[str, Message]:
+        """The latest message of each code, typed: ``{code: Ticker(...)}``.
+
+        Raises:
+            SnapshotError: naming the codes with no data; or no broker answered in time
+                (``NoBrokerError`` is not a ``SnapshotError``: it says no broker is there).
+        """
+        from broker.upbit.messages import decode_message
+
+        frames = await self.snapshot_frames(data_type, codes, level=level, timeout=timeout)
+        return {code: decode_message(raw) for code, raw in frames.items()}
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this BrokerClient is closed")
+        if not self._started:
+            raise ClientClosedError("start the BrokerClient first (async with BrokerClient(...))")
+
+    def _spawn(self, coro: Awaitable[None], what: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{self.client_id}:{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "client %s: task %s died",
+                self.client_id,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
+
+
+def _data_type(data_type: str) -> str:
+    try:
+        return DataType(data_type).value
+    except ValueError:
+        known = ", ".join(t.value for t in DataType)
+        raise ValueError(f"unknown data type {data_type!r} (expected one of: {known})") from None
+
+
+def _plain_code(type_: str, raw: str) -> str:
+    """A code without its orderbook depth suffix, validated."""
+    if type_ == DataType.ORDERBOOK and isinstance(raw, str) and "." in raw:
+        code, _, suffix = raw.partition(".")
+        if _DEPTH_SUFFIX.fullmatch(suffix) is None:
+            raise InvalidCodeError(f"invalid orderbook depth suffix in {raw!r} (e.g. 'KRW-BTC.15')")
+        return validate_code(code)
+    return validate_code(raw)
+
+
+def _parse_streams(
+    data_type: str, codes: Iterable[str] | str, level: float
+) -> dict[StreamKey, int]:
+    """Validate a subscribe/unsubscribe call into ``{stream: depth}``; nothing is written yet."""
+    type_ = _data_type(data_type)
+    if isinstance(codes, str):
+        codes = [codes]
+    code_list = list(codes)
+    if not code_list:
+        raise ValueError("no codes given")
+    try:
+        level = float(level or 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"orderbook level must be a number, got {level!r}") from None
+    if level and type_ != DataType.ORDERBOOK:
+        raise ValueError(f"level applies to orderbook only, not {type_}")
+    if not math.isfinite(level) or level < 0:
+        raise ValueError(f"orderbook level must be a finite number >= 0, got {level!r}")
+    out: dict[StreamKey, int] = {}
+    for raw in code_list:
+        code = _plain_code(type_, raw)
+        depth = DEFAULT_DEPTH
+        if type_ == DataType.ORDERBOOK:
+            depth = normalize_depth(split_depth(raw)[1])
+        key = StreamKey(type_, code, level)
+        out[key] = max(out.get(key, 0), depth)
+    return out
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        # wait() does not raise the tasks' CancelledError, so a cancellation of the caller
+        # itself still propagates
+        await asyncio.wait(tasks)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

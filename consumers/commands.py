@@ -1,0 +1,163 @@
+"""The command protocol to the leader: snapshot and resubscribe (I/O over redis.asyncio).
+
+design.md "Commands to the leader": RPUSH one JSON object to ``{ns}:requests``, PUBLISH
+``request`` on ``{ns}:control`` to wake the leader, then BLPOP ``{ns}:reply:{id}``. A request
+nobody picked up by the deadline is taken back out of the list (LREM), so a broker that starts
+later does not act on a question nobody is waiting for any more.
+"""
+
+# ruff: noqa: ASYNC109  (the public API takes timeouts in seconds, as the contract does)
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from broker.keys import Keys, stream_name
+from broker.upbit.codes import validate_code
+from consumers.errors import (
+    CommandRefused,
+    NoBrokerError,
+    NoBrokerSnapshotError,
+    PartialSnapshotError,
+)
+
+#: Longest single BLPOP: short waits keep the connection's socket timeout out of play.
+_BLPOP_SLICE = 1.0
+
+
+class _Reply(msgspec.Struct):
+    id: str = ""
+    ok: bool = False
+    error: str = ""
+    frames: dict[str, msgspec.Raw] = {}
+    missing: list[str] = []
+    source: dict[str, str] = {}
+    epoch: int | None = None
+    upstream: dict[str, list[str]] = {}
+
+
+_reply_decoder = msgspec.json.Decoder(_Reply)
+_encoder = msgspec.json.Encoder()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def send_command(
+    redis: Redis, keys: Keys, command: dict[str, Any], *, timeout: float
+) -> _Reply:
+    """Queue ``command`` for the leader and wait up to ``timeout`` s for its one reply.
+
+    Raises:
+        NoBrokerError: nothing answered in time.
+        CommandRefused: the leader refused it.
+    """
+    request_id = command.setdefault("id", new_request_id())
+    reply_key = keys.reply(request_id)
+    payload = _encoder.encode(command)
+    deadline = time.monotonic() + timeout
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.rpush(keys.requests, payload)
+        pipe.publish(keys.control, "request")
+        await pipe.execute()
+    raw: bytes | None = None
+    try:
+        while raw is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # BLPOP's timeout has a resolution of 1 ms in Redis >= 6
+            found = await redis.blpop([reply_key], timeout=min(left, _BLPOP_SLICE))
+            if found is not None:
+                value = found[1]
+                raw = value.encode() if isinstance(value, str) else value
+    finally:
+        if raw is None:
+            # shielded: take the request back even when the wait was cancelled (Ctrl-C)
+            await asyncio.shield(_withdraw(redis, keys, payload))
+    if raw is None:
+        raise NoBrokerError(
+            f"no broker answered {command.get('op', 'the command')!r} within {timeout:g}s "
+            f"(is a broker running for namespace {keys.namespace!r}?)"
+        )
+    try:
+        reply = _reply_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CommandRefused(f"unreadable reply from the broker: {exc}") from None
+    if not reply.ok:
+        raise CommandRefused(f"the broker refused {command.get('op')!r}: {reply.error or '?'}")
+    return reply
+
+
+async def _withdraw(redis: Redis, keys: Keys, payload: bytes) -> None:
+    # best effort: a stale request is harmless, only wasteful
+    with contextlib.suppress(RedisError, OSError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            await redis.lrem(keys.requests, 1, payload.decode())
+
+
+async def snapshot_frames(
+    redis: Redis,
+    keys: Keys,
+    type_: str,
+    codes: Iterable[str],
+    *,
+    level: float = 0.0,
+    timeout: float = 3.0,
+) -> dict[str, bytes]:
+    """The latest frame of each code, raw bytes, via the leader (cache or upstream).
+
+    Raises:
+        InvalidCodeError / ConfigError: before anything is sent.
+        NoBrokerError: no broker answered within ``timeout``.
+        PartialSnapshotError: some codes got no data (it carries what did arrive).
+    """
+    wanted = sorted({validate_code(c) for c in codes})
+    if not wanted:
+        raise ValueError("snapshot needs at least one code")
+    stream = stream_name(type_, level)
+    # leave the broker a margin to answer "missing" before our own wait ends
+    broker_timeout_ms = max(100, int(timeout * 800))
+    command = {
+        "op": "snapshot",
+        "type": stream,
+        "codes": wanted,
+        "level": level,
+        "timeout_ms": broker_timeout_ms,
+    }
+    try:
+        reply = await send_command(redis, keys, command, timeout=timeout)
+    except NoBrokerError as exc:
+        raise NoBrokerSnapshotError(
+            f"no snapshot of {stream} {', '.join(wanted)}: {exc}", tuple(wanted)
+        ) from None
+    frames = {code: bytes(raw) for code, raw in reply.frames.items()}
+    missing = tuple(sorted(set(reply.missing) | (set(wanted) - set(frames))))
+    if missing:
+        raise PartialSnapshotError(
+            f"no {stream} data for {', '.join(missing)} within {timeout:g}s",
+            missing,
+            frames,
+        )
+    return frames
+
+
+async def resubscribe(redis: Redis, keys: Keys, *, timeout: float = 10.0) -> tuple[int, Any]:
+    """Ask the leader to resubscribe upstream; returns ``(epoch, upstream {stream: [codes]})``.
+
+    Raises:
+        NoBrokerError: no broker answered within ``timeout``.
+        CommandRefused: the leader refused.
+    """
+    reply = await send_command(redis, keys, {"op": "resubscribe"}, timeout=timeout)
+    return (reply.epoch or 0), reply.upstream

@@ -1,0 +1,167 @@
+"""What a consumer receives: data messages and gap notices (pure: stdlib and msgspec).
+
+Every item a :class:`~consumers.client.BrokerClient` hands to an application is either a
+:class:`StreamMessage` (one frame of one stream, exact bytes as the broker published them) or a
+:class:`Gap` (data of some streams may be missing between two instants). Both carry ``kind`` so
+an application can dispatch on a string as easily as on the class.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+if TYPE_CHECKING:
+    from broker.upbit.messages import Message
+
+#: Reasons a gap can have. The broker's (design.md "Events") and the client's own.
+BROKER_GAP_REASONS = ("reconnect", "takeover", "stall", "error")
+#: The client's pub/sub connection dropped (Redis restarted, network): nothing was received.
+CONSUMER_DISCONNECTED = "consumer-disconnected"
+#: This consumer could not keep up: Redis dropped it at its output-buffer limit, or the
+#: in-process queue overflowed and its oldest messages were discarded.
+FELL_BEHIND = "fell-behind"
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds (the unit of every ``*_ms`` field of the contract)."""
+    return time.time_ns() // 1_000_000
+
+
+class StreamMessage:
+    """One frame of one stream: ``raw`` bytes exactly as published, decoded on first use.
+
+    ``type`` is the data type (``ticker``, ``orderbook``, ``candle.1m`` ...), ``stream`` the
+    channel's stream name (``orderbook@10000`` for a grouped orderbook), ``level`` its orderbook
+    level (0 otherwise). ``message`` is the typed model from ``broker.upbit.messages``; decoding
+    is lazy so an application that only forwards bytes never pays for it.
+    """
+
+    __slots__ = ("_decoded", "channel", "code", "level", "raw", "received_ms", "stream", "type")
+
+    kind: Literal["data"] = "data"
+
+    def __init__(
+        self,
+        *,
+        channel: str,
+        type: str,
+        stream: str,
+        code: str,
+        level: float,
+        raw: bytes,
+        received_ms: int,
+    ) -> None:
+        self.channel = channel
+        self.type = type
+        self.stream = stream
+        self.code = code
+        self.level = level
+        self.raw = raw
+        self.received_ms = received_ms
+        self._decoded: Message | None = None
+
+    @property
+    def message(self) -> Message:
+        """The typed model (``Ticker``, ``Trade``, ``Orderbook``, ``Candle`` ...).
+
+        Raises whatever ``decode_message`` raises for a frame it cannot read
+        (``broker.errors.FrameError``).
+        """
+        if self._decoded is None:
+            from broker.upbit.messages import decode_message
+
+            self._decoded = decode_message(self.raw)
+        return self._decoded
+
+    def json(self) -> Any:
+        """The frame as plain JSON values (a dict), without the typed model."""
+        return msgspec.json.decode(self.raw)
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamMessage(channel={self.channel!r}, received_ms={self.received_ms}, "
+            f"raw={self.raw[:60]!r}{'...' if len(self.raw) > 60 else ''})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Data published between ``since_ms`` and ``until_ms`` may be missing.
+
+    ``source`` is ``"broker"`` for the broker's gap events (its upstream connection broke; every
+    stream is affected) or ``"local"`` for this client's own losses (its pub/sub connection broke
+    or it fell behind). ``channels`` names the affected channels, empty meaning all of them.
+    ``dropped`` counts messages this client discarded itself (queue overflow), when known.
+    """
+
+    reason: str
+    source: Literal["broker", "local"]
+    since_ms: int
+    until_ms: int
+    epoch: int | None = None
+    broker: str | None = None
+    detail: str = ""
+    dropped: int = 0
+    channels: tuple[str, ...] = ()
+
+    kind: Literal["gap"] = "gap"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict in the shape of the broker's gap event, plus the local fields."""
+        return {
+            "event": "gap",
+            "reason": self.reason,
+            "source": self.source,
+            "since_ms": self.since_ms,
+            "until_ms": self.until_ms,
+            "epoch": self.epoch,
+            "broker": self.broker,
+            "detail": self.detail,
+            "dropped": self.dropped,
+            "channels": list(self.channels),
+        }
+
+
+#: What ``BrokerClient.messages()`` yields.
+Item = StreamMessage | Gap
+
+
+class _Event(msgspec.Struct):
+    """The fields of an ``{ns}:events`` object we read (unknown fields are skipped)."""
+
+    event: str
+    epoch: int | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    reason: str | None = None
+    broker: str | None = None
+    ts_ms: int | None = None
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+
+
+def parse_event(data: bytes) -> Gap | None:
+    """A :class:`Gap` from a broker ``gap`` event; ``None`` for other events.
+
+    Raises ``ValueError`` for bytes that are not an event object.
+    """
+    try:
+        event = _event_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"malformed event {data[:80]!r}: {exc}") from None
+    if event.event != "gap":
+        return None
+    until = event.until_ms if event.until_ms is not None else now_ms()
+    return Gap(
+        reason=event.reason or "unknown",
+        source="broker",
+        since_ms=event.since_ms if event.since_ms is not None else until,
+        until_ms=until,
+        epoch=event.epoch,
+        broker=event.broker,
+    )

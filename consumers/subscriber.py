@@ -1,0 +1,323 @@
+"""The consumer's own pub/sub connection: one receive loop that notices every disconnect (I/O).
+
+redis-py's ``PubSub`` reconnects and resubscribes by itself without telling anyone, so a
+subscriber that Redis dropped at its output-buffer limit (or a Redis restart) silently loses
+everything published in between (docs: shared notes on redis-py). This module does not use
+``PubSub``: it owns a bare ``redis.asyncio`` connection created with retries disabled, sends
+SUBSCRIBE itself and reads replies in one loop. Any error ends that connection; the loop logs
+one line, reports the break, reconnects with backoff, resubscribes every channel and then
+reports the incident (a :class:`Break`) so the client can emit a gap for the lost interval.
+
+Why the break is classified by the server's ``run_id``: Redis 7.0 does not say why it closed a
+connection. If the same server (same ``run_id``) is there after the reconnect and it closed the
+connection on us, it dropped this client on purpose, and the pub/sub output-buffer limit (a
+subscriber that fell behind) is by far the usual reason; a new ``run_id`` means Redis restarted.
+"""
+
+# ruff: noqa: ASYNC109  (the public API takes timeouts in seconds, as the contract does)
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from broker.settings import redact_url
+from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, now_ms
+
+logger = logging.getLogger(__name__)
+
+#: SUBSCRIBE at most this many channels per command (keeps one command's size sane).
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    """One lost connection, reported once the replacement is subscribed again."""
+
+    reason: str  # CONSUMER_DISCONNECTED or FELL_BEHIND
+    since_ms: int  # last message received before the break (or when it was subscribed)
+    until_ms: int  # when every channel was subscribed again
+    error: str  # what the old connection died of
+    attempts: int  # connection attempts it took
+
+
+class _ServerClosed(Exception):
+    """Redis closed the connection (EOF/reset), as opposed to our own PING timeout."""
+
+
+class Subscriber:
+    """SUBSCRIBE to a changing set of channels and hand each message to ``on_message``.
+
+    Args:
+        redis_url: where to connect.
+        name: ``CLIENT SETNAME`` of the connection (shows in ``CLIENT LIST``).
+        on_message: called with ``(channel, data)`` for each message, in the reader task; it
+            must be quick (it only enqueues), the reader must keep reading.
+        on_break: called when a connection is lost (before reconnecting).
+        on_restored: awaited once a new connection has every channel subscribed again.
+        ping_interval: with nothing received for this long, PING; no answer within another
+            interval means the connection is dead.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        name: str,
+        on_message: Callable[[bytes, bytes], None],
+        on_break: Callable[[str], None] | None = None,
+        on_restored: Callable[[Break], Awaitable[None]] | None = None,
+        connect_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        confirm_timeout: float = 5.0,
+    ) -> None:
+        self._pool = ConnectionPool.from_url(
+            redis_url,
+            # no retries: a failed connection must surface here, never be replaced silently
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=connect_timeout,
+            client_name=name,
+        )
+        self._url = redact_url(redis_url)
+        self._on_message = on_message
+        self._on_break = on_break
+        self._on_restored = on_restored
+        self._ping_interval = ping_interval
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._confirm_timeout = confirm_timeout
+        self._desired: set[bytes] = set()
+        self._confirmed: set[bytes] = set()
+        self._waiters: dict[bytes, list[asyncio.Future[bool]]] = {}
+        self._conn: AbstractConnection | None = None
+        self._live = False
+        self._run_id: str | None = None
+        self._last_rx_ms = 0
+        self._connected = asyncio.Event()
+        self._closing = False
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        """True while a connection is up with every desired channel subscribed."""
+        return self._live
+
+    @property
+    def channels(self) -> frozenset[bytes]:
+        return frozenset(self._desired)
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the first connection is subscribed; raises ``TimeoutError``."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    async def subscribe(self, channels: Iterable[bytes]) -> None:
+        """Add channels; when connected, return once Redis confirmed every one of them.
+
+        While disconnected this only records them: the reconnect subscribes them.
+        """
+        new = [c for c in channels if c not in self._desired]
+        self._desired.update(new)
+        if not new or not self._live or self._conn is None:
+            return
+        loop = asyncio.get_running_loop()
+        futures = []
+        for channel in new:
+            fut: asyncio.Future[bool] = loop.create_future()
+            self._waiters.setdefault(channel, []).append(fut)
+            futures.append(fut)
+        try:
+            for i in range(0, len(new), _CHUNK):
+                await self._conn.send_command("SUBSCRIBE", *new[i : i + _CHUNK])
+        except (RedisError, OSError):
+            # the reader sees the same failure and reconnects; the reconnect subscribes these
+            return
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await asyncio.gather(*futures)
+        except TimeoutError:
+            raise TimeoutError(
+                f"redis did not confirm SUBSCRIBE within {self._confirm_timeout}s"
+            ) from None
+
+    async def unsubscribe(self, channels: Iterable[bytes]) -> None:
+        """Drop channels (Redis' confirmation is not awaited; late messages are ignored)."""
+        gone = [c for c in channels if c in self._desired]
+        self._desired.difference_update(gone)
+        if not gone or not self._live or self._conn is None:
+            return
+        try:
+            for i in range(0, len(gone), _CHUNK):
+                await self._conn.send_command("UNSUBSCRIBE", *gone[i : i + _CHUNK])
+        except (RedisError, OSError):
+            return
+
+    async def run(self) -> None:
+        """Connect, read, and on any failure reconnect with backoff; until cancelled."""
+        broken: tuple[int, str, bool] | None = None  # (since_ms, error, server_closed)
+        attempts = 0
+        delay = self._backoff_initial
+        while True:
+            attempts += 1
+            try:
+                conn, run_id = await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                if attempts == 1 or attempts % 20 == 0:
+                    logger.warning(
+                        "pubsub connect to %s failed (%s); retrying in %.2fs",
+                        self._url,
+                        _describe(exc),
+                        delay,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
+                continue
+            previous_run_id, self._run_id = self._run_id, run_id
+            if broken is not None:
+                since_ms, error, server_closed = broken
+                same_server = previous_run_id is not None and previous_run_id == self._run_id
+                incident = Break(
+                    reason=FELL_BEHIND if same_server and server_closed else CONSUMER_DISCONNECTED,
+                    since_ms=since_ms,
+                    until_ms=now_ms(),
+                    error=error,
+                    attempts=attempts,
+                )
+                logger.info("pubsub reconnected after %d attempt(s); %s", attempts, incident.reason)
+                if self._on_restored is not None:
+                    await self._on_restored(incident)
+            broken = None
+            attempts = 0
+            delay = self._backoff_initial
+            try:
+                await self._read_loop(conn)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError, _ServerClosed) as exc:
+                error = _describe(exc)
+                broken = (self._last_rx_ms, error, isinstance(exc, _ServerClosed))
+                logger.warning("pubsub connection to %s lost: %s; reconnecting", self._url, error)
+                if self._on_break is not None:
+                    self._on_break(error)
+            finally:
+                self._drop_connection()
+                await conn.disconnect(nowait=True)
+
+    async def aclose(self) -> None:
+        """Release the connection pool (call after cancelling :meth:`run`)."""
+        self._closing = True
+        self._drop_connection()
+        await self._pool.disconnect(inuse_connections=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _connect(self) -> tuple[AbstractConnection, str | None]:
+        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            await conn.send_command("INFO", "server")
+            info = await conn.read_response()
+            run_id = _run_id(info)
+            subscribed: set[bytes] = set()
+            # a subscribe() during this handshake only records its channel (not live yet), so
+            # loop until what is subscribed covers what is desired, with no await after the check
+            while missing := sorted(self._desired - subscribed):
+                for i in range(0, len(missing), _CHUNK):
+                    await conn.send_command("SUBSCRIBE", *missing[i : i + _CHUNK])
+                pending = set(missing)
+                async with asyncio.timeout(self._confirm_timeout):
+                    while pending:
+                        reply = await conn.read_response(disconnect_on_error=False)
+                        kind = reply[0]
+                        if kind == b"subscribe":
+                            pending.discard(reply[1])
+                            subscribed.add(reply[1])
+                        elif kind == b"message":
+                            self._deliver(reply[1], reply[2])
+            self._conn = conn
+            self._confirmed = subscribed
+            self._live = True
+            self._last_rx_ms = now_ms()
+            self._connected.set()
+            return conn, run_id
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
+    async def _read_loop(self, conn: AbstractConnection) -> None:
+        ping_sent: float | None = None
+        while True:
+            try:
+                reply = await conn.read_response(
+                    timeout=self._ping_interval, disconnect_on_error=False
+                )
+            except (RedisConnectionError, OSError) as exc:
+                raise _ServerClosed(str(exc) or "connection closed by server") from exc
+            if reply is None:  # nothing within ping_interval
+                if ping_sent is not None and time.monotonic() - ping_sent >= self._ping_interval:
+                    raise TimeoutError(f"no answer to PING within {self._ping_interval}s")
+                if ping_sent is None:
+                    await conn.send_command("PING")
+                    ping_sent = time.monotonic()
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                self._deliver(reply[1], reply[2])
+            elif kind == b"pong":
+                ping_sent = None
+            elif kind == b"subscribe":
+                channel = reply[1]
+                self._confirmed.add(channel)
+                for fut in self._waiters.pop(channel, ()):
+                    if not fut.done():
+                        fut.set_result(True)
+            elif kind == b"unsubscribe":
+                self._confirmed.discard(reply[1])
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        self._last_rx_ms = now_ms()
+        if channel in self._desired:
+            self._on_message(channel, data)
+
+    def _drop_connection(self) -> None:
+        self._live = False
+        self._conn = None
+        self._confirmed = set()
+        # waiters return: the channels stay desired and the reconnect subscribes them
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(False)
+        self._waiters.clear()
+
+
+def _run_id(info: object) -> str | None:
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    cause = exc.__cause__
+    if cause is not None and not text:
+        text = str(cause)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

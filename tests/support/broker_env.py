@@ -1,0 +1,90 @@
+"""Start a broker in the test's event loop with settings fast enough for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from broker.leases import LeaseStore
+from broker.service import Broker, run_broker
+from broker.settings import BrokerSettings
+from broker.upbit.types import SubscriptionSet
+from tests.support.wait import wait_for
+
+
+def fast_settings(redis_url: str, upstream_url: str, **overrides: Any) -> BrokerSettings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "upstream_url": upstream_url,
+        "namespace": "t",
+        "lease_ttl": 2.0,
+        "leader_ttl": 1.5,
+        "coalesce_delay": 0.02,
+        "status_interval": 0.2,
+        "reconcile_interval": 0.5,
+        "stall_timeout": 3.0,
+        "backoff_initial": 0.2,
+        "backoff_max": 1.0,
+        "backoff_reset_after": 0.5,
+        "quiet_after": 5.0,
+    }
+    values.update(overrides)
+    return BrokerSettings(**values)
+
+
+@asynccontextmanager
+async def started_broker(settings: BrokerSettings, timeout: float = 10.0) -> AsyncIterator[Broker]:
+    async with run_broker(settings) as broker:
+        await wait_for(lambda: broker.ready.is_set(), timeout, message="broker connected upstream")
+        yield broker
+
+
+async def write_lease(
+    redis: aioredis.Redis, client_id: str, streams: dict[str, list[str]], ttl_ms: int = 5000,
+    namespace: str = "t",
+) -> None:
+    await LeaseStore(redis, namespace).write(
+        client_id, SubscriptionSet.of(streams), ttl_ms=ttl_ms, host="test", pid=os.getpid()
+    )
+
+
+class EventTap:
+    """Collects JSON events from ``{ns}:events`` in the background."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str = "t") -> None:
+        self.redis = redis
+        self.channel = f"{namespace}:events"
+        self.events: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EventTap:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        self._pubsub = pubsub
+
+        async def pump() -> None:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None:
+                    self.events.append(json.loads(msg["data"]))
+
+        self._task = asyncio.create_task(pump())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == kind]
