@@ -49,6 +49,8 @@ MAX_SNAPSHOT_CODES = 100
 MAX_SNAPSHOT_TIMEOUT = 30.0
 #: commands handled per wake-up (the rest on the next)
 COMMAND_BATCH = 100
+#: the status hash outlives its leader by this much (then it is garbage)
+STATUS_TTL_MS = 24 * 3600 * 1000
 #: replies live this long in Redis if nobody picks them up
 REPLY_TTL_MS = 60_000
 
@@ -619,7 +621,9 @@ class Broker:
             try:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.hset(self.keys.status, mapping=self.status_fields())  # type: ignore[arg-type]
-                    pipe.pexpire(self.keys.status, int(interval * 3000))
+                    # Kept after the leader dies: a successor reads when data stopped (gap event);
+                    # freshness is judged by updated_ms, not by the key's existence.
+                    pipe.pexpire(self.keys.status, STATUS_TTL_MS)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1

@@ -1,9 +1,323 @@
-"""CLI commands (placeholder until this group is written)."""
+"""``upbit-broker demo``: the whole system on one machine, with nothing running beforehand.
+
+Starts, in order: a Redis (a ``redis-server`` subprocess on a free port when the binary is on
+PATH, otherwise an in-process fakeredis TCP server; or the one ``--redis-url`` names), the
+Upbit simulator, a broker (``run_broker``), and three consumers (in-process ``BrokerClient``s
+with their own leases). Shows live prices, the trade tape, the book and the lease table, then
+shuts everything down in reverse order. ``--duration 0`` runs until Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
 import typer
+from redis.asyncio import Redis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from broker.leases import LeaseStore
+from broker.service import run_broker
+from broker.settings import BrokerSettings, redact_url
+from cli.common import (
+    EXIT_OK,
+    CommandError,
+    NamespaceOption,
+    VerboseOption,
+    configure_logging,
+    fail,
+    run,
+    split_codes,
+)
+from cli.consumer_cmds import TickerBoard, fmt_price
+from cli.ops import lease_rows, lease_table
+from consumers import BrokerClient, Gap, Orderbook, StreamMessage, Trade
+from simulator import Simulator
+
+DEFAULT_CODES = "KRW-BTC,KRW-ETH,KRW-XRP,KRW-SOL,KRW-DOGE"
+#: seconds the whole shutdown may take before the demo gives up waiting
+SHUTDOWN_TIMEOUT = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def redis_server_process(say: Any) -> AsyncIterator[str]:
+    """A throwaway ``redis-server`` on a free port (no persistence); yields its URL."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="upbit-demo-redis-")
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", workdir,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.returncode is not None:
+                raise CommandError(f"redis-server exited with {proc.returncode}")
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                break
+            if time.monotonic() > deadline:
+                raise CommandError("redis-server did not start within 10 s")
+            await asyncio.sleep(0.05)
+        say(f"redis: started {binary} on port {port}")
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def fake_redis_server(say: Any) -> AsyncIterator[str]:
+    """fakeredis' TCP server in a thread (needs ``lupa``: leases are Lua scripts)."""
+    if importlib.util.find_spec("fakeredis") is None or importlib.util.find_spec("lupa") is None:
+        raise CommandError(
+            "demo needs a Redis: install redis-server (Debian: apt-get install redis-server) "
+            "or fakeredis with Lua (pip install 'fakeredis[lua]'), or pass --redis-url"
+        )
+    from fakeredis import TcpFakeServer
+
+    port = _free_port()
+    server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
+    thread.start()
+    say(f"redis: no redis-server on PATH; started an in-process fakeredis on port {port}")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Tape:
+    """The last trades of one code."""
+
+    def __init__(self) -> None:
+        self.trades: list[Trade] = []
+        self.count = 0
+
+    def on_trade(self, item: StreamMessage) -> None:
+        trade = item.message
+        if isinstance(trade, Trade):
+            self.count += 1
+            self.trades = [trade, *self.trades[:5]]
+
+    def table(self, code: str) -> Table:
+        table = Table(title=f"trade tape {code} ({self.count} trades)")
+        table.add_column("side")
+        table.add_column("price", justify="right")
+        table.add_column("volume", justify="right")
+        for t in self.trades:
+            style = "green" if t.ask_bid == "BID" else "red"
+            table.add_row(
+                f"[{style}]{t.ask_bid}[/]", fmt_price(t.trade_price), f"{t.trade_volume:g}"
+            )
+        return table
+
+
+class Book:
+    """The latest orderbook of one code."""
+
+    def __init__(self) -> None:
+        self.book: Orderbook | None = None
+        self.updates = 0
+
+    def on_book(self, item: StreamMessage) -> None:
+        book = item.message
+        if isinstance(book, Orderbook):
+            self.updates += 1
+            self.book = book
+
+    def table(self, code: str) -> Table:
+        table = Table(title=f"orderbook {code} ({self.updates} updates)")
+        table.add_column("bid size", justify="right")
+        table.add_column("bid", justify="right", style="green")
+        table.add_column("ask", justify="right", style="red")
+        table.add_column("ask size", justify="right")
+        if self.book is not None:
+            levels = self.book.levels()
+            for i in range(min(5, max(len(levels.bids), len(levels.asks)))):
+                bid = levels.bids[i] if i < len(levels.bids) else None
+                ask = levels.asks[i] if i < len(levels.asks) else None
+                table.add_row(
+                    f"{bid.size:g}" if bid else "",
+                    fmt_price(bid.price) if bid else "",
+                    fmt_price(ask.price) if ask else "",
+                    f"{ask.size:g}" if ask else "",
+                )
+        return table
+
+
+def demo(
+    duration: Annotated[
+        float, typer.Option("--duration", help="Seconds to run (0: until Ctrl-C).")
+    ] = 0.0,
+    codes: Annotated[str, typer.Option("--codes", help="Codes for the price board.")] = (
+        DEFAULT_CODES
+    ),
+    rate: Annotated[float, typer.Option("--rate", help="Simulated market events/s.")] = 50.0,
+    redis_url: Annotated[
+        str,
+        typer.Option(
+            "--redis-url",
+            envvar="UPBIT_BROKER_REDIS_URL",
+            show_envvar=True,
+            help="Use this Redis instead of starting one (empty: start one).",
+        ),
+    ] = "",
+    namespace: NamespaceOption = "demo",
+    verbose: VerboseOption = False,
+) -> None:
+    """Everything at once: Redis, the simulator, a broker and three consumers, live."""
+    configure_logging(verbose)
+    board_codes = split_codes([codes])
+    if duration < 0:
+        fail("--duration must be >= 0", 2)
+    console = Console()
+
+    def say(line: str) -> None:
+        console.print(Text(line, style="dim"))
+
+    async def main(stop: asyncio.Event) -> int:
+        stack = contextlib.AsyncExitStack()
+        try:
+            url = redis_url
+            if url:
+                say(f"redis: using {redact_url(url)}")
+            elif shutil.which("redis-server"):
+                url = await stack.enter_async_context(redis_server_process(say))
+            else:
+                url = await stack.enter_async_context(fake_redis_server(say))
+
+            sim = await stack.enter_async_context(Simulator(port=0, rate=rate, seed=7))
+            say(f"simulator: {sim.url} ({len(sim.codes)} codes, {rate:g} events/s)")
+            unknown = [c for c in board_codes if c not in sim.listings]
+            if unknown:
+                raise CommandError(f"the simulator does not list {', '.join(unknown)}", 2)
+
+            settings = BrokerSettings.from_env(
+                redis_url=url,
+                upstream_url=sim.url,
+                namespace=namespace,
+                broker_id=f"demo-broker-{os.getpid()}",
+                lease_ttl=5.0,
+                leader_ttl=3.0,
+                status_interval=0.5,
+            )
+            broker = await stack.enter_async_context(run_broker(settings))
+            say(f"broker: {settings.broker_id} starting (namespace {namespace!r})")
+
+            board = TickerBoard(board_codes)
+            tape, book = Tape(), Book()
+            tape_code, book_code = board_codes[0], board_codes[min(1, len(board_codes) - 1)]
+            clients = []
+            for name in ("board", "tape", "depth"):
+                client = BrokerClient(
+                    redis_url=url,
+                    client_id=f"demo-{name}-{os.getpid()}",
+                    namespace=namespace,
+                    lease_ttl=5.0,
+                    on_gap=board.on_gap if name == "board" else _ignore_gap,
+                )
+                clients.append(await stack.enter_async_context(client))
+            await clients[0].subscribe("ticker", board_codes, board.on_message)
+            await clients[1].subscribe("trade", [tape_code], tape.on_trade)
+            await clients[2].subscribe("orderbook", [f"{book_code}.15"], book.on_book)
+            say("consumers: board (ticker), tape (trade), depth (orderbook) leased")
+
+            tools_redis = Redis.from_url(url)
+            stack.push_async_callback(tools_redis.aclose)
+            store = LeaseStore(tools_redis, namespace)
+            started = time.monotonic()
+
+            async def render() -> Group:
+                listing = await store.list()
+                status = broker.status_fields()
+                upstream = json.loads(status["upstream"])
+                elapsed = time.monotonic() - started
+                head = Text(
+                    f"leader {status['leader'] or '-'}  connected {status['connected']}  "
+                    f"epoch {status['epoch']}  upstream streams "
+                    f"{sum(len(c) for c in upstream.values())}  "
+                    f"published {status['frames_published']}  {elapsed:.0f}s"
+                    + (f" / {duration:g}s" if duration else "  (Ctrl-C to stop)")
+                )
+                return Group(
+                    head,
+                    board.table("prices (ticker)"),
+                    tape.table(tape_code),
+                    book.table(book_code),
+                    lease_table(lease_rows(listing), "leases"),
+                )
+
+            with (
+                Live(await render(), console=console, refresh_per_second=4) as live,
+                contextlib.suppress(TimeoutError),
+            ):
+                async with asyncio.timeout(duration or None):
+                    while not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.25):
+                                await stop.wait()
+                        live.update(await render())
+            console.line()
+        finally:
+            await _shut_down(stack, say)
+        console.print(
+            f"demo finished: {sum(board.updates.values())} ticker, {tape.count} trade and "
+            f"{book.updates} orderbook messages received"
+        )
+        return EXIT_OK
+
+    run(main, stop_on_signal=True)
+
+
+async def _shut_down(stack: contextlib.AsyncExitStack, say: Any) -> None:
+    """Close everything in reverse order of start, within a deadline."""
+    say("stopping: consumers release their leases, then the broker, simulator, redis")
+    try:
+        async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+            await stack.aclose()
+    except TimeoutError:
+        # every exit callback still ran (cancelled); say so rather than hang
+        raise CommandError(f"shutdown took longer than {SHUTDOWN_TIMEOUT:g}s") from None
+
+
+def _ignore_gap(gap: Gap) -> None:
+    """The tape and depth consumers show no gaps; the board counts them."""
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``demo`` to ``app``."""
+    app.command("demo")(demo)

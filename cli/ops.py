@@ -1,9 +1,279 @@
-"""CLI commands (placeholder until this group is written)."""
+"""Operator commands: ``status``, ``leases``, ``resubscribe``, ``check`` (cli layer).
+
+They read the contract's keys (design.md: ``{ns}:status``, the lease store) and use the command
+protocol; none of them needs the broker's code, only Redis.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker.keys import DEFAULT_NAMESPACE, Keys
+from broker.leases import LeaseListing, LeaseStore
+from cli.common import (
+    DEFAULT_REDIS_URL,
+    EXIT_FAILED,
+    EXIT_OK,
+    JsonOption,
+    NamespaceOption,
+    RedisUrlOption,
+    VerboseOption,
+    build_settings,
+    configure_logging,
+    open_redis,
+    run,
+)
+from consumers import commands
+from consumers.errors import CommandRefused, NoBrokerError
+
+#: status fields holding integers, and those holding JSON (design.md "Status")
+_INT_FIELDS = {
+    "epoch",
+    "reconnects",
+    "resubscribes",
+    "frames_in",
+    "frames_published",
+    "frames_dropped",
+    "frames_malformed",
+    "leases",
+    "invalid_leases",
+    "last_frame_ms",
+    "updated_ms",
+}
+_JSON_FIELDS = {"desired", "upstream", "quiet_codes"}
+
+
+def parse_status(raw: dict[bytes, bytes], server_now_ms: int) -> dict[str, Any]:
+    """The status hash as typed JSON values, plus ``age_ms`` (by the Redis server clock)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name, text = key.decode(), value.decode("utf-8", "replace")
+        if name == "connected":
+            out[name] = text == "1"
+        elif name in _INT_FIELDS or name.endswith(("_ms", "_requests", "_errors")):
+            try:
+                out[name] = int(text)
+            except ValueError:
+                out[name] = text
+        elif name in _JSON_FIELDS:
+            try:
+                out[name] = json.loads(text)
+            except ValueError:
+                out[name] = text
+        else:
+            out[name] = text
+    out.setdefault("connected", False)
+    updated = out.get("updated_ms")
+    if isinstance(updated, int):
+        out["age_ms"] = server_now_ms - updated
+    return out
+
+
+async def _server_now_ms(redis: Any) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def status(
+    as_json: JsonOption = False,
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+    namespace: NamespaceOption = DEFAULT_NAMESPACE,
+    verbose: VerboseOption = False,
+) -> None:
+    """The leader's state from {ns}:status (exit 1 when no broker has written one)."""
+    configure_logging(verbose)
+    settings = build_settings(redis_url, namespace)
+    keys = Keys(settings.namespace)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with open_redis(settings) as redis:
+            raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
+            now = await _server_now_ms(redis)
+        if not raw:
+            typer.echo(
+                f"error: no status at {keys.status}: no broker is leading namespace "
+                f"{settings.namespace!r}",
+                err=True,
+            )
+            return EXIT_FAILED
+        info = parse_status(raw, now)
+        if as_json:
+            typer.echo(json.dumps(info, sort_keys=True))
+            return EXIT_OK
+        table = Table(title=f"{keys.status}", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        for name in sorted(info):
+            value = info[name]
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            table.add_row(name, text)
+        Console().print(table)
+        return EXIT_OK
+
+    run(main, redis_url=settings.redis_url)
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+def lease_rows(listing: LeaseListing) -> list[dict[str, Any]]:
+    """Every lease as a JSON object; invalid ones carry ``invalid`` (the reason) instead."""
+    rows: list[dict[str, Any]] = []
+    for lease in listing.leases:
+        rows.append(
+            {
+                "client_id": lease.client_id,
+                "subscriptions": lease.subs_by_type(),
+                "expires_in_ms": lease.expires_in_ms(listing.server_now_ms),
+                "ttl_ms": lease.ttl_ms,
+                "host": lease.host,
+                "pid": lease.pid,
+                "valid": True,
+            }
+        )
+    for client_id, reason in listing.invalid:
+        rows.append({"client_id": client_id, "valid": False, "invalid": reason})
+    return rows
+
+
+def leases(
+    as_json: JsonOption = False,
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+    namespace: NamespaceOption = DEFAULT_NAMESPACE,
+    verbose: VerboseOption = False,
+) -> None:
+    """Every consumer lease: who holds it, what it asks for, when it expires."""
+    configure_logging(verbose)
+    settings = build_settings(redis_url, namespace)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with open_redis(settings) as redis:
+            listing = await LeaseStore(redis, settings.namespace).list(scan=True)
+        rows = lease_rows(listing)
+        if as_json:
+            typer.echo(json.dumps(rows))
+            return EXIT_OK
+        Console().print(lease_table(rows))
+        return EXIT_OK
+
+    run(main, redis_url=settings.redis_url)
+
+
+def lease_table(rows: list[dict[str, Any]], title: str = "leases") -> Table:
+    """The ``leases`` rows as a rich table (shared with ``demo``)."""
+    table = Table(title=title)
+    table.add_column("client")
+    table.add_column("subscriptions")
+    table.add_column("expires in", justify="right")
+    table.add_column("host / pid")
+    for row in rows:
+        if not row["valid"]:
+            table.add_row(row["client_id"], f"[red]invalid: {row['invalid']}[/]", "", "")
+            continue
+        subs = "; ".join(f"{t}: {','.join(c)}" for t, c in row["subscriptions"].items())
+        table.add_row(
+            row["client_id"],
+            subs or "-",
+            f"{row['expires_in_ms'] / 1000:.1f}s",
+            f"{row['host']} / {row['pid']}",
+        )
+    if not rows:
+        table.add_row("(none)", "", "", "")
+    return table
+
+
+# -- resubscribe ----------------------------------------------------------------------------
+
+
+def resubscribe(
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the leader.")
+    ] = 10.0,
+    as_json: JsonOption = False,
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+    namespace: NamespaceOption = DEFAULT_NAMESPACE,
+    verbose: VerboseOption = False,
+) -> None:
+    """Make the leader resend its upstream subscription; exit 0 once it confirms."""
+    configure_logging(verbose)
+    settings = build_settings(redis_url, namespace)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with open_redis(settings) as redis:
+            try:
+                epoch, upstream = await commands.resubscribe(
+                    redis, Keys(settings.namespace), timeout=timeout
+                )
+            except (NoBrokerError, CommandRefused) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                return EXIT_FAILED
+        if as_json:
+            typer.echo(json.dumps({"ok": True, "epoch": epoch, "upstream": upstream}))
+        else:
+            streams = sum(len(codes) for codes in upstream.values())
+            typer.echo(f"resubscribed: epoch {epoch}, {streams} streams upstream")
+        return EXIT_OK
+
+    run(main, redis_url=settings.redis_url)
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def check_status(info: dict[str, Any] | None, status_interval: float) -> tuple[bool, str]:
+    """(healthy, the one line saying why) from a parsed status (``None``: no status)."""
+    if info is None:
+        return False, "no broker status: no leader is running"
+    leader = info.get("leader") or "?"
+    age = info.get("age_ms")
+    limit_ms = int(status_interval * 3000)
+    if not info.get("leader"):
+        return False, "status names no leader"
+    if not isinstance(age, int):
+        return False, f"leader {leader}: status has no updated_ms"
+    if age > limit_ms:
+        return False, f"leader {leader}: status is stale ({age} ms old, limit {limit_ms} ms)"
+    if not info.get("connected"):
+        error = info.get("last_error") or "no error recorded"
+        return False, f"leader {leader} is not connected upstream ({error})"
+    return True, f"ok: leader {leader} connected, epoch {info.get('epoch')}, status {age} ms old"
+
+
+def check(
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+    namespace: NamespaceOption = DEFAULT_NAMESPACE,
+    verbose: VerboseOption = False,
+) -> None:
+    """Exit 0 when a leader is connected upstream and its status is fresh, else 1 (and why)."""
+    configure_logging(verbose)
+    settings = build_settings(redis_url, namespace)
+    keys = Keys(settings.namespace)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with open_redis(settings) as redis:
+            raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
+            now = await _server_now_ms(redis)
+        healthy, line = check_status(
+            parse_status(raw, now) if raw else None, settings.status_interval
+        )
+        typer.echo(line, err=not healthy)
+        return EXIT_OK if healthy else EXIT_FAILED
+
+    run(main, redis_url=settings.redis_url)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``status``, ``leases``, ``resubscribe`` and ``check`` to ``app``."""
+    app.command("status")(status)
+    app.command("leases")(leases)
+    app.command("resubscribe")(resubscribe)
+    app.command("check")(check)

@@ -1,9 +1,117 @@
-"""CLI commands (placeholder until this group is written)."""
+"""``upbit-broker simulate``: run the Upbit simulator until Ctrl-C (CLI layer, thin).
+
+Builds a :class:`~simulator.SimulatorConfig` from flags (each also read from an
+``UPBIT_SIM_*`` environment variable), prints where it serves, and waits. The signal handler
+only sets an event; a second Ctrl-C interrupts at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+from typing import Annotated
+
 import typer
+
+from simulator import Simulator, SimulatorConfig
+
+_DEFAULTS = SimulatorConfig()
+
+
+async def _serve(config: SimulatorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        stop.set()
+        # A second signal gets Python's default behaviour: exit at once.
+        loop.remove_signal_handler(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with Simulator(config) as sim:
+        base = sim.http_url
+        typer.echo(
+            f"serving {sim.url} (seed {sim.seed}, {len(sim.codes)} codes, rate {config.rate}/s)"
+        )
+        typer.echo(
+            f"operator: {base}/_sim/state  {base}/_sim/drop  {base}/_sim/stall?seconds=S  "
+            f"{base}/_sim/mute?codes=A,B&seconds=S  {base}/_sim/sends?clear=1"
+        )
+        typer.echo(f"rest: {base}/v1/market/all  {base}/v1/ticker?markets=KRW-BTC")
+        await stop.wait()
+        typer.echo("stopping")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add the ``simulate`` command to ``app``."""
+
+    @app.command("simulate")
+    def simulate(
+        host: Annotated[str, typer.Option(envvar="UPBIT_SIM_HOST", help="Listen address.")] = (
+            _DEFAULTS.host
+        ),
+        port: Annotated[
+            int, typer.Option(envvar="UPBIT_SIM_PORT", help="Listen port (0: pick one).")
+        ] = _DEFAULTS.port,
+        rate: Annotated[
+            float,
+            typer.Option(envvar="UPBIT_SIM_RATE", help="Market events per second, all codes."),
+        ] = _DEFAULTS.rate,
+        markets: Annotated[
+            int, typer.Option(envvar="UPBIT_SIM_MARKETS", help="Extra synthetic KRW codes.")
+        ] = _DEFAULTS.markets,
+        seed: Annotated[
+            int | None, typer.Option(envvar="UPBIT_SIM_SEED", help="Repeatable market.")
+        ] = None,
+        idle_timeout: Annotated[
+            float,
+            typer.Option(envvar="UPBIT_SIM_IDLE_TIMEOUT", help="Seconds before an idle drop."),
+        ] = _DEFAULTS.idle_timeout,
+        messages_per_second: Annotated[
+            int, typer.Option(envvar="UPBIT_SIM_MESSAGES_PER_SECOND", help="Per connection.")
+        ] = _DEFAULTS.message_rate[0],
+        messages_per_minute: Annotated[
+            int, typer.Option(envvar="UPBIT_SIM_MESSAGES_PER_MINUTE", help="Per connection.")
+        ] = _DEFAULTS.message_rate[1],
+        connect_rate: Annotated[
+            int, typer.Option(envvar="UPBIT_SIM_CONNECT_RATE", help="Upgrades per second per IP.")
+        ] = _DEFAULTS.connect_rate,
+        up_interval: Annotated[
+            float, typer.Option(envvar="UPBIT_SIM_UP_INTERVAL", help="Seconds between UP frames.")
+        ] = _DEFAULTS.up_interval,
+        exponent_numbers: Annotated[
+            bool,
+            typer.Option(envvar="UPBIT_SIM_EXPONENT_NUMBERS", help="Spell 1.16539E8 like Java."),
+        ] = False,
+        record_sends: Annotated[
+            bool, typer.Option(envvar="UPBIT_SIM_RECORD_SENDS", help="Keep a send log.")
+        ] = False,
+        compression: Annotated[
+            bool, typer.Option(envvar="UPBIT_SIM_COMPRESSION", help="Offer permessage-deflate.")
+        ] = True,
+        log_level: Annotated[str, typer.Option(envvar="UPBIT_SIM_LOG_LEVEL")] = "INFO",
+    ) -> None:
+        """Serve a faithful Upbit quotation WebSocket (and operator endpoints) until Ctrl-C."""
+        try:
+            config = SimulatorConfig(
+                host=host,
+                port=port,
+                rate=rate,
+                markets=markets,
+                seed=seed,
+                idle_timeout=idle_timeout,
+                message_rate=(messages_per_second, messages_per_minute),
+                connect_rate=connect_rate,
+                up_interval=up_interval,
+                exponent_numbers=exponent_numbers,
+                record_sends=record_sends,
+                compression=compression,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        logging.basicConfig(
+            level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        asyncio.run(_serve(config))

@@ -14,6 +14,8 @@ Layer: consumers import only ``broker.upbit`` (the pure protocol core), ``broker
 
 from __future__ import annotations
 
+from broker.errors import BrokerError, InvalidCodeError, LeaseError, SnapshotError
+from broker.upbit.messages import Candle, Message, Orderbook, Ticker, Trade
 from consumers.client import BrokerClient, Callback, ClientStats, GapCallback, default_client_id
 from consumers.errors import (
     ClientClosedError,
@@ -27,23 +29,34 @@ from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, Gap, Item, Strea
 from consumers.proxy import WebSocketClientProxy
 from consumers.sync import SyncBrokerClient
 
+# The typed message models and the errors an application catches are re-exported, so
+# applications import from one place.
 __all__ = [
     "CONSUMER_DISCONNECTED",
     "FELL_BEHIND",
     "BrokerClient",
+    "BrokerError",
     "Callback",
+    "Candle",
     "ClientClosedError",
     "ClientStats",
     "CommandRefused",
     "Gap",
     "GapCallback",
+    "InvalidCodeError",
     "Item",
+    "LeaseError",
+    "Message",
     "NoBrokerError",
     "NoBrokerSnapshotError",
+    "Orderbook",
     "PartialSnapshotError",
     "RedisUnavailableError",
+    "SnapshotError",
     "StreamMessage",
     "SyncBrokerClient",
+    "Ticker",
+    "Trade",
     "WebSocketClientProxy",
     "default_client_id",
 ]

@@ -131,7 +131,7 @@ def _tick(quote: str, price: float) -> tuple[int, int]:
 
 
 def _listing(code: str, price_krw: float, names: tuple[str, str], weight: float) -> Listing:
-    quote, _, base = code.partition("-")
+    quote = code.partition("-")[0]
     price = price_krw / _ASSETS[quote][2] if quote != "KRW" else price_krw
     mul, div = _tick(quote, price)
     ticks = max(10, round(price * div / mul))

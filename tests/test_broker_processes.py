@@ -14,13 +14,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.support.broker_env import EventTap, write_lease
-from tests.support.sim import running_simulator, sim_connections
+from tests.support.broker_env import EventTap, sim_connections, write_lease
+from tests.support.sim import running_simulator
 from tests.support.wait import wait_for
 
 
 @contextmanager
-def broker_process(redis_url: str, upstream_url: str, broker_id: str) -> Iterator[subprocess.Popen[bytes]]:
+def broker_process(
+    redis_url: str, upstream_url: str, broker_id: str
+) -> Iterator[subprocess.Popen[bytes]]:
     env = dict(os.environ)
     env.update(
         {
@@ -85,8 +87,10 @@ async def test_standby_takes_over_when_the_leader_is_killed(
                 # Within the lock TTL (1.5 s) plus the standby's poll and a connect.
                 assert took < 1.5 + 1.0 + 2.0, took
                 await wait_for(
-                    lambda: [set(c["subscriptions"].get("ticker", [])) for c in sim_connections(sim)]
-                    == [{"KRW-BTC", "KRW-ETH"}],
+                    lambda: (
+                        [set(c["subscriptions"].get("ticker", [])) for c in sim_connections(sim)]
+                        == [{"KRW-BTC", "KRW-ETH"}]
+                    ),
                     10,
                     message="union restored by the new leader",
                 )

@@ -6,6 +6,7 @@ lease can never smuggle ``*``, ``?``, spaces or newlines into a channel pattern.
 
 from __future__ import annotations
 
+import math
 import re
 
 from broker.errors import InvalidCodeError
@@ -39,10 +40,10 @@ def split_depth(code_with_suffix: str) -> tuple[str, int | None]:
     code, dot, suffix = code_with_suffix.partition(".")
     if not dot:
         return code, None
-    try:
-        depth = int(suffix)
-    except ValueError:
+    # ASCII digits only: int() would also read " 5", "+5", "0_5" and non-ASCII digits.
+    if not (suffix.isascii() and suffix.isdigit()) or len(suffix) > 4:
         return code, DEFAULT_DEPTH
+    depth = int(suffix)
     return code, depth if depth in ORDERBOOK_DEPTHS else DEFAULT_DEPTH
 
 
@@ -61,7 +62,12 @@ def normalize_depth(depth: int | None) -> int:
 
 
 def format_level(level: float) -> str:
-    """Canonical text of an orderbook ``level``: ``0``, ``10000``, ``0.1``."""
+    """Canonical text of an orderbook ``level``: ``0``, ``10000``, ``0.1``.
+
+    Raises ``ValueError`` for NaN and infinities, which name no level.
+    """
+    if not math.isfinite(level):
+        raise ValueError(f"orderbook level must be finite, not {level!r}")
     if level == int(level):
         return str(int(level))
     return repr(float(level))

@@ -36,13 +36,17 @@ class RateBudget:
         return at
 
     def allows(self, now: float) -> bool:
+        """True when one more message sent at ``now`` fits both windows."""
         return self.next_allowed(now) <= now
 
     def record(self, now: float) -> None:
         """Count one message sent at ``now``."""
+        # Forget here too: a caller that records without asking must not grow the deque.
+        self._forget(now)
         self._sent.append(now)
 
     def sent_within(self, now: float, seconds: float) -> int:
+        """How many recorded messages fall in ``(now - seconds, now]``."""
         return sum(1 for t in self._sent if t > now - seconds)
 
 

@@ -7,6 +7,8 @@ share one reading of the format. A request is one JSON array
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,18 @@ def invalid_type(type_: str) -> tuple[str, str]:
 
 
 _encoder = msgspec.json.Encoder()
+# A JSON number as text; Python's float() would also take "nan", "inf", " 1", "1_0".
+_NUMBER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _is_level(level: object) -> bool:
+    """A usable orderbook level: a finite number >= 0 (a huge int overflows float)."""
+    if isinstance(level, bool) or not isinstance(level, int | float):
+        return False
+    try:
+        return math.isfinite(level) and level >= 0
+    except OverflowError:
+        return False
 
 
 def _type_object(sub: Subscription) -> dict[str, Any]:
@@ -38,8 +52,11 @@ def _type_object(sub: Subscription) -> dict[str, Any]:
         raise RequestError(*invalid_type(sub.type))
     if not sub.codes:
         raise RequestError(*NO_CODES)
-    obj: dict[str, Any] = {"type": sub.type, "codes": sorted(sub.codes)}
+    # Sorted and without duplicates: the same set always gives the same bytes.
+    obj: dict[str, Any] = {"type": sub.type, "codes": sorted(set(sub.codes))}
     if sub.level is not None:
+        if not _is_level(sub.level):
+            raise RequestError(*WRONG_FORMAT)
         obj["level"] = int(sub.level) if sub.level == int(sub.level) else sub.level
     if sub.is_only_snapshot:
         obj["is_only_snapshot"] = True
@@ -71,6 +88,8 @@ def build_list_subscriptions_request(*, ticket: str, fmt: Format | None = None) 
 
     Note: a format object here switches the format of the streams already running.
     """
+    if not ticket:
+        raise RequestError(*NO_TICKET)
     body: list[dict[str, Any]] = [{"ticket": ticket}, {"method": LIST_SUBSCRIPTIONS}]
     if fmt is not None:
         body.append({"format": fmt.value})
@@ -103,7 +122,8 @@ def parse_request(data: bytes | str) -> ParsedRequest:
     """
     try:
         body = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError, RecursionError, TypeError):
+        # Not JSON, bad UTF-8 (ValueError), nesting deeper than the stack (RecursionError).
         raise RequestError(*WRONG_FORMAT) from None
     if not isinstance(body, list) or not body or not all(isinstance(o, dict) for o in body):
         raise RequestError(*WRONG_FORMAT)
@@ -157,12 +177,12 @@ def _parse_type_object(obj: dict[str, Any]) -> Subscription:
         raise RequestError(*NO_CODES)
     level = obj.get("level")
     if level is not None:
-        if isinstance(level, bool) or not isinstance(level, int | float | str):
-            raise RequestError(*WRONG_FORMAT)
-        try:
+        # A number, or a numeric string (the guide's table types it String).
+        if isinstance(level, str) and _NUMBER_RE.fullmatch(level):
             level = float(level)
-        except ValueError:
-            raise RequestError(*WRONG_FORMAT) from None
+        if not _is_level(level):
+            raise RequestError(*WRONG_FORMAT)
+        level = float(level)
     return Subscription(
         type=type_,
         codes=tuple(codes),

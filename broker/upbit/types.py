@@ -8,11 +8,18 @@ Union and diff are plain functions over these frozen values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from broker.upbit.codes import DEFAULT_DEPTH, normalize_depth, split_depth, with_depth
+from broker.upbit.codes import (
+    DEFAULT_DEPTH,
+    format_level,
+    normalize_depth,
+    split_depth,
+    with_depth,
+)
 
 
 class DataType(StrEnum):
@@ -115,16 +122,31 @@ class SubscriptionSet:
 
     depths: Mapping[StreamKey, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A private copy, so that the caller's dict cannot change this frozen value later, and
+        # the depth invariant enforced, so that equal sets compare equal: what Upbit serves for
+        # the asked depth on orderbook streams, 30 everywhere else.
+        depths = {
+            key: normalize_depth(depth) if key.type == DataType.ORDERBOOK else DEFAULT_DEPTH
+            for key, depth in self.depths.items()
+        }
+        object.__setattr__(self, "depths", depths)
+
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
     def of(cls, streams: Mapping[str, Iterable[str]]) -> SubscriptionSet:
-        """Build from ``{type: [codes]}``; orderbook codes may carry a depth suffix."""
+        """Build from ``{stream: [codes]}``, the inverse of :meth:`by_type`.
+
+        A stream is a type or ``orderbook@LEVEL``; orderbook codes may carry a depth suffix.
+        Raises ``ValueError`` for a level that is not a finite number >= 0, or on another type.
+        """
         depths: dict[StreamKey, int] = {}
-        for type_, codes in streams.items():
+        for name, codes in streams.items():
+            type_, level = split_stream_name(name)
             for raw in codes:
                 code, depth = split_depth(raw) if type_ == DataType.ORDERBOOK else (raw, None)
-                key = StreamKey(type_, code)
+                key = StreamKey(type_, code, level)
                 depths[key] = max(depths.get(key, 0), normalize_depth(depth))
         return cls(depths)
 
@@ -170,8 +192,6 @@ class SubscriptionSet:
 
         Non-zero orderbook levels are listed under ``orderbook@LEVEL``.
         """
-        from broker.upbit.codes import format_level
-
         out: dict[str, list[str]] = {}
         for key in sorted(self.depths):
             name = key.type
@@ -206,6 +226,23 @@ class SubscriptionSet:
 
 
 EMPTY = SubscriptionSet()
+
+
+def split_stream_name(name: str) -> tuple[str, float]:
+    """``"orderbook@10000"`` -> ``("orderbook", 10000.0)``; ``"ticker"`` -> ``("ticker", 0.0)``.
+
+    The type is not checked against the known ones (callers do); the level is: it must be a
+    finite number >= 0 on an orderbook, else ``ValueError``.
+    """
+    type_, at, level_text = name.partition("@")
+    if not at:
+        return name, 0.0
+    if type_ != DataType.ORDERBOOK:
+        raise ValueError(f"only orderbook streams have a level: {name!r}")
+    level = float(level_text)  # ValueError for text that is no number
+    if not math.isfinite(level) or level < 0:
+        raise ValueError(f"orderbook level must be a finite number >= 0: {name!r}")
+    return type_, level
 
 
 def union(*sets: SubscriptionSet) -> SubscriptionSet:
@@ -261,5 +298,6 @@ __all__ = [
     "diff",
     "parse_data_type",
     "restrict",
+    "split_stream_name",
     "union",
 ]

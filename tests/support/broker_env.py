@@ -28,7 +28,7 @@ def fast_settings(redis_url: str, upstream_url: str, **overrides: Any) -> Broker
         "coalesce_delay": 0.02,
         "status_interval": 0.2,
         "reconcile_interval": 0.5,
-        "stall_timeout": 3.0,
+        "stall_timeout": 12.0,
         "backoff_initial": 0.2,
         "backoff_max": 1.0,
         "backoff_reset_after": 0.5,
@@ -46,7 +46,10 @@ async def started_broker(settings: BrokerSettings, timeout: float = 10.0) -> Asy
 
 
 async def write_lease(
-    redis: aioredis.Redis, client_id: str, streams: dict[str, list[str]], ttl_ms: int = 5000,
+    redis: aioredis.Redis,
+    client_id: str,
+    streams: dict[str, list[str]],
+    ttl_ms: int = 5000,
     namespace: str = "t",
 ) -> None:
     await LeaseStore(redis, namespace).write(
@@ -88,3 +91,9 @@ class EventTap:
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == kind]
+
+
+def sim_connections(sim: Any) -> list[dict[str, Any]]:
+    """The simulator's open connections (``/_sim/state`` "connections"), in-process."""
+    conns: list[dict[str, Any]] = sim.state()["connections"]
+    return conns

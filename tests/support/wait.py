@@ -41,7 +41,9 @@ async def wait_for(
             return result  # type: ignore[return-value]
         last = result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message} (last={last!r})")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message} (last={last!r})"
+            )
         await asyncio.sleep(interval)
 
 

@@ -1,0 +1,225 @@
+"""Shared pieces of the CLI: options, settings, logging, signals and error -> exit code (cli layer).
+
+Every command takes ``--redis-url`` and ``--namespace`` (also from ``UPBIT_BROKER_REDIS_URL`` and
+``UPBIT_BROKER_NAMESPACE``) and builds one :class:`~broker.settings.BrokerSettings` from them
+plus the other ``UPBIT_BROKER_*`` variables. Errors a person makes (an unreachable Redis, a bad
+URL, an invalid code, an unknown data type) end the command with ONE line on stderr and a
+non-zero exit code, never a traceback (``--verbose`` logs it). Exit codes: 0 ok, 1 a failed
+check or operation, 2 a usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, NoReturn
+
+import typer
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from broker.errors import BrokerError, ConfigError, InvalidCodeError
+from broker.settings import BrokerSettings, redact_url
+from cli import logs
+from consumers.errors import RedisUnavailableError
+
+logger = logging.getLogger("cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+RedisUrlOption = Annotated[
+    str,
+    typer.Option(
+        "--redis-url",
+        envvar="UPBIT_BROKER_REDIS_URL",
+        help="Redis URL (redis://[user:password@]host:port/db).",
+        show_envvar=True,
+    ),
+]
+NamespaceOption = Annotated[
+    str,
+    typer.Option(
+        "--namespace",
+        envvar="UPBIT_BROKER_NAMESPACE",
+        help="Key prefix shared with the broker.",
+        show_envvar=True,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Log progress (and tracebacks) to stderr.")
+]
+
+
+class CommandError(Exception):
+    """A failure that is reported as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_settings(redis_url: str, namespace: str, **overrides: Any) -> BrokerSettings:
+    """Defaults, then ``UPBIT_BROKER_*`` variables, then the command's flags.
+
+    Settings that cannot work end the command: one line, exit code 2.
+    """
+    try:
+        return BrokerSettings.from_env(redis_url=redis_url, namespace=namespace, **overrides)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Warnings (or everything, with ``--verbose``) to stderr, one line each."""
+    logs.configure_logging("debug" if verbose else "warning")
+    if verbose:
+        # redis-py is chatty at DEBUG; our own modules are what helps here
+        logging.getLogger("redis").setLevel(logging.INFO)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+def error_line(exc: BaseException, redis_url: str | None = None) -> tuple[str, int]:
+    """The one line and exit code for an exception that ends a command (re-raises others)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    url = redact_url(redis_url) if redis_url else "redis"
+    if isinstance(exc, CommandError):
+        return str(exc), exc.code
+    if isinstance(exc, InvalidCodeError | ConfigError):
+        return describe(exc), EXIT_USAGE
+    if isinstance(exc, RedisUnavailableError):
+        return describe(exc), EXIT_FAILED
+    if isinstance(exc, BrokerError):
+        return describe(exc), EXIT_FAILED
+    if isinstance(exc, RedisError | OSError | TimeoutError):
+        return f"redis at {url} failed: {describe(exc)}", EXIT_FAILED
+    if isinstance(exc, ValueError):  # the library's "unknown data type", "no codes" ...
+        return describe(exc), EXIT_USAGE
+    raise exc
+
+
+def run(
+    main: Callable[[asyncio.Event], Awaitable[int]],
+    *,
+    redis_url: str | None = None,
+    stop_on_signal: bool = False,
+) -> NoReturn:
+    """Run ``main(stop)`` in a new event loop and exit with its code.
+
+    With ``stop_on_signal`` the first SIGINT/SIGTERM only sets ``stop`` (the command drains and
+    returns by itself) and a second one cancels at once; otherwise the first one cancels.
+    Known errors become one line on stderr.
+    """
+    try:
+        code = asyncio.run(_with_signals(main, stop_on_signal))
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except typer.Exit:
+        raise
+    except BrokenPipeError:  # ... | head: the reader left, which is not an error
+        _quiet_stdout()
+        code = EXIT_OK
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        try:
+            line, code = error_line(exc, redis_url)
+        except BaseException:
+            raise exc from None
+        logger.debug("command failed", exc_info=exc)
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+async def _with_signals(main: Callable[[asyncio.Event], Awaitable[int]], soft: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signals = 0
+    interrupted = False
+
+    def on_signal() -> None:
+        nonlocal signals, interrupted
+        signals += 1
+        if soft and signals == 1:
+            stop.set()
+        else:
+            interrupted = True
+            task.cancel()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    try:
+        return await main(stop)
+    except asyncio.CancelledError:
+        if interrupted:
+            return EXIT_INTERRUPTED
+        raise
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def open_redis(
+    settings: BrokerSettings, connect_timeout: float = 3.0
+) -> AsyncIterator[Redis]:
+    """A Redis client that answered PING, or :class:`RedisUnavailableError` with one line."""
+    url = settings.redis_url
+    try:
+        client = Redis.from_url(
+            url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout + 2
+        )
+    except ValueError as exc:
+        raise CommandError(f"bad redis url {redact_url(url)}: {exc}", EXIT_USAGE) from None
+    try:
+        try:
+            async with asyncio.timeout(connect_timeout * 2):
+                await client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RedisUnavailableError(
+                f"cannot reach redis at {redact_url(url)}: {describe(exc)}"
+            ) from exc
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _quiet_stdout() -> None:
+    # stdout is a closed pipe: point it at /dev/null so the interpreter's last flush is silent
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def split_codes(codes: list[str]) -> list[str]:
+    """``["KRW-BTC,KRW-ETH", "KRW-XRP"]`` -> three codes (commas or separate arguments)."""
+    out: list[str] = []
+    for item in codes:
+        out.extend(c.strip() for c in item.split(",") if c.strip())
+    return out

@@ -1,0 +1,137 @@
+"""The Upbit simulator for tests: start one in-process on a free port, talk to it.
+
+    async with running_simulator(rate=500, seed=1) as sim:
+        ... sim.url ...                       # ws://127.0.0.1:PORT/websocket/v1
+        state = await fetch_state(sim)        # GET /_sim/state over real HTTP
+        await http_get(sim, "/_sim/drop")     # any operator or REST endpoint
+
+WebSocket helpers: ``subscribe(ws, {"type": "trade", "codes": [...]}, fmt="SIMPLE")`` sends a
+request; ``read_until(ws, predicate)`` and ``read_for(ws, seconds)`` collect decoded frames
+(asserting they came as binary frames, as Upbit sends them).
+
+Defaults are Upbit's (connect limit 5/s per IP, 5 messages/s per connection, 10 s UP cycle,
+120 s idle drop); pass ``connect_rate=``, ``up_interval=``, ``idle_timeout=`` ... to change them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from websockets.asyncio.client import ClientConnection
+
+from simulator import Simulator
+from tests.support.wait import scaled
+
+
+@asynccontextmanager
+async def running_simulator(**config: Any) -> AsyncIterator[Simulator]:
+    """A started :class:`Simulator` on 127.0.0.1 and a free port, closed on exit."""
+    config.setdefault("host", "127.0.0.1")
+    config.setdefault("port", 0)
+    async with Simulator(**config) as sim:
+        yield sim
+
+
+async def http_get(target: Simulator | str, path: str, within: float = 5.0) -> tuple[int, Any]:
+    """GET ``path`` from the simulator (or a base ``http://host:port`` URL): (status, body).
+
+    The body is decoded JSON, or text when it is not JSON.
+    """
+    base = target.http_url if isinstance(target, Simulator) else target
+    parts = urlsplit(base)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    async with asyncio.timeout(scaled(within)):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, body.decode("utf-8", "replace")  # e.g. websockets' own 426 text
+
+
+async def fetch_state(target: Simulator | str) -> dict[str, Any]:
+    """``GET /_sim/state`` over real HTTP."""
+    status, body = await http_get(target, "/_sim/state")
+    if status != 200:
+        raise AssertionError(f"/_sim/state answered {status}: {body!r}")
+    assert isinstance(body, dict)
+    return body
+
+
+async def subscribe(
+    ws: ClientConnection, *objects: dict[str, Any], fmt: str | None = None, ticket: str = "test"
+) -> None:
+    """Send ``[{ticket}, *objects, {format}]`` as a text frame."""
+    body: list[dict[str, Any]] = [{"ticket": ticket}, *objects]
+    if fmt is not None:
+        body.append({"format": fmt})
+    await ws.send(json.dumps(body))
+
+
+async def recv_frame(ws: ClientConnection, within: float = 5.0) -> Any:
+    """The next frame, decoded; it must be a binary frame."""
+    return await _recv(ws, scaled(within))
+
+
+async def _recv(ws: ClientConnection, seconds: float) -> Any:
+    async with asyncio.timeout(seconds):
+        raw = await ws.recv()
+    assert isinstance(raw, bytes), f"expected a binary frame, got text {raw!r}"
+    return msgspec.json.decode(raw)
+
+
+async def read_until(
+    ws: ClientConnection, done: Callable[[list[Any]], bool], within: float = 5.0
+) -> list[Any]:
+    """Decoded frames, read until ``done(frames_so_far)``; fails after ``within`` seconds."""
+    frames: list[Any] = []
+    deadline = time.monotonic() + scaled(within)
+    while not done(frames):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"condition not met within {within}s; {len(frames)} frames")
+        try:
+            frames.append(await _recv(ws, left))
+        except TimeoutError:
+            continue
+    return frames
+
+
+async def read_for(ws: ClientConnection, seconds: float) -> list[Any]:
+    """Every frame that arrives in the next ``seconds`` (an observation window)."""
+    frames: list[Any] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frames.append(await _recv(ws, left))
+        except TimeoutError:
+            break
+    return frames
+
+
+__all__ = [
+    "fetch_state",
+    "http_get",
+    "read_for",
+    "read_until",
+    "recv_frame",
+    "running_simulator",
+    "subscribe",
+]

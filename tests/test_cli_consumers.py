@@ -1,0 +1,383 @@
+"""The consumer and operator CLI, run as subprocesses against a real redis-server.
+
+The broker is played by the test (frames PUBLISHed by hand, a status hash written by hand,
+commands answered by hand), so these tests need no broker service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from typer.testing import CliRunner
+
+from broker.leases import LeaseStore
+from broker.upbit.types import SubscriptionSet
+from cli.main import app
+from tests.support.redis_server import free_port
+from tests.support.wait import scaled, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = Path("/work/shared/upbit/examples")
+NS = "upbit"
+
+
+def ticker_frame(code: str, price: float) -> bytes:
+    frame = {
+        "type": "ticker",
+        "code": code,
+        "opening_price": 100.0,
+        "high_price": 110.0,
+        "low_price": 90.0,
+        "trade_price": price,
+        "prev_closing_price": 100.0,
+        "change": "RISE",
+        "change_price": 1.0,
+        "signed_change_price": 1.0,
+        "change_rate": 0.01,
+        "signed_change_rate": 0.01,
+        "trade_volume": 0.5,
+        "acc_trade_volume": 10.0,
+        "acc_trade_volume_24h": 20.0,
+        "acc_trade_price": 1000.0,
+        "acc_trade_price_24h": 2000.0,
+        "trade_date": "20240101",
+        "trade_time": "000000",
+        "trade_timestamp": 1_704_067_200_000,
+        "ask_bid": "BID",
+        "acc_ask_volume": 5.0,
+        "acc_bid_volume": 5.0,
+        "highest_52_week_price": 200.0,
+        "highest_52_week_date": "2023-06-01",
+        "lowest_52_week_price": 50.0,
+        "lowest_52_week_date": "2023-01-01",
+        "market_state": "ACTIVE",
+        "timestamp": 1_704_067_200_001,
+        "stream_type": "REALTIME",
+    }
+    return json.dumps(frame, separators=(",", ":")).encode()
+
+
+def cli(*args: str, redis_url: str | None = None, **kwargs: Any) -> list[str]:
+    argv = [sys.executable, "-m", "cli.main", *args]
+    if redis_url is not None:
+        argv += ["--redis-url", redis_url]
+    return argv
+
+
+def spawn(*args: str, redis_url: str) -> subprocess.Popen[bytes]:
+    """A long-running CLI command (tail, top) with its output piped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPBIT_BROKER_")}
+    return subprocess.Popen(
+        cli(*args, redis_url=redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def run_cli(
+    *args: str, redis_url: str | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPBIT_BROKER_")}
+    return subprocess.run(
+        cli(*args, redis_url=redis_url),
+        capture_output=True,
+        text=True,
+        timeout=scaled(timeout),
+        cwd=ROOT,
+        env=env,
+    )
+
+
+async def arun_cli(*args: str, redis_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(run_cli, *args, redis_url=redis_url)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+async def lease_clients(redis: aioredis.Redis) -> list[str]:
+    return sorted(m.decode() for m in await redis.zrange(f"{NS}:leases", 0, -1))
+
+
+# -- tail -------------------------------------------------------------------------------------
+
+
+async def test_tail_json_count_prints_frames_and_releases(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    proc = spawn("tail", "ticker", "KRW-BTC,KRW-ETH", "--count", "3", "--json", redis_url=redis_url)
+    try:
+        await wait_for(lambda: lease_clients(redis_client), timeout=10, message="tail's lease")
+        [client_id] = await lease_clients(redis_client)
+        subs = await redis_client.hget(f"{NS}:lease:{client_id}", "subs")  # type: ignore[misc]
+        assert json.loads(subs) == {"ticker": ["KRW-BTC", "KRW-ETH"]}
+        frames = [
+            ticker_frame("KRW-BTC", 1),
+            ticker_frame("KRW-ETH", 2),
+            ticker_frame("KRW-BTC", 3),
+        ]
+        # a multi-line frame (the shared example is pretty-printed) still prints as one line
+        pretty = (EXAMPLES / "ticker.default.json").read_bytes()
+        await redis_client.publish(f"{NS}:ticker:KRW-BTC", frames[0])
+        await redis_client.publish(f"{NS}:ticker:KRW-ETH", frames[1])
+        await redis_client.publish(f"{NS}:ticker:KRW-BTC", pretty)
+        await redis_client.publish(f"{NS}:ticker:KRW-BTC", frames[2])  # past --count
+        out, err = await asyncio.to_thread(proc.communicate, timeout=scaled(10))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert len(lines) == 3
+    assert lines[0].encode() == frames[0] and lines[1].encode() == frames[1]
+    assert json.loads(lines[2]) == json.loads(pretty)
+    assert await lease_clients(redis_client) == []
+
+
+async def test_tail_human_output_and_sigterm_releases(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    proc = spawn("tail", "ticker", "KRW-BTC", redis_url=redis_url)
+    try:
+        await wait_for(lambda: lease_clients(redis_client), timeout=10, message="tail's lease")
+        await redis_client.publish(f"{NS}:ticker:KRW-BTC", ticker_frame("KRW-BTC", 12345))
+        await redis_client.publish(
+            f"{NS}:events",
+            json.dumps(
+                {"event": "gap", "epoch": 2, "since_ms": 1, "until_ms": 5, "reason": "stall"}
+            ),
+        )
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert b"KRW-BTC" in line and b"12,345" in line and b"+1.00%" in line
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=scaled(10))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"gap: stall from broker" in err
+    assert await lease_clients(redis_client) == []
+
+
+async def test_tail_duration_exits_zero(redis_url: str, redis_client: aioredis.Redis) -> None:
+    start = time.monotonic()
+    result = await arun_cli("tail", "trade", "KRW-BTC", "--duration", "0.5", redis_url=redis_url)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < scaled(15)
+    assert await lease_clients(redis_client) == []
+
+
+# -- errors a person makes --------------------------------------------------------------------
+
+
+async def test_user_errors_are_one_line_without_traceback(redis_url: str) -> None:
+    dead = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    results = await asyncio.gather(
+        arun_cli("tail", "ticker", "KRW-BTC", redis_url=dead),
+        arun_cli("status", redis_url=dead),
+        arun_cli("tail", "ticker", "btc", redis_url=redis_url),
+        arun_cli("snapshot", "tickr", "KRW-BTC", redis_url=redis_url),
+        arun_cli("leases", redis_url="http://u:s3cret@host/0"),
+        arun_cli("check", "--namespace", "no spaces", redis_url=redis_url),
+    )
+    unreachable, unreachable_status, bad_code, bad_type, bad_url, bad_ns = results
+    for result in (unreachable, unreachable_status):
+        assert_one_line_error(result, "cannot reach redis", "127.0.0.1")
+        assert "s3cret" not in result.stderr and result.returncode == 1
+    assert_one_line_error(bad_code, "invalid market code 'btc'")
+    assert bad_code.returncode == 2
+    assert_one_line_error(bad_type, "unknown data type 'tickr'")
+    assert bad_type.returncode == 2
+    assert_one_line_error(bad_url, "redis url")
+    assert "s3cret" not in bad_url.stderr and bad_url.returncode == 2
+    assert_one_line_error(bad_ns, "invalid namespace")
+
+
+# -- snapshot ---------------------------------------------------------------------------------
+
+
+async def answer_commands(redis: aioredis.Redis, reply: dict[str, Any]) -> dict[str, Any]:
+    popped = await redis.blpop([f"{NS}:requests"], timeout=15)  # type: ignore[misc]
+    assert popped is not None
+    command = json.loads(popped[1])
+    await redis.rpush(  # type: ignore[misc]
+        f"{NS}:reply:{command['id']}", json.dumps({"id": command["id"], **reply})
+    )
+    return dict(command)
+
+
+async def test_snapshot_json_and_missing(redis_url: str, redis_client: aioredis.Redis) -> None:
+    btc = json.loads(ticker_frame("KRW-BTC", 7))
+    leader = asyncio.create_task(
+        answer_commands(redis_client, {"ok": True, "frames": {"KRW-BTC": btc}, "missing": []})
+    )
+    result = await arun_cli("snapshot", "ticker", "KRW-BTC", "--json", redis_url=redis_url)
+    command = await leader
+    assert result.returncode == 0, result.stderr
+    assert command["op"] == "snapshot" and command["codes"] == ["KRW-BTC"]
+    assert json.loads(result.stdout) == {"KRW-BTC": btc}
+
+    leader = asyncio.create_task(
+        answer_commands(
+            redis_client, {"ok": True, "frames": {"KRW-BTC": btc}, "missing": ["KRW-ETH"]}
+        )
+    )
+    result = await arun_cli("snapshot", "ticker", "KRW-BTC", "KRW-ETH", redis_url=redis_url)
+    await leader
+    assert result.returncode == 1
+    assert "KRW-BTC" in result.stdout and "7" in result.stdout
+    assert_one_line_error(result, "KRW-ETH")
+
+    result = await arun_cli(
+        "snapshot", "ticker", "KRW-BTC", "--timeout", "0.3", redis_url=redis_url
+    )
+    assert_one_line_error(result, "no broker answered")
+
+
+# -- status, check ----------------------------------------------------------------------------
+
+
+async def write_status(redis: aioredis.Redis, *, connected: bool, age_ms: int) -> None:
+    seconds, micros = await redis.time()
+    now = seconds * 1000 + micros // 1000
+    await redis.hset(  # type: ignore[misc]
+        f"{NS}:status",
+        mapping={
+            "leader": "broker-a",
+            "connected": "1" if connected else "0",
+            "epoch": "4",
+            "reconnects": "2",
+            "resubscribes": "9",
+            "desired": json.dumps({"ticker": ["KRW-BTC"]}),
+            "upstream": json.dumps({"ticker": ["KRW-BTC"]}),
+            "last_error": "" if connected else "upstream closed 1006",
+            "frames_in": "100",
+            "updated_ms": str(now - age_ms),
+            "upstream_url": "wss://api.upbit.com/websocket/v1",
+            "quiet_codes": "[]",
+        },
+    )
+
+
+async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) -> None:
+    none_status, none_check = await asyncio.gather(
+        arun_cli("status", "--json", redis_url=redis_url),
+        arun_cli("check", redis_url=redis_url),
+    )
+    assert_one_line_error(none_status, "no status")
+    assert none_status.returncode == 1
+    assert_one_line_error(none_check, "no broker status")
+    assert none_check.returncode == 1
+
+    await write_status(redis_client, connected=True, age_ms=100)
+    status, human, check = await asyncio.gather(
+        arun_cli("status", "--json", redis_url=redis_url),
+        arun_cli("status", redis_url=redis_url),
+        arun_cli("check", redis_url=redis_url),
+    )
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["connected"] is True and info["leader"] == "broker-a"
+    assert info["epoch"] == 4 and info["reconnects"] == 2
+    assert info["desired"] == {"ticker": ["KRW-BTC"]}
+    assert info["upstream"] == {"ticker": ["KRW-BTC"]}
+    assert 0 <= info["age_ms"] < 5000
+    assert human.returncode == 0 and "broker-a" in human.stdout
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith("ok: leader broker-a connected")
+
+    # stale: older than 3 x status_interval (1 s by default)
+    await write_status(redis_client, connected=True, age_ms=10_000)
+    stale = await arun_cli("check", redis_url=redis_url)
+    assert_one_line_error(stale, "stale")
+    assert stale.returncode == 1
+
+    await write_status(redis_client, connected=False, age_ms=0)
+    down = await arun_cli("check", redis_url=redis_url)
+    assert_one_line_error(down, "not connected", "upstream closed 1006")
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+async def test_leases_json_lists_valid_and_invalid(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    store = LeaseStore(redis_client, NS)
+    await store.write(
+        "app-b",
+        SubscriptionSet.of({"ticker": ["KRW-ETH"], "orderbook": ["KRW-BTC.15"]}),
+        ttl_ms=30_000,
+        host="h1",
+        pid=42,
+    )
+    await redis_client.hset(  # type: ignore[misc]
+        f"{NS}:lease:broken", mapping={"v": "1", "client_id": "broken", "subs": "{nope"}
+    )
+    await redis_client.zadd(f"{NS}:leases", {"broken": 1})
+    result = await arun_cli("leases", "--json", redis_url=redis_url)
+    assert result.returncode == 0, result.stderr
+    rows = {row["client_id"]: row for row in json.loads(result.stdout)}
+    good = rows["app-b"]
+    assert good["subscriptions"] == {"orderbook": ["KRW-BTC.15"], "ticker": ["KRW-ETH"]}
+    assert good["host"] == "h1" and good["pid"] == 42
+    assert 20_000 < good["expires_in_ms"] <= 30_000
+    assert rows["broken"]["valid"] is False and rows["broken"]["invalid"]
+
+    human = await arun_cli("leases", redis_url=redis_url)
+    assert human.returncode == 0 and "app-b" in human.stdout and "invalid" in human.stdout
+
+
+# -- resubscribe ------------------------------------------------------------------------------
+
+
+async def test_resubscribe(redis_url: str, redis_client: aioredis.Redis) -> None:
+    nobody = await arun_cli("resubscribe", "--timeout", "0.5", redis_url=redis_url)
+    assert_one_line_error(nobody, "no broker answered", "0.5s")
+    assert nobody.returncode == 1
+    assert await redis_client.llen(f"{NS}:requests") == 0  # type: ignore[misc]
+
+    leader = asyncio.create_task(
+        answer_commands(redis_client, {"ok": True, "epoch": 5, "upstream": {"ticker": ["KRW-BTC"]}})
+    )
+    result = await arun_cli("resubscribe", "--json", redis_url=redis_url)
+    command = await leader
+    assert command["op"] == "resubscribe"
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "ok": True,
+        "epoch": 5,
+        "upstream": {"ticker": ["KRW-BTC"]},
+    }
+
+
+@pytest.mark.parametrize(
+    "command", ["tail", "snapshot", "top", "status", "leases", "check", "resubscribe", "demo"]
+)
+def test_every_command_reads_redis_url_and_namespace_from_env(command: str) -> None:
+    # in-process (help text only): the subprocess tests above cover the real runs
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "UPBIT_BROKER_REDIS_URL" in result.output
+    assert "UPBIT_BROKER_NAMESPACE" in result.output
