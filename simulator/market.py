@@ -285,7 +285,7 @@ def _change(st: CodeState, px: int) -> tuple[str, float]:
     return ("RISE" if diff > 0 else "FALL" if diff < 0 else "EVEN"), st.price(abs(diff))
 
 
-def trade_values(st: CodeState, stream_type: str) -> tuple[object, ...]:
+def trade_values(st: CodeState, stream_type: str) -> tuple[Any, ...]:
     _, _, date, time_ = _utc_parts(st.trade_ms // 1000)
     change, change_price = _change(st, st.trade_px)
     bap, bas, bbp, bbs = st.trade_best
@@ -297,7 +297,7 @@ def trade_values(st: CodeState, stream_type: str) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def ticker_values(st: CodeState, stream_type: str) -> tuple[object, ...]:
+def ticker_values(st: CodeState, stream_type: str) -> tuple[Any, ...]:
     date, time_, _, _ = _utc_parts(st.trade_ms // 1000)
     change, change_price = _change(st, st.trade_px)
     prev = st.price(st.prev_close_px)
@@ -342,7 +342,7 @@ def orderbook_units(st: CodeState, depth: int, level_ticks: int) -> tuple[list[U
     return units, sum(ask_sz[:na]) / SIZE_DIV, sum(bid_sz[:nb]) / SIZE_DIV
 
 
-def candle_values(st: CodeState, index: int, stream_type: str) -> tuple[object, ...]:
+def candle_values(st: CodeState, index: int, stream_type: str) -> tuple[Any, ...]:
     """A candle as last folded (``fold_candles`` first for a snapshot of the latest state)."""
     c = st.candles[index]
     utc, kst = candle_times(c[_START] // 1000)

@@ -91,25 +91,30 @@ def test_sequential_ids_exceed_2_pow_53_and_increase() -> None:
     assert ids[0] // 10_000 == NOW_MS  # trade_timestamp * 10000 + n
 
 
-def test_candles_fold_trades_of_each_second() -> None:
+def test_candles_fold_trades_and_pushes_hold_complete_seconds() -> None:
     m = market()
     st = m.states["KRW-BTC"]
-    prices = []
+    base = NOW_MS - NOW_MS % 1000  # a second 42 s into its minute: three seconds fit
+    prices: dict[int, list[float]] = {}
     for second in range(3):
-        for _ in range(200):
-            for s, is_trade, _ in m.step(1, NOW_MS + second * 1000):
-                if is_trade and s is st:
-                    prices.append(st.price(st.trade_px))
-    st.fold_candles()
-    one_minute = candle_values(st, 1, "SNAPSHOT")  # candle.1m
-    assert one_minute[0] == "candle.1m"
-    start = NOW_MS - NOW_MS % 60_000
-    if (NOW_MS + 2000) // 60_000 == NOW_MS // 60_000 and prices:
-        assert one_minute[2] == _iso(start)
-        assert one_minute[5] >= max(prices) and one_minute[6] <= min(prices)
-        assert one_minute[7] == prices[-1]
-    one_second = candle_values(st, 0, "SNAPSHOT")
-    assert one_second[3][11:13] == f"{(int(one_second[2][11:13]) + 9) % 24:02d}"  # KST = UTC+9
+        for s, is_trade, _ in m.step(600, base + second * 1000 + 500):
+            if is_trade and s is st:
+                prices.setdefault(second, []).append(st.price(st.trade_px))
+    assert all(prices.get(i) for i in range(3))
+    # A push at the start of second 2 holds seconds 0 and 1, and nothing of second 2.
+    assert st in m.candle_updates(base + 2000)
+    one_s = candle_values(st, 0, "REALTIME")
+    assert one_s[:3] == ("candle.1s", "KRW-BTC", _iso(base + 1000))
+    assert one_s[7] == prices[1][-1]
+    one_m = candle_values(st, 1, "REALTIME")
+    seen = prices[0] + prices[1]
+    assert one_m[2] == _iso(NOW_MS - NOW_MS % 60_000)
+    assert one_m[5] >= max(seen) and one_m[6] <= min(seen) and one_m[7] == seen[-1]
+    assert st not in m.candle_updates(base + 2000)  # no trade before that boundary is new
+    assert st in m.candle_updates(base + 3000)  # second 2's trades are
+    assert candle_values(st, 0, "REALTIME")[7] == prices[2][-1]
+    utc, kst = candle_values(st, 8, "SNAPSHOT")[2:4]  # candle.240m
+    assert (int(utc[11:13]) + 9) % 24 == int(kst[11:13])  # KST = UTC+9
 
 
 def _iso(ms: int) -> str:

@@ -151,7 +151,7 @@ def test_format_object_anywhere_and_default_when_missing() -> None:
     )
     assert s.format is Format.SIMPLE_LIST
     s.receive(request({"type": "trade", "codes": ["KRW-BTC"]}), 0.1)
-    assert s.format is Format.DEFAULT
+    assert s.format.value == "DEFAULT"
 
 
 def test_list_subscriptions_reports_the_set_and_switches_the_format() -> None:

@@ -9,12 +9,19 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
 from broker.upbit import fields
 from simulator.encode import DEFAULT_KEYS
-from tests.support.sim import read_for, read_until, recv_frame, running_simulator, subscribe
+from tests.support.sim import (
+    client,
+    read_for,
+    read_until,
+    recv_frame,
+    running_simulator,
+    subscribe,
+)
 from tests.support.wait import scaled
 
 BUSY = ["KRW-BTC", "KRW-XRP", "KRW-ETH"]
@@ -29,7 +36,7 @@ def realtime(frames: list[Any]) -> list[dict[str, Any]]:
 
 
 async def test_default_frames_decode_with_the_documented_keys() -> None:
-    async with running_simulator(rate=3000, seed=5) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=5) as sim, client(sim) as ws:
         types = ["ticker", "trade", "orderbook", "candle.1s", "candle.1m"]
         await subscribe(ws, *({"type": t, "codes": BUSY[:2]} for t in types))
 
@@ -50,7 +57,7 @@ async def test_default_frames_decode_with_the_documented_keys() -> None:
 
 
 async def test_trades_carry_increasing_sequential_ids_above_2_pow_53() -> None:
-    async with running_simulator(rate=3000, seed=2) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=2) as sim, client(sim) as ws:
         await subscribe(ws, {"type": "trade", "codes": BUSY})
         frames = await read_until(ws, lambda f: len(f) >= 60)
     ids = [f["sequential_id"] for f in frames[len(BUSY) :]]  # after the snapshots
@@ -63,7 +70,7 @@ async def test_trades_carry_increasing_sequential_ids_above_2_pow_53() -> None:
 
 
 async def test_a_new_request_replaces_the_whole_set() -> None:
-    async with running_simulator(rate=3000, seed=3) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=3) as sim, client(sim) as ws:
         await subscribe(ws, {"type": "trade", "codes": ["KRW-BTC"]})
         await read_until(ws, lambda f: len(realtime(f)) >= 3)
         await subscribe(ws, {"type": "trade", "codes": ["KRW-ETH"]}, ticket="second")
@@ -77,7 +84,7 @@ async def test_a_new_request_replaces_the_whole_set() -> None:
 
 
 async def test_exactly_one_snapshot_per_code_even_when_named_twice() -> None:
-    async with running_simulator(rate=3000, seed=4) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=4) as sim, client(sim) as ws:
         await subscribe(
             ws,
             {"type": "ticker", "codes": BUSY},
@@ -91,7 +98,7 @@ async def test_exactly_one_snapshot_per_code_even_when_named_twice() -> None:
 
 
 async def test_is_only_snapshot_sends_one_frame_then_silence() -> None:
-    async with running_simulator(rate=3000, seed=6) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=6) as sim, client(sim) as ws:
         await subscribe(
             ws,
             {"type": "ticker", "codes": ["KRW-BTC"], "is_only_snapshot": True},
@@ -104,7 +111,7 @@ async def test_is_only_snapshot_sends_one_frame_then_silence() -> None:
 
 @pytest.mark.parametrize("flag", ["is_only_realtime", "isOnlyRealtime"])
 async def test_is_only_realtime_sends_no_snapshot(flag: str) -> None:
-    async with running_simulator(rate=3000, seed=7) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=7) as sim, client(sim) as ws:
         await subscribe(ws, {"type": "trade", "codes": ["KRW-BTC"], flag: True})
         frames = await read_until(ws, lambda f: len(f) >= 5)
     assert {f["stream_type"] for f in frames} == {"REALTIME"}
@@ -112,7 +119,7 @@ async def test_is_only_realtime_sends_no_snapshot(flag: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["DEFAULT", "SIMPLE", "JSON_LIST", "SIMPLE_LIST"])
 async def test_all_four_formats(fmt: str) -> None:
-    async with running_simulator(rate=3000, seed=8) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=8) as sim, client(sim) as ws:
         await subscribe(
             ws,
             {"type": "trade", "codes": ["KRW-BTC"]},
@@ -135,7 +142,7 @@ async def test_all_four_formats(fmt: str) -> None:
 
 
 async def test_orderbook_depth_suffix_and_plain_code_in_frames() -> None:
-    async with running_simulator(rate=100, seed=9) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=100, seed=9) as sim, client(sim) as ws:
         codes = {"KRW-BTC.5": 5, "KRW-XRP.15": 15, "KRW-ETH.20": 30, "KRW-SOL.1": 1, "KRW-DOGE": 30}
         await subscribe(ws, {"type": "orderbook", "codes": list(codes)})
         frames = await read_until(ws, lambda f: len(f) >= len(codes))
@@ -152,7 +159,7 @@ async def test_orderbook_depth_suffix_and_plain_code_in_frames() -> None:
 
 
 async def test_thin_books_are_padded_with_zero_slots() -> None:
-    async with running_simulator(rate=10, seed=1) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=10, seed=1) as sim, client(sim) as ws:
         thin = sim.market.thin_codes()
         assert thin
         await subscribe(ws, {"type": "orderbook", "codes": thin})
@@ -168,7 +175,7 @@ async def test_thin_books_are_padded_with_zero_slots() -> None:
 
 
 async def test_level_groups_krw_books_and_silences_other_markets() -> None:
-    async with running_simulator(rate=3000, seed=10) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=10) as sim, client(sim) as ws:
         await subscribe(
             ws,
             {"type": "orderbook", "codes": ["KRW-BTC"], "level": 10000},
@@ -190,7 +197,7 @@ async def test_level_groups_krw_books_and_silences_other_markets() -> None:
 
 async def test_candles_all_units_and_at_most_one_push_a_second() -> None:
     units = ["1s", "1m", "3m", "5m", "10m", "15m", "30m", "60m", "240m"]
-    async with running_simulator(rate=3000, seed=11) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=11) as sim, client(sim) as ws:
         await subscribe(ws, *({"type": f"candle.{u}", "codes": BUSY[:2]} for u in units))
         arrivals: dict[tuple[str, str], list[float]] = defaultdict(list)
         start = time.monotonic()
@@ -223,7 +230,7 @@ async def test_candles_all_units_and_at_most_one_push_a_second() -> None:
     ],
 )
 async def test_errors_in_upbit_shape_then_close_1000(message: str, name: str) -> None:
-    async with running_simulator(rate=100, seed=12) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=100, seed=12) as sim, client(sim) as ws:
         await subscribe(ws, {"type": "trade", "codes": ["KRW-BTC"]})
         await recv_frame(ws)
         await ws.send(message)
@@ -238,7 +245,7 @@ async def test_errors_in_upbit_shape_then_close_1000(message: str, name: str) ->
 
 
 async def test_unknown_and_lower_case_codes_are_ignored() -> None:
-    async with running_simulator(rate=3000, seed=13) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=13) as sim, client(sim) as ws:
         await subscribe(ws, {"type": "trade", "codes": ["KRW-NOPE", "krw-btc", "KRW-XRP"]})
         frames = await read_until(ws, lambda f: len(f) >= 10)
         assert {f["code"] for f in frames} == {"KRW-XRP"}
@@ -246,7 +253,7 @@ async def test_unknown_and_lower_case_codes_are_ignored() -> None:
 
 
 async def test_list_subscriptions_reports_the_set_and_switches_the_format() -> None:
-    async with running_simulator(rate=3000, seed=14) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=3000, seed=14) as sim, client(sim) as ws:
         await subscribe(
             ws,
             {"type": "trade", "codes": ["KRW-BTC", "KRW-NOPE"]},
@@ -271,7 +278,7 @@ async def test_list_subscriptions_reports_the_set_and_switches_the_format() -> N
 
 
 async def test_text_ping_starts_one_up_cycle() -> None:
-    async with running_simulator(up_interval=0.2) as sim, connect(sim.url) as ws:
+    async with running_simulator(up_interval=0.2) as sim, client(sim) as ws:
         await ws.send("PING")
         assert await recv_frame(ws, within=2) == {"status": "UP"}
         await ws.send("PING")
@@ -288,7 +295,7 @@ async def test_text_ping_starts_one_up_cycle() -> None:
 
 async def test_idle_connection_is_dropped_without_a_close_frame() -> None:
     async with running_simulator(idle_timeout=0.4) as sim:
-        async with connect(sim.url, ping_interval=None) as ws:
+        async with client(sim, ping_interval=None) as ws:
             await _wait_closed(ws, 3)
             assert ws.close_code == 1006
             assert ws.protocol.close_rcvd is None
@@ -298,8 +305,8 @@ async def test_idle_connection_is_dropped_without_a_close_frame() -> None:
 async def test_protocol_pings_and_data_keep_a_connection_alive() -> None:
     async with running_simulator(idle_timeout=0.4, rate=3000) as sim:
         async with (
-            connect(sim.url, ping_interval=0.1) as pinging,
-            connect(sim.url, ping_interval=None) as streaming,
+            client(sim, ping_interval=0.1) as pinging,
+            client(sim, ping_interval=None) as streaming,
         ):
             await subscribe(streaming, {"type": "trade", "codes": ["KRW-BTC"]})
             frames = await read_for(streaming, 1.2)
@@ -314,7 +321,7 @@ async def _wait_closed(ws: ClientConnection, within: float) -> None:
 
 
 async def test_message_rate_limit_refuses_with_too_many_requests() -> None:
-    async with running_simulator() as sim, connect(sim.url) as ws:
+    async with running_simulator() as sim, client(sim) as ws:
         for i in range(6):
             await ws.send(f'[{{"ticket":"t{i}"}},{{"method":"LIST_SUBSCRIPTIONS"}}]')
         frames = await read_until(ws, lambda f: bool(f) and "error" in f[-1])
@@ -330,9 +337,9 @@ async def test_message_rate_limit_refuses_with_too_many_requests() -> None:
 
 async def test_connect_rate_limit_answers_http_429() -> None:
     async with running_simulator(connect_rate=2) as sim:
-        async with connect(sim.url), connect(sim.url):
+        async with client(sim), client(sim):
             with pytest.raises(InvalidStatus) as refused:
-                async with connect(sim.url):
+                async with client(sim):
                     pass
         assert refused.value.response.status_code == 429
         assert sim.state()["totals"]["rate_limited_connects"] == 1
@@ -345,7 +352,7 @@ VOLATILE = {
 
 
 async def _run(seed: int) -> list[dict[str, Any]]:
-    async with running_simulator(rate=2000, seed=seed) as sim, connect(sim.url) as ws:
+    async with running_simulator(rate=2000, seed=seed) as sim, client(sim) as ws:
         await subscribe(
             ws,
             {"type": "trade", "codes": BUSY},

@@ -8,14 +8,16 @@ frame with the same values. (A msgspec ``rename`` cannot be overridden in a subc
 class cannot accept two names for a field, hence the twins.)
 
 Dispatch reuses the router's rules (``broker.upbit.router``): the frame is routed first, then
-decoded with the one reused Decoder of its type and spelling, so ``decode_message`` never
-disagrees with ``route_frame`` about what a frame is.
+decoded with the one reused Decoder of its type and spelling. So every frame ``route_frame``
+calls MALFORMED is refused here, and every other frame decodes to the model of its kind (or is
+refused when its payload is wrong, e.g. a missing price), never to another kind.
 
 Numbers: prices and sizes are ``float`` and accept any JSON number spelling (``1.16539E8``,
 ``0.00077720``, ``137002000``). Integers (timestamps, ``sequential_id``) decode exactly from
 integer literals, even above 2**53; an integral value spelled as a float (``1.7E16``) is read
 through ``Decimal``, never through ``float``. Unknown keys are ignored; legacy and deprecated
-keys are optional.
+keys are optional. Private frames (``myOrder``, ``myAsset``) are read leniently: every field
+but the type may be missing, and numbers may be spelled as strings.
 
 Legacy frames of the 2018 docs (``market``/``mk`` instead of ``code``/``cd``, no ``type``)
 raise :class:`LegacyFrameError`: Upbit no longer sends them, the router drops them as

@@ -5,12 +5,10 @@
         state = await fetch_state(sim)        # GET /_sim/state over real HTTP
         await http_get(sim, "/_sim/drop")     # any operator or REST endpoint
 
-WebSocket helpers: ``subscribe(ws, {"type": "trade", "codes": [...]}, fmt="SIMPLE")`` sends a
-request; ``read_until(ws, predicate)`` and ``read_for(ws, seconds)`` collect decoded frames
-(asserting they came as binary frames, as Upbit sends them).
-
-Defaults are Upbit's (connect limit 5/s per IP, 5 messages/s per connection, 10 s UP cycle,
-120 s idle drop); pass ``connect_rate=``, ``up_interval=``, ``idle_timeout=`` ... to change them.
+WebSocket helpers: ``async with client(sim) as ws`` connects; ``subscribe(ws, {"type":
+"trade", "codes": [...]}, fmt="SIMPLE")`` sends a request; ``read_until(ws, predicate)`` and
+``read_for(ws, seconds)`` collect decoded frames (asserting they came as binary frames, as
+Upbit sends them).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from simulator import Simulator
 from tests.support.wait import scaled
@@ -73,6 +71,17 @@ async def fetch_state(target: Simulator | str) -> dict[str, Any]:
         raise AssertionError(f"/_sim/state answered {status}: {body!r}")
     assert isinstance(body, dict)
     return body
+
+
+def client(target: Simulator | str, **kwargs: Any) -> connect:
+    """``connect(sim.url)`` (or a ``ws://`` URL) for tests: an unbounded receive queue.
+
+    With websockets' default ``max_queue=16``, a test that stops reading while frames still
+    flow pauses the socket, never sees the close handshake's answer and waits out the close
+    timeout (10 s) on exit.
+    """
+    kwargs.setdefault("max_queue", None)
+    return connect(target.url if isinstance(target, Simulator) else target, **kwargs)
 
 
 async def subscribe(
@@ -127,6 +136,7 @@ async def read_for(ws: ClientConnection, seconds: float) -> list[Any]:
 
 
 __all__ = [
+    "client",
     "fetch_state",
     "http_get",
     "read_for",
