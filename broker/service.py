@@ -115,6 +115,8 @@ class Broker:
         self._gap_reason = ""
         self._takeover_since_ms = 0
         self._last_quiet_refresh = 0.0
+        #: when each wanted stream was first asked for on this connection (quiet detection)
+        self._wanted_since: dict[StreamKey, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.controller: SubscriptionController | None = None
         self.upstream: Upstream | None = None
@@ -304,6 +306,8 @@ class Broker:
             logger.info("gap event: epoch=%d reason=%s span_ms=%d", self.epoch, reason, ts - since)
         self._takeover_since_ms = 0
         self._gap_reason = ""
+        now = time.monotonic()
+        self._wanted_since = dict.fromkeys(self.desired, now)
         await self._event(
             {
                 "event": "connected",
@@ -391,6 +395,7 @@ class Broker:
         while True:
             wait = self.settings.reconcile_interval
             try:
+                await self._notice_emptied_redis()
                 listing = await store.list(scan=sweeps % 5 == 0)
                 sweeps += 1
                 self._apply_listing(listing)
@@ -407,10 +412,34 @@ class Broker:
                 async with asyncio.timeout(wait):
                     await self._leases_dirty.wait()
 
+    async def _notice_emptied_redis(self) -> None:
+        """A Redis that restarted empty has lost every lease until consumers re-assert them
+        (within one heartbeat): hold the current union for one lease TTL instead of
+        unsubscribing everyone. The epoch counter is the witness: it only vanishes with the data.
+        """
+        assert self._redis is not None
+        if self.epoch == 0 or await self._redis.get(self.keys.epoch) is not None:
+            return
+        await self._redis.set(self.keys.epoch, self.epoch, nx=True)
+        self._hold_union("redis lost its data")
+
+    def _hold_union(self, why: str) -> None:
+        self._grace_until = time.monotonic() + self.settings.lease_ttl
+        self._grace_set = union(self._grace_set, self.desired) if self._in_grace() else self.desired
+        logger.warning(
+            "%s: holding the union (%d streams) for %.0fs",
+            why,
+            len(self.desired),
+            self.settings.lease_ttl,
+        )
+
+    def _in_grace(self) -> bool:
+        return time.monotonic() < self._grace_until
+
     def _apply_listing(self, listing: Any) -> None:
         assert self.controller is not None and self.upstream is not None
         wanted = union(*(lease.subscriptions for lease in listing.leases))
-        if time.monotonic() < self._grace_until:
+        if self._in_grace():
             wanted = union(wanted, self._grace_set)
         for client_id, reason in listing.invalid:
             if client_id not in self._invalid_logged:
@@ -427,7 +456,9 @@ class Broker:
                 "union changed: %d streams from %d leases", len(wanted), len(listing.leases)
             )
             self.desired = wanted
-            self.controller.set_desired(wanted, time.monotonic())
+            now = time.monotonic()
+            self._wanted_since = {k: self._wanted_since.get(k, now) for k in wanted}
+            self.controller.set_desired(wanted, now)
             self.upstream.changed.set()
 
     # -- commands (snapshot, resubscribe) -------------------------------------------------------
@@ -608,11 +639,19 @@ class Broker:
             return []
         if not self.upstream.connected:
             return []
-        horizon = time.monotonic() - self.settings.quiet_after
+        return sorted(f"{k.type}:{k.code}" for k in self._quiet_streams())
+
+    def _quiet_streams(self) -> list[StreamKey]:
+        assert self.controller is not None and self.publisher is not None
+        now = time.monotonic()
+        horizon = now - self.settings.quiet_after
         seen = self.publisher.last_seen
-        return sorted(
-            f"{k.type}:{k.code}" for k in self.controller.upstream if seen.get(k, 0.0) < horizon
-        )
+        since = self._wanted_since
+        return [
+            k
+            for k in self.controller.upstream
+            if max(seen.get(k, 0.0), since.get(k, now)) < horizon
+        ]
 
     async def _write_status(self) -> None:
         assert self._redis is not None
@@ -628,7 +667,33 @@ class Broker:
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
                 logger.debug("status write failed: %s", exc)
+            self._refresh_quiet_streams()
             await asyncio.sleep(interval)
+
+    def _refresh_quiet_streams(self) -> None:
+        """A stream silent for ``quiet_after`` while others flow gets one fresh SNAPSHOT request
+        (a full-set resend with that stream not marked realtime-only): a muted or stuck code
+        recovers without touching the connection. At most once per ``quiet_after``."""
+        if self.controller is None or self.upstream is None or self.publisher is None:
+            return
+        now = time.monotonic()
+        if now - self._last_quiet_refresh < self.settings.quiet_after:
+            return
+        if not self.upstream.connected:
+            return
+        quiet = self._quiet_streams()
+        if not quiet or len(quiet) == len(self.controller.upstream):
+            return  # nothing quiet, or everything quiet: that is the stall detector's business
+        self._last_quiet_refresh = now
+        depths = self.controller.upstream.depths
+        streams = SubscriptionSet({k: depths[k] for k in quiet})
+        self.stats.quiet_refreshes += 1
+        logger.info(
+            "quiet streams, asking for fresh snapshots: %s",
+            ", ".join(f"{k.type}:{k.code}" for k in quiet[:10]),
+        )
+        self.controller.request_snapshot(streams, now)
+        self.upstream.changed.set()
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -288,3 +288,58 @@ async def test_status_hash_describes_the_leader(
         assert st["connected"] == "1"
         assert json.loads(st["desired"]) == {"ticker": ["KRW-BTC"]}
         assert int(st["epoch"]) >= 1
+
+
+async def test_muted_code_is_detected_without_dropping_the_connection(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    async with running_simulator(seed=12, rate=500) as sim, started_broker(
+        fast_settings(redis_url, sim.url, quiet_after=1.0)
+    ) as broker:
+        await write_lease(redis_client, "c", {"trade": ["KRW-BTC", "KRW-ETH"]}, ttl_ms=60_000)
+        await wait_upstream(sim, {"trade": {"KRW-BTC", "KRW-ETH"}})
+        assert broker.publisher is not None
+        await wait_for(lambda: len(broker.publisher.last_seen) == 2, 10, message="both codes flow")
+        epoch = broker.epoch
+        sim.mute(["KRW-ETH"], 3.0)
+        await wait_for(lambda: broker.quiet_codes() == ["trade:KRW-ETH"], 10, message="ETH quiet")
+        assert broker.epoch == epoch  # a quiet code is not a dead connection
+        assert broker.upstream is not None and broker.upstream.stats.reconnects == 0
+        # Recovered: once the mute ends ETH flows again on the same connection.
+        await wait_for(lambda: broker.quiet_codes() == [], 15, message="ETH flows again")
+        assert broker.epoch == epoch
+        assert broker.stats.quiet_refreshes >= 1
+
+
+async def test_redis_restart_keeps_the_union_until_leases_are_reasserted(
+    redis_server: Any, redis_url: str
+) -> None:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    client = aioredis.Redis.from_url(
+        redis_url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=10)
+    )
+    try:
+        async with running_simulator(seed=13) as sim, started_broker(
+            fast_settings(redis_url, sim.url)
+        ) as broker:
+            await write_lease(client, "c", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)
+            await wait_upstream(sim, {"ticker": {"KRW-BTC"}})
+            first = sim_connections(sim)[0]["id"]
+            redis_server.restart()  # empty: every lease is gone
+            # The broker notices and holds the union; nothing is unsubscribed meanwhile.
+            await wait_for(lambda: broker._in_grace(), 10, message="broker holds the union")
+            assert upstream_set(sim) == {"ticker": {"KRW-BTC"}}
+            await write_lease(client, "c", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)  # heartbeat
+
+            async def status_back() -> bool:
+                return bool(await client.hget("t:status", "leader"))  # type: ignore[misc]
+
+            await wait_for(status_back, 10, message="status rewritten")
+            await wait_for(lambda: not broker._in_grace(), 10, message="grace over")
+            assert upstream_set(sim) == {"ticker": {"KRW-BTC"}}
+            assert [c["id"] for c in sim_connections(sim)] == [first]
+            assert broker.is_leader
+    finally:
+        await client.aclose()

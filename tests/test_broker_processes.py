@@ -84,8 +84,10 @@ async def test_standby_takes_over_when_the_leader_is_killed(
 
                 await wait_for(second_leads, 15, message="standby took over")
                 took = time.monotonic() - killed_at
-                # Within the lock TTL (1.5 s) plus the standby's poll and a connect.
-                assert took < 1.5 + 1.0 + 2.0, took
+                print(f"takeover: standby connected and leading {took:.2f}s after SIGKILL")
+                # The lock TTL (1.5 s) plus the standby's poll, a connect and the status write;
+                # generous because the CI machine is shared (the benchmark measures it exactly).
+                assert took < 1.5 + 6.0, took
                 await wait_for(
                     lambda: (
                         [set(c["subscriptions"].get("ticker", [])) for c in sim_connections(sim)]
