@@ -126,16 +126,23 @@ class Book:
         if asks:
             self.ask_px.pop(0)
             self.ask_sz.pop(0)
+            sizes = self.ask_sz
             if len(self.ask_px) < self.max_asks:
                 self.ask_px.append(self.ask_px[-1] + 1 + int(rng.random() * 2.5))
                 self.ask_sz.append(self.new_size(rng))
         else:
             self.bid_px.pop(0)
             self.bid_sz.pop(0)
+            sizes = self.bid_sz
             far = self.bid_px[-1] - 1 - int(rng.random() * 2.5)
             if len(self.bid_px) < self.max_bids and far >= 1:
                 self.bid_px.append(far)
                 self.bid_sz.append(self.new_size(rng))
+        # The level that becomes best changes too. Without this, inserting a best level and
+        # removing it again restores the visible book exactly, and the two frames (same
+        # millisecond) would repeat each other byte for byte.
+        new = self.new_size(rng)
+        sizes[0] = new if new != sizes[0] else new + 1
 
     # -- views --------------------------------------------------------------------------------
 

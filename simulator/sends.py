@@ -5,9 +5,10 @@ With ``record_sends`` on, every frame sent on any connection is recorded as
 benchmark computes the same :func:`frame_key` over the bytes it receives (the broker
 republishes frames byte for byte) and subtracts. The key is 64 bits of BLAKE2b: crc32 would
 collide a few dozen times in a million frames. REALTIME frames are unique in bytes (trade:
-``sequential_id``; ticker: accumulated volume; orderbook: only pushed when the visible book
-changed; candle: at most one push a second); a SNAPSHOT repeats a stream's last state, as on
-Upbit, so two snapshots of a quiet stream can share a key.
+``sequential_id``; ticker: accumulated volume; orderbook: pushed only when the visible book
+changed, and the model never restores a previous book exactly; candle: one push per second
+at most, with the last trade's time) short of a 64-bit coincidence. A SNAPSHOT repeats a
+stream's last state, as on Upbit, so two snapshots of a quiet stream can share a key.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ what the connection must do (an outcome value), never calls back. Rules:
 * LIST_SUBSCRIPTIONS answers with one result entry per requested object, in request order,
   codes as requested (depth suffix kept) minus ignored codes; ``is_only_snapshot`` objects are
   left out, since their delivery finished when the snapshot went out. The ticket echoed is the
-  LIST request's own (which ticket Upbit echoes is UNCONFIRMED).
+  LIST request's own (which ticket Upbit echoes is UNCONFIRMED). It uses SIMPLE names when the
+  format is SIMPLE or SIMPLE_LIST and, like error and UP frames, is never wrapped in a list.
+* A request holding both a ``method`` object and data-type objects is a LIST_SUBSCRIPTIONS:
+  the data-type objects are ignored (UNCONFIRMED on Upbit).
 """
 
 from __future__ import annotations

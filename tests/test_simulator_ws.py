@@ -69,6 +69,29 @@ async def test_trades_carry_increasing_sequential_ids_above_2_pow_53() -> None:
         assert f["trade_date"].count("-") == 2 and f["trade_time"].count(":") == 2
 
 
+async def test_every_realtime_frame_is_unique_in_bytes() -> None:
+    async with running_simulator(rate=5000, seed=15) as sim, client(sim) as ws:
+        codes = sim.codes[:10] + sim.market.thin_codes()[:2]
+        await subscribe(
+            ws,
+            {"type": "trade", "codes": codes},
+            {"type": "ticker", "codes": codes},
+            {"type": "orderbook", "codes": [f"{c}.1" for c in codes]},
+            {"type": "orderbook", "codes": [f"{c}.5" for c in codes[:5]]},
+            {"type": "orderbook", "codes": ["KRW-BTC", "KRW-XRP"], "level": 10000},
+            {"type": "candle.1s", "codes": codes},
+        )
+        raws: list[bytes] = []
+        async with asyncio.timeout(scaled(20)):
+            while len(raws) < 6000:
+                raw = await ws.recv()
+                assert isinstance(raw, bytes)
+                if b'"REALTIME"' in raw:
+                    raws.append(raw)
+    repeated = [raw[:100] for raw, n in Counter(raws).items() if n > 1]
+    assert repeated == []
+
+
 async def test_a_new_request_replaces_the_whole_set() -> None:
     async with running_simulator(rate=3000, seed=3) as sim, client(sim) as ws:
         await subscribe(ws, {"type": "trade", "codes": ["KRW-BTC"]})
