@@ -306,7 +306,10 @@ class SubscriptionController:
             self.stats.list_requests += 1
             # No format object: it would switch the format of the running streams.
             out.append(build_list_subscriptions_request(ticket=self._ticket()))
-        if not self.verify and self._awaiting_confirmation and not self._send_wanted():
+        nothing_to_hold = not self._desired and not self._pending_snapshots and not self._upstream
+        # Nothing to verify when verification is off, or when nobody wants anything.
+        settled = not self._send_wanted()
+        if self._awaiting_confirmation and settled and (not self.verify or nothing_to_hold):
             self._confirmed.extend(self._awaiting_confirmation)
             self._awaiting_confirmation.clear()
         return out

@@ -162,7 +162,7 @@ class Broker:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(1.0):
                                 await asyncio.shield(stopper)
-                self._step_down()
+                await self._step_down()
             stopper.cancel()
         finally:
             await self._shutdown()
@@ -187,16 +187,26 @@ class Broker:
                     await asyncio.shield(stopper)
         return False
 
-    def _step_down(self) -> None:
+    async def _step_down(self) -> None:
+        """Leave the leader phase; hand the lock over at once so a standby need not wait for
+        it to expire (release is compare-and-delete: harmless if someone else holds it)."""
         if self.is_leader:
-            logger.info("broker %s stepped down", self.settings.broker_id)
+            logger.info(
+                "broker %s stepped down", self.settings.broker_id, extra={"event": "step_down"}
+            )
         self.is_leader = False
         self.ready.clear()
+        await self._release_lock()
+
+    async def _release_lock(self) -> None:
+        if self._lock is None:
+            return
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self._lock.release()
 
     async def _shutdown(self) -> None:
-        if self._lock is not None and self.is_leader:
-            with contextlib.suppress(RedisError, OSError):
-                await self._lock.release()
+        await self._release_lock()
         self.is_leader = False
         for client in (self._redis, self._pub_redis):
             if client is not None:
@@ -210,7 +220,12 @@ class Broker:
         assert self._redis is not None and self._pub_redis is not None and self._lock is not None
         self.is_leader = True
         self.stats.leadership_changes += 1
-        logger.info("broker %s is leader of namespace %s", s.broker_id, s.namespace)
+        logger.info(
+            "broker %s is leader of namespace %s",
+            s.broker_id,
+            s.namespace,
+            extra={"event": "leader", "broker": s.broker_id},
+        )
         await self._read_previous_leader()
         await self._event({"event": "leader", "broker": s.broker_id, "ts_ms": now_ms()})
         lock = self._lock
@@ -303,7 +318,18 @@ class Broker:
                     "broker": self.settings.broker_id,
                 }
             )
-            logger.info("gap event: epoch=%d reason=%s span_ms=%d", self.epoch, reason, ts - since)
+            logger.info(
+                "gap event: epoch=%d reason=%s span_ms=%d",
+                self.epoch,
+                reason,
+                ts - since,
+                extra={
+                    "event": "gap",
+                    "epoch": self.epoch,
+                    "reason": reason,
+                    "span_ms": ts - since,
+                },
+            )
         self._takeover_since_ms = 0
         self._gap_reason = ""
         now = time.monotonic()
@@ -316,7 +342,12 @@ class Broker:
                 "ts_ms": ts,
             }
         )
-        logger.info("upstream connected: epoch=%d url=%s", self.epoch, self.settings.upstream_url)
+        logger.info(
+            "upstream connected: epoch=%d url=%s",
+            self.epoch,
+            redact_url(self.settings.upstream_url),
+            extra={"event": "connected", "epoch": self.epoch},
+        )
         self.ready.set()
 
     def _on_upstream_disconnected(self, reason: str) -> None:
@@ -448,12 +479,19 @@ class Broker:
         self.stats.invalid_leases = len(listing.invalid)
         if listing.expired:
             self.stats.lease_expiries += len(listing.expired)
-            logger.info("leases expired: %s", ", ".join(listing.expired))
+            logger.info(
+                "leases expired: %s",
+                ", ".join(listing.expired),
+                extra={"event": "lease_expired", "client_ids": listing.expired},
+            )
         self.stats.leases = len(listing.leases)
         if wanted != self.desired:
             self.stats.union_recomputes += 1
             logger.info(
-                "union changed: %d streams from %d leases", len(wanted), len(listing.leases)
+                "union changed: %d streams from %d leases",
+                len(wanted),
+                len(listing.leases),
+                extra={"event": "union", "streams": len(wanted), "leases": len(listing.leases)},
             )
             self.desired = wanted
             now = time.monotonic()

@@ -175,7 +175,12 @@ class Upstream:
                         attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
                     )
                     attempt += 1
-                    logger.warning("upstream connect failed (%s); retry in %.2fs", exc, delay)
+                    logger.warning(
+                        "upstream connect failed (%s); retry in %.2fs",
+                        exc,
+                        delay,
+                        extra={"event": "connect_failed", "attempt": attempt, "delay_s": delay},
+                    )
                     await asyncio.sleep(delay)
                     continue
             self.stats.connects += 1
@@ -222,7 +227,18 @@ class Upstream:
                 attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
             )
             attempt += 1
-            logger.warning("upstream lost (%s); reconnecting in %.2fs", reason, delay)
+            logger.warning(
+                "upstream lost (%s); reconnecting in %.2fs (attempt %d)",
+                reason,
+                delay,
+                attempt,
+                extra={
+                    "event": "reconnect",
+                    "reason": reason,
+                    "delay_s": delay,
+                    "attempt": attempt,
+                },
+            )
             await asyncio.sleep(delay)
 
     async def _serve(self, ws: ClientConnection) -> None:
@@ -251,7 +267,21 @@ class Upstream:
         while True:
             now = time.monotonic()
             for message in controller.data_to_send(now):
-                await ws.send(message.decode() if isinstance(message, bytes) else message)
+                if isinstance(message, bytes):
+                    await ws.send(message.decode())  # Upbit clients send text frames
+                    if b'"type"' in message:
+                        logger.info(
+                            "subscribed upstream: %d streams (request #%d)",
+                            len(controller.upstream),
+                            controller.stats.subscribe_requests,
+                            extra={
+                                "event": "resubscribe",
+                                "streams": len(controller.upstream),
+                                "request": controller.stats.subscribe_requests,
+                            },
+                        )
+                else:
+                    await ws.send(message)
             self._refresh_routes()
             confirmed = controller.confirmations()
             if confirmed:

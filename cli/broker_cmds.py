@@ -117,6 +117,12 @@ def register(app: typer.Typer) -> None:
             stall_timeout=stall_timeout,
             metrics_port=metrics_port,
         )
+        if log_format not in ("text", "json"):
+            typer.echo(f"error: --log-format must be text or json, got {log_format!r}", err=True)
+            raise typer.Exit(2)
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            typer.echo(f"error: unknown --log-level {log_level!r}", err=True)
+            raise typer.Exit(2)
         configure_logging(log_level, log_format)
         try:
             asyncio.run(_serve(settings))

@@ -179,3 +179,10 @@ def test_new_connection_restores_the_full_union_with_snapshots() -> None:
         {"type": "orderbook", "codes": ["KRW-ETH.15"]},
         {"type": "ticker", "codes": ["KRW-BTC"]},
     ]
+
+
+def test_resubscribe_with_nothing_wanted_is_confirmed_at_once() -> None:
+    c = connected()
+    c.force_resubscribe("r-empty", 0.0)
+    c.data_to_send(0.1)
+    assert c.confirmations() == ["r-empty"]

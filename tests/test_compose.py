@@ -1,0 +1,616 @@
+"""The deployment files agree with the code: docker-compose.yml, .env.example, Dockerfile, lock.
+
+Every command a service runs is a real command of the installed entry point with options it
+has (checked against ``--help`` and parsed the way the program parses them); every variable a
+service sets is one the program reads; every ``${VAR:-default}`` is documented in .env.example
+with the same default, and the broker's defaults are broker/settings.py's. ``docker compose
+config`` runs too where the compose plugin is installed (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import fields
+from functools import cache
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import typer.main
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from broker.settings import ENV_VARS, UPBIT_URL, BrokerSettings
+from cli.main import app
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
+OFFLINE_URL = "ws://simulator:8765/websocket/v1"
+#: broker settings the compose file sets differently from broker/settings.py, on purpose
+COMPOSE_OVERRIDES = {"redis_url", "metrics_port"}
+#: upbit-broker commands that do not build BrokerSettings (so read no UPBIT_BROKER_* variable)
+NO_BROKER_SETTINGS = {"simulate"}
+
+
+# -- compose interpolation (the subset of the spec this repository uses, and a bit more) ------
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Interpolation:
+    """Compose's ``$VAR``, ``${VAR}``, ``${VAR:-d}``, ``${VAR-d}``, ``${VAR:?e}``, ``${VAR?e}``,
+    ``${VAR:+r}``, ``${VAR+r}`` (operands nest) and ``$$``; records every reference."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        #: name -> the raw default operand of each ``:-``/``-`` reference (None: no default)
+        self.refs: dict[str, list[str | None]] = {}
+
+    def __call__(self, text: str) -> str:
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            if text[i] != "$":
+                out.append(text[i])
+                i += 1
+            elif text.startswith("$$", i):
+                out.append("$")
+                i += 2
+            elif text.startswith("${", i):
+                end = _closing_brace(text, i)
+                out.append(self._braced(text[i + 2 : end]))
+                i = end + 1
+            elif m := _NAME.match(text, i + 1):
+                self.refs.setdefault(m.group(), []).append(None)
+                out.append(self.env.get(m.group(), ""))
+                i = m.end()
+            else:
+                out.append("$")
+                i += 1
+        return "".join(out)
+
+    def _braced(self, inner: str) -> str:
+        m = _NAME.match(inner)
+        if m is None:
+            raise ValueError(f"invalid interpolation ${{{inner}}}")
+        name, rest = m.group(), inner[m.end() :]
+        value = self.env.get(name)
+        if not rest:
+            self.refs.setdefault(name, []).append(None)
+            return value or ""
+        for op in (":-", ":?", ":+", "-", "?", "+"):
+            if rest.startswith(op):
+                operand = rest[len(op) :]
+                break
+        else:
+            raise ValueError(f"invalid interpolation ${{{inner}}}")
+        self.refs.setdefault(name, []).append(operand if op in (":-", "-") else None)
+        resolved = self(operand)  # always, so nested references are recorded
+        if op == ":-":
+            return value if value else resolved
+        if op == "-":
+            return value if value is not None else resolved
+        if op == ":+":
+            return resolved if value else ""
+        if op == "+":
+            return resolved if value is not None else ""
+        if (op == ":?" and not value) or (op == "?" and value is None):
+            raise ValueError(f"required variable {name} is missing: {resolved}")
+        return value or ""
+
+    def resolve(self, node: Any) -> Any:
+        """Interpolate every string value (not keys) of a loaded YAML tree."""
+        if isinstance(node, str):
+            return self(node)
+        if isinstance(node, list):
+            return [self.resolve(x) for x in node]
+        if isinstance(node, dict):
+            return {k: self.resolve(v) for k, v in node.items()}
+        return node
+
+
+def _closing_brace(text: str, start: int) -> int:
+    depth = 0
+    j = start
+    while j < len(text):
+        if text.startswith("$$", j):
+            j += 2
+        elif text.startswith("${", j):
+            depth += 1
+            j += 2
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return j
+            j += 1
+        else:
+            j += 1
+    raise ValueError(f"unclosed ${{ in {text!r}")
+
+
+def test_interpolation_follows_the_compose_rules() -> None:
+    i = Interpolation({"SET": "v", "EMPTY": ""})
+    assert i("${SET:-d} ${EMPTY:-d} ${UNSET:-d} ${EMPTY-d} ${UNSET-d}") == "v d d  d"
+    assert i("${UNSET:-a${SET}b} ${UNSET:-${ALSO:-x}} $$SET $SET ${SET:+r} ${EMPTY+r}") == (
+        "avb x $SET v r r"
+    )
+    with pytest.raises(ValueError, match="UNSET"):
+        i("${UNSET:?needed}")
+    assert i.refs["UNSET"] == ["d", "d", "a${SET}b", "${ALSO:-x}", None]
+
+
+# -- the files ------------------------------------------------------------------------------
+
+
+@cache
+def compose_raw() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The compose model with variables resolved (``env`` plays the shell and .env)."""
+    resolved: dict[str, Any] = Interpolation(env or {}).resolve(compose_raw())
+    return resolved
+
+
+def services(env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose(env)["services"]
+    return result
+
+
+def referenced_variables() -> dict[str, list[str | None]]:
+    interp = Interpolation({})
+    interp.resolve(compose_raw())
+    return interp.refs
+
+
+@cache
+def env_example() -> dict[str, list[str]]:
+    """``VAR -> [values]`` of every (commented or not) ``VAR=value`` line of .env.example."""
+    documented: dict[str, list[str]] = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        m = re.match(r"^#?\s?([A-Z][A-Z0-9_]*)=(.*)$", line)
+        if m:
+            value = m.group(2).strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            documented.setdefault(m.group(1), []).append(value)
+    return documented
+
+
+@cache
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def image_default(instruction: str) -> list[str]:
+    """The final stage's ENTRYPOINT or CMD (exec form)."""
+    values = [rest for word, rest in dockerfile_instructions() if word == instruction]
+    assert values, f"Dockerfile has no {instruction}"
+    parsed = yaml.safe_load(values[-1])
+    assert isinstance(parsed, list), f"{instruction} must use the exec form"
+    return [str(x) for x in parsed]
+
+
+def our_services(env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Services that run this repository's image."""
+    return {name: s for name, s in services(env).items() if "build" in s}
+
+
+def argv_of(service: dict[str, Any]) -> list[str]:
+    """What the container runs: entrypoint + command (the image's where compose sets none;
+    setting an entrypoint clears the image's CMD, as Docker does)."""
+    entrypoint = service.get("entrypoint")
+    command = service.get("command")
+    if isinstance(entrypoint, str):
+        entrypoint = shlex.split(entrypoint)
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if entrypoint is None:
+        entrypoint = image_default("ENTRYPOINT")
+        if command is None:
+            command = image_default("CMD")
+    return [str(x) for x in [*entrypoint, *(command or [])]]
+
+
+def healthcheck_argv(service: dict[str, Any]) -> list[str] | None:
+    test = (service.get("healthcheck") or {}).get("test")
+    if isinstance(test, list) and test and test[0] == "CMD":
+        return [str(x) for x in test[1:]]
+    return None
+
+
+# -- the programs ---------------------------------------------------------------------------
+
+
+def entry_point() -> list[str]:
+    """The installed ``upbit-broker`` script (what the image runs), else the module."""
+    script = Path(sys.executable).parent / "upbit-broker"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+
+
+@cache
+def help_text(*argv: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPBIT_", "OHLCV_", "TICK"))}
+    env.update({"COLUMNS": "250", "TERM": "dumb", "NO_COLOR": "1"})
+    if argv[0] == "upbit-broker":
+        cmd = [*entry_point(), *argv[1:], "--help"]
+    else:
+        cmd = [sys.executable, *argv[1:], "--help"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert result.returncode == 0, f"{cmd}: {result.stderr}"
+    return result.stdout
+
+
+def cli_command(name: str) -> Any:
+    group = typer.main.get_command(app)
+    command = group.commands.get(name)  # type: ignore[attr-defined]
+    assert command is not None, f"upbit-broker has no command {name!r}"
+    return command
+
+
+def command_envvars(name: str) -> set[str]:
+    out: set[str] = set()
+    for param in cli_command(name).params:
+        envvar = getattr(param, "envvar", None)
+        if isinstance(envvar, str):
+            out.add(envvar)
+        elif envvar:
+            out.update(envvar)
+    return out
+
+
+def example_module(argv: list[str]) -> Any:
+    assert argv[:2] == ["python", "-m"], argv
+    return importlib.import_module(argv[2])
+
+
+def documented_example_envvars(module: Any) -> set[str]:
+    """The variables an example's docstring says it reads (``Options also come from ...``)."""
+    return set(re.findall(r"``([A-Z][A-Z0-9_]{2,})``", module.__doc__ or ""))
+
+
+def options(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+@contextmanager
+def environ(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` is exactly ``env`` (the container's), for in-process parsing."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def container_programs() -> list[tuple[str, str, list[str]]]:
+    """(service, what, argv) of every program our services run: command and healthcheck."""
+    out = []
+    for name, service in our_services().items():
+        out.append((name, "command", argv_of(service)))
+        check = healthcheck_argv(service)
+        if check is not None and check[0] == "upbit-broker":
+            out.append((name, "healthcheck", check))
+    return out
+
+
+# -- tests: structure -----------------------------------------------------------------------
+
+
+def test_the_stack_has_the_services_it_documents() -> None:
+    svc = services()
+    assert {"redis", "broker", "broker-standby", "ticker-board", "ohlcv-bars", "simulator"} <= set(
+        svc
+    )
+    for name, service in svc.items():
+        for dep, spec in (service.get("depends_on") or {}).items():
+            assert dep in svc, f"{name} depends on unknown service {dep}"
+            assert spec.get("condition") in {
+                "service_started",
+                "service_healthy",
+                "service_completed_successfully",
+            }
+            if spec.get("condition") == "service_healthy":
+                assert "healthcheck" in svc[dep], f"{dep} has no healthcheck for {name}"
+        # Without the profile the stack must still start: nothing always-on needs a profiled one.
+        if not service.get("profiles"):
+            for dep in service.get("depends_on") or {}:
+                assert not svc[dep].get("profiles"), f"{name} needs profiled service {dep}"
+
+
+def test_redis_is_bounded_unpersisted_and_health_checked() -> None:
+    redis = services()["redis"]
+    assert str(redis["image"]).startswith("redis:7")
+    cmd = [str(x) for x in redis["command"]]
+    assert cmd[0] == "redis-server"
+    pairs = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+    assert pairs["--save"] == "" and pairs["--appendonly"] == "no"
+    assert re.fullmatch(r"\d+[kmg]b", pairs["--maxmemory"])
+    assert pairs["--maxmemory-policy"] == "noeviction"
+    buffer = pairs["--client-output-buffer-limit"].split()
+    assert buffer[0] == "pubsub" and len(buffer) == 4, buffer
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert redis["deploy"]["resources"]["limits"]["memory"]
+    assert redis["restart"] in {"always", "unless-stopped"}
+    # The container limit leaves room above maxmemory for the pub/sub output buffers.
+    assert _bytes(redis["deploy"]["resources"]["limits"]["memory"]) > _bytes(
+        pairs["--maxmemory"]
+    ) + _bytes(buffer[1])
+
+
+def _bytes(size: str) -> int:
+    m = re.fullmatch(r"(\d+)([kmg])b?", size.lower())
+    assert m, size
+    return int(m.group(1)) * 1024 * int(1024 ** "kmg".index(m.group(2)))
+
+
+def test_brokers_run_against_upbit_with_metrics_health_and_restart() -> None:
+    svc = services()
+    for name in ("broker", "broker-standby"):
+        broker = svc[name]
+        assert argv_of(broker)[:2] == ["upbit-broker", "run"], name
+        assert healthcheck_argv(broker) == ["upbit-broker", "check"], name
+        assert broker["restart"] in {"always", "unless-stopped"}
+        assert broker["depends_on"]["redis"]["condition"] == "service_healthy"
+        env = service_env(broker)
+        assert env["UPBIT_BROKER_UPSTREAM_URL"] == UPBIT_URL  # the real Upbit by default
+        port = int(env["UPBIT_BROKER_METRICS_PORT"])
+        assert port > 0
+        assert any(str(p).endswith(f":{port}") for p in broker.get("ports", [])), name
+        assert not broker.get("profiles")
+    # One image, non-root and read-only, for every service built here.
+    for name, service in our_services().items():
+        assert service["image"] == svc["broker"]["image"], name
+        assert service.get("read_only") is True, name
+        assert service.get("user") in (None, ""), f"{name}: the image sets its non-root user"
+
+
+def test_example_consumers_scale() -> None:
+    for name in ("ticker-board", "ohlcv-bars"):
+        service = services()[name]
+        # --scale needs no fixed name and no fixed host port.
+        assert "container_name" not in service and "ports" not in service, name
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert not service.get("profiles")
+
+
+def test_the_offline_profile_points_the_brokers_at_the_simulator() -> None:
+    assert OFFLINE_URL in env_example()["UPBIT_BROKER_UPSTREAM_URL"]
+    assert "offline" in env_example()["COMPOSE_PROFILES"]
+    svc = services({"UPBIT_BROKER_UPSTREAM_URL": OFFLINE_URL})
+    sim = svc["simulator"]
+    assert sim["profiles"] == ["offline"]
+    argv = argv_of(sim)
+    assert argv[:2] == ["upbit-broker", "simulate"]
+    args = dict(zip(argv[2::2], argv[3::2], strict=False))
+    assert args["--host"] == "0.0.0.0"
+    for name in ("broker", "broker-standby"):
+        url = urlsplit(service_env(svc[name])["UPBIT_BROKER_UPSTREAM_URL"])
+        assert (url.scheme, url.hostname, url.port, url.path) == (
+            "ws",
+            "simulator",
+            int(args["--port"]),
+            "/websocket/v1",
+        )
+    # ... and the brokers' settings accept it.
+    BrokerSettings.from_env(service_env(svc["broker"]))
+
+
+# -- tests: variables -----------------------------------------------------------------------
+
+
+def test_every_compose_variable_is_documented_with_its_default() -> None:
+    documented = env_example()
+    refs = referenced_variables()
+    missing = sorted(set(refs) - set(documented))
+    assert not missing, f".env.example does not document {missing}"
+    for name, defaults in refs.items():
+        for default in defaults:
+            if default is not None and "$" not in default:
+                assert default in documented[name], (name, default, documented[name])
+    unused = sorted(set(documented) - set(refs) - {"COMPOSE_PROFILES"})
+    assert not unused, f".env.example documents variables compose never reads: {unused}"
+
+
+def test_broker_settings_come_from_env_with_the_settings_defaults() -> None:
+    broker_env = service_env(services()["broker"])
+    # Every setting is there (but the per-process id) ...
+    assert set(ENV_VARS) - {"UPBIT_BROKER_BROKER_ID"} <= set(broker_env)
+    # ... and, except deliberate overrides, with broker/settings.py's default.
+    from_compose = BrokerSettings.from_env(broker_env)
+    defaults = BrokerSettings()
+    for f in fields(BrokerSettings):
+        if f.name in COMPOSE_OVERRIDES or f.name == "broker_id":
+            continue
+        assert getattr(from_compose, f.name) == getattr(defaults, f.name), f.name
+    assert from_compose.redis_url == "redis://:@redis:6379/0"
+    with_password = services({"REDIS_PASSWORD": "s3cret"})
+    assert service_env(with_password["broker"])["UPBIT_BROKER_REDIS_URL"] == (
+        "redis://:s3cret@redis:6379/0"
+    )
+    assert "s3cret" in with_password["redis"]["command"]
+
+
+@pytest.mark.parametrize("name", ["broker", "broker-standby", "simulator"])
+def test_cli_services_set_only_variables_their_command_reads(name: str) -> None:
+    service = services()[name]
+    command = argv_of(service)[1]
+    allowed = command_envvars(command)
+    if command not in NO_BROKER_SETTINGS:
+        allowed |= set(ENV_VARS)
+    unknown = sorted(set(service_env(service)) - allowed)
+    assert not unknown, f"{name} sets variables `{command}` never reads: {unknown}"
+
+
+@pytest.mark.parametrize("name", ["ticker-board", "ohlcv-bars"])
+def test_example_services_set_only_variables_the_example_reads(name: str) -> None:
+    service = services()[name]
+    argv = argv_of(service)
+    module = example_module(argv)
+    env = service_env(service)
+    unknown = sorted(set(env) - documented_example_envvars(module))
+    assert not unknown, f"{name}: {argv[2]} does not document {unknown}"
+    # ... and really reads each: changing one changes what parse_args makes of the command.
+    with environ(env):
+        base = vars(module.parse_args(argv[3:]))
+    for var, value in env.items():
+        with environ({**env, var: value + "0"}):
+            changed = vars(module.parse_args(argv[3:]))
+        assert changed != base, f"{argv[2]} ignores {var}"
+
+
+# -- tests: commands ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("service", "what", "argv"),
+    container_programs(),
+    ids=[f"{s}-{w}" for s, w, _ in container_programs()],
+)
+def test_every_program_is_a_real_command_with_valid_options(
+    service: str, what: str, argv: list[str]
+) -> None:
+    env = service_env(services()[service])
+    if argv[0] == "upbit-broker":
+        text = help_text("upbit-broker", argv[1])
+        for option in options(argv[2:]):
+            assert option in text, f"{service} {what}: `upbit-broker {argv[1]}` has no {option}"
+        # Parse it as the program would, with the container's environment: types and values.
+        with environ(env):
+            cli_command(argv[1]).make_context(argv[1], list(argv[2:]))
+    else:
+        module = example_module(argv)
+        text = help_text(*argv[:3])
+        for option in options(argv[3:]):
+            assert option in text, f"{service}: {argv[2]} has no {option}"
+        with environ(env):
+            module.parse_args(argv[3:])
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("no docker client")
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPBIT_", "COMPOSE_"))}
+    for extra in ([], ["--profile", "offline"]):
+        result = subprocess.run(
+            [docker, "compose", "-f", str(COMPOSE), *extra, "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**env, "UPBIT_BROKER_UPSTREAM_URL": OFFLINE_URL} if extra else env,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+# -- tests: image ---------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_small_non_root_image_from_the_lock() -> None:
+    steps = dockerfile_instructions()
+    froms = [rest for word, rest in steps if word == "FROM"]
+    args = dict(rest.split("=", 1) for word, rest in steps if word == "ARG" and "=" in rest)
+    bases = {args.get(f.split()[0].strip("${}"), f.split()[0]) for f in froms}
+    assert bases == {"python:3.11-slim"}, bases
+    assert len(froms) >= 2, "multi-stage: build tools stay out of the runtime image"
+    users = [rest for word, rest in steps if word == "USER"]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert image_default("ENTRYPOINT") == ["upbit-broker"]
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
+    assert re.search(r"pip install --no-deps -r \S*requirements\.lock", runs)
+    copied = " ".join(rest for word, rest in steps if word == "COPY")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert pattern.rstrip("*") in copied, f"the image lacks package {pattern}"
+    # .dockerignore lets in only what the build copies (so never .venv or .git).
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignore = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+    assert ignore[0] == "*" and "!requirements.lock" in ignore
+    assert not [x for x in ignore if x.startswith(("!.venv", "!.git", "!tests"))]
+
+
+def lock_pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version), f"not pinned: {line}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def runtime_closure() -> set[str]:
+    """Names of every runtime dependency, transitively, from the installed metadata."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"]]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = distribution(req.name).requires or []
+        except PackageNotFoundError:  # pragma: no cover - a broken venv
+            pytest.fail(f"{req.name} is not installed")
+        for raw in requires:
+            sub = Requirement(raw)
+            extras = ["", *sorted(req.extras)]
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(sub)
+    return seen
+
+
+def test_the_lock_pins_every_runtime_dependency_within_pyproject_ranges() -> None:
+    pins = lock_pins()
+    missing = sorted(runtime_closure() - set(pins))
+    assert not missing, f"requirements.lock lacks {missing}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for raw in project["dependencies"]:
+        req = Requirement(raw)
+        pinned = pins[canonicalize_name(req.name)]
+        assert req.specifier.contains(pinned, prereleases=True), (raw, pinned)
+    dev = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["dev"]}
+    assert not dev & set(pins), f"dev tools in the runtime lock: {sorted(dev & set(pins))}"
