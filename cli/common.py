@@ -192,9 +192,9 @@ async def open_redis(
     """A Redis client that answered PING, or :class:`RedisUnavailableError` with one line."""
     url = settings.redis_url
     try:
-        client = Redis.from_url(
-            url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout + 2
-        )
+        # no socket timeout: redis-py then sends through asyncio.wait_for, which on Python
+        # 3.11 can swallow a cancellation (Ctrl-C); commands use with_timeout() instead
+        client = Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=None)
     except ValueError as exc:
         raise CommandError(f"bad redis url {redact_url(url)}: {exc}", EXIT_USAGE) from None
     try:

@@ -35,7 +35,7 @@ from cli.common import (
     run,
     split_codes,
 )
-from consumers import BrokerClient, Gap, PartialSnapshotError, StreamMessage
+from consumers import BrokerClient, Gap, PartialSnapshotError, StreamMessage, validate_streams
 
 TypeArgument = Annotated[
     str,
@@ -158,6 +158,7 @@ def tail(
     wanted = split_codes(codes)
 
     async def main(stop: asyncio.Event) -> int:
+        validate_streams(data_type, wanted, level)  # a typo fails before Redis is touched
         async with _client(settings) as client:
             await client.subscribe(data_type, wanted, level=level)
             received = 0
@@ -223,6 +224,7 @@ def snapshot(
     wanted = split_codes(codes)
 
     async def main(stop: asyncio.Event) -> int:
+        validate_streams(data_type, wanted, level)
         async with _client(settings) as client:
             try:
                 frames = await client.snapshot_frames(
@@ -268,6 +270,7 @@ def top(
     wanted = split_codes(codes)
 
     async def main(stop: asyncio.Event) -> int:
+        validate_streams("ticker", wanted)
         board = TickerBoard(wanted)
         async with _client(settings, on_gap=board.on_gap) as client:
             await client.subscribe("ticker", wanted, board.on_message)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -49,7 +50,9 @@ from simulator import Simulator
 
 DEFAULT_CODES = "KRW-BTC,KRW-ETH,KRW-XRP,KRW-SOL,KRW-DOGE"
 #: seconds the whole shutdown may take before the demo gives up waiting
-SHUTDOWN_TIMEOUT = 20.0
+SHUTDOWN_TIMEOUT = 15.0
+#: child processes to kill if the demo must exit without a clean shutdown
+_CHILDREN: list[asyncio.subprocess.Process] = []
 
 
 def _free_port() -> int:
@@ -71,6 +74,7 @@ async def redis_server_process(say: Any) -> AsyncIterator[str]:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
+    _CHILDREN.append(proc)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -96,6 +100,7 @@ async def redis_server_process(say: Any) -> AsyncIterator[str]:
                 proc.kill()
                 await proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+        _CHILDREN.remove(proc)
 
 
 @contextlib.asynccontextmanager
@@ -110,6 +115,7 @@ async def fake_redis_server(say: Any) -> AsyncIterator[str]:
 
     port = _free_port()
     server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    server.RequestHandlerClass = _fake_redis_handler()
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
     thread.start()
     say(f"redis: no redis-server on PATH; started an in-process fakeredis on port {port}")
@@ -118,6 +124,32 @@ async def fake_redis_server(say: Any) -> AsyncIterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _fake_redis_handler() -> Any:
+    """fakeredis' TCP handler, except that an error reply does not close the connection.
+
+    fakeredis (2.x) answers an error and then hangs up, which real Redis never does; redis-py's
+    scripts rely on the NOSCRIPT error of EVALSHA followed by SCRIPT LOAD on the same
+    connection, and the lease store and the broker use scripts. Internal API: fallback only.
+    """
+    from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+    from redis.exceptions import ResponseError
+
+    class Handler(TCPFakeRequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            read = self.current_client.read_response
+
+            def read_response(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return read(*args, **kwargs)
+                except ResponseError as exc:  # encoded as an error reply, connection kept
+                    return exc
+
+            self.current_client.read_response = read_response  # type: ignore[method-assign]
+
+    return Handler
 
 
 class Tape:
@@ -256,13 +288,14 @@ def demo(
             await clients[2].subscribe("orderbook", [f"{book_code}.15"], book.on_book)
             say("consumers: board (ticker), tape (trade), depth (orderbook) leased")
 
-            tools_redis = Redis.from_url(url)
+            tools_redis = Redis.from_url(url, socket_timeout=None)  # bounded below
             stack.push_async_callback(tools_redis.aclose)
             store = LeaseStore(tools_redis, namespace)
             started = time.monotonic()
 
             async def render() -> Group:
-                listing = await store.list()
+                async with asyncio.timeout(5):
+                    listing = await store.list()
                 status = broker.status_fields()
                 upstream = json.loads(status["upstream"])
                 elapsed = time.monotonic() - started
@@ -304,14 +337,39 @@ def demo(
 
 
 async def _shut_down(stack: contextlib.AsyncExitStack, say: Any) -> None:
-    """Close everything in reverse order of start, within a deadline."""
+    """Close everything in reverse order of start; never hang.
+
+    A task that swallows its cancellation (Python 3.11's ``asyncio.wait_for`` does, under
+    redis-py with a socket timeout) cannot be stopped by a timeout from here, and would also
+    keep ``asyncio.run`` from returning. So a plain timer is the last resort: it kills the
+    Redis this demo started and exits the process.
+    """
     say("stopping: consumers release their leases, then the broker, simulator, redis")
+    loop = asyncio.get_running_loop()
+    guard = loop.call_later(
+        SHUTDOWN_TIMEOUT, _give_up, f"shutdown did not finish within {SHUTDOWN_TIMEOUT:g}s"
+    )
     try:
-        async with asyncio.timeout(SHUTDOWN_TIMEOUT):
-            await stack.aclose()
-    except TimeoutError:
-        # every exit callback still ran (cancelled); say so rather than hang
-        raise CommandError(f"shutdown took longer than {SHUTDOWN_TIMEOUT:g}s") from None
+        await stack.aclose()
+        me = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if left:
+            _, pending = await asyncio.wait(left, timeout=3)
+            if pending:
+                names = ", ".join(sorted(t.get_name() for t in pending))
+                _give_up(f"{len(pending)} task(s) did not stop ({names})")
+    finally:
+        guard.cancel()
+
+
+def _give_up(why: str) -> None:
+    for proc in _CHILDREN:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {why}; exiting\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _ignore_gap(gap: Gap) -> None:

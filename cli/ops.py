@@ -47,6 +47,8 @@ _INT_FIELDS = {
     "updated_ms",
 }
 _JSON_FIELDS = {"desired", "upstream", "quiet_codes"}
+#: seconds a command's Redis reads may take (the clients have no socket timeout)
+REDIS_TIMEOUT = 10.0
 
 
 def parse_status(raw: dict[bytes, bytes], server_now_ms: int) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def status(
     keys = Keys(settings.namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        async with open_redis(settings) as redis:
+        async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
             raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
             now = await _server_now_ms(redis)
         if not raw:
@@ -156,7 +158,7 @@ def leases(
     settings = build_settings(redis_url, namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        async with open_redis(settings) as redis:
+        async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
             listing = await LeaseStore(redis, settings.namespace).list(scan=True)
         rows = lease_rows(listing)
         if as_json:
@@ -259,7 +261,7 @@ def check(
     keys = Keys(settings.namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        async with open_redis(settings) as redis:
+        async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
             raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
             now = await _server_now_ms(redis)
         healthy, line = check_status(

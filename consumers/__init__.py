@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from broker.errors import BrokerError, InvalidCodeError, LeaseError, SnapshotError
 from broker.upbit.messages import Candle, Message, Orderbook, Ticker, Trade
-from consumers.client import BrokerClient, Callback, ClientStats, GapCallback, default_client_id
+from consumers.client import (
+    BrokerClient,
+    Callback,
+    ClientStats,
+    GapCallback,
+    default_client_id,
+    validate_streams,
+)
 from consumers.errors import (
     ClientClosedError,
     CommandRefused,
@@ -59,4 +66,5 @@ __all__ = [
     "Trade",
     "WebSocketClientProxy",
     "default_client_id",
+    "validate_streams",
 ]

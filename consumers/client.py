@@ -17,8 +17,6 @@ Delivery and back-pressure:
   ``fell-behind`` gap. Either way the application is told, and the broker never waits.
 """
 
-# ruff: noqa: ASYNC109  (the public API takes timeouts in seconds, as the contract does)
-
 from __future__ import annotations
 
 import asyncio
@@ -170,7 +168,6 @@ class BrokerClient:
         self._started = False
         self._closed = False
         self._lease_failing = False
-        self._callback_errors_logged = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -197,14 +194,11 @@ class BrokerClient:
         if self._closed:
             raise ClientClosedError("this BrokerClient was closed; create a new one")
         self._started = True
-        redis = Redis.from_url(
-            self.redis_url,
-            socket_connect_timeout=self._connect_timeout,
-            # above the 1 s BLPOP slices of the command protocol
-            socket_timeout=max(self._connect_timeout, 3.0),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-            client_name=f"{self.client_id}:cmd"[:128],
-        )
+        try:
+            redis = self._command_client()
+        except ValueError as exc:  # e.g. a port that is not a number
+            self._closed = True
+            raise ConfigError(f"bad redis url {redact_url(self.redis_url)}: {exc}") from None
         self._redis = redis
         try:
             async with asyncio.timeout(self._connect_timeout * 3):
@@ -269,6 +263,19 @@ class BrokerClient:
             await self._redis.aclose()
         logger.debug("client %s closed", self.client_id)
 
+    def _command_client(self) -> Redis:
+        """The client for leases and commands (raises ``ValueError`` for a malformed URL)."""
+        return Redis.from_url(
+            self.redis_url,
+            socket_connect_timeout=self._connect_timeout,
+            # No socket timeout: with one, redis-py sends through asyncio.wait_for, which on
+            # Python 3.11 can swallow a task's cancellation (then close() would hang). Every
+            # call here is bounded by asyncio.timeout instead.
+            socket_timeout=None,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            client_name=f"{self.client_id}:cmd"[:128],
+        )
+
     async def _abort_start(self) -> None:
         self._closed = True
         if self._redis is not None:
@@ -310,6 +317,7 @@ class BrokerClient:
             ValueError: an unknown data type, no codes, or a level for a non-orderbook type.
             InvalidCodeError: a code not of Upbit's shape (nothing was written).
             LeaseError: the lease could not be written (the subscription is rolled back).
+            RedisUnavailableError: Redis did not confirm the SUBSCRIBE in time (rolled back).
         """
         wanted = _parse_streams(data_type, codes, level)
         self._check_running()
@@ -337,7 +345,10 @@ class BrokerClient:
                     route.callbacks.append(callback)
             try:
                 # channels before the lease: the broker starts streaming once the lease is in
-                await self._subscriber.subscribe(r.channel.encode() for r in added)
+                try:
+                    await self._subscriber.subscribe(r.channel.encode() for r in added)
+                except TimeoutError as exc:
+                    raise RedisUnavailableError(str(exc)) from None
                 self._lease = await self._write_lease(new_set)
             except BaseException:
                 for route in added:
@@ -645,6 +656,18 @@ def _plain_code(type_: str, raw: str) -> str:
             raise InvalidCodeError(f"invalid orderbook depth suffix in {raw!r} (e.g. 'KRW-BTC.15')")
         return validate_code(code)
     return validate_code(raw)
+
+
+def validate_streams(
+    data_type: str, codes: Iterable[str] | str, level: float = 0.0
+) -> SubscriptionSet:
+    """What ``subscribe(data_type, codes, level=level)`` would lease, without any I/O.
+
+    Raises:
+        ValueError: an unknown data type, no codes, or a level for a non-orderbook type.
+        InvalidCodeError: a code not of Upbit's shape.
+    """
+    return SubscriptionSet(_parse_streams(data_type, codes, level))
 
 
 def _parse_streams(

@@ -6,8 +6,6 @@ nobody picked up by the deadline is taken back out of the list (LREM), so a brok
 later does not act on a question nobody is waiting for any more.
 """
 
-# ruff: noqa: ASYNC109  (the public API takes timeouts in seconds, as the contract does)
-
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +28,10 @@ from consumers.errors import (
     PartialSnapshotError,
 )
 
-#: Longest single BLPOP: short waits keep the connection's socket timeout out of play.
+#: Longest single BLPOP, so a cancelled wait ends promptly on the server side too.
 _BLPOP_SLICE = 1.0
+#: What one Redis round trip may take beyond the BLPOP's own wait.
+_ROUND_TRIP = 5.0
 
 
 class _Reply(msgspec.Struct):
@@ -66,7 +66,10 @@ async def send_command(
     reply_key = keys.reply(request_id)
     payload = _encoder.encode(command)
     deadline = time.monotonic() + timeout
-    async with redis.pipeline(transaction=True) as pipe:
+    async with (
+        asyncio.timeout(max(timeout, _BLPOP_SLICE)),
+        redis.pipeline(transaction=True) as pipe,
+    ):
         pipe.rpush(keys.requests, payload)
         pipe.publish(keys.control, "request")
         await pipe.execute()
@@ -77,7 +80,10 @@ async def send_command(
             if left <= 0:
                 break
             # BLPOP's timeout has a resolution of 1 ms in Redis >= 6
-            found = await redis.blpop([reply_key], timeout=min(left, _BLPOP_SLICE))
+            wait = min(left, _BLPOP_SLICE)
+            # the client has no socket timeout (see consumers.client): bound the round trip
+            async with asyncio.timeout(wait + _ROUND_TRIP):
+                found = await redis.blpop([reply_key], timeout=wait)
             if found is not None:
                 value = found[1]
                 raw = value.encode() if isinstance(value, str) else value

@@ -130,6 +130,30 @@ class Gap:
 Item = StreamMessage | Gap
 
 
+class _Stamp(msgspec.Struct):
+    timestamp: int | float | None = None
+    tms: int | float | None = None
+
+
+_stamp_decoder = msgspec.json.Decoder(_Stamp)
+
+
+def frame_time_ms(data: bytes | None) -> int | None:
+    """The ``timestamp`` (DEFAULT) or ``tms`` (SIMPLE) of a frame, or ``None``.
+
+    The frame was published after this instant, so it bounds from below when a frame that
+    was received later (or lost) can have been published: gap windows start here.
+    """
+    if not data:
+        return None
+    try:
+        stamp = _stamp_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    value = stamp.timestamp if stamp.timestamp is not None else stamp.tms
+    return int(value) if value is not None else None
+
+
 class _Event(msgspec.Struct):
     """The fields of an ``{ns}:events`` object we read (unknown fields are skipped)."""
 

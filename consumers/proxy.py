@@ -8,8 +8,6 @@ last-value cache, or fetched upstream without disturbing anyone's stream), each
 (``Ticker``, ``Trade``, ``Orderbook``, ``Candle``) and may be plain or ``async`` functions.
 """
 
-# ruff: noqa: ASYNC109  (the public API takes timeouts in seconds, as the contract does)
-
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from consumers.items import FELL_BEHIND, Gap, Item, StreamMessage
+from consumers.items import FELL_BEHIND, Gap, Item, StreamMessage, frame_time_ms
 
 
 class QueueClosed(Exception):
@@ -69,7 +69,7 @@ class DropOldestQueue:
             discarded = True
             if self._overflow is None:
                 self.overflows += 1
-                self._overflow = _Overflow(old.received_ms)
+                self._overflow = _Overflow(old)
             self._overflow.add(old)
         self._wake()
         return not discarded
@@ -124,7 +124,12 @@ class _Overflow:
 
     __slots__ = ("channels", "count", "since_ms", "until_ms")
 
-    def __init__(self, since_ms: int) -> None:
+    def __init__(self, first: StreamMessage) -> None:
+        # one pub/sub connection delivers in publication order, so everything discarded was
+        # published after the first discarded message was stamped (or, lacking a stamp,
+        # received)
+        stamp = frame_time_ms(first.raw)
+        since_ms = first.received_ms if stamp is None else min(stamp, first.received_ms)
         self.since_ms = since_ms
         self.until_ms = since_ms
         self.count = 0

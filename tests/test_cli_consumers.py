@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 from broker.leases import LeaseStore
 from broker.upbit.types import SubscriptionSet
 from cli.main import app
+from cli.ops import check_status, parse_status
+from consumers.items import now_ms
 from tests.support.redis_server import free_port
 from tests.support.wait import scaled, wait_for
 
@@ -188,30 +190,65 @@ async def test_tail_duration_exits_zero(redis_url: str, redis_client: aioredis.R
     assert await lease_clients(redis_client) == []
 
 
+async def test_top_shows_a_live_table(redis_url: str, redis_client: aioredis.Redis) -> None:
+    proc = spawn("top", "KRW-BTC", "KRW-ETH", "--duration", "1.5", redis_url=redis_url)
+    try:
+        await wait_for(lambda: lease_clients(redis_client), timeout=10, message="top's lease")
+        await redis_client.publish(f"{NS}:ticker:KRW-ETH", ticker_frame("KRW-ETH", 4_321_000))
+        out, err = await asyncio.to_thread(proc.communicate, timeout=scaled(10))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    text = out.decode()
+    assert "KRW-BTC" in text and "KRW-ETH" in text and "4,321,000" in text and "+1.00%" in text
+    assert await lease_clients(redis_client) == []
+
+
 # -- errors a person makes --------------------------------------------------------------------
 
 
 async def test_user_errors_are_one_line_without_traceback(redis_url: str) -> None:
     dead = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
-    results = await asyncio.gather(
+    unreachable, bad_code, bad_type, bad_url = await asyncio.gather(
         arun_cli("tail", "ticker", "KRW-BTC", redis_url=dead),
-        arun_cli("status", redis_url=dead),
         arun_cli("tail", "ticker", "btc", redis_url=redis_url),
         arun_cli("snapshot", "tickr", "KRW-BTC", redis_url=redis_url),
         arun_cli("leases", redis_url="http://u:s3cret@host/0"),
-        arun_cli("check", "--namespace", "no spaces", redis_url=redis_url),
     )
-    unreachable, unreachable_status, bad_code, bad_type, bad_url, bad_ns = results
-    for result in (unreachable, unreachable_status):
-        assert_one_line_error(result, "cannot reach redis", "127.0.0.1")
-        assert "s3cret" not in result.stderr and result.returncode == 1
+    assert_one_line_error(unreachable, "cannot reach redis", "127.0.0.1")
+    assert "s3cret" not in unreachable.stderr and unreachable.returncode == 1
     assert_one_line_error(bad_code, "invalid market code 'btc'")
     assert bad_code.returncode == 2
     assert_one_line_error(bad_type, "unknown data type 'tickr'")
     assert bad_type.returncode == 2
     assert_one_line_error(bad_url, "redis url")
     assert "s3cret" not in bad_url.stderr and bad_url.returncode == 2
-    assert_one_line_error(bad_ns, "invalid namespace")
+
+
+def invoke(*args: str) -> Any:
+    """In-process (typer's runner): the same code path as the subprocesses, minus startup."""
+    return CliRunner().invoke(app, list(args), env={"UPBIT_BROKER_REDIS_URL": None})
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("status", "--redis-url", "redis://:s3cret@127.0.0.1:{port}/0"), 1, "cannot reach redis"),
+        (("check", "--redis-url", "redis://127.0.0.1:{port}/0"), 1, "cannot reach redis"),
+        (("check", "--namespace", "no spaces"), 2, "invalid namespace"),
+        (("snapshot", "ticker", "KRW-BTC", "--redis-url", "redis://h:notaport/0"), 2, "redis url"),
+        (("top", "KRW-BTC", "KRW BTC", "--redis-url", "redis://127.0.0.1:{port}/0"), 2, "invalid"),
+    ],
+)
+def test_more_user_errors_in_process(args: tuple[str, ...], code: int, needle: str) -> None:
+    port = str(free_port())
+    result = invoke(*(a.replace("{port}", port) for a in args))
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "s3cret" not in result.stderr
 
 
 # -- snapshot ---------------------------------------------------------------------------------
@@ -249,10 +286,10 @@ async def test_snapshot_json_and_missing(redis_url: str, redis_client: aioredis.
     assert "KRW-BTC" in result.stdout and "7" in result.stdout
     assert_one_line_error(result, "KRW-ETH")
 
-    result = await arun_cli(
-        "snapshot", "ticker", "KRW-BTC", "--timeout", "0.3", redis_url=redis_url
+    nobody = await asyncio.to_thread(
+        invoke, "snapshot", "ticker", "KRW-BTC", "--timeout", "0.3", "--redis-url", redis_url
     )
-    assert_one_line_error(result, "no broker answered")
+    assert nobody.exit_code == 1 and "no broker answered" in nobody.stderr
 
 
 # -- status, check ----------------------------------------------------------------------------
@@ -284,18 +321,18 @@ async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) ->
     none_status, none_check = await asyncio.gather(
         arun_cli("status", "--json", redis_url=redis_url),
         arun_cli("check", redis_url=redis_url),
-    )
+    )  # nothing written yet
     assert_one_line_error(none_status, "no status")
     assert none_status.returncode == 1
     assert_one_line_error(none_check, "no broker status")
     assert none_check.returncode == 1
 
     await write_status(redis_client, connected=True, age_ms=100)
-    status, human, check = await asyncio.gather(
+    status, check = await asyncio.gather(
         arun_cli("status", "--json", redis_url=redis_url),
-        arun_cli("status", redis_url=redis_url),
         arun_cli("check", redis_url=redis_url),
     )
+    human = await asyncio.to_thread(invoke, "status", "--redis-url", redis_url)
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["connected"] is True and info["leader"] == "broker-a"
@@ -303,19 +340,22 @@ async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) ->
     assert info["desired"] == {"ticker": ["KRW-BTC"]}
     assert info["upstream"] == {"ticker": ["KRW-BTC"]}
     assert 0 <= info["age_ms"] < 5000
-    assert human.returncode == 0 and "broker-a" in human.stdout
+    assert human.exit_code == 0 and "broker-a" in human.stdout
     assert check.returncode == 0, check.stderr
     assert check.stdout.startswith("ok: leader broker-a connected")
 
-    # stale: older than 3 x status_interval (1 s by default)
+    # stale (older than 3 x status_interval) and disconnected: the same check, in-process
     await write_status(redis_client, connected=True, age_ms=10_000)
-    stale = await arun_cli("check", redis_url=redis_url)
-    assert_one_line_error(stale, "stale")
-    assert stale.returncode == 1
-
+    raw = await redis_client.hgetall(f"{NS}:status")  # type: ignore[misc]
+    healthy, line = check_status(parse_status(raw, now_ms()), status_interval=1.0)
+    assert not healthy and "stale" in line
     await write_status(redis_client, connected=False, age_ms=0)
-    down = await arun_cli("check", redis_url=redis_url)
-    assert_one_line_error(down, "not connected", "upstream closed 1006")
+    raw = await redis_client.hgetall(f"{NS}:status")  # type: ignore[misc]
+    healthy, line = check_status(parse_status(raw, now_ms()), status_interval=1.0)
+    assert not healthy and "not connected" in line and "upstream closed 1006" in line
+    assert check_status({"leader": "", "updated_ms": 1, "age_ms": 1}, 1.0)[1] == (
+        "status names no leader"
+    )
 
 
 # -- leases -----------------------------------------------------------------------------------
@@ -353,9 +393,14 @@ async def test_leases_json_lists_valid_and_invalid(
 
 
 async def test_resubscribe(redis_url: str, redis_client: aioredis.Redis) -> None:
-    nobody = await arun_cli("resubscribe", "--timeout", "0.5", redis_url=redis_url)
-    assert_one_line_error(nobody, "no broker answered", "0.5s")
-    assert nobody.returncode == 1
+    nobody = await asyncio.to_thread(
+        invoke, "resubscribe", "--timeout", "0.5", "--redis-url", redis_url
+    )
+    assert nobody.exit_code == 1
+    assert nobody.stderr.strip().splitlines() == [
+        "error: no broker answered 'resubscribe' within 0.5s "
+        "(is a broker running for namespace 'upbit'?)"
+    ]
     assert await redis_client.llen(f"{NS}:requests") == 0  # type: ignore[misc]
 
     leader = asyncio.create_task(
@@ -381,3 +426,23 @@ def test_every_command_reads_redis_url_and_namespace_from_env(command: str) -> N
     assert result.exit_code == 0, result.output
     assert "UPBIT_BROKER_REDIS_URL" in result.output
     assert "UPBIT_BROKER_NAMESPACE" in result.output
+
+
+def test_demo_without_redis_server_or_lua_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    import cli.demo
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(cli.demo.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(
+        cli.demo.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "lupa" else real_find_spec(name, *a),
+    )
+    result = invoke("demo", "--duration", "1")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: demo needs a Redis")
+    assert "redis-server" in result.stderr and "Traceback" not in result.stderr

@@ -405,3 +405,29 @@ async def test_snapshot_with_no_broker_says_so(
         assert await redis_client.llen(f"{NS}:requests") == 0  # type: ignore[misc]
         with pytest.raises(InvalidCodeError):
             await client.snapshot_frames("ticker", ["btc"], timeout=0.5)
+
+
+def test_sync_client_round_trip(redis_server: RedisServer) -> None:
+    import redis as sync_redis
+
+    from consumers import SyncBrokerClient
+
+    publisher = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        with SyncBrokerClient(redis_url=redis_server.url, client_id="sync-1") as client:
+            client.subscribe("ticker", ["KRW-BTC"])
+            assert publisher.exists("upbit:lease:sync-1") == 1
+            publisher.publish("upbit:ticker:KRW-BTC", ticker("KRW-BTC", 5))
+            item = client.get_message(timeout=5)
+            assert isinstance(item, StreamMessage) and item.json()["trade_price"] == 5
+            assert client.get_message(timeout=0.1) is None
+            with pytest.raises(InvalidCodeError):
+                client.subscribe("ticker", ["btc"])
+            client.unsubscribe("ticker", "KRW-BTC")
+            assert publisher.exists("upbit:lease:sync-1") == 0
+            client.subscribe("trade", "KRW-ETH")
+        assert publisher.exists("upbit:lease:sync-1") == 0
+        with pytest.raises(ClientClosedError):
+            client.subscribe("ticker", ["KRW-BTC"])
+    finally:
+        publisher.close()

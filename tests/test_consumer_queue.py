@@ -124,3 +124,22 @@ async def test_client_queue_overflow_reports_fell_behind(
         assert data[-1].raw == b'{"n":19}'
         assert client.stats.dropped == gaps[0].dropped == 20 - len(data)
         assert client.stats.fell_behind == 1
+
+
+def test_consumers_import_only_their_allowed_layers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, consumers, consumers.examples.ticker_board, consumers.examples.ohlcv_bars\n"
+        "allowed = {'broker', 'broker.upbit', 'broker.leases', 'broker.keys', 'broker.errors',"
+        " 'broker.settings'}\n"
+        "bad = sorted(m for m in sys.modules if (m.startswith('broker.') or m == 'broker')"
+        " and m not in allowed and not m.startswith('broker.upbit.'))\n"
+        "bad += sorted(m for m in sys.modules if m.split('.')[0] in ('simulator', 'cli'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"consumers imported modules outside their layer: {out}"

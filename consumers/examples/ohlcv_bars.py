@@ -148,7 +148,8 @@ class Sink:
             self._file.write("".join(line + "\n" for line in lines))
             self._file.flush()
         if self._redis is not None and self._key is not None:
-            await self._redis.rpush(self._key, *lines)
+            async with asyncio.timeout(10):
+                await self._redis.rpush(self._key, *lines)
         self.written += len(bars)
 
     def close(self) -> None:
@@ -159,7 +160,11 @@ class Sink:
 async def main(args: argparse.Namespace) -> int:
     codes = [c.strip() for c in args.codes.split(",") if c.strip()]
     builder = BarBuilder(int(args.grace * 1000))
-    redis = aioredis.Redis.from_url(args.redis_url) if args.redis_list else None
+    # socket_timeout=None plus asyncio.timeout around each write: with a socket timeout,
+    # redis-py sends through asyncio.wait_for, which on Python 3.11 can swallow Ctrl-C
+    redis = (
+        aioredis.Redis.from_url(args.redis_url, socket_timeout=None) if args.redis_list else None
+    )
     sink = Sink(args.output, redis, args.redis_list)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
