@@ -43,6 +43,8 @@ from broker.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
+#: every Redis call of the service is bounded by this (the clients have no socket timeout)
+REDIS_TIMEOUT = 5.0
 #: most codes one snapshot request may name
 MAX_SNAPSHOT_CODES = 100
 #: a snapshot request never waits longer than this for upstream
@@ -129,7 +131,12 @@ class Broker:
         s = self.settings
         # Retries ride out a Redis restart; every loop still handles the errors that remain.
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3)
-        self._redis = aioredis.Redis.from_url(s.redis_url, health_check_interval=5, retry=retry)
+        # socket_timeout=None: redis-py's own read timeout can swallow a task's cancellation on
+        # Python 3.11 (a cancelled loop would keep running); every call here is bounded by an
+        # asyncio.timeout instead.
+        self._redis = aioredis.Redis.from_url(
+            s.redis_url, health_check_interval=5, retry=retry, socket_timeout=None
+        )
         # Publishing gets its own connection pool so pipelines never queue behind commands.
         self._pub_redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=None)
         self._lock = LeaderLock(self._redis, s.namespace, s.broker_id, int(s.leader_ttl * 1000))
@@ -173,13 +180,14 @@ class Broker:
         announced = False
         while not stopper.done():
             try:
-                if await self._lock.try_acquire():
-                    return True
-                if not announced:
-                    holder = await self._lock.holder()
-                    logger.info("standby: leader is %s; waiting for the lock", holder)
-                    announced = True
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    if await self._lock.try_acquire():
+                        return True
+                    if not announced:
+                        holder = await self._lock.holder()
+                        logger.info("standby: leader is %s; waiting for the lock", holder)
+                        announced = True
+            except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
                 logger.warning("standby: redis unavailable (%s)", exc)
             with contextlib.suppress(TimeoutError):
@@ -273,13 +281,15 @@ class Broker:
         while True:
             await asyncio.sleep(interval)
             try:
-                if await lock.renew():
-                    continue
-                if await lock.holder() is None and await lock.try_acquire():
-                    logger.warning("leader lock was gone (redis restarted?): re-acquired")
-                    continue
-                raise NotLeaderError(f"lock now held by {await lock.holder()}")
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(interval):
+                    if await lock.renew():
+                        continue
+                    if await lock.holder() is None and await lock.try_acquire():
+                        logger.warning("leader lock was gone (redis restarted?): re-acquired")
+                        continue
+                    holder = await lock.holder()
+                raise NotLeaderError(f"lock now held by {holder}")
+            except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
                 if not lock.is_valid():
                     raise NotLeaderError(f"could not renew the leader lock: {exc}") from exc
@@ -288,8 +298,9 @@ class Broker:
     async def _read_previous_leader(self) -> None:
         assert self._redis is not None
         try:
-            prev: dict[Any, Any] = await self._redis.hgetall(self.keys.status)
-        except (RedisError, OSError):
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                prev: dict[Any, Any] = await self._redis.hgetall(self.keys.status)
+        except (RedisError, OSError, TimeoutError):
             return
         leader = _text(prev.get(b"leader", b""))
         last = int(prev.get(b"last_frame_ms", b"0") or 0)
@@ -301,8 +312,9 @@ class Broker:
     async def _on_upstream_connected(self) -> None:
         assert self._redis is not None
         try:
-            self.epoch = int(await self._redis.incr(self.keys.epoch))
-        except (RedisError, OSError):
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                self.epoch = int(await self._redis.incr(self.keys.epoch))
+        except (RedisError, OSError, TimeoutError):
             self.epoch += 1
         ts = now_ms()
         since = self._takeover_since_ms or (self._last_frame_ms if self._gap_reason else 0)
@@ -406,13 +418,7 @@ class Broker:
                 self.stats.redis_errors += 1
                 # Redis may have restarted empty: keep the current union for one lease TTL so
                 # consumers can re-assert their leases before anything is unsubscribed.
-                self._grace_until = time.monotonic() + self.settings.lease_ttl
-                self._grace_set = self.desired
-                logger.warning(
-                    "control channel lost (%s); holding the union for %.0fs",
-                    exc,
-                    self.settings.lease_ttl,
-                )
+                self._hold_union(f"control channel lost ({exc})")
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
@@ -426,8 +432,9 @@ class Broker:
         while True:
             wait = self.settings.reconcile_interval
             try:
-                await self._notice_emptied_redis()
-                listing = await store.list(scan=sweeps % 5 == 0)
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    await self._notice_emptied_redis()
+                    listing = await store.list(scan=sweeps % 5 == 0)
                 sweeps += 1
                 self._apply_listing(listing)
                 deadlines = [lease.deadline_ms for lease in listing.leases]
@@ -435,7 +442,7 @@ class Broker:
                     # Wake just after the earliest lease would expire (server clock).
                     until = (min(deadlines) - listing.server_now_ms) / 1000 + 0.02
                     wait = max(0.01, min(wait, until))
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
                 logger.warning("lease reconcile failed: %s", exc)
             self._leases_dirty.clear()
@@ -505,12 +512,14 @@ class Broker:
         assert self._redis is not None
         while True:
             try:
-                raw: Any = await self._redis.lpop(self.keys.requests, COMMAND_BATCH)
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    raw: Any = await self._redis.lpop(self.keys.requests, COMMAND_BATCH)
                 for item in raw or []:
-                    await self._command(item if isinstance(item, bytes) else str(item).encode())
+                    async with asyncio.timeout(REDIS_TIMEOUT):
+                        await self._command(item if isinstance(item, bytes) else str(item).encode())
                 if raw and len(raw) == COMMAND_BATCH:
                     continue
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
                 logger.warning("command queue unavailable: %s", exc)
             self._finish_waiters(force=False)
@@ -622,11 +631,14 @@ class Broker:
         assert self._redis is not None
         key = self.keys.reply(request_id)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with (
+                asyncio.timeout(REDIS_TIMEOUT),
+                self._redis.pipeline(transaction=True) as pipe,
+            ):
                 pipe.rpush(key, _json.encode(body))
                 pipe.pexpire(key, REPLY_TTL_MS)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
             logger.warning("could not reply to %s: %s", request_id, exc)
 
@@ -635,8 +647,9 @@ class Broker:
     async def _event(self, event: dict[str, Any]) -> None:
         assert self._redis is not None
         try:
-            await self._redis.publish(self.keys.events, _json.encode(event))
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self._redis.publish(self.keys.events, _json.encode(event))
+        except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
             logger.warning("could not publish event %s: %s", event.get("event"), exc)
 
@@ -696,13 +709,16 @@ class Broker:
         interval = self.settings.status_interval
         while True:
             try:
-                async with self._redis.pipeline(transaction=True) as pipe:
+                async with (
+                    asyncio.timeout(REDIS_TIMEOUT),
+                    self._redis.pipeline(transaction=True) as pipe,
+                ):
                     pipe.hset(self.keys.status, mapping=self.status_fields())  # type: ignore[arg-type]
                     # Kept after the leader dies: a successor reads when data stopped (gap event);
                     # freshness is judged by updated_ms, not by the key's existence.
                     pipe.pexpire(self.keys.status, STATUS_TTL_MS)
                     await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
                 logger.debug("status write failed: %s", exc)
             self._refresh_quiet_streams()
@@ -769,11 +785,12 @@ async def run_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
         stop.set()
         try:
             async with asyncio.timeout(10):
-                await task
+                await asyncio.shield(task)
         except TimeoutError:
+            logger.warning("broker did not stop within 10 s: cancelling it")
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Wait a bounded time; never swallow a cancellation meant for our caller.
+            await asyncio.wait({task}, timeout=5)
 
 
 __all__ = ["Broker", "BrokerStats", "RedisConnectionError", "run_broker"]

@@ -29,7 +29,9 @@ def default_broker_id() -> str:
 
 def redact_url(url: str) -> str:
     """``redis://user:secret@host`` -> ``redis://user:***@host``: never print a password."""
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    # redis-py also takes credentials as query parameters (?password=...).
+    return re.sub(r"([?&](?:password|pass|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
