@@ -31,7 +31,7 @@ import itertools
 import uuid
 from dataclasses import dataclass
 
-from broker.upbit.ratelimit import RateBudget
+from broker.upbit.ratelimit import Pacer, RateBudget
 from broker.upbit.requests import build_list_subscriptions_request, build_subscribe_request
 from broker.upbit.types import (
     EMPTY,
@@ -88,6 +88,7 @@ class SubscriptionController:
 
     def _reset_connection_state(self) -> None:
         self.budget = RateBudget(self.per_second, self.per_minute)
+        self.pacer = Pacer(self.per_minute)  # subscribes only: spread them over the minute
         self._upstream: SubscriptionSet = EMPTY  # realtime streams the connection holds
         self._snapshot_only: SubscriptionSet = EMPTY  # is_only_snapshot streams last sent
         self._snapshot_routable: frozenset[StreamKey] = frozenset()  # ... not yet delivered
@@ -226,7 +227,13 @@ class SubscriptionController:
         times: list[float] = []
         if self._send_wanted():
             assert self._dirty_at is not None
-            times.append(max(self._dirty_at + self.coalesce_delay, self.budget.next_allowed(now)))
+            times.append(
+                max(
+                    self._dirty_at + self.coalesce_delay,
+                    self.budget.next_allowed(now),
+                    self.pacer.next_allowed(now),
+                )
+            )
         if self._ping_due:
             times.append(self.budget.next_allowed(now))
         if self._verify_at is not None:
@@ -267,9 +274,10 @@ class SubscriptionController:
         if self._send_wanted():
             assert self._dirty_at is not None
             if now >= self._dirty_at + self.coalesce_delay:
-                if self.budget.allows(now):
+                if self.budget.allows(now) and self.pacer.next_allowed(now) <= now:
                     request, sent, snapshot_only = self.build_full_request()
                     self.budget.record(now)
+                    self.pacer.record(now)
                     out.append(request)
                     self.stats.subscribe_requests += 1
                     self._upstream = sent

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,19 +31,21 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from broker.control import SubscriptionController
-from broker.errors import NotLeaderError, UpbitErrorFrame
+from broker.control import ControllerStats, SubscriptionController
+from broker.errors import BrokerError, ConfigError, NotLeaderError, UpbitErrorFrame
 from broker.keys import Keys, parse_stream_name
 from broker.leader import LeaderLock
 from broker.leases import LeaseStore
-from broker.publisher import Publisher, Target
+from broker.publisher import Publisher, PublishStats, Target
 from broker.settings import BrokerSettings, redact_url
 from broker.upbit.codes import is_valid_code
 from broker.upbit.types import EMPTY, StreamKey, SubscriptionSet, union
-from broker.upstream import Upstream
+from broker.upstream import Upstream, UpstreamStats
 
 logger = logging.getLogger(__name__)
 
+#: how long the first PING may take before `run` gives up with one line
+FIRST_CONTACT_TIMEOUT = 10.0
 #: every Redis call of the service is bounded by this (the clients have no socket timeout)
 REDIS_TIMEOUT = 5.0
 #: most codes one snapshot request may name
@@ -106,6 +109,12 @@ class Broker:
         self._pub_redis: aioredis.Redis | None = None
         self._lock: LeaderLock | None = None
         self._leases_dirty = asyncio.Event()
+        self._renew_now = asyncio.Event()
+        self._controller_stats = ControllerStats()
+        self._publish_stats = PublishStats()
+        self._published_by_type: dict[str, int] = {}
+        self._upstream_stats = UpstreamStats()
+        self._errors_at_renewal = 0
         self._requests_dirty = asyncio.Event()
         self._grace_until = 0.0
         self._grace_set: SubscriptionSet = EMPTY
@@ -134,11 +143,14 @@ class Broker:
         # socket_timeout=None: redis-py's own read timeout can swallow a task's cancellation on
         # Python 3.11 (a cancelled loop would keep running); every call here is bounded by an
         # asyncio.timeout instead.
-        self._redis = aioredis.Redis.from_url(
-            s.redis_url, health_check_interval=5, retry=retry, socket_timeout=None
-        )
-        # Publishing gets its own connection pool so pipelines never queue behind commands.
-        self._pub_redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=None)
+        try:
+            self._redis = aioredis.Redis.from_url(
+                s.redis_url, health_check_interval=5, retry=retry, socket_timeout=None
+            )
+            # Publishing gets its own connection pool so pipelines never queue behind commands.
+            self._pub_redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=None)
+        except ValueError as exc:
+            raise ConfigError(f"bad redis url {redact_url(s.redis_url)}: {exc}") from None
         self._lock = LeaderLock(self._redis, s.namespace, s.broker_id, int(s.leader_ttl * 1000))
         logger.info(
             "broker %s starting: redis=%s upstream=%s namespace=%s",
@@ -148,6 +160,7 @@ class Broker:
             s.namespace,
         )
         try:
+            await self._first_contact()
             stopper = asyncio.create_task(stop.wait())
             while not stop.is_set():
                 acquired = await self._standby(stopper)
@@ -173,6 +186,21 @@ class Broker:
             stopper.cancel()
         finally:
             await self._shutdown()
+
+    async def _first_contact(self) -> None:
+        """PING Redis once before anything else: a wrong URL, password or TLS option is a
+        setup error to report in one line, not an outage to retry forever."""
+        assert self._redis is not None
+        url = redact_url(self.settings.redis_url)
+        try:
+            async with asyncio.timeout(FIRST_CONTACT_TIMEOUT):
+                await self._redis.ping()
+        except TimeoutError:
+            raise ConfigError(
+                f"redis at {url} did not answer within {FIRST_CONTACT_TIMEOUT:.0f}s"
+            ) from None
+        except (RedisError, OSError, ValueError) as exc:
+            raise ConfigError(f"cannot use redis at {url}: {redact_url(str(exc))}") from None
 
     async def _standby(self, stopper: asyncio.Task[Any]) -> bool:
         """Wait for the leader lock; False when asked to stop first."""
@@ -236,7 +264,6 @@ class Broker:
         )
         await self._read_previous_leader()
         await self._event({"event": "leader", "broker": s.broker_id, "ts_ms": now_ms()})
-        lock = self._lock
         self.controller = SubscriptionController(
             fmt=s.upstream_format,
             per_second=s.rate_per_second,
@@ -261,6 +288,11 @@ class Broker:
             on_confirmations=self._on_confirmations,
             on_error_frame=self._on_error_frame,
         )
+        # Counters outlive a leader phase, so metrics and status never go backwards.
+        self.controller.stats = self._controller_stats
+        self.publisher.stats = self._publish_stats
+        self.publisher.published_by_type = self._published_by_type
+        self.upstream.stats = self._upstream_stats
         self.desired = EMPTY
         self._leases_dirty.set()
         self._requests_dirty.set()
@@ -269,23 +301,45 @@ class Broker:
             tg.create_task(self._watch_control(), name="control-channel")
             tg.create_task(self._reconcile_leases(), name="leases")
             tg.create_task(self._handle_commands(), name="commands")
-            tg.create_task(self.publisher.run(lock.is_valid), name="publisher")
+            tg.create_task(self.publisher.run(self._may_publish), name="publisher")
             tg.create_task(self.upstream.run(), name="upstream")
             tg.create_task(self._write_status(), name="status")
 
+    def _may_publish(self) -> bool:
+        """Checked before every burst: the lock is valid locally, and Redis has not failed us
+        since the last renewal. A failed publish may mean Redis restarted empty and lost the
+        lock, so a standby may already lead: publish nothing until a renewal proves otherwise.
+        """
+        assert self._lock is not None and self.publisher is not None
+        if not self._lock.is_valid():
+            return False
+        if self.publisher.stats.redis_errors != self._errors_at_renewal:
+            self._renew_now.set()
+            return False
+        return True
+
     async def _hold_lock(self) -> None:
-        """Renew every third of the TTL; a Redis that came back empty is re-acquired."""
-        assert self._lock is not None
+        """Renew every third of the TTL (at once after a Redis error); a lock that vanished
+        (Redis restarted empty) is re-acquired if nobody else took it."""
+        assert self._lock is not None and self.publisher is not None
         lock = self._lock
+        publisher = self.publisher
         interval = self.settings.leader_ttl / 3
+        self._errors_at_renewal = publisher.stats.redis_errors
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
+            errors_before = publisher.stats.redis_errors
             try:
                 async with asyncio.timeout(interval):
                     if await lock.renew():
+                        self._errors_at_renewal = errors_before
                         continue
                     if await lock.holder() is None and await lock.try_acquire():
                         logger.warning("leader lock was gone (redis restarted?): re-acquired")
+                        self._errors_at_renewal = errors_before
                         continue
                     holder = await lock.holder()
                 raise NotLeaderError(f"lock now held by {holder}")
@@ -371,7 +425,12 @@ class Broker:
             self._last_frame_ms = self.publisher.last_publish_ms
         else:
             self._last_frame_ms = self._disconnected_at_ms
-        self._gap_reason = "stall" if "no frame" in reason else "reconnect"
+        if "no frame" in reason:
+            self._gap_reason = "stall"
+        elif reason.startswith("upbit error"):
+            self._gap_reason = "error"  # Upbit refused us (error frame) and closed the socket
+        else:
+            self._gap_reason = "reconnect"
 
     def _on_error_frame(self, error: UpbitErrorFrame) -> None:
         logger.error("upstream refused: %s", error)
@@ -539,7 +598,8 @@ class Broker:
                 raise ValueError("not an object")
             rid = str(cmd.get("id", ""))
             reply_key = self.keys.reply(rid)
-        except (msgspec.DecodeError, ValueError) as exc:
+        except (msgspec.DecodeError, ValueError, RecursionError, BrokerError) as exc:
+            # RecursionError: msgspec refuses absurdly nested JSON that way.
             self.stats.bad_commands += 1
             logger.warning("dropped unreadable command %r: %s", raw[:100], exc)
             return
@@ -562,6 +622,8 @@ class Broker:
             stream = str(cmd.get("type", ""))
             type_, level = parse_stream_name(stream)
             level = float(cmd.get("level") or level)
+            if not math.isfinite(level) or level < 0 or (level and type_ != "orderbook"):
+                raise ValueError(f"invalid level {cmd.get('level')!r} for {stream!r}")
             codes = cmd.get("codes")
             if not isinstance(codes, list) or not codes:
                 raise ValueError("codes must be a non-empty list")

@@ -186,3 +186,17 @@ def test_resubscribe_with_nothing_wanted_is_confirmed_at_once() -> None:
     c.force_resubscribe("r-empty", 0.0)
     c.data_to_send(0.1)
     assert c.confirmations() == ["r-empty"]
+
+
+def test_sustained_churn_is_paced_across_the_minute() -> None:
+    """90/min spent in a burst would leave a lease change waiting ~40 s; paced, ~1 s."""
+    c = connected(per_second=4, per_minute=90, verify=False)
+    sends: list[float] = []
+    for i in range(12_000):  # 100 changes a second for 120 s
+        t = i * 0.01
+        c.set_desired(sset(ticker=[f"KRW-C{i % 50}"]), t)
+        sends.extend(t for m in c.data_to_send(t) if m != TEXT_PING)
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    assert max(gaps) < 1.5, max(gaps)
+    for i, at in enumerate(sends):
+        assert sum(1 for s in sends[i:] if s < at + 60.0) <= 90

@@ -50,4 +50,36 @@ class RateBudget:
         return sum(1 for t in self._sent if t > now - seconds)
 
 
-__all__ = ["RateBudget"]
+class Pacer:
+    """A token bucket that spreads sends over the minute instead of spending it in a burst.
+
+    The sliding windows alone let 90 requests go out in the first ~22 s of a churning minute
+    and then nothing for ~40 s, so a lease change could wait that long. With ``capacity``
+    tokens refilled at ``(per_minute - capacity) / 60`` a second, no 60-s window can hold more
+    than ``per_minute`` sends, and under sustained churn one goes out every ~0.9 s.
+    """
+
+    def __init__(self, per_minute: int = 90, capacity: int = 20) -> None:
+        self.capacity = float(max(1, min(capacity, per_minute // 2)))
+        self.rate = (per_minute - self.capacity) / 60.0
+        self._tokens = self.capacity
+        self._at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._at is not None and now > self._at:
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        if self._at is None or now > self._at:
+            self._at = now
+
+    def next_allowed(self, now: float) -> float:
+        self._refill(now)
+        if self._tokens >= 1.0 or self.rate <= 0:
+            return now
+        return now + (1.0 - self._tokens) / self.rate
+
+    def record(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1.0
+
+
+__all__ = ["Pacer", "RateBudget"]

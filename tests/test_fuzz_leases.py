@@ -1,0 +1,343 @@
+"""Garbage leases: skipped and counted, never a crash, never an unvalidated key or channel.
+
+Two layers. Pure properties (hypothesis): whatever the fields of a lease hash, ``parse_lease``
+either returns a lease whose every stream makes a contract key, or raises ``LeaseError``;
+every mutation the contract forbids is rejected. Then the running broker (a subprocess) gets
+a few hundred hypothesis-made garbage leases, garbage index entries, keys of the wrong type
+and garbage control messages in real Redis, while MONITOR records every command it sends:
+the good lease is still served, ``invalid_leases`` counts exactly the garbage, and no key or
+channel outside the contract was ever touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.errors import LeaseError
+from broker.keys import Keys
+from broker.leases import MAX_LEASE_STREAMS, encode_lease_fields, parse_lease
+from broker.upbit.types import SubscriptionSet
+from tests.support.broker_env import write_lease
+from tests.support.processes import (
+    CODE_RE,
+    MonitorTap,
+    broker_process,
+    contract_key_re,
+    redis_status,
+    sim_upstream,
+)
+from tests.support.redis_server import RedisServer
+from tests.support.sim import running_simulator
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+NOW = 1_800_000_000_000
+STREAMS = ["ticker", "trade", "orderbook", "candle.1m", "orderbook@10000", "orderbook@0.1"]
+
+
+def valid_fields(client_id: str, subs: dict[str, list[str]] | None = None) -> dict[str, str]:
+    return encode_lease_fields(
+        client_id,
+        SubscriptionSet.of(subs or {"ticker": ["KRW-BTC"]}),
+        ttl_ms=60_000,
+        host="h",
+        pid=1,
+        created_ms=NOW,
+        renewed_ms=NOW,
+        deadline_ms=NOW + 60_000,
+    )
+
+
+# -- strategies ---------------------------------------------------------------------------
+
+NASTY = [
+    "KRW-*", "KRW-?", "KRW-BTC*", "*", "?", "[A-Z]", "KRW BTC", "KRW-BTC ", " KRW-BTC",
+    "KRW-BTC\n", "KRW-BTC\r\nPUBLISH x y", "krw-btc", "KRW-btc", "KRW-", "-BTC", "",
+    "t:ticker:KRW-BTC", "KRW-BTC:evil", "KRW-BTC\x00", "KRW-ÄBC", "KRW-BTC.x",
+    "KRW_BTC", "KRWBTC", "K-BTC", "KRWKRWK-BTC", "KRW-" + "A" * 17, "KRW-BTC/ETH",
+    "KRW-BT\u200bC", "ＫＲＷ-ＢＴＣ", "KRW-BTC\t",
+]  # fmt: skip
+
+bad_codes = st.one_of(
+    st.sampled_from(NASTY),
+    st.text(max_size=30).filter(lambda s: CODE_RE.fullmatch(s) is None),
+)
+bad_streams = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "tick",
+            "TICKER",
+            "ticker ",
+            "myOrder",
+            "myAsset",
+            "orderbook@",
+            "orderbook@-1",
+            "orderbook@nan",
+            "orderbook@inf",
+            "orderbook@1e999",
+            "orderbook@ 5",
+            "ticker@5",
+            "candle.2m",
+            "t:ticker",
+            "*",
+            "orderbook@10000@1",
+            "orderbook@0x10",
+        ]
+    ),
+    st.text(max_size=20).filter(lambda s: s not in STREAMS and not s.startswith("orderbook@")),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def garbage_subs(draw: st.DrawFn) -> str:
+    """A ``subs`` value the contract rejects, with the reason it must be rejected."""
+    kind = draw(st.sampled_from(["code", "stream", "shape", "notjson", "huge", "depth"]))
+    if kind == "code":
+        stream = draw(st.sampled_from(STREAMS))
+        codes = draw(st.lists(st.sampled_from(["KRW-BTC", "KRW-ETH"]), max_size=3))
+        codes.insert(draw(st.integers(0, len(codes))), draw(bad_codes))
+        return json.dumps({stream: codes})
+    if kind == "stream":
+        return json.dumps({draw(bad_streams): ["KRW-BTC"]})
+    if kind == "shape":
+        value = draw(
+            st.one_of(
+                st.lists(json_values, max_size=3),
+                st.integers(),
+                st.text(max_size=10),
+                st.dictionaries(st.sampled_from(STREAMS), st.one_of(st.text(), st.integers(),
+                                st.dictionaries(st.text(max_size=3), st.text(max_size=3))),
+                                min_size=1, max_size=2),
+                st.dictionaries(st.sampled_from(STREAMS), st.lists(
+                    st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=3))),
+                    min_size=1, max_size=3), min_size=1, max_size=2),
+            )
+        )  # fmt: skip
+        return json.dumps(value)
+    if kind == "notjson":
+        text = draw(st.text(min_size=1, max_size=40))
+        try:
+            json.loads(text)
+        except ValueError:
+            return text
+        return "{" + text
+    if kind == "huge":
+        n = MAX_LEASE_STREAMS + draw(st.integers(1, 50))
+        return json.dumps({"ticker": [f"KRW-C{i:05d}" for i in range(n)]})
+    suffix = draw(st.sampled_from([".", ".-1", ".99999", ".5x", ". 5", ".1.5", "..5", ".５"]))
+    return json.dumps({"orderbook": ["KRW-BTC" + suffix]})
+
+
+@st.composite
+def garbage_lease(draw: st.DrawFn, client_id: str) -> dict[str, Any]:
+    """The fields of a lease hash with at least one thing the contract forbids."""
+    fields: dict[str, Any] = dict(valid_fields(client_id))
+    kind = draw(
+        st.sampled_from(
+            ["subs", "missing", "version", "client", "int", "ttl", "bytes", "subs", "subs"]
+        )
+    )
+    if kind == "subs":
+        fields["subs"] = draw(garbage_subs())
+    elif kind == "missing":
+        del fields[draw(st.sampled_from(sorted(fields)))]
+    elif kind == "version":
+        fields["v"] = draw(st.text(max_size=5).filter(lambda v: v != "1"))
+    elif kind == "client":
+        fields["client_id"] = draw(st.text(max_size=20).filter(lambda v: v != client_id))
+    elif kind == "int":
+        name = draw(st.sampled_from(["pid", "ttl_ms", "created_ms", "renewed_ms", "deadline_ms"]))
+        fields[name] = draw(
+            st.sampled_from(["", "1.5", "1e3", " 1", "0x10", "NaN", "1" * 25, "-", "１"])
+        )
+    elif kind == "ttl":
+        fields["ttl_ms"] = draw(st.sampled_from(["0", "-1", "-60000"]))
+    else:
+        fields[draw(st.sampled_from(["subs", "client_id", "v"]))] = b"\xff\xfe" + b"\x80"
+    return fields
+
+
+# -- pure properties ------------------------------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.data())
+def test_parse_lease_rejects_every_forbidden_mutation(data: st.DataObject) -> None:
+    fields = data.draw(garbage_lease("fuzz-1"))
+    with pytest.raises(LeaseError):
+        parse_lease("fuzz-1", fields)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    st.dictionaries(
+        st.one_of(st.sampled_from(sorted(valid_fields("x"))), st.text(max_size=8)),
+        st.one_of(st.text(max_size=40), st.binary(max_size=40), json_values.map(json.dumps)),
+        max_size=12,
+    ),
+    st.sampled_from([None, "subs"]),
+)
+def test_parse_lease_never_accepts_what_makes_a_bad_key(
+    fields: dict[str, Any], force_subs: str | None
+) -> None:
+    """Arbitrary hashes: either LeaseError, or every stream names a contract key/channel."""
+    base: dict[str, Any] = dict(valid_fields("fuzz-2"))
+    base.update(fields)
+    allowed = contract_key_re("t")
+    keys = Keys("t")
+    try:
+        lease = parse_lease("fuzz-2", base)
+    except LeaseError:
+        return
+    for key in lease.subscriptions:
+        assert allowed.fullmatch(keys.channel(key.type, key.code, key.level)), key
+        assert allowed.fullmatch(keys.last_values(key.type, key.level)), key
+
+
+# -- the running broker ---------------------------------------------------------------------
+
+
+async def test_running_broker_skips_and_counts_garbage_leases(
+    redis_server: RedisServer, tmp_path: Any
+) -> None:
+    url = redis_server.url
+    good = {"ticker": ["KRW-BTC"], "trade": ["KRW-ETH"]}
+    # every connection of the test is named, so the audit can tell them from the broker's
+    own = aioredis.Redis.from_url(url, client_name=OWN)
+    writer = redis.Redis.from_url(url, client_name=OWN)
+    published: set[str] = set()
+    tap = own.pubsub()
+    await tap.psubscribe("*")
+
+    async def pump() -> None:
+        while True:
+            msg = await tap.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None:
+                published.add(msg["channel"].decode("utf-8", "backslashreplace"))
+
+    pumper = asyncio.create_task(pump())
+    expected_invalid = 0
+    written: list[str] = []
+    bad_members = ["evil*", "a b", "x\ny", "../../etc", "", "é" * 3, "x" * 200, "t:leader"]
+    try:
+        async with (
+            running_simulator(seed=81, rate=20) as sim,
+            MonitorTap("127.0.0.1", redis_server.port) as monitor,
+            broker_process(url, sim.url, "fuzz-b", tmp_path, reconcile_interval=0.3) as broker,
+        ):
+            await write_lease(own, "good", good, ttl_ms=120_000)
+            expected = {t: set(c) for t, c in good.items()}
+            await wait_for(lambda: sim_upstream(sim) == expected, 20, message="good lease served")
+            deadline_ms = int(time.time() * 1000) + 120_000
+
+            @settings(
+                max_examples=150,
+                deadline=None,
+                database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            )
+            @given(st.data())
+            def inject(data: st.DataObject) -> None:
+                client_id = f"garbage-{len(written)}"
+                fields = data.draw(garbage_lease(client_id))
+                with pytest.raises(LeaseError):
+                    parse_lease(client_id, fields)
+                pipe = writer.pipeline(transaction=False)
+                pipe.delete(f"t:lease:{client_id}")
+                if fields:
+                    pipe.hset(f"t:lease:{client_id}", mapping=fields)
+                else:
+                    pipe.set(f"t:lease:{client_id}", "not a hash")
+                pipe.zadd("t:leases", {client_id: deadline_ms})
+                pipe.publish("t:control", data.draw(st.sampled_from(
+                    [f"lease {client_id}", "lease ../../x", "release *", "", "\x00\xff",
+                     "request", "lease " + "x" * 10_000]
+                )))  # fmt: skip
+                pipe.execute()
+                written.append(client_id)
+
+            await asyncio.to_thread(inject)
+            expected_invalid += len(written)
+            # keys of other types, and a lease hash that only the SCAN sweep finds
+            await own.set("t:lease:as-string", "x")
+            await own.rpush("t:lease:as-list", "x")  # type: ignore[misc]
+            await own.zadd("t:leases", {"as-string": deadline_ms, "as-list": deadline_ms})
+            await own.hset("t:lease:unindexed", mapping={"v": "1", "subs": "[]"})  # type: ignore[misc]
+            expected_invalid += 3
+            # index entries that are no valid client id (never looked up as keys)
+            await own.zadd("t:leases", dict.fromkeys(bad_members, deadline_ms))
+            expected_invalid += len(bad_members)
+            # keys under the lease prefix whose names are no valid client id (SCAN finds them)
+            for name in ("sp ace", "star*", "new\nline"):
+                await own.hset(f"t:lease:{name}", mapping=valid_fields("x"))  # type: ignore[misc]
+            expected_invalid += 3
+            await own.publish("t:control", "lease good")
+
+            async def counted() -> bool:
+                status = await redis_status(own)
+                return int(status.get("invalid_leases", 0)) == expected_invalid
+
+            await wait_for(counted, 15, message=f"invalid_leases == {expected_invalid}")
+            status = await redis_status(own)
+            assert broker.alive
+            assert status["leases"] == "1"
+            assert json.loads(status["desired"]) == good
+            assert sim_upstream(sim) == expected
+            # still serving: a new lease is picked up at once
+            await write_lease(own, "late", {"ticker": ["KRW-XRP"]}, ttl_ms=120_000)
+            await wait_for(
+                lambda: (sim_upstream(sim) or {}).get("ticker") == {"KRW-BTC", "KRW-XRP"}, 10
+            )
+            await asyncio.sleep(0.5)
+            skip = {c["addr"] for c in await own.client_list() if c.get("name") == OWN}
+            commands = len(monitor.commands)
+            odd = monitor.audit(skip)
+            alive = broker.alive
+    finally:
+        pumper.cancel()
+        await asyncio.gather(pumper, return_exceptions=True)
+        await tap.aclose()  # type: ignore[no-untyped-call]
+        writer.close()
+    odd_channels = sorted(c for c in published if not contract_key_re("t").fullmatch(c))
+    keys = [k.decode("utf-8", "backslashreplace") for k in await own.keys("*")]
+    # everything outside the lease prefix and the index was made by the broker
+    broker_keys = sorted(k for k in keys if not k.startswith(("t:lease:", "t:leases")))
+    caches = {
+        k: [f.decode("utf-8", "backslashreplace") for f in await own.hkeys(k)]  # type: ignore[misc]
+        for k in broker_keys
+        if k.startswith("t:last:")
+    }
+    await own.aclose()
+    print(
+        f"\n[figures] garbage leases: injected={expected_invalid} (hypothesis leases "
+        f"{len(written)}, wrong-type keys 3, bad index entries {len(bad_members)}, bad key "
+        f"names 3), counted_invalid={status['invalid_leases']}, broker_alive={alive}, "
+        f"redis_commands_audited={commands}, off_contract_commands={len(odd)}, "
+        f"channels_published={sorted(published)}, broker_keys={broker_keys}"
+    )
+    assert not odd, odd[:20]
+    assert not odd_channels, odd_channels
+    assert all(contract_key_re("t").fullmatch(k) for k in broker_keys), broker_keys
+    for cache, fields in caches.items():
+        assert all(CODE_RE.fullmatch(f) for f in fields), (cache, fields)
+
+
+OWN = "fuzz-test"
