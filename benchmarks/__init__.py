@@ -1,1 +1,3 @@
-"""Micro-benchmarks of the hot paths (run ``python -m benchmarks.bench_router``)."""
+"""Benchmarks: ``python -m benchmarks`` (``--quick`` for CI) runs them all and writes
+``benchmarks/results/latest.json``; ``python -m benchmarks.bench_router`` is the router's own
+micro-benchmark. See ``docs/performance.md``."""

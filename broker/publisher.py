@@ -2,10 +2,16 @@
 
 The upstream receive loop only appends ``(target, frame)`` to a list (no await per frame); this
 publisher's task wakes, swaps the list out, and sends the whole burst as ONE pipeline of
-PUBLISH commands, plus one HSET per stream for the last-value cache (only the newest frame per
-code in the burst is written). While a pipeline is in flight the next burst accumulates, so the
-batch size adapts to load by itself. The list is bounded: past ``max_pending`` the oldest frames
-are dropped and counted (Redis is down or slower than upstream; consumers get a gap event).
+PUBLISH commands, plus one HSET per cache hash for the last-value cache (only the newest frame
+per code in the burst is written). While a pipeline is in flight the next burst accumulates, so
+the batch size adapts to load by itself. The list is bounded: past ``max_pending`` the oldest
+frames are dropped and counted (Redis is down or slower than upstream; consumers get a gap
+event).
+
+The burst goes out as raw RESP (:mod:`broker.resp`: one packed buffer, replies counted by
+hiredis) when the client's address can be expressed that way, which costs a fraction of a
+redis-py pipeline per frame (``benchmarks/``); otherwise (a fake or exotic client) through a
+redis-py pipeline. Both write the same commands in the same order.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker import resp
 from broker.keys import Keys
 from broker.upbit.types import StreamKey
 
@@ -30,7 +39,9 @@ MAX_PIPELINE = 2048
 PIPELINE_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: a Target is made once per stream and reused for every frame, so identity is its
+# equality, and hashing it (per frame, per burst) stays in C instead of hashing four fields.
+@dataclass(frozen=True, slots=True, eq=False)
 class Target:
     """Where the frames of one stream go; built once per stream, reused for every frame."""
 
@@ -38,6 +49,12 @@ class Target:
     channel: bytes
     cache_key: bytes
     code: bytes
+    #: ``PUBLISH channel`` in RESP, up to the message (see :func:`broker.resp.publish_prefix`)
+    publish_prefix: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.publish_prefix:
+            object.__setattr__(self, "publish_prefix", resp.publish_prefix(self.channel))
 
 
 def make_target(keys: Keys, key: StreamKey) -> Target:
@@ -49,6 +66,9 @@ def make_target(keys: Keys, key: StreamKey) -> Target:
     )
 
 
+_first = itemgetter(0)
+
+
 @dataclass(slots=True)
 class PublishStats:
     published: int = 0
@@ -57,6 +77,8 @@ class PublishStats:
     dropped_overflow: int = 0
     dropped_not_leader: int = 0
     redis_errors: int = 0
+    #: commands Redis answered with an error (their frames still count in ``published``)
+    reply_errors: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # drained by metrics
 
 
@@ -70,8 +92,14 @@ class Publisher:
         last_value_cache: bool = True,
         max_pending: int = 100_000,
         on_published: Callable[[list[tuple[Target, bytes]]], None] | None = None,
+        raw_resp: bool = True,
     ) -> None:
         self._redis = redis
+        #: where raw RESP goes; None: publish through redis-py pipelines
+        self._address = resp.RespAddress.from_client(redis) if raw_resp and resp.AVAILABLE else None
+        self._conn: resp.RespConnection | None = None
+        #: which road the bursts take: "resp" or "redis-py"
+        self.transport = "resp" if self._address is not None else "redis-py"
         self._cache = last_value_cache
         self._max_pending = max_pending
         self._on_published = on_published
@@ -104,17 +132,20 @@ class Publisher:
     async def run(self, may_publish: Callable[[], bool]) -> None:
         """Publish bursts until cancelled. ``may_publish`` is checked before every burst, so a
         broker that lost leadership stops publishing at once."""
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            if not may_publish():
-                self.stats.dropped_not_leader += len(batch)
-                continue
-            for start in range(0, len(batch), MAX_PIPELINE):
-                await self._publish(batch[start : start + MAX_PIPELINE])
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                if not may_publish():
+                    self.stats.dropped_not_leader += len(batch)
+                    continue
+                for start in range(0, len(batch), MAX_PIPELINE):
+                    await self._publish(batch[start : start + MAX_PIPELINE])
+        finally:
+            await self.aclose()
 
     async def flush(self) -> None:
         """Publish whatever is pending now (tests and shutdown)."""
@@ -122,32 +153,30 @@ class Publisher:
         for start in range(0, len(batch), MAX_PIPELINE):
             await self._publish(batch[start : start + MAX_PIPELINE])
 
+    async def aclose(self) -> None:
+        """Close the raw connection (``run`` does this when it ends); the next burst reopens."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.aclose()
+
     async def _publish(self, batch: list[tuple[Target, bytes]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        command = pipe.execute_command
-        newest: dict[Target, bytes] = {}
-        counts: dict[Target, int] = {}
-        for target, frame in batch:
-            command("PUBLISH", target.channel, frame)
-            newest[target] = frame
-            counts[target] = counts.get(target, 0) + 1
-        if self._cache:
-            per_hash: dict[bytes, dict[bytes, bytes]] = {}
-            for target, frame in newest.items():
-                per_hash.setdefault(target.cache_key, {})[target.code] = frame
-            for cache_key, mapping in per_hash.items():
-                pipe.hset(cache_key, mapping=mapping)  # type: ignore[arg-type]
+        # Only the newest frame of each stream goes to the cache: dict() keeps the last value.
+        newest: dict[Target, bytes] = dict(batch) if self._cache else {}
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
-                await pipe.execute(raise_on_error=False)
+                if self._address is not None:
+                    await self._send_resp(batch, newest)
+                else:
+                    await self._send_pipeline(batch, newest)
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
             logger.warning("publish of %d frames failed: %s", len(batch), exc)
             return
         now = time.monotonic()
         by_type = self.published_by_type
-        for target, n_frames in counts.items():
-            self.last_seen[target.key] = now
+        last_seen = self.last_seen
+        for target, n_frames in Counter(map(_first, batch)).items():
+            last_seen[target.key] = now
             by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
         self.last_publish_ms = int(time.time() * 1000)
         n = len(batch)
@@ -159,3 +188,53 @@ class Publisher:
             self.stats.batch_sizes.append(n)
         if self._on_published is not None:
             self._on_published(batch)
+
+    @staticmethod
+    def _cache_mappings(newest: dict[Target, bytes]) -> dict[bytes, list[bytes]]:
+        """Cache hash -> [code, frame, code, frame, ...] (HSET arguments)."""
+        per_hash: dict[bytes, list[bytes]] = {}
+        for target, frame in newest.items():
+            fields = per_hash.get(target.cache_key)
+            if fields is None:
+                fields = per_hash[target.cache_key] = []
+            fields += (target.code, frame)
+        return per_hash
+
+    async def _send_resp(
+        self, batch: list[tuple[Target, bytes]], newest: dict[Target, bytes]
+    ) -> None:
+        """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash."""
+        parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
+        commands = len(batch)
+        for key, fields in self._cache_mappings(newest).items():
+            parts.append(resp.encode_command(b"HSET", key, *fields))
+            commands += 1
+        conn = self._conn
+        if conn is None or conn.closed:
+            assert self._address is not None
+            conn = self._conn = await resp.RespConnection.connect(self._address)
+        errors = await conn.count_errors(b"".join(parts), commands)
+        if errors:
+            self._reply_errors(errors)
+
+    async def _send_pipeline(
+        self, batch: list[tuple[Target, bytes]], newest: dict[Target, bytes]
+    ) -> None:
+        """The burst as a redis-py pipeline (clients raw RESP cannot speak for)."""
+        pipe = self._redis.pipeline(transaction=False)
+        command = pipe.execute_command
+        for target, frame in batch:
+            command("PUBLISH", target.channel, frame)
+        for cache_key, fields in self._cache_mappings(newest).items():
+            command("HSET", cache_key, *fields)
+        replies = await pipe.execute(raise_on_error=False)
+        errors = sum(1 for reply in replies if isinstance(reply, Exception))
+        if errors:
+            self._reply_errors(errors)
+
+    def _reply_errors(self, errors: int) -> None:
+        self.stats.reply_errors += errors
+        if self.stats.reply_errors == errors or self.stats.reply_errors % 1000 < errors:
+            logger.warning(
+                "redis refused %d commands of a burst (%d so far)", errors, self.stats.reply_errors
+            )

@@ -293,9 +293,10 @@ async def test_status_hash_describes_the_leader(
 async def test_muted_code_is_detected_without_dropping_the_connection(
     redis_client: aioredis.Redis, redis_url: str
 ) -> None:
-    async with running_simulator(seed=12, rate=500) as sim, started_broker(
-        fast_settings(redis_url, sim.url, quiet_after=1.0)
-    ) as broker:
+    async with (
+        running_simulator(seed=12, rate=500) as sim,
+        started_broker(fast_settings(redis_url, sim.url, quiet_after=1.0)) as broker,
+    ):
         await write_lease(redis_client, "c", {"trade": ["KRW-BTC", "KRW-ETH"]}, ttl_ms=60_000)
         await wait_upstream(sim, {"trade": {"KRW-BTC", "KRW-ETH"}})
         assert broker.publisher is not None
@@ -321,9 +322,10 @@ async def test_redis_restart_keeps_the_union_until_leases_are_reasserted(
         redis_url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=10)
     )
     try:
-        async with running_simulator(seed=13) as sim, started_broker(
-            fast_settings(redis_url, sim.url)
-        ) as broker:
+        async with (
+            running_simulator(seed=13) as sim,
+            started_broker(fast_settings(redis_url, sim.url)) as broker,
+        ):
             await write_lease(client, "c", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)
             await wait_upstream(sim, {"ticker": {"KRW-BTC"}})
             first = sim_connections(sim)[0]["id"]

@@ -1,0 +1,278 @@
+"""A benchmark consumer process: count (and optionally time) every frame it receives.
+
+Run by the benchmarks as ``python -m benchmarks.consumer MODE ...``, never imported by the
+broker. Modes:
+
+* ``hiredis``: a plain Redis subscriber on a blocking socket, replies parsed by
+  ``hiredis.Reader`` (the leanest Python subscriber: it leaves the CPU to the broker);
+* ``redis-py``: the same with redis-py's ``PubSub.listen()`` (what most applications use);
+* ``ws``: a bare websockets client on the simulator (the no-broker latency baseline, and the
+  raw receive ceiling).
+
+Control is line-based: the process prints ``ready`` once subscribed; on stdin ``count`` it
+prints ``{"frames": N, "t": unix_time}``; on ``stop`` (or EOF) it writes its result JSON to
+``--out`` and exits. With ``--record`` it keeps ``(receive time_ns, frame_key)`` of every data
+frame (``simulator.sends.frame_key``: 64 bits of BLAKE2b over the exact bytes), taken once per
+socket read, which is when the bytes reached this process.
+
+Events (``{ns}:events``) are kept with the receive time of the first data frame after each, so
+the recovery benchmark can tell when data flowed again after a ``connected`` event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+from array import array
+from typing import Any
+
+_blake2b = hashlib.blake2b
+
+
+class Recorder:
+    """Counts, optional (time, key) pairs, events with the first data frame after each."""
+
+    def __init__(self, record: bool, events_channel: bytes | None) -> None:
+        self.frames = 0
+        self.record = record
+        self.times = array("q")
+        self.keys = array("Q")
+        self.events_channel = events_channel
+        self.events: list[list[Any]] = []  # [recv_ns, event, first data frame ns or None]
+        self._await_data = False
+        self.first_ns = 0
+        self.last_ns = 0
+
+    def data(self, payload: bytes, t_ns: int) -> None:
+        self.frames += 1
+        if not self.first_ns:
+            self.first_ns = t_ns
+        self.last_ns = t_ns
+        if self._await_data:
+            self.events[-1][2] = t_ns
+            self._await_data = False
+        if self.record:
+            self.times.append(t_ns)
+            self.keys.append(int.from_bytes(_blake2b(payload, digest_size=8).digest(), "big"))
+
+    def event(self, payload: bytes, t_ns: int) -> None:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            body = {"raw": payload.decode("utf-8", "replace")}
+        self.events.append([t_ns, body, None])
+        self._await_data = True
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "frames": self.frames,
+            "first_ns": self.first_ns,
+            "last_ns": self.last_ns,
+            "events": self.events,
+            "recv": list(zip(self.times, self.keys, strict=True)) if self.record else [],
+            **extra,
+        }
+
+
+def _resp(*parts: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
+    return b"".join(out)
+
+
+def _control_line(buf: bytearray) -> str | None:
+    if b"\n" not in buf:
+        return None
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line.decode().strip()
+
+
+def _answer(rec: Recorder) -> None:
+    sys.stdout.write(json.dumps({"frames": rec.frames, "t": time.time()}) + "\n")
+    sys.stdout.flush()
+
+
+def _finish(rec: Recorder, out: str, **extra: Any) -> None:
+    with open(out, "w") as f:
+        json.dump(rec.result(**extra), f)
+    sys.stdout.write("done\n")
+    sys.stdout.flush()
+
+
+def run_hiredis(args: argparse.Namespace, channels: list[bytes]) -> None:
+    import hiredis
+
+    events = args.events.encode() if args.events else None
+    rec = Recorder(args.record, events)
+    sock = socket.create_connection((args.host, args.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    reader = hiredis.Reader()
+    wanted = [*channels, *([events] if events else [])]
+    for start in range(0, len(wanted), 500):
+        sock.sendall(_resp(b"SUBSCRIBE", *wanted[start : start + 500]))
+    confirmed = 0
+    while confirmed < len(wanted):
+        reader.feed(sock.recv(1 << 16))
+        while (reply := reader.gets()) is not False:
+            if isinstance(reply, list) and reply and reply[0] == b"subscribe":
+                confirmed += 1
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "redis")
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "control")
+    control = bytearray()
+    recv = sock.recv
+    feed = reader.feed
+    gets = reader.gets
+    data = rec.data
+    while True:
+        for key, _ in sel.select():
+            if key.data == "redis":
+                chunk = recv(4 << 20)
+                if not chunk:
+                    _finish(rec, args.out, error="redis closed the connection")
+                    return
+                t = time.time_ns()
+                feed(chunk)
+                while (reply := gets()) is not False:
+                    if reply[1] == events:
+                        rec.event(reply[2], t)
+                    else:
+                        data(reply[2], t)
+            else:
+                chunk = os.read(sys.stdin.fileno(), 4096)
+                if not chunk:
+                    _finish(rec, args.out)
+                    return
+                control += chunk
+                while (line := _control_line(control)) is not None:
+                    if line == "count":
+                        _answer(rec)
+                    elif line == "stop":
+                        _finish(rec, args.out)
+                        return
+
+
+def _stdin_thread(rec: Recorder, out: str, done: threading.Event, **extra: Any) -> None:
+    for line in sys.stdin:
+        if line.strip() == "count":
+            _answer(rec)
+        elif line.strip() == "stop":
+            break
+    _finish(rec, out, **extra)
+    done.set()
+    os._exit(0)
+
+
+def run_redis_py(args: argparse.Namespace, channels: list[bytes]) -> None:
+    import redis
+
+    events = args.events.encode() if args.events else None
+    rec = Recorder(args.record, events)
+    client = redis.Redis(host=args.host, port=args.port, socket_timeout=None)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    wanted = [*channels, *([events] if events else [])]
+    for start in range(0, len(wanted), 500):
+        pubsub.subscribe(*wanted[start : start + 500])
+    # Drain the confirmations so "ready" means every channel is live.
+    confirmed = 0
+    while confirmed < len(wanted):
+        msg = pubsub.parse_response(block=True)
+        if msg and msg[0] == b"subscribe":
+            confirmed += 1
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    done = threading.Event()
+    threading.Thread(target=_stdin_thread, args=(rec, args.out, done), daemon=True).start()
+    for msg in pubsub.listen():
+        t = time.time_ns()
+        if msg["type"] != "message":
+            continue
+        if msg["channel"] == events:
+            rec.event(msg["data"], t)
+        else:
+            rec.data(msg["data"], t)
+
+
+async def _run_ws(args: argparse.Namespace, request: str) -> None:
+    from websockets.asyncio.client import connect
+
+    rec = Recorder(args.record, None)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    control = bytearray()
+
+    def on_stdin() -> None:
+        chunk = os.read(sys.stdin.fileno(), 4096)
+        if not chunk:
+            stop.set()
+            return
+        control.extend(chunk)
+        while (line := _control_line(control)) is not None:
+            if line == "count":
+                _answer(rec)
+            elif line == "stop":
+                stop.set()
+
+    async with connect(
+        args.url, max_size=None, max_queue=None, compression=None, ping_interval=None
+    ) as ws:
+        await ws.send(request)
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        loop.add_reader(sys.stdin.fileno(), on_stdin)
+
+        async def pump() -> None:
+            data = rec.data
+            async for frame in ws:
+                t = time.time_ns()
+                data(frame if isinstance(frame, bytes) else frame.encode(), t)
+
+        task = asyncio.create_task(pump())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        task.cancel()
+        stopper.cancel()
+        loop.remove_reader(sys.stdin.fileno())
+    _finish(rec, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="benchmark consumer")
+    parser.add_argument("mode", choices=("hiredis", "redis-py", "ws"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=6379)
+    parser.add_argument("--channels-file", help="one channel per line (redis modes)")
+    parser.add_argument("--events", help="also subscribe to this events channel")
+    parser.add_argument("--url", help="websocket URL (ws mode)")
+    parser.add_argument("--request-file", help="the subscribe request to send (ws mode)")
+    parser.add_argument("--record", action="store_true", help="keep (time, key) per frame")
+    parser.add_argument("--out", required=True, help="where to write the result JSON")
+    args = parser.parse_args(argv)
+    if args.mode == "ws":
+        with open(args.request_file) as f:
+            request = f.read()
+        asyncio.run(_run_ws(args, request))
+        return
+    with open(args.channels_file, "rb") as f:
+        channels = [line.strip() for line in f if line.strip()]
+    if args.mode == "hiredis":
+        run_hiredis(args, channels)
+    else:
+        run_redis_py(args, channels)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,588 @@
+"""Processes of a benchmark run: redis-server, simulator, brokers and consumers, each its own
+process on free ports, with their CPU time and memory read from ``/proc``.
+
+Benchmark layer (not shipped). Every process is started by a context manager and stopped on
+every path; nothing here waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+
+from broker.keys import Keys
+from broker.leases import LeaseStore
+from broker.upbit.types import SubscriptionSet
+from tests.support.redis_server import RedisServer, free_port
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NAMESPACE = "bench"
+#: types every load benchmark leases, per code (a realistic mix of frame sizes)
+LOAD_TYPES = ("ticker", "trade", "orderbook")
+
+
+# -- /proc readings -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory(pid: int) -> dict[str, int]:
+    """Resident and peak resident memory in bytes (``/proc/PID/status``)."""
+    out = {"rss": 0, "peak_rss": 0}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                out["rss"] = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss"] = int(line.split()[1]) * 1024
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures came from."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for dist in ("upbit-broker", "redis", "hiredis", "websockets", "msgspec", "cryptofeed"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[dist] = version(dist)
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=5
+        ).stdout
+        versions["redis-server"] = out.split("v=")[1].split()[0]
+    git = ""
+    with contextlib.suppress(Exception):
+        git = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "broker"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        if dirty:
+            git += "+dirty"
+    return {
+        "hostname": platform.node(),
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "git": git,
+        "versions": versions,
+    }
+
+
+# -- waiting --------------------------------------------------------------------------------------
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[T] | T],
+    within: float,
+    what: str,
+    interval: float = 0.01,
+) -> T:
+    """Poll ``condition`` until truthy; ``TimeoutError`` naming ``what`` after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process we started: its CPU and memory, and a stop that always ends it."""
+
+    def __init__(self, popen: subprocess.Popen[Any], name: str) -> None:
+        self.popen = popen
+        self.name = name
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid) if self.alive() else 0.0
+
+    def memory(self) -> dict[str, int]:
+        return memory(self.pid) if self.alive() else {"rss": 0, "peak_rss": 0}
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def spawn(command: list[str], cwd: Path = ROOT, stderr: Any = subprocess.DEVNULL) -> Any:
+    """Start a child with no stdin/stdout (a plain function: starting is not awaited)."""
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "upbit-broker"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+
+
+async def http_get(base: str, path: str, within: float = 5.0) -> Any:
+    """GET ``base + path`` and decode the JSON body (the simulator's operator endpoints)."""
+    parts = urlsplit(base)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:
+        raise RuntimeError(f"GET {path} answered {status}: {body[:200]!r}")
+    return json.loads(body)
+
+
+class SimProc(Proc):
+    """``upbit-broker simulate`` in its own process."""
+
+    def __init__(self, popen: subprocess.Popen[Any], port: int) -> None:
+        super().__init__(popen, "simulator")
+        self.port = port
+        self.http = f"http://127.0.0.1:{port}"
+        self.url = f"ws://127.0.0.1:{port}/websocket/v1"
+
+    async def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = await http_get(self.http, "/_sim/state")
+        return state
+
+    async def get(self, path: str) -> Any:
+        return await http_get(self.http, path)
+
+    async def connection(self) -> dict[str, Any] | None:
+        """The one open connection (the broker's), or None."""
+        conns = (await self.state())["connections"]
+        return conns[0] if conns else None
+
+
+@asynccontextmanager
+async def simulator(
+    *,
+    rate: float,
+    markets: int,
+    seed: int = 1,
+    record_sends: bool = False,
+    up_interval: float = 3600.0,
+    connect_rate: int = 5,
+) -> AsyncIterator[SimProc]:
+    """A simulator process on a free port. UP frames are off by default (one an hour), so
+    every frame it sends to a broker is data or a LIST_SUBSCRIPTIONS answer."""
+    port = free_port()
+    cmd = [
+        *_cli(),
+        "simulate",
+        "--port",
+        str(port),
+        "--rate",
+        str(rate),
+        "--markets",
+        str(markets),
+        "--seed",
+        str(seed),
+        "--up-interval",
+        str(up_interval),
+        "--connect-rate",
+        str(connect_rate),
+        "--no-compression",
+        "--log-level",
+        "WARNING",
+    ]
+    if record_sends:
+        cmd.append("--record-sends")
+    sim = SimProc(spawn(cmd), port)
+    try:
+
+        async def up() -> bool:
+            if not sim.alive():
+                raise RuntimeError("the simulator exited at start")
+            try:
+                await sim.state()
+            except (OSError, RuntimeError, TimeoutError):
+                return False
+            return True
+
+        await wait_until(up, 20, "the simulator to listen", 0.05)
+        yield sim
+    finally:
+        sim.stop()
+
+
+class BrokerProc(Proc):
+    pass
+
+
+def broker_env(
+    redis_url: str, upstream_url: str, broker_id: str, **settings: Any
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "UPBIT_BROKER_REDIS_URL": redis_url,
+            "UPBIT_BROKER_UPSTREAM_URL": upstream_url,
+            "UPBIT_BROKER_NAMESPACE": NAMESPACE,
+            "UPBIT_BROKER_BROKER_ID": broker_id,
+            "UPBIT_BROKER_LOG_LEVEL": "warning",
+        }
+    )
+    for name, value in settings.items():
+        env["UPBIT_BROKER_" + name.upper()] = str(value)
+    return env
+
+
+#: How brokers are started; ``configure_broker`` changes it for a whole run.
+BROKER_COMMAND: dict[str, Any] = {"root": None, "publisher": "resp"}
+
+
+def configure_broker(root: str | None = None, publisher: str = "resp") -> None:
+    """Run brokers from another checkout (``root``: before/after comparisons) and/or with the
+    redis-py pipeline publisher instead of raw RESP."""
+    BROKER_COMMAND.update(root=root, publisher=publisher)
+
+
+def _broker_command() -> tuple[list[str], Path]:
+    root = BROKER_COMMAND["root"]
+    if BROKER_COMMAND["publisher"] == "redis-py":
+        return [sys.executable, "-m", "benchmarks.broker_redis_py", "run"], ROOT
+    if root is not None:
+        # cwd first on sys.path: that checkout's packages win over the installed ones.
+        return [sys.executable, "-m", "cli.main", "run"], Path(root)
+    return [*_cli(), "run"], ROOT
+
+
+@contextmanager
+def broker(
+    redis_url: str, upstream_url: str, broker_id: str = "bench-1", **settings: Any
+) -> Iterator[BrokerProc]:
+    """``upbit-broker run`` in its own process; ``settings`` become ``UPBIT_BROKER_*``.
+    Its log (stderr) goes to a temporary file, kept as ``proc.log_path`` while it runs."""
+    command, cwd = _broker_command()
+    with tempfile.NamedTemporaryFile(prefix=f"upbit-bench-{broker_id}-", suffix=".log") as log:
+        popen = subprocess.Popen(
+            command,
+            env=broker_env(redis_url, upstream_url, broker_id, **settings),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            cwd=cwd,
+        )
+        proc = BrokerProc(popen, broker_id)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
+
+class ConsumerProc(Proc):
+    """A :mod:`benchmarks.consumer` process driven over its stdin/stdout."""
+
+    def __init__(self, popen: subprocess.Popen[Any], out: str) -> None:
+        super().__init__(popen, "consumer")
+        self.out = out
+        self.result: dict[str, Any] | None = None
+
+    def _line(self, timeout: float = 30.0) -> str:
+        assert self.popen.stdout is not None
+        import select
+
+        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError("the consumer did not answer")
+        line = self.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the consumer exited ({self.popen.poll()})")
+        return line.strip()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        line = self._line(timeout)
+        if line != "ready":
+            raise RuntimeError(f"consumer said {line!r}")
+
+    def count(self) -> int:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("count\n")
+        self.popen.stdin.flush()
+        return int(json.loads(self._line())["frames"])
+
+    def finish(self) -> dict[str, Any]:
+        """Ask for the result file and read it."""
+        if self.result is not None:
+            return self.result
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("stop\n")
+        self.popen.stdin.flush()
+        line = self._line(60)
+        if line != "done":
+            raise RuntimeError(f"consumer said {line!r}")
+        self.popen.wait(10)
+        with open(self.out) as f:
+            self.result = json.load(f)
+        return self.result
+
+
+@contextmanager
+def consumers(
+    n: int,
+    mode: str,
+    *,
+    port: int = 0,
+    channels: Iterable[str] = (),
+    events: str | None = None,
+    url: str = "",
+    request: str = "",
+    record: bool = False,
+) -> Iterator[list[ConsumerProc]]:
+    """``n`` consumer processes, each subscribed (or connected) before this yields."""
+    tmp = tempfile.mkdtemp(prefix="upbit-bench-consumers-")
+    channels_file = os.path.join(tmp, "channels")
+    with open(channels_file, "w") as f:
+        f.write("\n".join(channels))
+    request_file = os.path.join(tmp, "request")
+    with open(request_file, "w") as f:
+        f.write(request)
+    procs: list[ConsumerProc] = []
+    try:
+        for i in range(n):
+            out = os.path.join(tmp, f"out{i}.json")
+            cmd = [sys.executable, "-m", "benchmarks.consumer", mode, "--out", out]
+            if mode == "ws":
+                cmd += ["--url", url, "--request-file", request_file]
+            else:
+                cmd += ["--port", str(port), "--channels-file", channels_file]
+                if events:
+                    cmd += ["--events", events]
+            if record:
+                cmd.append("--record")
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                cwd=ROOT,
+            )
+            procs.append(ConsumerProc(popen, out))
+        for proc in procs:
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_pid(server: RedisServer) -> int:
+    assert server.proc is not None
+    return server.proc.pid
+
+
+# -- leases and channels --------------------------------------------------------------------------
+
+
+def load_streams(codes: Iterable[str], types: Iterable[str] = LOAD_TYPES) -> dict[str, list[str]]:
+    codes = list(codes)
+    return {t: list(codes) for t in types}
+
+
+def channels_of(streams: dict[str, list[str]]) -> list[str]:
+    keys = Keys(NAMESPACE)
+    return [keys.channel(t, c) for t, codes in streams.items() for c in codes]
+
+
+async def write_lease(
+    client: aioredis.Redis, client_id: str, streams: dict[str, list[str]], ttl_ms: int = 600_000
+) -> None:
+    await LeaseStore(client, NAMESPACE).write(
+        client_id, SubscriptionSet.of(streams), ttl_ms=ttl_ms, host="bench", pid=os.getpid()
+    )
+
+
+def universe_codes(total: int, seed: int = 1) -> tuple[int, list[str]]:
+    """(``--markets`` value, codes) for a simulator whose universe is exactly ``total`` codes
+    (the real codes first, then synthetic ``KRW-SIM....``)."""
+    from simulator.universe import build_universe
+
+    real = len(build_universe(0, seed))
+    markets = max(0, total - real)
+    return markets, [x.code for x in build_universe(markets, seed)][:total]
+
+
+def frames_per_event(
+    markets: int, seed: int, types: Iterable[str] = LOAD_TYPES, n: int = 20_000
+) -> float:
+    """Frames one market event yields for a connection subscribed to ``types`` of every code
+    (depth 30), measured on the simulator's own market model with the same seed."""
+    from simulator.market import Market
+    from simulator.universe import build_universe
+
+    types = set(types)
+    market = Market(
+        list(build_universe(markets, seed)), seed=seed, trade_share=0.5, now_ms=1_700_000_000_000
+    )
+    frames = 0
+    for _, is_trade, lo in market.step(n, 1_700_000_000_000):
+        if is_trade:
+            frames += ("trade" in types) + ("ticker" in types) + ("orderbook" in types)
+        elif lo < 30 and "orderbook" in types:
+            frames += 1
+    return frames / n
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine has used (``/proc/stat``, all cpus)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds of several processes (and of the whole machine) between two instants.
+
+    ``machine`` counts every process, ours and anyone else's: on a shared machine the gap
+    between it and the sum of ours is load the benchmark did not make."""
+
+    procs: dict[str, int]
+    start: dict[str, float]
+    t0: float
+    machine0: float = 0.0
+
+    @classmethod
+    def begin(cls, procs: dict[str, int]) -> CpuWindow:
+        start = {n: _safe_cpu(p) for n, p in procs.items()}
+        return cls(procs, start, time.monotonic(), machine_busy_seconds())
+
+    def end(self) -> tuple[float, dict[str, float]]:
+        elapsed = time.monotonic() - self.t0
+        used = {n: _safe_cpu(p) - self.start[n] for n, p in self.procs.items()}
+        self.machine_cores = (machine_busy_seconds() - self.machine0) / elapsed
+        return elapsed, used
+
+
+#: How long a measured window may wait for the rest of the machine to calm down (0: never).
+QUIET = {"max_wait": 0.0, "threshold": 0.25}
+
+
+async def quiet_moment(pids: Iterable[int]) -> float:
+    """On a shared machine, wait (at most ``QUIET["max_wait"]`` s) until processes other than
+    ``pids`` use under ``QUIET["threshold"]`` cores; returns what they used last (cores)."""
+    pids = list(pids)
+    deadline = time.monotonic() + QUIET["max_wait"]
+    while True:
+        window = CpuWindow.begin({str(p): p for p in pids})
+        await asyncio.sleep(0.5)
+        elapsed, cpu = window.end()
+        others = max(0.0, window.machine_cores - sum(cpu.values()) / elapsed)
+        if others < QUIET["threshold"] or time.monotonic() >= deadline:
+            return round(others, 3)
+
+
+def others_in(window: CpuWindow, elapsed: float, cpu: dict[str, float]) -> float:
+    """Cores used during ``window`` by processes not in it."""
+    return round(max(0.0, window.machine_cores - sum(cpu.values()) / elapsed), 3)
+
+
+def _safe_cpu(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0

@@ -1,0 +1,255 @@
+"""The table and the goal check of a benchmark record (pure: dicts in, text out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the issue's goals
+GOAL_CPU_US = 25.0
+GOAL_ADDED_P99_US = 1000.0
+
+
+def _mb(n: Any) -> str:
+    return f"{n / 2**20:.0f}" if isinstance(n, int | float) and n else "-"
+
+
+def _f(x: Any, fmt: str = ".1f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and x != x:
+        return "-"
+    return format(x, fmt) if isinstance(x, int | float) else str(x)
+
+
+def _load(target: Any) -> str:
+    return "max" if target is None else f"{target / 1000:g}k"
+
+
+def _label(r: dict[str, Any]) -> str:
+    mode = "" if r.get("consumer_mode", "hiredis") == "hiredis" else f" {r['consumer_mode']}"
+    return f"{_load(r['target_fps'])} x{r['consumers']}{mode}"
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals against the figures of this record."""
+    out: dict[str, Any] = {}
+    runs = record.get("throughput", {}).get("runs", [])
+    unsat = [r for r in runs if not r["saturated"]]
+    if runs:
+        out["cpu_us_per_frame"] = {
+            "goal": GOAL_CPU_US,
+            "by_load": {_label(r): r["broker_cpu_us_per_frame"] for r in runs},
+            "met_at": [_label(r) for r in runs if r["broker_cpu_us_per_frame"] <= GOAL_CPU_US],
+        }
+        out["zero_loss_below_saturation"] = {
+            "runs_below_saturation": len(unsat),
+            "met": all(r["loss"] == 0 for r in unsat),
+            "losses": {_label(r): r["loss"] for r in runs},
+        }
+        best = max(runs, key=lambda r: r["delivered_fps"])
+        out["max_delivered_fps"] = best["delivered_fps"]
+        ceil = record.get("ceilings", {})
+        ceilings = [
+            ceil.get("redis_publish", {}).get("publish_per_s"),
+            ceil.get("websocket_receive", {}).get("frames_per_s"),
+        ]
+        ceilings = [c for c in ceilings if c]
+        if ceilings:
+            low = min(ceilings)
+            out["fraction_of_lower_ceiling"] = round(best["delivered_fps"] / low, 3)
+            out["lower_ceiling_fps"] = low
+    lat = [r for r in record.get("latency", {}).get("runs", []) if r["target_fps"] == 1000]
+    if lat:
+        added = lat[0]["added_p99_us"]
+        disturbed = max(
+            lat[0]["broker"].get("other_load_cores", 0.0),
+            lat[0]["direct"].get("other_load_cores", 0.0),
+        )
+        out["added_p99_us_at_1k"] = {
+            "goal": GOAL_ADDED_P99_US,
+            "value": added,
+            "met": added < GOAL_ADDED_P99_US,
+            # Another load on the machine during either window makes the comparison unsound.
+            "other_load_cores": disturbed,
+            "conclusive": disturbed < 0.25,
+        }
+    return out
+
+
+def table(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    v = m["versions"]
+    lines = [
+        f"upbit-broker benchmarks ({record['mode']}), {record['started']}",
+        f"machine: {m['cpu_model']}, {m['cpus']} cpus, {_mb(m['memory_bytes'])} MB; "
+        f"python {v.get('python')}, redis-server {v.get('redis-server', '?')}, "
+        f"redis-py {v.get('redis', '?')}, websockets {v.get('websockets', '?')}; git {m['git']}",
+    ]
+    tp = record.get("throughput")
+    if tp:
+        lines += [
+            "",
+            "1. Throughput (200 codes x ticker/trade/orderbook, DEFAULT; window "
+            f"{tp['duration_s']:g} s)",
+        ]
+        lines.append(
+            f"  {'offered':>8} {'cons':>8} {'offered/s':>10} {'delivered/s':>11} {'loss':>5} "
+            f"{'broker us/frame':>15} {'broker cores':>12} {'RSS MB':>6} {'ours':>5} "
+            f"{'others':>6} sat"
+        )
+        for r in tp["runs"]:
+            cons = f"{r['consumers']}" + ("" if r["consumer_mode"] == "hiredis" else " r-py")
+            lines.append(
+                f"  {_load(r['target_fps']):>8} {cons:>8} {r['offered_fps']:>10.0f} "
+                f"{r['delivered_fps']:>11.0f} {r['loss']:>5} "
+                f"{r['broker_cpu_us_per_frame']:>15.1f} {r['broker_cpu_cores']:>12.3f} "
+                f"{_mb(r['broker_rss_bytes']):>6} {r['machine_cpu_cores_used']:>5.2f} "
+                f"{r.get('other_load_cores', 0):>6.2f} {'yes' if r['saturated'] else 'no'}"
+            )
+    rp = record.get("throughput_redis_py")
+    if rp:
+        lines += ["", "1b. Same, broker publishing through redis-py pipelines (the old road)"]
+        for r in rp["runs"]:
+            lines.append(
+                f"  {_load(r['target_fps']):>8} {r['consumers']:>8} {r['offered_fps']:>10.0f} "
+                f"{r['delivered_fps']:>11.0f} {r['loss']:>5} "
+                f"{r['broker_cpu_us_per_frame']:>15.1f} {r['broker_cpu_cores']:>12.3f}"
+            )
+    lat = record.get("latency")
+    if lat:
+        lines += ["", "2. Latency, simulator send -> consumer receive (us)"]
+        lines.append(
+            f"  {'rate':>6} {'path':<7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} {'frames':>7}"
+            f" {'others':>6}"
+        )
+        for r in lat["runs"]:
+            for path in ("direct", "broker"):
+                p = r[path]
+                lines.append(
+                    f"  {_load(r['target_fps']):>6} {path:<7} {_f(p['p50_us'], '.0f'):>7} "
+                    f"{_f(p['p99_us'], '.0f'):>7} {_f(p['p999_us'], '.0f'):>7} "
+                    f"{_f(p['max_us'], '.0f'):>7} {p['frames']:>7} "
+                    f"{p.get('other_load_cores', 0.0):>6.2f}"
+                )
+            lines.append(
+                f"  {'':>6} {'added':<7} {r['added_p50_us']:>7.0f} {r['added_p99_us']:>7.0f} "
+                f"{r['added_p999_us']:>7.0f}"
+            )
+    rs = record.get("resubscribe")
+    if rs:
+        i, c = rs["idle"], rs["churn"]
+        lines += [
+            "",
+            "3. Resubscribe",
+            f"  idle: lease write -> simulator holds the set: p50 {i['p50_ms']} ms, "
+            f"max {i['max_ms']} ms ({i['changes']} changes)",
+            f"  churn: {c['lease_writes']} lease writes in {c['seconds']} s "
+            f"({c['writes_per_s']}/s) -> {c['upstream_requests']} upstream messages; "
+            f"max {c['max_requests_in_1s']} in 1 s, {c['max_requests_in_60s']} in 60 s "
+            f"(Upbit: 5/s, 100/min; within: {c['within_limits']}); refused by simulator: "
+            f"{c['rate_limited_by_sim']}",
+            f"  final set exact: {c['final_set_exact']} ({c['final_streams']} streams), "
+            f"{_f(c['converged_ms_after_last_write'])} ms after the last write",
+        ]
+    rc = record.get("recovery")
+    if rc:
+        d, k = rc["drop"], rc["leader_kill"]
+        lines += [
+            "",
+            "4. Recovery (1k frames/s)",
+            f"  /_sim/drop -> data again: p50 {_f(d['p50_ms'])} ms, max {_f(d['max_ms'])} ms "
+            f"({d['recovered']}/{d['drops']} drops; reconnect backoff from "
+            f"{d['backoff_initial_s']} s)",
+            f"  SIGKILL leader -> standby publishes: {_f(k['takeover_ms'])} ms "
+            f"(leader_ttl {k['leader_ttl_s']} s; takeover gap event: {k['gap_event']})",
+        ]
+    sc = record.get("scale")
+    if sc:
+        p = sc["pure"]
+        lines += [
+            "",
+            f"5. Scale: {sc['leases']} leases over {sc['codes']} codes ({sc['streams']} streams)",
+            f"  union upstream {sc['union_upstream_ms_after_last_write']} ms after the last of "
+            f"the writes ({sc['write_all_leases_ms']} ms to write them); one more lease: "
+            f"{sc['one_more_lease_ms']} ms",
+            f"  broker RSS {_mb(sc['broker_rss_before_bytes'])} -> "
+            f"{_mb(sc['broker_rss_after_bytes'])} MB; pure steps: list+parse "
+            f"{p['list_and_parse_leases_ms']} ms, union {p['union_ms']} ms, request "
+            f"{p['build_request_ms']} ms ({p['request_bytes']} bytes)",
+        ]
+    ce = record.get("ceilings")
+    if ce:
+        rp_, ws = ce["redis_publish"], ce["websocket_receive"]
+        lines += [
+            "",
+            "6. Ceilings (same run)",
+            f"  Redis PUBLISH: {rp_['publish_per_s']:.0f}/s ({rp_['tool']}, "
+            f"{rp_['payload_bytes']}-byte payloads)",
+        ]
+        if ws.get("frames_per_s"):
+            lines.append(
+                f"  bare websocket client on the simulator: {ws['frames_per_s']:.0f} frames/s "
+                f"({_f(ws['client_cpu_us_per_frame'])} us/frame; limited by {ws['limited_by']})"
+            )
+        else:
+            lines.append(f"  bare websocket client: {ws.get('error', 'no figure')}")
+        s = record.get("summary", {})
+        if "fraction_of_lower_ceiling" in s:
+            lines.append(
+                f"  broker best delivered {s['max_delivered_fps']:.0f}/s = "
+                f"{s['fraction_of_lower_ceiling']:.0%} of the lower ceiling"
+            )
+    hp = record.get("hotpath")
+    if hp:
+        lines += [
+            "",
+            f"7. Hot path, in-process (ns/frame; mean frame {hp['mean_frame_bytes']:.0f} B)",
+            f"  route_frame {hp['route_frame_ns']:.0f}; receive loop (route+lookup+append) "
+            f"{hp['receive_loop_ns']:.0f}; pack per frame, bursts of 10/100/1000: raw RESP "
+            + "/".join(f"{x:.0f}" for x in hp["pack_resp_ns"].values())
+            + ", redis-py "
+            + "/".join(f"{x:.0f}" for x in hp["pack_redis_py_ns"].values()),
+            f"  route + enqueue + pack (bursts of 100): {hp['hot_path_ns']:.0f} ns "
+            f"(redis-py: {hp['hot_path_redis_py_ns']:.0f} ns)",
+        ]
+    cf = record.get("cryptofeed")
+    if cf:
+        lines += ["", "8. Side by side with cryptofeed (trade+orderbook, SIMPLE, 200 codes)"]
+        if cf.get("skipped"):
+            lines.append(f"  not run: {cf['skipped']}")
+        if cf.get("runs"):
+            lines.append(
+                f"  {'offered':>8} {'system':<13} {'offered/s':>10} {'handled/s':>10} "
+                f"{'us/frame':>9} {'cores':>6} {'RSS MB':>7} {'peak MB':>7} keeps up"
+            )
+        for run in cf.get("runs", []):
+            for key in ("broker", "cryptofeed"):
+                r = run[key]
+                lines.append(
+                    f"  {_load(run['target_fps']):>8} {r['system']:<13} {r['offered_fps']:>10.0f} "
+                    f"{r['handled_fps']:>10.0f} {_f(r['cpu_us_per_frame']):>9} "
+                    f"{r['cpu_cores']:>6.3f} {_mb(r['rss_bytes']):>7} "
+                    f"{_mb(r['peak_rss_bytes']):>7} {'yes' if r.get('keeps_up') else 'no':>8}"
+                )
+    s = record.get("summary", {})
+    if s:
+        lines += ["", "Goals"]
+        if "cpu_us_per_frame" in s:
+            g = s["cpu_us_per_frame"]
+            lines.append(
+                f"  broker CPU <= {g['goal']:g} us/frame: met at "
+                f"{', '.join(g['met_at']) or 'no load'}"
+            )
+        if "zero_loss_below_saturation" in s:
+            z = s["zero_loss_below_saturation"]
+            lines.append(
+                f"  zero loss below saturation: {'met' if z['met'] else 'NOT met'} "
+                f"({z['runs_below_saturation']} runs below saturation)"
+            )
+        if "added_p99_us_at_1k" in s:
+            a = s["added_p99_us_at_1k"]
+            verdict = "met" if a["met"] else "NOT met"
+            if not a.get("conclusive", True):
+                verdict = f"inconclusive, {a['other_load_cores']:.2f} cores of other load"
+            lines.append(f"  added p99 < 1 ms at 1k frames/s: {verdict} ({a['value']:.0f} us)")
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""broker.resp (raw RESP for the publisher) against real redis-server processes: every address
+form (redis://, rediss://, unix://, AUTH with and without a user, database numbers), error
+replies, broken connections, and the publisher's two roads writing the same thing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from broker.keys import Keys
+from broker.publisher import Publisher, Target, make_target
+from broker.resp import RespAddress, RespConnection, encode_command, publish_prefix
+from broker.upbit.types import StreamKey
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import wait_for
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Any]:
+    servers: list[RedisServer] = []
+
+    def start(*extra: str) -> RedisServer:
+        server = RedisServer(extra_args=extra)
+        server.start()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def _roundtrip(address: RespAddress) -> list[Any]:
+    conn = await RespConnection.connect(address)
+    try:
+        return await conn.execute(
+            encode_command(b"SET", b"k", b"v") + encode_command(b"GET", b"k"), 2
+        )
+    finally:
+        await conn.aclose()
+
+
+def test_encoding_is_resp() -> None:
+    assert encode_command(b"PUBLISH", "ch", 5) == b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$1\r\n5\r\n"
+    assert publish_prefix(b"ch") + b"$1\r\nx\r\n" == encode_command(b"PUBLISH", b"ch", b"x")
+
+
+async def test_plain_tcp_with_database(redis_server: RedisServer) -> None:
+    address = RespAddress.from_url(f"redis://127.0.0.1:{redis_server.port}/3")
+    assert address.db == 3 and address.path is None and address.tls is None
+    assert await _roundtrip(address) == [b"OK", b"v"]
+    check = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/3")
+    try:
+        assert await check.get("k") == b"v"
+    finally:
+        await check.aclose()
+    other = aioredis.Redis.from_url(redis_server.url)  # db 0 holds nothing
+    try:
+        assert await other.get("k") is None
+    finally:
+        await other.aclose()
+
+
+async def test_password_and_acl_user(redis_server: RedisServer) -> None:
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        # Set at run time: the test server's start-up check is a PING without AUTH.
+        await admin.execute_command("ACL", "SETUSER", "alice", "on", ">pw", "~*", "&*", "+@all")
+        await admin.config_set("requirepass", "s3cret")
+    finally:
+        await admin.aclose()
+    port = redis_server.port
+    assert await _roundtrip(RespAddress.from_url(f"redis://:s3cret@127.0.0.1:{port}/0")) == [
+        b"OK",
+        b"v",
+    ]
+    assert await _roundtrip(RespAddress.from_url(f"redis://alice:pw@127.0.0.1:{port}/1")) == [
+        b"OK",
+        b"v",
+    ]
+    with pytest.raises(AuthenticationError):
+        await RespConnection.connect(RespAddress.from_url(f"redis://:wrong@127.0.0.1:{port}"))
+    # No password at all: the connection opens, every command is refused (a reply, not a raise).
+    conn = await RespConnection.connect(RespAddress.from_url(f"redis://127.0.0.1:{port}"))
+    try:
+        [reply] = await conn.execute(encode_command(b"GET", b"k"), 1)
+        assert isinstance(reply, Exception) and "NOAUTH" in str(reply)
+    finally:
+        await conn.aclose()
+
+
+async def test_unix_socket(server_factory: Any) -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="upbit-resp-"), "redis.sock")
+    server_factory("--unixsocket", path, "--unixsocketperm", "700")
+    address = RespAddress.from_url(f"unix://{path}?db=2")
+    assert address.path == path and address.db == 2
+    assert await _roundtrip(address) == [b"OK", b"v"]
+    client = aioredis.Redis.from_url(f"unix://{path}?db=2")
+    try:
+        from_client = RespAddress.from_client(client)
+        assert from_client is not None and from_client.path == path and from_client.db == 2
+    finally:
+        await client.aclose()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls(server_factory: Any, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    tls_port = free_port()
+    server_factory(
+        *("--tls-port", str(tls_port), "--tls-cert-file", str(cert)),
+        *("--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)),
+        *("--tls-auth-clients", "no"),
+    )
+    url = f"rediss://127.0.0.1:{tls_port}/1?ssl_ca_certs={cert}"
+    address = RespAddress.from_url(url)
+    assert isinstance(address.tls, ssl.SSLContext)
+    assert await _roundtrip(address) == [b"OK", b"v"]
+    # An untrusted certificate is refused, as redis-py would refuse it.
+    with pytest.raises(RedisConnectionError):
+        await RespConnection.connect(RespAddress.from_url(f"rediss://127.0.0.1:{tls_port}/0"))
+    insecure = RespAddress.from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none")
+    assert await _roundtrip(insecure) == [b"OK", b"v"]
+
+
+async def test_from_client_and_fallbacks(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+    try:
+        address = RespAddress.from_client(client)
+        assert address is not None and address.path is None and address.tls is None
+        assert Publisher(client).transport == "resp"
+        assert Publisher(client, raw_resp=False).transport == "redis-py"
+    finally:
+        await client.aclose()
+    fake = fakeredis.FakeAsyncRedis()
+    try:
+        assert RespAddress.from_client(fake) is None
+        assert Publisher(fake).transport == "redis-py"
+    finally:
+        await fake.aclose()
+    with pytest.raises(ValueError):
+        RespAddress.from_url("http://127.0.0.1:6379")
+
+
+async def test_error_replies_are_values_and_counted(redis_client: aioredis.Redis) -> None:
+    address = RespAddress.from_client(redis_client)
+    assert address is not None
+    conn = await RespConnection.connect(address)
+    try:
+        await redis_client.set("s", "text")
+        buffer = encode_command(b"INCR", b"s") + encode_command(b"INCR", b"n")
+        first, second = await conn.execute(buffer, 2)
+        assert isinstance(first, Exception) and second == 1
+        assert await conn.count_errors(buffer, 2) == 1
+    finally:
+        await conn.aclose()
+
+
+async def test_broken_connection_raises_and_closes(redis_server: RedisServer) -> None:
+    conn = await RespConnection.connect(RespAddress.from_url(redis_server.url))
+    redis_server.kill()
+    with pytest.raises(RedisConnectionError):
+        await conn.execute(encode_command(b"PING"), 1)
+    assert conn.closed
+    with pytest.raises(RedisConnectionError):
+        await RespConnection.connect(RespAddress.from_url(redis_server.url))
+
+
+async def test_cancelled_execute_closes_the_connection(redis_url: str) -> None:
+    conn = await RespConnection.connect(RespAddress.from_url(redis_url))
+    # BLPOP never answers within the test: cancel it half way.
+    task = asyncio.create_task(conn.execute(encode_command(b"BLPOP", b"nothing", b"0"), 1))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert conn.closed  # its next reply would have belonged to the cancelled command
+
+
+class _Subscriber:
+    """Collects (channel, message) of every message on the given channels."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.pubsub = client.pubsub()
+        self.got: list[tuple[bytes, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *channels: bytes) -> None:
+        await self.pubsub.subscribe(*channels)
+
+        async def pump() -> None:
+            while True:
+                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None:
+                    self.got.append((msg["channel"], msg["data"]))
+
+        self._task = asyncio.create_task(pump())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._task
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _publish_with(raw: bool, url: str, targets: list[Target]) -> dict[str, Any]:
+    client = aioredis.Redis.from_url(url, socket_timeout=None)
+    subscriber = _Subscriber(client)
+    await client.flushall()
+    await subscriber.start(*(t.channel for t in targets))
+    publisher = Publisher(client, raw_resp=raw)
+    assert publisher.transport == ("resp" if raw else "redis-py")
+    a, b, c = targets
+    frames = [(a, b"a1"), (b, b"b1"), (a, b"a2"), (c, b"c1"), (a, b"a3"), (b, b"b2")]
+    for target, frame in frames:
+        publisher.enqueue(target, frame)
+    try:
+        await publisher.flush()
+        await wait_for(lambda: len(subscriber.got) == len(frames), 5, message="all frames")
+        cache = {key: await client.hgetall(key) for key in sorted({t.cache_key for t in targets})}
+    finally:
+        await publisher.aclose()
+        await subscriber.stop()
+        await client.aclose()
+    return {
+        "messages": subscriber.got,
+        "cache": cache,
+        "stats": (publisher.stats.published, publisher.stats.batches),
+        "by_type": publisher.published_by_type,
+        "seen": sorted(publisher.last_seen),
+    }
+
+
+async def test_both_roads_publish_the_same(redis_url: str) -> None:
+    keys = Keys("t")
+    targets = [
+        make_target(keys, StreamKey("ticker", "KRW-BTC")),
+        make_target(keys, StreamKey("ticker", "KRW-ETH")),
+        make_target(keys, StreamKey("trade", "KRW-BTC")),
+    ]
+    raw = await _publish_with(True, redis_url, targets)
+    pipeline = await _publish_with(False, redis_url, targets)
+    assert raw == pipeline
+    assert [m for _, m in raw["messages"]] == [b"a1", b"b1", b"a2", b"c1", b"a3", b"b2"]
+    # The last-value cache holds the newest frame of each code.
+    assert raw["cache"] == {
+        b"t:last:ticker": {b"KRW-BTC": b"a3", b"KRW-ETH": b"b2"},
+        b"t:last:trade": {b"KRW-BTC": b"c1"},
+    }
+    assert raw["stats"] == (6, 1)
+    assert raw["by_type"] == {"ticker": 5, "trade": 1}
+
+
+async def test_publisher_survives_a_redis_restart(redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=None)
+    target = make_target(Keys("t"), StreamKey("ticker", "KRW-BTC"))
+    publisher = Publisher(client)
+    try:
+        publisher.enqueue(target, b"one")
+        await publisher.flush()
+        assert publisher.stats.published == 1
+        redis_server.restart()  # the raw connection is now dead
+        publisher.enqueue(target, b"two")
+        await publisher.flush()
+        assert publisher.stats.redis_errors == 1 and publisher.stats.published == 1
+        publisher.enqueue(target, b"three")
+        await publisher.flush()  # reconnects
+        assert publisher.stats.published == 2
+        assert await client.hget("t:last:ticker", "KRW-BTC") == b"three"
+    finally:
+        await publisher.aclose()
+        await client.aclose()
