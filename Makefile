@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-quick install clean
+.PHONY: demo test test-fast lint bench bench-quick install clean
 
 $(BIN)/upbit-broker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ install: $(BIN)/upbit-broker
 demo: install
 	$(BIN)/upbit-broker demo
 
+# Everything: the fast suite, then the long fault-injection scenarios (marked slow).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m slow
+
+# Before every commit: the fast suite only.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

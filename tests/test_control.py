@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -196,7 +197,7 @@ def test_sustained_churn_is_paced_across_the_minute() -> None:
         t = i * 0.01
         c.set_desired(sset(ticker=[f"KRW-C{i % 50}"]), t)
         sends.extend(t for m in c.data_to_send(t) if m != TEXT_PING)
-    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
     assert max(gaps) < 1.5, max(gaps)
     for i, at in enumerate(sends):
         assert sum(1 for s in sends[i:] if s < at + 60.0) <= 90
