@@ -220,13 +220,13 @@ async def test_a_wrong_password_is_one_clear_line_and_never_printed(
     results = dict(
         zip(cases, await asyncio.gather(*(arun_cli(*a) for a in cases.values())), strict=True)
     )
-    # the broker retries (Redis may come up with the right ACL later), but says why, safely
+    # `run` checks Redis once at start: a wrong password is a setup error, one line and exit 1
     async with (
         running_simulator(seed=112, rate=50) as sim,
         broker_process(urls["user"], sim.url, "wrong-b", tmp_path) as broker,
     ):
-        await wait_for(lambda: "standby" in broker.output(), 15, message="broker complains")
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: broker.proc.poll() is not None, 15, message="broker gives up")
+        assert broker.proc.returncode == 1
         broker_log = broker.output()
     print("\n[figures] wrong password:")
     for name, r in results.items():
@@ -240,6 +240,7 @@ async def test_a_wrong_password_is_one_clear_line_and_never_printed(
         assert "invalid username-password" in r.stderr or "WRONGPASS" in r.stderr, name
     assert wrong not in broker_log
     assert "invalid username-password" in broker_log or "WRONGPASS" in broker_log
+    assert len([line for line in broker_log.splitlines() if line.strip()]) == 1, broker_log
 
 
 async def test_no_secret_in_logs_status_events_or_errors(tmp_path: Any) -> None:
