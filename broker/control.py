@@ -224,16 +224,15 @@ class SubscriptionController:
         """When ``data_to_send`` may next have something (``None``: only on new input)."""
         if not self._connected:
             return None
-        times: list[float] = []
         if self._send_wanted():
+            # The keepalive and verification wait until the set is out (see data_to_send).
             assert self._dirty_at is not None
-            times.append(
-                max(
-                    self._dirty_at + self.coalesce_delay,
-                    self.budget.next_allowed(now),
-                    self.pacer.next_allowed(now),
-                )
+            return max(
+                self._dirty_at + self.coalesce_delay,
+                self.budget.next_allowed(now),
+                self.pacer.next_allowed(now),
             )
+        times: list[float] = []
         if self._ping_due:
             times.append(self.budget.next_allowed(now))
         if self._verify_at is not None:

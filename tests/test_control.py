@@ -201,3 +201,22 @@ def test_sustained_churn_is_paced_across_the_minute() -> None:
     assert max(gaps) < 1.5, max(gaps)
     for i, at in enumerate(sends):
         assert sum(1 for s in sends[i:] if s < at + 60.0) <= 90
+
+
+def test_a_send_waiting_for_the_pacer_never_busy_loops() -> None:
+    """While the set waits for the budget, the keepalive must not ask for an instant wake-up."""
+    c = connected(per_second=4, per_minute=90, verify=False)
+    t = 0.0
+    for i in range(400):  # spend the pacer's burst
+        t = i * 0.01
+        c.set_desired(sset(ticker=[f"KRW-C{i % 50}"]), t)
+        c.data_to_send(t)
+    c.set_desired(sset(ticker=["KRW-LAST"]), t)
+    wakeups = 0
+    while c.upstream != sset(ticker=["KRW-LAST"]):
+        wake = c.next_wakeup(t)
+        assert wake is not None and wake > t - 1e-6
+        t = max(wake, t + 1e-6)
+        c.data_to_send(t)
+        wakeups += 1
+        assert wakeups < 20, "the controller asked to be woken again and again"

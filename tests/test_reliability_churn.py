@@ -97,7 +97,13 @@ async def test_fifty_consumers_churning_for_thirty_seconds(
                 message="upstream == union of the leases",
             )
             converged_s = time.monotonic() - stopped
-            status = await redis_status(redis_client)
+
+            async def status_caught_up() -> dict[str, Any] | None:
+                # the status hash is rewritten every status interval: wait for the next one
+                st = await redis_status(redis_client)
+                return st if json.loads(st.get("desired", "{}")) == wanted else None
+
+            status = await wait_for(status_caught_up, 10, message="status shows the union")
             totals = sim.state()["totals"]
     per_conn: dict[int, list[float]] = {}
     for conn, t, _ in received:

@@ -73,7 +73,7 @@ class Pacer:
 
     def next_allowed(self, now: float) -> float:
         self._refill(now)
-        if self._tokens >= 1.0 or self.rate <= 0:
+        if self._tokens >= 1.0 - 1e-9 or self.rate <= 0:  # float dust must not cost a wake-up
             return now
         return now + (1.0 - self._tokens) / self.rate
 
