@@ -326,9 +326,11 @@ class Broker:
         publisher = self.publisher
         interval = self.settings.leader_ttl / 3
         self._errors_at_renewal = publisher.stats.redis_errors
+        unconfirmed_since: float | None = None
         while True:
+            wait = interval if unconfirmed_since is None else interval / 4
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(wait):
                     await self._renew_now.wait()
             self._renew_now.clear()
             errors_before = publisher.stats.redis_errors
@@ -336,18 +338,29 @@ class Broker:
                 async with asyncio.timeout(interval):
                     if await lock.renew():
                         self._errors_at_renewal = errors_before
+                        unconfirmed_since = None
                         continue
                     if await lock.holder() is None and await lock.try_acquire():
                         logger.warning("leader lock was gone (redis restarted?): re-acquired")
                         self._errors_at_renewal = errors_before
+                        unconfirmed_since = None
                         continue
                     holder = await lock.holder()
                 raise NotLeaderError(f"lock now held by {holder}")
             except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
-                if not lock.is_valid():
+                if lock.is_valid():
+                    logger.warning("leader lock renewal failed (%s); still valid locally", exc)
+                    continue
+                # Not provably leader: publishing has stopped (the publisher checks the lock).
+                # Keep the upstream connection while Redis comes back, for one lock TTL at most;
+                # if another broker takes the lock meanwhile, the next attempt steps down.
+                now = time.monotonic()
+                if unconfirmed_since is None:
+                    unconfirmed_since = now
+                if now - unconfirmed_since > self.settings.leader_ttl:
                     raise NotLeaderError(f"could not renew the leader lock: {exc}") from exc
-                logger.warning("leader lock renewal failed (%s); still valid locally", exc)
+                logger.warning("leader lock unconfirmed (%s); not publishing until it is", exc)
 
     async def _read_previous_leader(self) -> None:
         assert self._redis is not None

@@ -82,6 +82,13 @@ async def _server_now_ms(redis: Any) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+async def _read_status(settings: Any, keys: Keys) -> tuple[dict[bytes, bytes], int]:
+    """The status hash and the Redis server's clock (freshness is judged on its clock)."""
+    async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
+        raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
+        return raw, await _server_now_ms(redis)
+
+
 # -- status ---------------------------------------------------------------------------------
 
 
@@ -97,9 +104,7 @@ def status(
     keys = Keys(settings.namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
-            raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
-            now = await _server_now_ms(redis)
+        raw, now = await _read_status(settings, keys)
         if not raw:
             typer.echo(
                 f"error: no status at {keys.status}: no broker is leading namespace "
@@ -261,9 +266,7 @@ def check(
     keys = Keys(settings.namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
-            raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
-            now = await _server_now_ms(redis)
+        raw, now = await _read_status(settings, keys)
         healthy, line = check_status(
             parse_status(raw, now) if raw else None, settings.status_interval
         )
