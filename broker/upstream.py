@@ -21,17 +21,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from broker.control import SubscriptionController
-from broker.errors import UpbitErrorFrame, UpstreamError
+from broker.errors import FrameError, UpbitErrorFrame, UpstreamError
 from broker.keys import Keys
 from broker.publisher import Publisher, Target, make_target
 from broker.settings import BrokerSettings
+from broker.upbit.messages import ErrorFrame, ListSubscriptionsReply, decode_message
 from broker.upbit.router import FrameKind, route_frame
-from broker.upbit.types import StreamKey, Subscription, SubscriptionSet
+from broker.upbit.types import StreamKey, SubscriptionSet
 
 logger = logging.getLogger(__name__)
 
@@ -64,24 +64,20 @@ class UpstreamStats:
 
 def parse_list_reply(frame: bytes) -> SubscriptionSet:
     """A LIST_SUBSCRIPTIONS answer (DEFAULT or SIMPLE keys) as the set it lists."""
-    obj = msgspec.json.decode(frame)
-    result = obj.get("result", obj.get("rslt")) or []
-    subs = []
-    for entry in result:
-        type_ = entry.get("type", entry.get("ty"))
-        codes = entry.get("codes", entry.get("cds")) or []
-        level = entry.get("level", entry.get("lv"))
-        if isinstance(type_, str) and codes:
-            subs.append(Subscription(type_, tuple(codes), float(level) if level else None))
-    return SubscriptionSet.from_subscriptions(subs)
+    reply = decode_message(frame)
+    if not isinstance(reply, ListSubscriptionsReply):
+        raise FrameError("not a LIST_SUBSCRIPTIONS reply")
+    return SubscriptionSet.from_subscriptions(reply.subscriptions())
 
 
 def parse_error_frame(frame: bytes) -> UpbitErrorFrame:
     try:
-        err = msgspec.json.decode(frame).get("error", {})
-        return UpbitErrorFrame(str(err.get("name", "?")), str(err.get("message", "")))
-    except (msgspec.DecodeError, AttributeError):
+        error = decode_message(frame)
+    except FrameError:
         return UpbitErrorFrame("?", frame[:200].decode(errors="replace"))
+    if isinstance(error, ErrorFrame):
+        return error.to_exception()
+    return UpbitErrorFrame("?", frame[:200].decode(errors="replace"))
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -342,7 +338,7 @@ class Upstream:
     def _list_reply(self, frame: bytes) -> None:
         try:
             listed = parse_list_reply(frame)
-        except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
+        except FrameError:
             self.stats.malformed += 1
             return
         if not self.controller.list_reply(listed, time.monotonic()):
