@@ -142,14 +142,15 @@ class Publisher:
                 if not may_publish():
                     self.stats.dropped_not_leader += len(batch)
                     continue
-                for start in range(0, len(batch), MAX_PIPELINE):
-                    await self._publish(batch[start : start + MAX_PIPELINE])
+                await self._publish_all(batch)
         finally:
             await self.aclose()
 
     async def flush(self) -> None:
         """Publish whatever is pending now (tests and shutdown)."""
-        batch = self._take_batch()
+        await self._publish_all(self._take_batch())
+
+    async def _publish_all(self, batch: list[tuple[Target, bytes]]) -> None:
         for start in range(0, len(batch), MAX_PIPELINE):
             await self._publish(batch[start : start + MAX_PIPELINE])
 

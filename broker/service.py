@@ -28,7 +28,6 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from broker.control import ControllerStats, SubscriptionController
@@ -86,8 +85,7 @@ class BrokerStats:
 @dataclass(slots=True)
 class _SnapshotWaiter:
     request_id: str
-    reply_key: str
-    stream: str
+    requested: frozenset[StreamKey]
     frames: dict[str, bytes]
     sources: dict[str, str]
     waiting: set[StreamKey]
@@ -612,7 +610,7 @@ class Broker:
             if not isinstance(cmd, dict):
                 raise ValueError("not an object")
             rid = str(cmd.get("id", ""))
-            reply_key = self.keys.reply(rid)
+            self.keys.reply(rid)  # an id that cannot name a reply key gets no answer
         except (msgspec.DecodeError, ValueError, RecursionError, BrokerError) as exc:
             # RecursionError: msgspec refuses absurdly nested JSON that way.
             self.stats.bad_commands += 1
@@ -620,7 +618,7 @@ class Broker:
             return
         op = cmd.get("op")
         if op == "snapshot":
-            await self._snapshot(rid, reply_key, cmd)
+            await self._snapshot(rid, cmd)
         elif op == "resubscribe":
             self.stats.resubscribes_forced += 1
             assert self.controller is not None and self.upstream is not None
@@ -631,7 +629,7 @@ class Broker:
             self.stats.bad_commands += 1
             await self._reply(rid, {"id": rid, "ok": False, "error": f"unknown op {op!r}"})
 
-    async def _snapshot(self, rid: str, reply_key: str, cmd: dict[str, Any]) -> None:
+    async def _snapshot(self, rid: str, cmd: dict[str, Any]) -> None:
         assert self._redis is not None and self.controller is not None
         try:
             stream = str(cmd.get("type", ""))
@@ -648,7 +646,7 @@ class Broker:
             if bad:
                 raise ValueError(f"invalid codes: {bad[:5]}")
             timeout = min(float(cmd.get("timeout_ms", 3000)) / 1000, MAX_SNAPSHOT_TIMEOUT)
-        except (ValueError, TypeError, Exception) as exc:
+        except Exception as exc:  # any malformed field is a refusal, never a crash
             self.stats.bad_commands += 1
             await self._reply(rid, {"id": rid, "ok": False, "error": str(exc)})
             return
@@ -669,7 +667,7 @@ class Broker:
         self.stats.snapshots_from_cache += len(frames)
         missing = {k for k in keys if k.code not in frames}
         waiter = _SnapshotWaiter(
-            rid, reply_key, stream, frames, sources, missing, time.monotonic() + timeout
+            rid, frozenset(keys), frames, sources, missing, time.monotonic() + timeout
         )
         if missing:
             self.stats.snapshots_from_upstream += 1
@@ -691,7 +689,7 @@ class Broker:
                 continue
             missing = sorted(k.code for k in w.waiting)
             self.stats.snapshot_codes_missing += len(missing)
-            done_keys |= {StreamKey(*_key_of(w.stream, code)) for code in w.frames}
+            done_keys |= {k for k in w.requested if k.code in w.frames}
             reply = {
                 "id": w.request_id,
                 "ok": True,
@@ -845,11 +843,6 @@ def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
     return isinstance(exc, kinds)
 
 
-def _key_of(stream: str, code: str) -> tuple[str, str, float]:
-    type_, level = parse_stream_name(stream)
-    return (type_, code, level)
-
-
 @asynccontextmanager
 async def run_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
     """Start a broker in this event loop; stop it (releasing the lock) on exit."""
@@ -870,4 +863,4 @@ async def run_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
             await asyncio.wait({task}, timeout=5)
 
 
-__all__ = ["Broker", "BrokerStats", "RedisConnectionError", "run_broker"]
+__all__ = ["Broker", "BrokerStats", "run_broker"]
