@@ -148,8 +148,13 @@ def parse_lease(
     fields: Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str],
     *,
     max_streams: int = MAX_LEASE_STREAMS,
+    memo: dict[str, SubscriptionSet] | None = None,
 ) -> Lease:
     """Validate the HASH fields of ``{ns}:lease:{client_id}`` into a :class:`Lease`.
+
+    ``memo`` maps ``subs`` texts already validated (under the same ``max_streams``) to their
+    sets, and learns new ones: the broker lists every lease each second and a lease's ``subs``
+    rarely changes, so hundreds of streams need not be re-validated every time.
 
     Raises:
         LeaseError: with the reason, for missing fields, a wrong version, a client id that does
@@ -173,12 +178,23 @@ def parse_lease(
         client_id=client_id,
         host=text["host"],
         pid=_int_field(text, "pid", client_id),
-        subscriptions=parse_subs(text["subs"], max_streams=max_streams),
+        subscriptions=_memo_subs(text["subs"], max_streams, memo),
         ttl_ms=ttl_ms,
         created_ms=_int_field(text, "created_ms", client_id),
         renewed_ms=_int_field(text, "renewed_ms", client_id),
         deadline_ms=_int_field(text, "deadline_ms", client_id),
     )
+
+
+def _memo_subs(
+    raw: str, max_streams: int, memo: dict[str, SubscriptionSet] | None
+) -> SubscriptionSet:
+    if memo is None:
+        return parse_subs(raw, max_streams=max_streams)
+    known = memo.get(raw)
+    if known is None:
+        known = memo[raw] = parse_subs(raw, max_streams=max_streams)
+    return known
 
 
 def parse_subs(raw: str, *, max_streams: int = MAX_LEASE_STREAMS) -> SubscriptionSet:
@@ -347,6 +363,8 @@ class LeaseStore:
         self._due_script = redis.register_script(_DUE_LUA)
         # "{ns}:lease:" taken from Keys, so the key layout stays defined in one place
         self._lease_prefix = self.keys.lease("x")[:-1]
+        #: max_streams -> subs text -> its validated set (see parse_lease's ``memo``)
+        self._subs_memo: dict[int, dict[str, SubscriptionSet]] = {}
 
     def _lease_key(self, client_id: str) -> str:
         _check_name(client_id)
@@ -485,13 +503,16 @@ class LeaseStore:
                     unindexed.append(client_id)
                     hashes[client_id] = fields
 
+        memo = self._subs_memo.setdefault(max_streams, {})
+        if len(memo) > 2 * len(hashes) + 64:
+            memo.clear()  # old texts of changed leases: bounded by the live leases
         leases: builtins.list[Lease] = []
         for client_id in sorted(hashes):
             fields = hashes[client_id]
             try:
                 if isinstance(fields, ResponseError):
                     raise LeaseError(f"lease key of {client_id!r} is not a hash: {fields}")
-                leases.append(parse_lease(client_id, fields, max_streams=max_streams))
+                leases.append(parse_lease(client_id, fields, max_streams=max_streams, memo=memo))
             except LeaseError as exc:
                 invalid.append((client_id, str(exc)))
         return LeaseListing(

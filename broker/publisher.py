@@ -1,17 +1,22 @@
 """Fan-out: routed frames to their Redis channels, pipelined per burst (I/O adapter).
 
-The upstream receive loop only appends ``(target, frame)`` to a list (no await per frame); this
-publisher's task wakes, swaps the list out, and sends the whole burst as ONE pipeline of
+The upstream receive loop only appends ``(target, frame)`` to a list and calls
+:meth:`Publisher.notify` (no await per frame). The first notify of a burst schedules one
+callback for when the receive loop next yields, i.e. once everything that arrived together has
+been routed; that callback swaps the list out and writes the whole burst as ONE buffer of
 PUBLISH commands, plus one HSET per cache hash for the last-value cache (only the newest frame
-per code in the burst is written). While a pipeline is in flight the next burst accumulates, so
-the batch size adapts to load by itself. The list is bounded: past ``max_pending`` the oldest
-frames are dropped and counted (Redis is down or slower than upstream; consumers get a gap
-event).
+per code in the burst is written).
 
-The burst goes out as raw RESP (:mod:`broker.resp`: one packed buffer, replies counted by
-hiredis) when the client's address can be expressed that way, which costs a fraction of a
-redis-py pipeline per frame (``benchmarks/``); otherwise (a fake or exotic client) through a
-redis-py pipeline. Both write the same commands in the same order.
+On the raw RESP road (:mod:`broker.resp`: one packed buffer, replies counted by hiredis where
+they arrive) the write does not wait for Redis: replies are counted as they come, so a burst
+costs one ``write`` and no task switch. Redis that falls behind fills the transport buffer; the
+publisher then stops writing and lets frames accumulate until it drains, and a buffer
+unanswered for ``PIPELINE_TIMEOUT`` means Redis is gone (the connection is dropped, the error
+counted, the next burst reconnects). The pending list is bounded: past ``max_pending`` the
+oldest frames are dropped and counted (consumers get a gap event).
+
+A client raw RESP cannot speak for (a fake or exotic client) gets the same commands in the same
+order through redis-py pipelines, from the publisher's task, one pipeline in flight at a time.
 """
 
 from __future__ import annotations
@@ -104,7 +109,12 @@ class Publisher:
         self._max_pending = max_pending
         self._on_published = on_published
         self.pending: list[tuple[Target, bytes]] = []
+        #: wakes the publisher's task: the fast road cannot take this burst (no connection
+        #: yet, writing paused, or the redis-py road)
         self.wake = asyncio.Event()
+        self._flush_scheduled = False
+        self._may_publish: Callable[[], bool] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.stats = PublishStats()
         #: monotonic time of the last successful publish per stream (quiet-code detection)
         self.last_seen: dict[StreamKey, float] = {}
@@ -113,10 +123,27 @@ class Publisher:
         self.published_by_type: dict[str, int] = {}
 
     def enqueue(self, target: Target, frame: bytes) -> None:
-        """Hot path: queue one frame. The caller may instead append to ``pending`` and set
-        ``wake`` itself; this is the readable version."""
+        """Queue one frame. The hot path appends to ``pending`` and calls :meth:`notify`
+        itself; this is the readable version."""
         self.pending.append((target, frame))
-        self.wake.set()
+        self.notify()
+
+    def notify(self) -> None:
+        """Frames were appended to ``pending``: write them once the current burst is routed.
+        Costs one attribute test per frame; one callback per burst is scheduled."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_burst)
+
+    def _flush_burst(self) -> None:
+        self._flush_scheduled = False
+        if not self.pending:
+            return
+        conn = self._conn
+        if self._may_publish is None or conn is None or conn.closed or conn.writing_paused:
+            self.wake.set()  # the task connects, waits, or takes the redis-py road
+            return
+        self._write_pending(conn)
 
     def _take_batch(self) -> list[tuple[Target, bytes]]:
         batch, self.pending = self.pending, []
@@ -132,23 +159,43 @@ class Publisher:
     async def run(self, may_publish: Callable[[], bool]) -> None:
         """Publish bursts until cancelled. ``may_publish`` is checked before every burst, so a
         broker that lost leadership stops publishing at once."""
+        self._may_publish = may_publish
         try:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
-                batch = self._take_batch()
-                if not batch:
+                if not self.pending:
                     continue
                 if not may_publish():
-                    self.stats.dropped_not_leader += len(batch)
+                    self.stats.dropped_not_leader += len(self._take_batch())
                     continue
-                await self._publish_all(batch)
+                if self._address is None:
+                    await self._publish_all(self._take_batch())
+                    continue
+                conn = await self._ready_connection()
+                if conn is not None:
+                    self._write_pending(conn)
         finally:
+            self._may_publish = None
             await self.aclose()
 
     async def flush(self) -> None:
-        """Publish whatever is pending now (tests and shutdown)."""
-        await self._publish_all(self._take_batch())
+        """Publish whatever is pending now and wait for Redis to answer (tests and shutdown)."""
+        if self._address is None:
+            await self._publish_all(self._take_batch())
+            return
+        conn = await self._ready_connection()
+        if conn is None:
+            return
+        for start in range(0, len(batch := self._take_batch()), MAX_PIPELINE):
+            self._write_raw(conn, batch[start : start + MAX_PIPELINE])
+        try:
+            async with asyncio.timeout(PIPELINE_TIMEOUT):
+                await conn.drain()
+        except TimeoutError:
+            conn.abort(RedisError(f"no reply within {PIPELINE_TIMEOUT:.0f}s"))
+        except (RedisError, OSError):
+            pass  # counted by _connection_lost
 
     async def _publish_all(self, batch: list[tuple[Target, bytes]]) -> None:
         for start in range(0, len(batch), MAX_PIPELINE):
@@ -157,22 +204,93 @@ class Publisher:
     async def aclose(self) -> None:
         """Close the raw connection (``run`` does this when it ends); the next burst reopens."""
         conn, self._conn = self._conn, None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if conn is not None:
             await conn.aclose()
 
-    async def _publish(self, batch: list[tuple[Target, bytes]]) -> None:
-        # Only the newest frame of each stream goes to the cache: dict() keeps the last value.
-        newest: dict[Target, bytes] = dict(batch) if self._cache else {}
+    # -- the raw RESP road ----------------------------------------------------------------------
+
+    async def _ready_connection(self) -> resp.RespConnection | None:
+        """A connection that takes writes now: (re)connect, or wait for a full buffer to drain.
+        On failure the pending frames are dropped and the error counted (None)."""
+        assert self._address is not None
+        conn = self._conn
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
-                if self._address is not None:
-                    await self._send_resp(batch, newest)
-                else:
-                    await self._send_pipeline(batch, newest)
+                if conn is None or conn.closed:
+                    conn = self._conn = await resp.RespConnection.connect(
+                        self._address, on_answered=self._answered, on_lost=self._connection_lost
+                    )
+                    self._arm_watchdog()
+                await conn.wait_writable()
+            return conn
         except (RedisError, OSError, TimeoutError) as exc:
+            if conn is not None and not conn.closed:
+                conn.abort(RedisError("writes stalled"), report=False)
             self.stats.redis_errors += 1
-            logger.warning("publish of %d frames failed: %s", len(batch), exc)
+            lost = len(self._take_batch())
+            logger.warning("publish of %d frames failed: %s", lost, exc or "timed out")
+            return None
+
+    def _write_pending(self, conn: resp.RespConnection) -> None:
+        batch = self._take_batch()
+        if not batch:
             return
+        assert self._may_publish is not None
+        if not self._may_publish():
+            self.stats.dropped_not_leader += len(batch)
+            return
+        for start in range(0, len(batch), MAX_PIPELINE):
+            self._write_raw(conn, batch[start : start + MAX_PIPELINE])
+
+    def _write_raw(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
+        """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash. Its frames
+        count as published when Redis has answered every command (:meth:`_answered`)."""
+        parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
+        commands = len(batch)
+        if self._cache:
+            # Only the newest frame of each stream goes to the cache: dict() keeps the last.
+            for key, fields in self._cache_mappings(dict(batch)).items():
+                parts.append(resp.encode_command(b"HSET", key, *fields))
+                commands += 1
+        try:
+            conn.send(b"".join(parts), commands, token=len(batch))
+        except RedisError:
+            return  # closed under us: counted by _connection_lost
+        self._sent(batch)
+
+    def _answered(self, frames: int, errors: int) -> None:
+        self.stats.published += frames
+        if errors:
+            self._reply_errors(errors)
+
+    def _connection_lost(self, why: Exception, unanswered: list[int]) -> None:
+        self.stats.redis_errors += 1
+        logger.warning(
+            "publish connection lost with %d frames unconfirmed: %s", sum(unanswered), why
+        )
+        if self.pending:
+            self.wake.set()  # the task reconnects for them
+
+    def _arm_watchdog(self) -> None:
+        """Once a second while connected: a buffer unanswered for ``PIPELINE_TIMEOUT`` means
+        Redis is gone (one timer, instead of a timeout around every burst)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            self._watchdog = None
+            return
+        since = conn.unanswered_since
+        if since is not None and time.monotonic() - since > PIPELINE_TIMEOUT:
+            conn.abort(RedisError(f"no reply within {PIPELINE_TIMEOUT:.0f}s"))
+            self._watchdog = None
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(1.0, self._arm_watchdog)
+
+    # -- shared by both roads -------------------------------------------------------------------
+
+    def _sent(self, batch: list[tuple[Target, bytes]]) -> None:
         now = time.monotonic()
         by_type = self.published_by_type
         last_seen = self.last_seen
@@ -181,7 +299,6 @@ class Publisher:
             by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
         self.last_publish_ms = int(time.time() * 1000)
         n = len(batch)
-        self.stats.published += n
         self.stats.batches += 1
         if n > self.stats.largest_batch:
             self.stats.largest_batch = n
@@ -189,6 +306,20 @@ class Publisher:
             self.stats.batch_sizes.append(n)
         if self._on_published is not None:
             self._on_published(batch)
+
+    # -- the redis-py road ----------------------------------------------------------------------
+
+    async def _publish(self, batch: list[tuple[Target, bytes]]) -> None:
+        newest: dict[Target, bytes] = dict(batch) if self._cache else {}
+        try:
+            async with asyncio.timeout(PIPELINE_TIMEOUT):
+                await self._send_pipeline(batch, newest)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning("publish of %d frames failed: %s", len(batch), exc)
+            return
+        self.stats.published += len(batch)
+        self._sent(batch)
 
     @staticmethod
     def _cache_mappings(newest: dict[Target, bytes]) -> dict[bytes, list[bytes]]:
@@ -200,23 +331,6 @@ class Publisher:
                 fields = per_hash[target.cache_key] = []
             fields += (target.code, frame)
         return per_hash
-
-    async def _send_resp(
-        self, batch: list[tuple[Target, bytes]], newest: dict[Target, bytes]
-    ) -> None:
-        """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash."""
-        parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
-        commands = len(batch)
-        for key, fields in self._cache_mappings(newest).items():
-            parts.append(resp.encode_command(b"HSET", key, *fields))
-            commands += 1
-        conn = self._conn
-        if conn is None or conn.closed:
-            assert self._address is not None
-            conn = self._conn = await resp.RespConnection.connect(self._address)
-        errors = await conn.count_errors(b"".join(parts), commands)
-        if errors:
-            self._reply_errors(errors)
 
     async def _send_pipeline(
         self, batch: list[tuple[Target, bytes]], newest: dict[Target, bytes]

@@ -4,8 +4,9 @@
 redis-py spends nearly all of a pipeline's cost on per-command Python work (building command
 objects, one parser call per reply); measured on this project's machines, packing PUBLISH
 commands into one buffer and reading the integer replies with ``hiredis.Reader`` is 5-8x
-faster. This module is that road and nothing more: one connection, ``execute(buffer, n)``
-writes a packed buffer and reads ``n`` replies. Addresses come from redis-py itself
+faster. This module is that road and nothing more: one connection, ``send(buffer, n)`` writes
+a packed buffer and counts its ``n`` replies as they arrive (no waiting), ``execute(buffer, n)``
+awaits them. Addresses come from redis-py itself
 (:meth:`RespAddress.from_url` uses ``redis.asyncio.connection.parse_url``;
 :meth:`RespAddress.from_client` reads an existing client's connection pool), so ``redis://``,
 ``rediss://`` (TLS, same SSL options as redis-py), ``unix://``, ``AUTH [user] password`` and
@@ -22,8 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import (
@@ -42,8 +46,6 @@ try:
     AVAILABLE = True
 except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
     AVAILABLE = False
-#: bytes read per socket read while collecting replies
-READ_SIZE = 1 << 16
 
 
 def encode_command(*args: bytes | str | int) -> bytes:
@@ -139,18 +141,67 @@ class RespAddress:
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
 
-class RespConnection:
-    """One Redis connection for packed pipelines. Not for concurrent use: one caller awaits
-    one :meth:`execute` at a time (the publisher's single task)."""
+class _InFlight:
+    """One buffer of commands written and not yet fully answered."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    __slots__ = ("errors", "remaining", "replies", "sent_at", "token", "waiter")
+
+    def __init__(
+        self,
+        remaining: int,
+        token: Any = None,
+        replies: list[Any] | None = None,
+        waiter: asyncio.Future[_InFlight] | None = None,
+    ) -> None:
+        self.remaining = remaining
+        self.errors = 0
+        self.token = token
+        self.replies = replies
+        self.waiter = waiter
+        self.sent_at = time.monotonic()
+
+
+#: called with (token, error replies) when a buffer given to :meth:`RespConnection.send` is
+#: fully answered
+OnAnswered = Callable[[Any, int], None]
+#: called with (why, tokens of unanswered buffers) when the connection broke (never for close())
+OnLost = Callable[[Exception, list[Any]], None]
+
+
+class RespConnection(asyncio.Protocol):
+    """One Redis connection for packed pipelines, as an asyncio protocol.
+
+    Replies are parsed where they arrive (``data_received``), so a writer need not wait for
+    them: :meth:`send` writes a buffer and returns at once, and the buffer's replies are
+    counted later, in order, and reported through ``on_answered``. That is the publisher's
+    road: one write per receive burst, no task switch waiting for Redis. :meth:`execute` and
+    :meth:`count_errors` are the awaiting variants (handshake, tests, benchmarks). Buffers are
+    answered in the order they were written, whichever way they were sent.
+    """
+
+    def __init__(
+        self, on_answered: OnAnswered | None = None, on_lost: OnLost | None = None
+    ) -> None:
         self._parser = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._inflight: deque[_InFlight] = deque()
+        self._on_answered = on_answered
+        self._on_lost = on_lost
+        self._writable: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._report_loss = True
         self.closed = False
+        #: the transport's buffer is over its high-water mark: stop writing until it drains
+        self.writing_paused = False
 
     @classmethod
-    async def connect(cls, address: RespAddress) -> RespConnection:
+    async def connect(
+        cls,
+        address: RespAddress,
+        *,
+        on_answered: OnAnswered | None = None,
+        on_lost: OnLost | None = None,
+    ) -> RespConnection:
         """Open, authenticate and select the database.
 
         Raises:
@@ -160,22 +211,25 @@ class RespConnection:
         """
         if not AVAILABLE:  # pragma: no cover
             raise RedisConnectionError("raw RESP needs hiredis")
+        loop = asyncio.get_running_loop()
+        conn = cls(on_answered, on_lost)
         try:
             async with asyncio.timeout(address.connect_timeout):
                 if address.path is not None:
-                    reader, writer = await asyncio.open_unix_connection(address.path)
+                    await loop.create_unix_connection(lambda: conn, address.path)
                 else:
-                    reader, writer = await asyncio.open_connection(
+                    await loop.create_connection(
+                        lambda: conn,
                         address.host,
                         address.port,
                         ssl=address.tls,
                         server_hostname=address.host if address.tls is not None else None,
                     )
         except (OSError, TimeoutError) as exc:
+            conn.close()
             raise RedisConnectionError(
                 f"cannot connect to {address.describe()}: {exc or 'timed out'}"
             ) from exc
-        conn = cls(reader, writer)
         try:
             async with asyncio.timeout(address.connect_timeout):
                 await conn._handshake(address)
@@ -204,87 +258,187 @@ class RespConnection:
                 kind = AuthenticationError if is_auth else ResponseError
                 raise kind(str(reply))
 
+    # -- writing ----------------------------------------------------------------------------
+
+    def send(self, buffer: bytes, replies: int, token: Any = None) -> None:
+        """Write ``buffer`` (``replies`` packed commands) without waiting; ``on_answered(token,
+        errors)`` follows once all its replies are in.
+
+        Raises:
+            redis.exceptions.ConnectionError: the connection is closed.
+        """
+        self._write(buffer, _InFlight(replies, token))
+
     async def execute(self, buffer: bytes, replies: int) -> list[Any]:
         """Send ``buffer`` (``replies`` packed commands) and return the replies in order.
 
         A command's error reply is returned as an ``Exception`` instance, not raised (like
-        ``pipeline.execute(raise_on_error=False)``).
+        ``pipeline.execute(raise_on_error=False)``). Cancelled half way, the connection is
+        closed: its next reply would belong to the abandoned command.
 
         Raises:
             redis.exceptions.ConnectionError: the connection broke (it is closed).
         """
-        if self.closed:
-            raise RedisConnectionError("connection closed")
-        parser = self._parser
-        gets = parser.gets
-        out: list[Any] = []
-        try:
-            self._writer.write(buffer)
-            await self._writer.drain()
-            read = self._reader.read
-            while len(out) < replies:
-                reply = gets()
-                if reply is False:
-                    data = await read(READ_SIZE)
-                    if not data:
-                        raise RedisConnectionError("connection closed by the server")
-                    parser.feed(data)
-                    continue
-                out.append(reply)
-            return out
-        except BaseException as exc:
-            # Half-read replies would pair the next command with a stale answer.
-            self.close()
-            if isinstance(exc, OSError | hiredis.ProtocolError):
-                raise RedisConnectionError(f"redis connection lost: {exc}") from exc
-            raise
+        entry = await self._roundtrip(buffer, replies, collect=True)
+        assert entry.replies is not None
+        return entry.replies
 
     async def count_errors(self, buffer: bytes, replies: int) -> int:
         """:meth:`execute` for commands whose successful replies do not matter: only the
         number of error replies is returned (no list of replies is built)."""
+        return (await self._roundtrip(buffer, replies, collect=False)).errors
+
+    async def drain(self) -> None:
+        """Wait until every buffer written so far is answered.
+
+        Raises:
+            redis.exceptions.ConnectionError: the connection broke first.
+        """
         if self.closed:
             raise RedisConnectionError("connection closed")
-        parser = self._parser
-        gets = parser.gets
-        reply_error = hiredis.ReplyError
-        errors = 0
-        got = 0
+        if self._inflight:
+            await self._roundtrip(b"", 0, collect=False)
+
+    async def wait_writable(self) -> None:
+        """Return once the transport takes writes again (at once when it does).
+
+        Raises:
+            redis.exceptions.ConnectionError: the connection broke meanwhile.
+        """
+        while self.writing_paused and not self.closed:
+            if self._writable is None:
+                self._writable = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._writable)
+        if self.closed:
+            raise RedisConnectionError("connection closed")
+
+    @property
+    def unanswered_since(self) -> float | None:
+        """Monotonic time the oldest unanswered buffer was written; None if all are answered."""
+        return self._inflight[0].sent_at if self._inflight else None
+
+    async def _roundtrip(self, buffer: bytes, replies: int, *, collect: bool) -> _InFlight:
+        waiter: asyncio.Future[_InFlight] = asyncio.get_running_loop().create_future()
+        entry = _InFlight(replies, replies=[] if collect else None, waiter=waiter)
+        self._write(buffer, entry)
+        if replies == 0 and len(self._inflight) == 1:
+            self._complete(self._inflight.popleft())
         try:
-            self._writer.write(buffer)
-            await self._writer.drain()
-            read = self._reader.read
-            while got < replies:
-                reply = gets()
-                if reply is False:
-                    data = await read(READ_SIZE)
-                    if not data:
-                        raise RedisConnectionError("connection closed by the server")
-                    parser.feed(data)
-                    continue
-                got += 1
-                if type(reply) is reply_error:
-                    errors += 1
-            return errors
-        except BaseException as exc:
-            self.close()
-            if isinstance(exc, OSError | hiredis.ProtocolError):
-                raise RedisConnectionError(f"redis connection lost: {exc}") from exc
+            return await waiter
+        except asyncio.CancelledError:
+            self.abort(RedisConnectionError("a command was abandoned half way"), report=False)
             raise
 
+    def _write(self, buffer: bytes, entry: _InFlight) -> None:
+        if self.closed or self._transport is None:
+            raise RedisConnectionError("connection closed")
+        if buffer:
+            self._transport.write(buffer)
+        self._inflight.append(entry)
+
+    # -- protocol callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        gets = parser.gets
+        inflight = self._inflight
+        reply_error = hiredis.ReplyError
+        try:
+            while True:
+                reply = gets()
+                if reply is False:
+                    return
+                # A zero-command marker (drain) is complete once everything before it is.
+                while inflight and inflight[0].remaining == 0:
+                    self._complete(inflight.popleft())
+                if not inflight:
+                    raise hiredis.ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
+                entry = inflight[0]
+                entry.remaining -= 1
+                if type(reply) is reply_error:
+                    entry.errors += 1
+                if entry.replies is not None:
+                    entry.replies.append(reply)
+                if entry.remaining == 0:
+                    inflight.popleft()
+                    self._complete(entry)
+                    while inflight and inflight[0].remaining == 0:
+                        self._complete(inflight.popleft())
+        except hiredis.ProtocolError as exc:
+            self.abort(RedisConnectionError(f"redis protocol error: {exc}"))
+
+    def _complete(self, entry: _InFlight) -> None:
+        if entry.waiter is not None:
+            if not entry.waiter.done():
+                entry.waiter.set_result(entry)
+        elif self._on_answered is not None:
+            self._on_answered(entry.token, entry.errors)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.writing_paused = False
+        why = RedisConnectionError(f"redis connection lost: {exc or 'closed by the server'}")
+        unanswered = list(self._inflight)
+        self._inflight.clear()
+        for entry in unanswered:
+            if entry.waiter is not None and not entry.waiter.done():
+                entry.waiter.set_exception(why)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if self._report_loss and self._on_lost is not None:
+            self._on_lost(why, [e.token for e in unanswered if e.waiter is None])
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def abort(self, why: Exception, *, report: bool = True) -> None:
+        """Drop the connection now (unsent writes too): its replies can no longer be trusted.
+        ``on_lost`` hears of it unless ``report`` is false."""
+        if self.closed:
+            return
+        self._report_loss = report
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self.connection_lost(why)
+
     def close(self) -> None:
-        """Close at once (no QUIT round trip); safe to call twice."""
+        """Close after the buffered writes (no QUIT round trip); ``on_lost`` is not called.
+        Safe to call twice."""
+        self._report_loss = False
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
+        elif not self._lost.done():
+            self._lost.set_result(None)
 
     async def aclose(self) -> None:
         """Close and wait for the transport to finish closing."""
         self.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                await self._writer.wait_closed()
+                await asyncio.shield(self._lost)
 
 
 __all__ = [

@@ -303,7 +303,7 @@ class Upstream:
     async def _receive(self, ws: ClientConnection) -> None:
         stats = self.stats
         publisher = self.publisher
-        wake = publisher.wake
+        notify = publisher.notify
         route = route_frame
         data = FrameKind.DATA
         async for frame in ws:
@@ -318,7 +318,7 @@ class Upstream:
                     stats.dropped_unleased += 1
                     continue
                 publisher.pending.append((target, frame))
-                wake.set()
+                notify()
             elif r.kind is FrameKind.STATUS:
                 stats.status_frames += 1
             elif r.kind is FrameKind.LIST_REPLY:

@@ -50,6 +50,21 @@ def _subs(obj: Any) -> str:
     return json.dumps(obj)
 
 
+def test_a_memo_skips_revalidating_unchanged_subs_and_never_hides_a_bad_one() -> None:
+    memo: dict[str, SubscriptionSet] = {}
+    first = parse_lease("c1", _fields(), memo=memo)
+    again = parse_lease("c1", _fields(renewed_ms="3000"), memo=memo)
+    assert again.subscriptions is first.subscriptions  # the same validated value
+    assert again.renewed_ms == 3000  # everything but subs is read every time
+    changed = parse_lease("c1", _fields(subs=_subs({"trade": ["KRW-ETH"]})), memo=memo)
+    assert changed.subscriptions == SubscriptionSet({StreamKey("trade", "KRW-ETH"): 30})
+    bad = _subs({"ticker": ["krw-btc"]})
+    for _ in range(2):  # an invalid text is never remembered as valid
+        with pytest.raises(LeaseError):
+            parse_lease("c1", _fields(subs=bad), memo=memo)
+    assert bad not in memo and len(memo) == 2
+
+
 BAD_LEASES: list[tuple[str, dict[str, str], str]] = [
     ("not json", _fields(subs="{nope"), "not JSON"),
     ("json list", _fields(subs='["KRW-BTC"]'), "not JSON"),

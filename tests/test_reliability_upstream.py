@@ -265,9 +265,7 @@ async def test_a_muted_code_is_not_a_dead_connection(
         assert tap.of("gap") == []
         btc = [m["t"] for m in cm.messages("t:trade:KRW-BTC") if m["t"] >= muted_ms]
         eth_during = [
-            m
-            for m in cm.messages("t:trade:KRW-ETH")
-            if muted_window[0] < m["t"] < muted_window[1]
+            m for m in cm.messages("t:trade:KRW-ETH") if muted_window[0] < m["t"] < muted_window[1]
         ]
         assert broker.alive
     print_figures(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
@@ -300,4 +301,116 @@ async def test_publisher_survives_a_redis_restart(redis_server: RedisServer) -> 
         assert await client.hget("t:last:ticker", "KRW-BTC") == b"three"
     finally:
         await publisher.aclose()
+        await client.aclose()
+
+
+async def test_send_reports_each_buffer_once_answered_in_order(redis_url: str) -> None:
+    answered: list[tuple[Any, int]] = []
+    conn = await RespConnection.connect(
+        RespAddress.from_url(redis_url),
+        on_answered=lambda token, errors: answered.append((token, errors)),
+    )
+    try:
+        await conn.execute(encode_command(b"SET", b"s", b"text"), 1)
+        conn.send(encode_command(b"INCR", b"n") * 3, 3, token="a")
+        conn.send(encode_command(b"INCR", b"s") + encode_command(b"INCR", b"n"), 2, token="b")
+        assert answered == []  # nothing waited for: the replies are still on their way
+        assert conn.unanswered_since is not None
+        await conn.drain()
+        assert answered == [("a", 0), ("b", 1)]
+        assert conn.unanswered_since is None
+        assert await conn.execute(encode_command(b"GET", b"n"), 1) == [b"4"]
+    finally:
+        await conn.aclose()
+
+
+async def _run_publisher(publisher: Publisher) -> asyncio.Task[None]:
+    return asyncio.create_task(publisher.run(lambda: True))
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_redis_that_stops_answering_is_dropped_counted_and_reconnected(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP: writes still succeed (kernel buffers) but no reply comes. The watchdog drops
+    the connection after PIPELINE_TIMEOUT, counts the error; after SIGCONT the next burst
+    reconnects and publishes."""
+    import broker.publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "PIPELINE_TIMEOUT", 0.5)
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=None)
+    target = make_target(Keys("t"), StreamKey("ticker", "KRW-BTC"))
+    publisher = Publisher(client)
+    task = await _run_publisher(publisher)
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    try:
+        publisher.enqueue(target, b"one")
+        await wait_for(lambda: publisher.stats.published == 1, 5, message="first frame")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            publisher.enqueue(target, b"two")
+            await wait_for(lambda: publisher.stats.redis_errors >= 1, 10, message="noticed")
+            assert publisher.stats.published == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        errors = publisher.stats.redis_errors
+
+        async def three_published() -> bool:
+            publisher.enqueue(target, b"three")
+            await asyncio.sleep(0)  # let the burst go out
+            return await client.hget("t:last:ticker", "KRW-BTC") == b"three"
+
+        await wait_for(three_published, 10, message="reconnected")
+        assert publisher.stats.redis_errors == errors  # the new connection is healthy
+    finally:
+        await _stop_task(task)
+        await client.aclose()
+
+
+async def test_a_slow_redis_pauses_writes_and_loses_nothing(redis_server: RedisServer) -> None:
+    """Redis stopped while ~19 MB of frames arrive: the socket buffers fill, the transport
+    pauses, frames wait in the publisher; once Redis runs again every frame is delivered, in
+    order, with no error and no drop."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=None)
+    keys = Keys("t")
+    target = make_target(keys, StreamKey("ticker", "KRW-BTC"))
+    subscriber = _Subscriber(client)
+    await subscriber.start(target.channel)
+    publisher = Publisher(client, last_value_cache=False)
+    task = await _run_publisher(publisher)
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    frames = [b"%06d" % i + b"x" * (64 * 1024) for i in range(300)]
+    try:
+        publisher.enqueue(target, b"warm-up")
+        await wait_for(lambda: publisher.stats.published == 1, 5, message="connected")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(0, len(frames), 10):
+                for frame in frames[i : i + 10]:
+                    publisher.enqueue(target, frame)
+                await asyncio.sleep(0)  # one burst per iteration
+            await wait_for(
+                lambda: bool(publisher._conn and publisher._conn.writing_paused),
+                10,
+                message="writes paused",
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_for(
+            lambda: len(subscriber.got) == len(frames) + 1, 30, message="every frame delivered"
+        )
+        assert [m for _, m in subscriber.got[1:]] == frames
+        assert publisher.stats.published == len(frames) + 1
+        assert publisher.stats.redis_errors == 0
+        assert publisher.stats.dropped_overflow == 0
+    finally:
+        await _stop_task(task)
+        await subscriber.stop()
         await client.aclose()

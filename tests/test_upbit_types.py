@@ -270,7 +270,9 @@ CODES = st.sampled_from(["KRW-BTC", "KRW-ETH", "BTC-ETH", "USDT-SOL", "KRW-1INCH
 LEVELS = st.sampled_from([0.0, 0.0, 0.1, 1000.0, 10000.0, 1e-07])
 DEPTHS = st.sampled_from([1, 5, 15, 30])
 KEYS = st.one_of(
-    st.builds(StreamKey, st.sampled_from(sorted(PUBLIC_TYPES - {"orderbook"})), CODES),
+    st.builds(
+        StreamKey, st.sampled_from(sorted(PUBLIC_TYPES - {"orderbook"})), CODES, st.just(0.0)
+    ),
     st.builds(StreamKey, st.just("orderbook"), CODES, LEVELS),
 )
 SETS = st.dictionaries(KEYS, DEPTHS, max_size=12).map(SubscriptionSet)

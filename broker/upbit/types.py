@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from broker.upbit.codes import (
     DEFAULT_DEPTH,
@@ -103,9 +104,12 @@ class Subscription:
     is_only_realtime: bool = False
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class StreamKey:
-    """One stream, and so one Redis channel: (type, plain code, orderbook level)."""
+class StreamKey(NamedTuple):
+    """One stream, and so one Redis channel: (type, plain code, orderbook level).
+
+    A named tuple, not a dataclass: stream keys are hashed in every set operation and every
+    per-burst bookkeeping step, and a tuple hashes in C (a dataclass's ``__hash__`` is Python).
+    """
 
     type: str
     code: str
@@ -247,11 +251,22 @@ def split_stream_name(name: str) -> tuple[str, float]:
 
 def union(*sets: SubscriptionSet) -> SubscriptionSet:
     """Every stream any set wants; an orderbook stream gets the deepest depth asked for."""
+    if len(sets) == 1:
+        return sets[0]  # frozen values: the one set is its own union
     depths: dict[StreamKey, int] = {}
     for s in sets:
+        if not depths:
+            depths.update(s.depths)
+            continue
+        get = depths.get
         for key, depth in s.depths.items():
-            depths[key] = max(depths.get(key, 0), depth)
-    return SubscriptionSet(depths)
+            known = get(key)
+            if known is None or depth > known:
+                depths[key] = depth
+    # Every input already holds normalised depths, so the result needs no second pass.
+    result = object.__new__(SubscriptionSet)
+    object.__setattr__(result, "depths", depths)
+    return result
 
 
 @dataclass(frozen=True, slots=True)
