@@ -131,7 +131,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             loads = [(1000, 1, "hiredis"), (5000, 1, "hiredis"), (20000, 1, "hiredis")]
             try:
                 await section(
-                    "throughput_redis_py", lambda: bench_throughput.run_plan(server, loads, quick)
+                    "throughput_redis_py",
+                    lambda: bench_throughput.run_plan(server, loads, quick, with_baseline=False),
                 )
             finally:
                 h.configure_broker(h.BROKER_COMMAND["root"], "resp")

@@ -69,7 +69,10 @@ async def _raw_publish(server: Any, payload_bytes: int, n: int) -> dict[str, Any
     }
 
 
-async def websocket_receive(quick: bool) -> dict[str, Any]:
+async def websocket_receive(quick: bool, target_fps: float | None = None) -> dict[str, Any]:
+    """A bare websockets client subscribed to the throughput benchmark's 600 streams, directly
+    on the simulator: flat out (the ceiling), or at ``target_fps`` (the baseline the broker's
+    CPU per frame is compared with at that rate: receiving alone costs this much)."""
     seed = 7
     markets, codes = h.universe_codes(200, seed)
     request = json.dumps(
@@ -80,7 +83,7 @@ async def websocket_receive(quick: bool) -> dict[str, Any]:
         ]
     )
     duration = 2.0 if quick else 6.0
-    rate = CEILING_FPS / h.frames_per_event(markets, seed)
+    rate = (target_fps or CEILING_FPS) / h.frames_per_event(markets, seed)
     async with h.simulator(rate=rate, markets=markets, seed=seed) as sim:
         # Wait for a calm machine before the client subscribes: the market only starts then,
         # and a client that falls far behind is cut off by the simulator (as by Upbit).

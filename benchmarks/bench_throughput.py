@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from benchmarks import bench_ceilings
 from benchmarks import harness as h
 
 #: "max": an offered load of this many frames/s, more than the simulator can generate on a
@@ -187,24 +188,39 @@ def plan(quick: bool) -> list[tuple[float | None, int, str]]:
 
 
 async def run_plan(
-    server: Any, loads: list[tuple[float | None, int, str]], quick: bool, profile: Any = None
+    server: Any,
+    loads: list[tuple[float | None, int, str]],
+    quick: bool,
+    profile: Any = None,
+    with_baseline: bool = True,
 ) -> dict[str, Any]:
     duration, warmup = (1.5, 0.7) if quick else (6.0, 1.5)
     runs = []
+    baselines: dict[float, float | None] = {}
     for target, n, mode in loads:
         print(f"  throughput: {target or 'max'} frames/s, {n} {mode} consumer(s) ...", flush=True)
-        runs.append(
-            await run_load(
-                server,
-                target_fps=target,
-                n_consumers=n,
-                consumer_mode=mode,
-                duration=duration,
-                warmup=warmup,
-                profile=profile,
-                status_wait=not quick,
-            )
+        run = await run_load(
+            server,
+            target_fps=target,
+            n_consumers=n,
+            consumer_mode=mode,
+            duration=duration,
+            warmup=warmup,
+            profile=profile,
+            status_wait=not quick,
         )
+        if target is not None and with_baseline and target not in baselines:
+            # Receiving alone, at the same rate, in the same run: what any websockets client
+            # spends, so the broker's own cost (routing + publishing) is the difference.
+            print(f"  throughput: bare websockets client at {target:g} frames/s ...", flush=True)
+            bare = await bench_ceilings.websocket_receive(quick, target_fps=target)
+            baselines[target] = bare.get("client_cpu_us_per_frame")
+        bare_us = baselines.get(target) if target is not None else None
+        run["bare_client_cpu_us_per_frame"] = bare_us
+        run["broker_own_cpu_us_per_frame"] = (
+            round(run["broker_cpu_us_per_frame"] - bare_us, 2) if bare_us is not None else None
+        )
+        runs.append(run)
     return {"runs": runs, "duration_s": duration, "warmup_s": warmup}
 
 

@@ -40,6 +40,26 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             "goal": GOAL_CPU_US,
             "by_load": {_label(r): r["broker_cpu_us_per_frame"] for r in runs},
             "met_at": [_label(r) for r in runs if r["broker_cpu_us_per_frame"] <= GOAL_CPU_US],
+            # The goal's own reading: 25 us a frame is 40,000 frames/s per core of capacity.
+            "goal_frames_per_s_per_core": round(1e6 / GOAL_CPU_US),
+            "frames_per_s_per_core": max(
+                round(r["delivered_fps"] / r["broker_cpu_cores"])
+                for r in runs
+                if r["broker_cpu_cores"]
+            )
+            if any(r["broker_cpu_cores"] for r in runs)
+            else None,
+            # What a bare websockets client spends at the same rate, and the broker beyond it.
+            "bare_client_by_load": {
+                _label(r): r.get("bare_client_cpu_us_per_frame")
+                for r in runs
+                if r.get("bare_client_cpu_us_per_frame") is not None
+            },
+            "broker_own_by_load": {
+                _label(r): r.get("broker_own_cpu_us_per_frame")
+                for r in runs
+                if r.get("broker_own_cpu_us_per_frame") is not None
+            },
         }
         out["zero_loss_below_saturation"] = {
             "runs_below_saturation": len(unsat),
@@ -94,15 +114,17 @@ def table(record: dict[str, Any]) -> str:
         ]
         lines.append(
             f"  {'offered':>8} {'cons':>8} {'offered/s':>10} {'delivered/s':>11} {'loss':>5} "
-            f"{'broker us/frame':>15} {'broker cores':>12} {'RSS MB':>6} {'ours':>5} "
-            f"{'others':>6} sat"
+            f"{'broker us/frame':>15} {'bare ws':>7} {'own':>5} {'broker cores':>12} "
+            f"{'RSS MB':>6} {'ours':>5} {'others':>6} sat"
         )
         for r in tp["runs"]:
             cons = f"{r['consumers']}" + ("" if r["consumer_mode"] == "hiredis" else " r-py")
             lines.append(
                 f"  {_load(r['target_fps']):>8} {cons:>8} {r['offered_fps']:>10.0f} "
                 f"{r['delivered_fps']:>11.0f} {r['loss']:>5} "
-                f"{r['broker_cpu_us_per_frame']:>15.1f} {r['broker_cpu_cores']:>12.3f} "
+                f"{r['broker_cpu_us_per_frame']:>15.1f} "
+                f"{_f(r.get('bare_client_cpu_us_per_frame')):>7} "
+                f"{_f(r.get('broker_own_cpu_us_per_frame')):>5} {r['broker_cpu_cores']:>12.3f} "
                 f"{_mb(r['broker_rss_bytes']):>6} {r['machine_cpu_cores_used']:>5.2f} "
                 f"{r.get('other_load_cores', 0):>6.2f} {'yes' if r['saturated'] else 'no'}"
             )
@@ -240,6 +262,17 @@ def table(record: dict[str, Any]) -> str:
                 f"  broker CPU <= {g['goal']:g} us/frame: met at "
                 f"{', '.join(g['met_at']) or 'no load'}"
             )
+            if g.get("frames_per_s_per_core"):
+                goal, got = g["goal_frames_per_s_per_core"], g["frames_per_s_per_core"]
+                lines.append(
+                    f"  capacity >= {goal:,} frames/s per core: "
+                    f"{'met' if got >= goal else 'NOT met'} ({got:,} at the best load)"
+                )
+            if g.get("broker_own_by_load"):
+                own = ", ".join(
+                    f"{k} {v:g}" for k, v in g["broker_own_by_load"].items() if v is not None
+                )
+                lines.append(f"  broker beyond a bare websockets client, us/frame: {own}")
         if "zero_loss_below_saturation" in s:
             z = s["zero_loss_below_saturation"]
             lines.append(

@@ -56,6 +56,9 @@ def test_quick_benchmarks_run_and_write_a_record(tmp_path: Path) -> None:
         assert r["broker_cpu_us_per_frame"] > 0
         assert r["broker_rss_bytes"] > 0
         assert len(r["received_each"]) == 1
+        # the same-rate baseline: a bare websockets client on the simulator
+        assert r["bare_client_cpu_us_per_frame"] > 0
+        assert r["broker_own_cpu_us_per_frame"] is not None
 
     latency = record["latency"]["runs"][0]
     for path in ("broker", "direct"):
