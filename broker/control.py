@@ -125,13 +125,20 @@ class SubscriptionController:
         self._verify_at = None
         self._verify_sent_at = None
 
-    def set_desired(self, desired: SubscriptionSet, now: float) -> None:
-        """The union of all leases changed (or was recomputed: equal sets are a no-op)."""
+    def set_desired(
+        self, desired: SubscriptionSet, now: float, noticed_at: float | None = None
+    ) -> None:
+        """The union of all leases changed (or was recomputed: equal sets are a no-op).
+
+        ``noticed_at``: when the caller first heard of the change, if it already waited to
+        gather a burst of changes before computing this set; the coalescing window counts from
+        then, so a change is not held back by two windows in a row.
+        """
         if desired == self._desired:
             return
         self._desired = desired
         if self._dirty_at is None:
-            self._dirty_at = now
+            self._dirty_at = now if noticed_at is None else min(now, noticed_at)
 
     def request_snapshot(self, streams: SubscriptionSet, now: float) -> None:
         """Fetch one SNAPSHOT of ``streams`` upstream without disturbing realtime streams."""

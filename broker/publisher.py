@@ -223,6 +223,8 @@ class Publisher:
                     conn = self._conn = await resp.RespConnection.connect(
                         self._address, on_answered=self._answered, on_lost=self._connection_lost
                     )
+                    if self._watchdog is not None:
+                        self._watchdog.cancel()  # one watchdog, for the newest connection
                     self._arm_watchdog()
                 await conn.wait_writable()
             return conn

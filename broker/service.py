@@ -499,6 +499,7 @@ class Broker:
         assert self._redis is not None
         store = LeaseStore(self._redis, self.settings.namespace)
         sweeps = 0
+        noticed_at: float | None = None  # when the lease change being read was first heard of
         while True:
             wait = self.settings.reconcile_interval
             try:
@@ -506,7 +507,7 @@ class Broker:
                     await self._notice_emptied_redis()
                     listing = await store.list(scan=sweeps % 5 == 0)
                 sweeps += 1
-                self._apply_listing(listing)
+                self._apply_listing(listing, noticed_at)
                 deadlines = [lease.deadline_ms for lease in listing.leases]
                 if deadlines:
                     # Wake just after the earliest lease would expire (server clock).
@@ -516,10 +517,13 @@ class Broker:
                 self.stats.redis_errors += 1
                 logger.warning("lease reconcile failed: %s", exc)
             self._leases_dirty.clear()
+            noticed_at = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._leases_dirty.wait()
+                    noticed_at = time.monotonic()
                     # A burst of lease writes is read once: listing 1,000 leases costs ~0.1 s.
+                    # This wait is the coalescing window (the controller does not add another).
                     await asyncio.sleep(self.settings.coalesce_delay)
 
     async def _notice_emptied_redis(self) -> None:
@@ -546,7 +550,7 @@ class Broker:
     def _in_grace(self) -> bool:
         return time.monotonic() < self._grace_until
 
-    def _apply_listing(self, listing: Any) -> None:
+    def _apply_listing(self, listing: Any, noticed_at: float | None = None) -> None:
         assert self.controller is not None and self.upstream is not None
         wanted = union(*(lease.subscriptions for lease in listing.leases))
         if self._in_grace():
@@ -575,7 +579,7 @@ class Broker:
             self.desired = wanted
             now = time.monotonic()
             self._wanted_since = {k: self._wanted_since.get(k, now) for k in wanted}
-            self.controller.set_desired(wanted, now)
+            self.controller.set_desired(wanted, now, noticed_at)
             self.upstream.changed.set()
 
     # -- commands (snapshot, resubscribe) -------------------------------------------------------

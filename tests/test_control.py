@@ -65,6 +65,22 @@ def test_burst_of_changes_coalesces_into_one_request_with_the_latest_union() -> 
     assert type_objects(sent[0]) == [{"type": "ticker", "codes": ["KRW-ETH", "KRW-XRP"]}]
 
 
+def test_a_caller_that_already_coalesced_is_not_held_back_by_a_second_window() -> None:
+    c = connected()
+    c.set_desired(sset(ticker=["KRW-BTC"]), 0.0)
+    c.data_to_send(0.06)  # the first set goes out; the next change starts a new window
+    # The broker heard of a lease change at 1.00, gathered writes for 50 ms, then computed
+    # the union at 1.06: the window counts from 1.00, so the request goes out at once.
+    c.set_desired(sset(ticker=["KRW-BTC", "KRW-ETH"]), 1.06, noticed_at=1.0)
+    assert [m for m in c.data_to_send(1.06) if m != TEXT_PING] != []
+    # Without noticed_at the window counts from the call.
+    d = connected()
+    d.set_desired(sset(ticker=["KRW-BTC"]), 0.0)
+    d.data_to_send(0.06)
+    d.set_desired(sset(ticker=["KRW-BTC", "KRW-ETH"]), 1.06)
+    assert [m for m in d.data_to_send(1.06) if m != TEXT_PING] == []
+
+
 def test_streams_already_flowing_are_resent_realtime_only() -> None:
     c = connected(verify=False)
     c.set_desired(sset(ticker=["KRW-BTC"]), 0.0)
