@@ -152,7 +152,7 @@ async def test_standby_takes_over_from_a_killed_leader(
         f"max_subscribed_connections_at_once={max(counts)}, duplicate_frames_by_epoch={dups}"
     )
     print(f"[audit] {audit.line()}")
-    assert took_union <= LEADER_TTL + 1.5, took_union  # lock TTL + standby poll + connect
+    assert took_union <= LEADER_TTL + 3.0, took_union  # lock TTL + standby poll + connect
     assert len(takeovers) == 1 and takeovers[0]["broker"] == "lead-b"
     assert not dups
     assert max(counts) == 1
@@ -223,7 +223,7 @@ async def test_a_paused_leader_never_publishes_after_the_takeover(
     assert not dups, dups
     assert audit.duplicates == 0 and audit.lost_silently == 0, (audit.line(), audit.examples)
     # it went back to standby, and took over when the new leader died
-    assert back_after is not None and back_after <= LEADER_TTL + 1.5, (back_after, old_log[-2000:])
+    assert back_after is not None and back_after <= LEADER_TTL + 3.0, (back_after, old_log[-2000:])
 
 
 @pytest.mark.slow

@@ -148,7 +148,7 @@ async def test_redis_restarted_empty_while_streaming(
     for audit in audits:
         print(f"[audit] {audit.line()}")
     # one heartbeat (TTL/3 = 1 s) and a margin for a shared CI machine
-    assert max(lease_back.values()) <= LEASE_TTL / 3 + 0.5, lease_back
+    assert max(lease_back.values()) <= LEASE_TTL / 3 + 1.5, lease_back
     assert same_connection  # the upstream connection never noticed
     assert int(status["redis_errors"]) >= 1
     for cid, reasons in local_gaps.items():

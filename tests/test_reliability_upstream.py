@@ -279,7 +279,7 @@ async def test_a_muted_code_is_not_a_dead_connection(
         gap_events=0,
     )
     assert not eth_during
-    assert max_gap_ms(btc) < 1000
+    assert max_gap_ms(btc) < 2000  # flowing throughout (reconnects == 0 is asserted above)
 
 
 async def _no_quiet(redis: aioredis.Redis) -> bool:
