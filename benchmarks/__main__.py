@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness as h
-from benchmarks import report
+from benchmarks import profiling, report
 
 SECTIONS = (
     "hotpath",
@@ -30,32 +30,6 @@ SECTIONS = (
     "redis_py",
 )
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
-
-
-def _profiler(out_dir: Path) -> Any:
-    """py-spy on the broker process during each throughput window (``--profile``)."""
-    import shutil
-    import sys
-
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    counter = iter(range(1000))
-
-    def start(pid: int, duration: float) -> Any:
-        path = out_dir / f"profile-{next(counter):02d}.txt"
-
-        async def go() -> None:
-            proc = await asyncio.create_subprocess_exec(
-                spy,
-                *("record", "-p", str(pid), "-d", str(max(1, int(duration)))),
-                *("-r", "500", "-f", "raw", "-o", str(path), "--nonblocking"),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            await proc.wait()
-
-        return asyncio.ensure_future(go())
-
-    return start
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +66,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "quiet_threshold_cores": h.QUIET["threshold"],
         },
     }
-    profile = _profiler(Path(args.output).parent) if args.profile else None
+    profile = profiling.profiler(Path(args.output).parent) if args.profile else None
+    if args.profile and profile is None:
+        print("--profile: neither austin nor py-spy is installed (pip install -e '.[bench]')")
     timings: dict[str, float] = {}
     record["section_seconds"] = timings
     clock = time.monotonic()
@@ -168,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--broker-root", help="run brokers from this checkout (compare commits)")
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the broker in each throughput run"
+        "--profile",
+        action="store_true",
+        help="sample the broker (austin, else py-spy) in each throughput run",
     )
     parser.add_argument(
         "--quiet-wait",
