@@ -64,6 +64,7 @@ class BrokerCollector:
         dropped.add_metric(["malformed"], up.malformed if up else 0)
         dropped.add_metric(["overflow"], pub.dropped_overflow if pub else 0)
         dropped.add_metric(["not_leader"], pub.dropped_not_leader if pub else 0)
+        dropped.add_metric(["redis"], pub.dropped_redis if pub else 0)
         yield dropped
         yield self._batch_histogram()
         requests = CounterMetricFamily(

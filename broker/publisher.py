@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -81,6 +82,9 @@ class PublishStats:
     largest_batch: int = 0
     dropped_overflow: int = 0
     dropped_not_leader: int = 0
+    #: frames Redis never confirmed: it could not be reached, or the connection broke (or
+    #: timed out) with them unanswered (they may or may not have been published)
+    dropped_redis: int = 0
     redis_errors: int = 0
     #: commands Redis answered with an error (their frames still count in ``published``)
     reply_errors: int = 0
@@ -194,6 +198,7 @@ class Publisher:
                 await conn.drain()
         except TimeoutError:
             conn.abort(RedisError(f"no reply within {PIPELINE_TIMEOUT:.0f}s"))
+            await conn.aclose()  # returns once the loss is reported (and counted)
         except (RedisError, OSError):
             pass  # counted by _connection_lost
 
@@ -217,6 +222,7 @@ class Publisher:
         On failure the pending frames are dropped and the error counted (None)."""
         assert self._address is not None
         conn = self._conn
+        waiting = False  # connected, and waiting for a full write buffer to drain
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
                 if conn is None or conn.closed:
@@ -226,13 +232,18 @@ class Publisher:
                     if self._watchdog is not None:
                         self._watchdog.cancel()  # one watchdog, for the newest connection
                     self._arm_watchdog()
+                waiting = True
                 await conn.wait_writable()
             return conn
         except (RedisError, OSError, TimeoutError) as exc:
+            if waiting and conn is not None and conn.closed:
+                # Lost while we waited: _connection_lost counted it and woke us for the frames.
+                return None
             if conn is not None and not conn.closed:
                 conn.abort(RedisError("writes stalled"), report=False)
             self.stats.redis_errors += 1
             lost = len(self._take_batch())
+            self.stats.dropped_redis += lost
             logger.warning("publish of %d frames failed: %s", lost, exc or "timed out")
             return None
 
@@ -258,21 +269,22 @@ class Publisher:
                 parts.append(resp.encode_command(b"HSET", key, *fields))
                 commands += 1
         try:
-            conn.send(b"".join(parts), commands, token=len(batch))
+            conn.send(b"".join(parts), commands, token=batch)
         except RedisError:
-            return  # closed under us: counted by _connection_lost
+            self.stats.dropped_redis += len(batch)  # closed under us (the loss is counted)
+            return
         self._sent(batch)
 
-    def _answered(self, frames: int, errors: int) -> None:
-        self.stats.published += frames
+    def _answered(self, batch: list[tuple[Target, bytes]], errors: int) -> None:
+        self._confirmed(batch)
         if errors:
             self._reply_errors(errors)
 
-    def _connection_lost(self, why: Exception, unanswered: list[int]) -> None:
+    def _connection_lost(self, why: Exception, unanswered: list[Any]) -> None:
         self.stats.redis_errors += 1
-        logger.warning(
-            "publish connection lost with %d frames unconfirmed: %s", sum(unanswered), why
-        )
+        lost = sum(len(batch) for batch in unanswered)
+        self.stats.dropped_redis += lost
+        logger.warning("publish connection lost with %d frames unconfirmed: %s", lost, why)
         if self.pending:
             self.wake.set()  # the task reconnects for them
 
@@ -292,7 +304,8 @@ class Publisher:
 
     # -- shared by both roads -------------------------------------------------------------------
 
-    def _sent(self, batch: list[tuple[Target, bytes]]) -> None:
+    def _confirmed(self, batch: list[tuple[Target, bytes]]) -> None:
+        """Redis answered every command of ``batch``: its frames are published."""
         now = time.monotonic()
         by_type = self.published_by_type
         last_seen = self.last_seen
@@ -300,6 +313,10 @@ class Publisher:
             last_seen[target.key] = now
             by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
         self.last_publish_ms = int(time.time() * 1000)
+        self.stats.published += len(batch)
+
+    def _sent(self, batch: list[tuple[Target, bytes]]) -> None:
+        """``batch`` was written (burst statistics; snapshot waiters take their frames)."""
         n = len(batch)
         self.stats.batches += 1
         if n > self.stats.largest_batch:
@@ -318,9 +335,10 @@ class Publisher:
                 await self._send_pipeline(batch, newest)
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
+            self.stats.dropped_redis += len(batch)
             logger.warning("publish of %d frames failed: %s", len(batch), exc)
             return
-        self.stats.published += len(batch)
+        self._confirmed(batch)
         self._sent(batch)
 
     @staticmethod

@@ -190,6 +190,7 @@ class RespConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._report_loss = True
+        self._abort_reason: Exception | None = None
         self.closed = False
         #: the transport's buffer is over its high-water mark: stop writing until it drains
         self.writing_paused = False
@@ -326,7 +327,9 @@ class RespConnection(asyncio.Protocol):
         try:
             return await waiter
         except asyncio.CancelledError:
-            self.abort(RedisConnectionError("a command was abandoned half way"), report=False)
+            # Buffers written by send() die with the connection: their owner must hear of it.
+            unawaited = any(e.waiter is None for e in self._inflight)
+            self.abort(RedisConnectionError("a command was abandoned half way"), report=unawaited)
             raise
 
     def _write(self, buffer: bytes, entry: _InFlight) -> None:
@@ -394,7 +397,8 @@ class RespConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.writing_paused = False
-        why = RedisConnectionError(f"redis connection lost: {exc or 'closed by the server'}")
+        reason = exc or self._abort_reason or "closed by the server"
+        why = RedisConnectionError(f"redis connection lost: {reason}")
         unanswered = list(self._inflight)
         self._inflight.clear()
         for entry in unanswered:
@@ -415,6 +419,7 @@ class RespConnection(asyncio.Protocol):
         if self.closed:
             return
         self._report_loss = report
+        self._abort_reason = why
         self.closed = True
         if self._transport is not None:
             self._transport.abort()
@@ -423,10 +428,10 @@ class RespConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after the buffered writes (no QUIT round trip); ``on_lost`` is not called.
-        Safe to call twice."""
-        self._report_loss = False
+        Safe to call twice, and after :meth:`abort` (whose loss is still reported)."""
         if self.closed:
             return
+        self._report_loss = False
         self.closed = True
         if self._transport is not None:
             self._transport.close()

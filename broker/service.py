@@ -502,6 +502,8 @@ class Broker:
         noticed_at: float | None = None  # when the lease change being read was first heard of
         while True:
             wait = self.settings.reconcile_interval
+            # Cleared before reading, so a change that lands during the listing reads again.
+            self._leases_dirty.clear()
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     await self._notice_emptied_redis()
@@ -516,7 +518,6 @@ class Broker:
             except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
                 logger.warning("lease reconcile failed: %s", exc)
-            self._leases_dirty.clear()
             noticed_at = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -751,7 +752,8 @@ class Broker:
             "frames_in": str(up.frames_in if up else 0),
             "frames_published": str(p.stats.published if p else 0),
             "frames_dropped": str(
-                (up.dropped_unleased if up else 0) + (p.stats.dropped_overflow if p else 0)
+                (up.dropped_unleased if up else 0)
+                + (p.stats.dropped_overflow + p.stats.dropped_redis if p else 0)
             ),
             "frames_malformed": str(up.malformed if up else 0),
             "leases": str(self.stats.leases),

@@ -414,3 +414,76 @@ async def test_a_slow_redis_pauses_writes_and_loses_nothing(redis_server: RedisS
         await _stop_task(task)
         await subscriber.stop()
         await client.aclose()
+
+
+async def test_every_frame_is_accounted_when_redis_dies_under_a_paused_publisher(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stopped until writes pause, then killed: each frame ends up published or counted
+    in dropped_redis (none vanishes), and after a restart the publisher reconnects."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=None)
+    target = make_target(Keys("t"), StreamKey("ticker", "KRW-BTC"))
+    publisher = Publisher(client, last_value_cache=False)
+    task = await _run_publisher(publisher)
+    assert redis_server.proc is not None
+    frames = [b"%06d" % i + b"x" * (64 * 1024) for i in range(300)]
+    try:
+        publisher.enqueue(target, b"warm-up")
+        await wait_for(lambda: publisher.stats.published == 1, 5, message="connected")
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        for i in range(0, len(frames), 10):
+            for frame in frames[i : i + 10]:
+                publisher.enqueue(target, frame)
+            await asyncio.sleep(0)  # one burst per iteration
+        await wait_for(
+            lambda: bool(publisher._conn and publisher._conn.writing_paused), 10, message="paused"
+        )
+        redis_server.kill()  # SIGKILL ends a stopped process too
+
+        def accounted() -> bool:
+            s = publisher.stats
+            return s.published + s.dropped_redis == len(frames) + 1 and not publisher.pending
+
+        await wait_for(accounted, 10, message="every frame published or counted")
+        assert publisher.stats.redis_errors >= 1
+        assert publisher.stats.dropped_overflow == 0
+        redis_server.start()
+
+        async def published_again() -> bool:
+            publisher.enqueue(target, b"after")
+            await asyncio.sleep(0)
+            return publisher.stats.published > 1
+
+        await wait_for(published_again, 10, message="reconnected after the restart")
+    finally:
+        await _stop_task(task)
+        await client.aclose()
+
+
+async def test_a_flush_that_times_out_is_counted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "PIPELINE_TIMEOUT", 0.5)
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=None)
+    target = make_target(Keys("t"), StreamKey("ticker", "KRW-BTC"))
+    publisher = Publisher(client)
+    assert redis_server.proc is not None
+    try:
+        publisher.enqueue(target, b"one")
+        await publisher.flush()
+        assert publisher.stats.published == 1
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            publisher.enqueue(target, b"two")
+            publisher.enqueue(target, b"three")
+            await publisher.flush()  # gives up after PIPELINE_TIMEOUT
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert publisher.stats.redis_errors == 1
+        assert publisher.stats.dropped_redis == 2
+        assert publisher.stats.published == 1
+    finally:
+        await publisher.aclose()
+        await client.aclose()
