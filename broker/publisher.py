@@ -12,8 +12,9 @@ they arrive) the write does not wait for Redis: replies are counted as they come
 costs one ``write`` and no task switch. Redis that falls behind fills the transport buffer; the
 publisher then stops writing and lets frames accumulate until it drains, and a buffer
 unanswered for ``PIPELINE_TIMEOUT`` means Redis is gone (the connection is dropped, the error
-counted, the next burst reconnects). The pending list is bounded: past ``max_pending`` the
-oldest frames are dropped and counted (consumers get a gap event).
+counted, the next burst reconnects). A frame counts as published once Redis has answered its
+command; frames Redis never confirmed count as ``dropped_redis``. The pending list is bounded:
+past ``max_pending`` the oldest frames are dropped and counted (consumers get a gap event).
 
 A client raw RESP cannot speak for (a fake or exotic client) gets the same commands in the same
 order through redis-py pipelines, from the publisher's task, one pipeline in flight at a time.
