@@ -84,6 +84,23 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class LeaseReads:
+    """What :meth:`LeaseStore.read_many` found for the client ids it was given.
+
+    Attributes:
+        leases: the valid leases among them.
+        invalid: ``(client_id, reason)`` of those whose stored lease cannot be used.
+        gone: those with no lease (released, expired, or never written).
+        server_now_ms: the Redis server clock before the reads.
+    """
+
+    leases: list[Lease]
+    invalid: list[tuple[str, str]]
+    gone: list[str]
+    server_now_ms: int
+
+
+@dataclass(frozen=True)
 class LeaseListing:
     """What :meth:`LeaseStore.list` found.
 
@@ -449,6 +466,35 @@ class LeaseStore:
         if not fields:
             return None
         return parse_lease(client_id, fields, max_streams=max_streams)
+
+    async def read_many(
+        self, client_ids: Iterable[str], *, max_streams: int = MAX_LEASE_STREAMS
+    ) -> LeaseReads:
+        """The leases of just these clients (the ones a control message named): one TIME and
+        one pipeline of HGETALL. Ids that are not client ids at all are ignored."""
+        ids: builtins.list[str] = []
+        for client_id in client_ids:
+            try:
+                _check_name(client_id)
+            except LeaseError:
+                continue
+            ids.append(client_id)
+        server_now_ms = _time_ms(await self.redis.time())
+        memo = self._subs_memo.setdefault(max_streams, {})
+        leases: builtins.list[Lease] = []
+        invalid: builtins.list[tuple[str, str]] = []
+        gone: builtins.list[str] = []
+        for client_id, fields in zip(ids, await self._hgetall_many(ids), strict=True):
+            if fields == {}:
+                gone.append(client_id)
+                continue
+            try:
+                if isinstance(fields, ResponseError):
+                    raise LeaseError(f"lease key of {client_id!r} is not a hash: {fields}")
+                leases.append(parse_lease(client_id, fields, max_streams=max_streams, memo=memo))
+            except LeaseError as exc:
+                invalid.append((client_id, str(exc)))
+        return LeaseReads(leases, invalid, gone, server_now_ms)
 
     async def list(
         self, *, scan: bool = False, max_streams: int = MAX_LEASE_STREAMS

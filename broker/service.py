@@ -34,7 +34,7 @@ from broker.control import ControllerStats, SubscriptionController
 from broker.errors import BrokerError, ConfigError, NotLeaderError, UpbitErrorFrame
 from broker.keys import Keys, parse_stream_name
 from broker.leader import LeaderLock
-from broker.leases import LeaseStore
+from broker.leases import Lease, LeaseListing, LeaseStore
 from broker.publisher import Publisher, PublishStats, Target
 from broker.settings import BrokerSettings, redact_url
 from broker.upbit.codes import is_valid_code
@@ -70,6 +70,10 @@ class BrokerStats:
     leases: int = 0
     invalid_leases: int = 0
     lease_expiries: int = 0
+    #: full reads of every lease (periodic, at a deadline, or when a change cannot be pinned)
+    lease_listings: int = 0
+    #: single leases read because a control message named them (heartbeats, changes)
+    lease_reads: int = 0
     union_recomputes: int = 0
     commands: int = 0
     bad_commands: int = 0
@@ -92,6 +96,25 @@ class _SnapshotWaiter:
     deadline: float
 
 
+def _merge_reads(cache: dict[str, Lease], invalid: dict[str, str], reads: Any) -> bool:
+    """Fold :meth:`LeaseStore.read_many` results into the cached leases; True when the union
+    may have changed (a lease came, went, or asks for other streams: a renewal of the same
+    ``subs`` text gives the very same set object, see ``parse_lease``'s memo)."""
+    changed = False
+    for client_id in reads.gone:
+        invalid.pop(client_id, None)
+        changed |= cache.pop(client_id, None) is not None
+    for client_id, reason in reads.invalid:
+        invalid[client_id] = reason
+        changed |= cache.pop(client_id, None) is not None
+    for lease in reads.leases:
+        invalid.pop(lease.client_id, None)
+        old = cache.get(lease.client_id)
+        cache[lease.client_id] = lease
+        changed |= old is None or old.subscriptions is not lease.subscriptions
+    return changed
+
+
 class Broker:
     """One broker process. ``await serve(stop)`` runs until ``stop`` is set."""
 
@@ -107,6 +130,10 @@ class Broker:
         self._pub_redis: aioredis.Redis | None = None
         self._lock: LeaderLock | None = None
         self._leases_dirty = asyncio.Event()
+        #: client ids named on the control channel since the last read (see _reconcile_leases)
+        self._leases_touched: set[str] = set()
+        #: the next reconcile must read every lease (a message could not be pinned, or missed)
+        self._leases_full = True
         self._renew_now = asyncio.Event()
         self._controller_stats = ControllerStats()
         self._publish_stats = PublishStats()
@@ -117,6 +144,8 @@ class Broker:
         self._grace_until = 0.0
         self._grace_set: SubscriptionSet = EMPTY
         self._invalid_logged: set[str] = set()
+        #: the union of the valid leases alone (before any grace), kept between reconciles
+        self._leases_union: SubscriptionSet | None = None
         self._waiters: list[_SnapshotWaiter] = []
         self._confirm_waiting: set[str] = set()
         self._last_frame_ms = 0
@@ -473,6 +502,7 @@ class Broker:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.control)
+                self._leases_full = True  # messages may have been missed while unsubscribed
                 self._leases_dirty.set()
                 self._requests_dirty.set()
                 while True:
@@ -480,10 +510,18 @@ class Broker:
                     if message is None:
                         continue
                     data = message.get("data", b"")
-                    if isinstance(data, bytes) and data.startswith(b"request"):
+                    if not isinstance(data, bytes):
+                        data = b""
+                    if data.startswith(b"request"):
                         self._requests_dirty.set()
+                        continue
+                    # "lease <id>" / "release <id>": only that lease needs reading.
+                    kind, _, client_id = data.partition(b" ")
+                    if kind in (b"lease", b"release") and client_id:
+                        self._leases_touched.add(client_id.decode(errors="replace"))
                     else:
-                        self._leases_dirty.set()
+                        self._leases_full = True
+                    self._leases_dirty.set()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
                 # Redis may have restarted empty: keep the current union for one lease TTL so
@@ -495,30 +533,64 @@ class Broker:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _reconcile_leases(self) -> None:
-        """Recompute the union on every lease change, at the earliest deadline, and periodically."""
+        """Recompute the union on every lease change, at the earliest deadline, and periodically.
+
+        A control message names its lease ("lease <id>", "release <id>"), so a change, or a
+        heartbeat, costs a read of that lease, not of all of them: with 1,000 consumers
+        renewing every few seconds, re-reading every lease on every renewal kept half a core
+        busy. Every lease is read (and expired ones swept) every ``reconcile_interval``, just
+        after the earliest deadline, and whenever a message could not be pinned to a lease.
+        """
         assert self._redis is not None
         store = LeaseStore(self._redis, self.settings.namespace)
+        interval = self.settings.reconcile_interval
         sweeps = 0
         noticed_at: float | None = None  # when the lease change being read was first heard of
+        cache: dict[str, Lease] = {}  # the valid leases, as of the last reads
+        invalid: dict[str, str] = {}  # client id -> why its lease was skipped
+        full_at = 0.0  # monotonic time the next full listing is due
+        self._leases_touched = set()
+        self._leases_full = True
         while True:
-            wait = self.settings.reconcile_interval
-            # Cleared before reading, so a change that lands during the listing reads again.
+            # Cleared before reading, so a change that lands during the reads reads again.
             self._leases_dirty.clear()
+            touched, self._leases_touched = self._leases_touched, set()
+            now = time.monotonic()
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     await self._notice_emptied_redis()
-                    listing = await store.list(scan=sweeps % 5 == 0)
-                sweeps += 1
-                self._apply_listing(listing, noticed_at)
-                deadlines = [lease.deadline_ms for lease in listing.leases]
-                if deadlines:
-                    # Wake just after the earliest lease would expire (server clock).
-                    until = (min(deadlines) - listing.server_now_ms) / 1000 + 0.02
-                    wait = max(0.01, min(wait, until))
+                    if self._leases_full or now >= full_at or not touched:
+                        self._leases_full = False
+                        listing = await store.list(scan=sweeps % 5 == 0)
+                        sweeps += 1
+                        self.stats.lease_listings += 1
+                        cache = {lease.client_id: lease for lease in listing.leases}
+                        invalid = dict(listing.invalid)
+                        changed = True
+                        full_at = now + interval
+                    else:
+                        reads = await store.read_many(touched)
+                        self.stats.lease_reads += len(touched)
+                        changed = _merge_reads(cache, invalid, reads)
+                        listing = LeaseListing(
+                            leases=list(cache.values()),
+                            invalid=sorted(invalid.items()),
+                            expired=[],
+                            server_now_ms=reads.server_now_ms,
+                        )
+                self._apply_listing(listing, noticed_at, leases_changed=changed)
+                if cache:
+                    # A full listing just after the earliest lease would expire (server clock).
+                    earliest = min(lease.deadline_ms for lease in cache.values())
+                    until = (earliest - listing.server_now_ms) / 1000 + 0.02
+                    full_at = min(full_at, now + max(0.01, until))
             except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
+                self._leases_full = True
+                self._leases_touched |= touched
                 logger.warning("lease reconcile failed: %s", exc)
             noticed_at = None
+            wait = max(0.01, full_at - time.monotonic()) if not self._leases_full else interval
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._leases_dirty.wait()
@@ -551,9 +623,13 @@ class Broker:
     def _in_grace(self) -> bool:
         return time.monotonic() < self._grace_until
 
-    def _apply_listing(self, listing: Any, noticed_at: float | None = None) -> None:
+    def _apply_listing(
+        self, listing: Any, noticed_at: float | None = None, leases_changed: bool = True
+    ) -> None:
         assert self.controller is not None and self.upstream is not None
-        wanted = union(*(lease.subscriptions for lease in listing.leases))
+        if leases_changed or self._leases_union is None:
+            self._leases_union = union(*(lease.subscriptions for lease in listing.leases))
+        wanted = self._leases_union
         if self._in_grace():
             wanted = union(wanted, self._grace_set)
         for client_id, reason in listing.invalid:

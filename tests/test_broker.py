@@ -345,3 +345,34 @@ async def test_redis_restart_keeps_the_union_until_leases_are_reasserted(
             assert broker.is_leader
     finally:
         await client.aclose()
+
+
+async def test_a_control_message_reads_only_its_lease_and_expiry_still_sweeps(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """Heartbeats and changes name their lease on the control channel: the broker reads that
+    lease alone (no full listing per heartbeat); a lease that stops renewing is still swept
+    by the full listing at its deadline. reconcile_interval is long, so any full listing
+    seen here was caused by a deadline, not by the clock."""
+    async with running_simulator(seed=5) as sim:
+        settings = fast_settings(redis_url, sim.url, reconcile_interval=60.0)
+        async with started_broker(settings) as broker:
+            await write_lease(redis_client, "steady", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)
+            await wait_upstream(sim, {"ticker": {"KRW-BTC"}})
+            listings, reads = broker.stats.lease_listings, broker.stats.lease_reads
+            for _ in range(10):  # heartbeats: the same lease again
+                await write_lease(redis_client, "steady", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)
+            await wait_for(lambda: broker.stats.lease_reads >= reads + 1, 5, message="reads")
+            # A change rides the same road: only the named lease is read.
+            await write_lease(redis_client, "steady", {"ticker": ["KRW-ETH"]}, ttl_ms=60_000)
+            await wait_upstream(sim, {"ticker": {"KRW-ETH"}})
+            await write_lease(redis_client, "brief", {"trade": ["KRW-XRP"]}, ttl_ms=3000)
+            await wait_upstream(sim, {"ticker": {"KRW-ETH"}, "trade": {"KRW-XRP"}})
+            assert broker.stats.lease_listings == listings  # no heartbeat caused a full read
+            # "brief" stops renewing: the listing at its deadline sweeps it.
+            await wait_upstream(sim, {"ticker": {"KRW-ETH"}}, timeout=10.0)
+            assert broker.stats.lease_listings > listings
+            assert broker.stats.lease_expiries >= 1
+            # A release is read alone too.
+            await LeaseStore(redis_client, "t").release("steady")
+            await wait_for(lambda: broker.stats.leases == 0, 5, message="released")
