@@ -199,6 +199,12 @@ def table(record: dict[str, Any]) -> str:
             f"{p['list_and_parse_leases_ms']} ms, union {p['union_ms']} ms, request "
             f"{p['build_request_ms']} ms ({p['request_bytes']} bytes)",
         ]
+        hb = sc.get("heartbeats")
+        if hb:
+            lines.append(
+                f"  every lease renewed each 10/3 s ({hb['renewals_per_s']:.0f} renewals/s): "
+                f"broker {hb['broker_cpu_cores']:.3f} cores"
+            )
     ce = record.get("ceilings")
     if ce:
         rp_, ws = ce["redis_publish"], ce["websocket_receive"]

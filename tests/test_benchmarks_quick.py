@@ -77,6 +77,7 @@ def test_quick_benchmarks_run_and_write_a_record(tmp_path: Path) -> None:
     scale = record["scale"]
     assert scale["leases"] == 1000 and scale["codes"] == 800
     assert scale["broker_rss_after_bytes"] > 0
+    assert scale["heartbeats"]["renewals_per_s"] > 0 and scale["heartbeats"]["broker_cpu_cores"] > 0
 
     ceilings = record["ceilings"]
     assert ceilings["redis_publish"]["publish_per_s"] > 0
