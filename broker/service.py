@@ -34,7 +34,7 @@ from broker.control import ControllerStats, SubscriptionController
 from broker.errors import BrokerError, ConfigError, NotLeaderError, UpbitErrorFrame
 from broker.keys import Keys, parse_stream_name
 from broker.leader import LeaderLock
-from broker.leases import Lease, LeaseListing, LeaseStore
+from broker.leases import Lease, LeaseListing, LeaseReads, LeaseStore
 from broker.publisher import Publisher, PublishStats, Target
 from broker.settings import BrokerSettings, redact_url
 from broker.upbit.codes import is_valid_code
@@ -96,7 +96,7 @@ class _SnapshotWaiter:
     deadline: float
 
 
-def _merge_reads(cache: dict[str, Lease], invalid: dict[str, str], reads: Any) -> bool:
+def _merge_reads(cache: dict[str, Lease], invalid: dict[str, str], reads: LeaseReads) -> bool:
     """Fold :meth:`LeaseStore.read_many` results into the cached leases; True when the union
     may have changed (a lease came, went, or asks for other streams: a renewal of the same
     ``subs`` text gives the very same set object, see ``parse_lease``'s memo)."""

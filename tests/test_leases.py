@@ -564,3 +564,27 @@ async def test_namespaces_are_separate(redis_client: aioredis.Redis) -> None:
     assert (await two.list(scan=True)).leases == []
     with pytest.raises(LeaseError, match="namespace"):
         LeaseStore(redis_client, "bad ns")
+
+
+def test_merging_single_lease_reads_reports_only_what_can_change_the_union() -> None:
+    from broker.leases import LeaseReads
+    from broker.service import _merge_reads
+
+    memo: dict[str, SubscriptionSet] = {}
+    a = parse_lease("a", _fields(client_id="a"), memo=memo)
+    b = parse_lease("b", _fields(client_id="b", subs=_subs({"trade": ["KRW-ETH"]})), memo=memo)
+    cache: dict[str, Lease] = {"a": a, "b": b}
+    invalid: dict[str, str] = {}
+
+    def merge(leases: list[Lease], bad: list[tuple[str, str]], gone: list[str]) -> bool:
+        return _merge_reads(cache, invalid, LeaseReads(leases, bad, gone, 0))
+
+    renewed = parse_lease("a", _fields(client_id="a", renewed_ms="5000"), memo=memo)
+    assert not merge([renewed], [], [])  # a heartbeat: same subs text, same set object
+    assert cache["a"].renewed_ms == 5000  # but the new deadline is kept
+    changed = parse_lease("a", _fields(client_id="a", subs=_subs({"ticker": ["KRW-XRP"]})))
+    assert merge([changed], [], [])
+    assert merge([], [("b", "garbage")], []) and "b" not in cache and invalid == {"b": "garbage"}
+    assert not merge([], [], ["nobody"])  # a release of a lease we never had
+    assert merge([], [], ["a"]) and cache == {}
+    assert merge([b], [], []) and invalid == {}  # b fixed its lease
