@@ -92,12 +92,14 @@ class LeaseReads:
         invalid: ``(client_id, reason)`` of those whose stored lease cannot be used.
         gone: those with no lease (released, expired, or never written).
         server_now_ms: the Redis server clock before the reads.
+        ignored: ids that are not client ids at all (not read).
     """
 
     leases: list[Lease]
     invalid: list[tuple[str, str]]
     gone: list[str]
     server_now_ms: int
+    ignored: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -471,12 +473,14 @@ class LeaseStore:
         self, client_ids: Iterable[str], *, max_streams: int = MAX_LEASE_STREAMS
     ) -> LeaseReads:
         """The leases of just these clients (the ones a control message named): one TIME and
-        one pipeline of HGETALL. Ids that are not client ids at all are ignored."""
+        one pipeline of HGETALL. Ids that are not client ids at all are not read (``ignored``)."""
         ids: builtins.list[str] = []
+        ignored: builtins.list[str] = []
         for client_id in client_ids:
             try:
                 _check_name(client_id)
             except LeaseError:
+                ignored.append(client_id)
                 continue
             ids.append(client_id)
         server_now_ms = _time_ms(await self.redis.time())
@@ -494,7 +498,7 @@ class LeaseStore:
                 leases.append(parse_lease(client_id, fields, max_streams=max_streams, memo=memo))
             except LeaseError as exc:
                 invalid.append((client_id, str(exc)))
-        return LeaseReads(leases, invalid, gone, server_now_ms)
+        return LeaseReads(leases, invalid, gone, server_now_ms, ignored)
 
     async def list(
         self, *, scan: bool = False, max_streams: int = MAX_LEASE_STREAMS

@@ -558,8 +558,8 @@ class Broker:
             now = time.monotonic()
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
-                    await self._notice_emptied_redis()
-                    if self._leases_full or now >= full_at or not touched:
+                    emptied = await self._notice_emptied_redis()
+                    if self._leases_full or emptied or now >= full_at or not touched:
                         self._leases_full = False
                         listing = await store.list(scan=sweeps % 5 == 0)
                         sweeps += 1
@@ -570,7 +570,9 @@ class Broker:
                         full_at = now + interval
                     else:
                         reads = await store.read_many(touched)
-                        self.stats.lease_reads += len(touched)
+                        self.stats.lease_reads += len(touched) - len(reads.ignored)
+                        if reads.ignored:
+                            full_at = now  # a message we cannot pin: read them all, now
                         changed = _merge_reads(cache, invalid, reads)
                         listing = LeaseListing(
                             leases=list(cache.values()),
@@ -583,14 +585,17 @@ class Broker:
                     # A full listing just after the earliest lease would expire (server clock).
                     earliest = min(lease.deadline_ms for lease in cache.values())
                     until = (earliest - listing.server_now_ms) / 1000 + 0.02
-                    full_at = min(full_at, now + max(0.01, until))
+                    # Already due but still there: Redis expires keys a little late; retry
+                    # at a calm pace rather than every 10 ms.
+                    full_at = min(full_at, now + (max(0.01, until) if until > 0 else 0.1))
             except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
-                self._leases_full = True
+                self._leases_full = True  # read everything once Redis answers again
+                full_at = time.monotonic() + interval
                 self._leases_touched |= touched
                 logger.warning("lease reconcile failed: %s", exc)
             noticed_at = None
-            wait = max(0.01, full_at - time.monotonic()) if not self._leases_full else interval
+            wait = max(0.01, full_at - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._leases_dirty.wait()
@@ -599,16 +604,18 @@ class Broker:
                     # This wait is the coalescing window (the controller does not add another).
                     await asyncio.sleep(self.settings.coalesce_delay)
 
-    async def _notice_emptied_redis(self) -> None:
+    async def _notice_emptied_redis(self) -> bool:
         """A Redis that restarted empty has lost every lease until consumers re-assert them
         (within one heartbeat): hold the current union for one lease TTL instead of
         unsubscribing everyone. The epoch counter is the witness: it only vanishes with the data.
+        True when that just happened (the caller re-reads every lease).
         """
         assert self._redis is not None
         if self.epoch == 0 or await self._redis.get(self.keys.epoch) is not None:
-            return
+            return False
         await self._redis.set(self.keys.epoch, self.epoch, nx=True)
         self._hold_union("redis lost its data")
+        return True
 
     def _hold_union(self, why: str) -> None:
         self._grace_until = time.monotonic() + self.settings.lease_ttl

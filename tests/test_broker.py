@@ -376,3 +376,9 @@ async def test_a_control_message_reads_only_its_lease_and_expiry_still_sweeps(
             # A release is read alone too.
             await LeaseStore(redis_client, "t").release("steady")
             await wait_for(lambda: broker.stats.leases == 0, 5, message="released")
+            # A message naming no valid client id cannot be pinned: every lease is read.
+            listings = broker.stats.lease_listings
+            await redis_client.publish("t:control", "lease not a client id")
+            await wait_for(
+                lambda: broker.stats.lease_listings > listings, 5, message="a full listing"
+            )
