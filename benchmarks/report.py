@@ -43,12 +43,13 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             # The goal's own reading: 25 us a frame is 40,000 frames/s per core of capacity.
             "goal_frames_per_s_per_core": round(1e6 / GOAL_CPU_US),
             "frames_per_s_per_core": max(
-                round(r["delivered_fps"] / r["broker_cpu_cores"])
-                for r in runs
-                if r["broker_cpu_cores"]
-            )
-            if any(r["broker_cpu_cores"] for r in runs)
-            else None,
+                (
+                    round(r["delivered_fps"] / r["broker_cpu_cores"])
+                    for r in runs
+                    if r["broker_cpu_cores"]
+                ),
+                default=None,
+            ),
             # What a bare websockets client spends at the same rate, and the broker beyond it.
             "bare_client_by_load": {
                 _label(r): r.get("bare_client_cpu_us_per_frame")

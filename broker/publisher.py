@@ -192,8 +192,7 @@ class Publisher:
         conn = await self._ready_connection()
         if conn is None:
             return
-        for start in range(0, len(batch := self._take_batch()), MAX_PIPELINE):
-            self._write_raw(conn, batch[start : start + MAX_PIPELINE])
+        self._write_all(conn, self._take_batch())
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
                 await conn.drain()
@@ -256,6 +255,9 @@ class Publisher:
         if not self._may_publish():
             self.stats.dropped_not_leader += len(batch)
             return
+        self._write_all(conn, batch)
+
+    def _write_all(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
         for start in range(0, len(batch), MAX_PIPELINE):
             self._write_raw(conn, batch[start : start + MAX_PIPELINE])
 

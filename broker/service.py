@@ -631,7 +631,7 @@ class Broker:
         return time.monotonic() < self._grace_until
 
     def _apply_listing(
-        self, listing: Any, noticed_at: float | None = None, leases_changed: bool = True
+        self, listing: LeaseListing, noticed_at: float | None = None, leases_changed: bool = True
     ) -> None:
         assert self.controller is not None and self.upstream is not None
         if leases_changed or self._leases_union is None:
