@@ -21,19 +21,25 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# Dependencies first, in their own layer: rebuilt only when the lock changes. Every package,
-# transitive ones included, is pinned in requirements.lock; --no-deps makes a missing pin fail
+# Dependencies first, in their own layer: rebuilt only when they change. Every runtime package,
+# transitive ones included, is pinned in requirements/runtime.txt (the runtime part of
+# requirements/lock.txt, both written by `make lock`); --no-deps makes a missing pin fail
 # `pip check` below instead of silently pulling an unpinned version.
-COPY requirements.lock /tmp/requirements.lock
-RUN pip install --no-deps -r /tmp/requirements.lock
+COPY requirements/runtime.txt /tmp/requirements/runtime.txt
+RUN pip install --no-deps -r /tmp/requirements/runtime.txt
 
-# Then the project itself (only its packages; .dockerignore keeps tests, caches, .git out).
+# The build backend at its locked version, so the project is built as `make install` builds it.
+COPY requirements/lock.txt /tmp/requirements/lock.txt
+RUN pip install -c /tmp/requirements/lock.txt setuptools
+
+# Then the project itself (only its packages; .dockerignore keeps tests, caches, .git out),
+# built with that setuptools (no isolated build env fetching the newest one).
 COPY pyproject.toml README.md /src/
 COPY broker /src/broker
 COPY cli /src/cli
 COPY consumers /src/consumers
 COPY simulator /src/simulator
-RUN pip install --no-deps /src \
+RUN pip install --no-deps --no-build-isolation /src \
     && pip check \
     && pip uninstall --yes setuptools pip
 

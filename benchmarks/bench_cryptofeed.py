@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from benchmarks import harness as h
 from benchmarks.bench_throughput import run_load
+from broker.redis_client import redis_client
 
 TYPES = ("trade", "orderbook")
 
@@ -52,7 +53,7 @@ async def _run_cryptofeed(
 ) -> dict[str, Any]:
     markets, codes = h.universe_codes(200, seed)
     fpe = h.frames_per_event(markets, seed, TYPES)
-    client = aioredis.Redis.from_url(server.url)
+    client = redis_client(server.url)
     await client.flushall()
     await client.config_resetstat()
     fd, codes_file = tempfile.mkstemp(prefix="upbit-bench-codes-")

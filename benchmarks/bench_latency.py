@@ -18,10 +18,9 @@ import asyncio
 import json
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from benchmarks import harness as h
 from benchmarks.bench_throughput import wait_subscribed
+from broker.redis_client import redis_client
 
 
 def _match(sends: list[list[int]], recv: list[list[int]]) -> dict[str, Any]:
@@ -66,7 +65,7 @@ async def run_rate(
     markets, codes = h.universe_codes(200, seed)
     fpe = h.frames_per_event(markets, seed)
     streams = h.load_streams(codes)
-    client = aioredis.Redis.from_url(server.url)
+    client = redis_client(server.url)
     await client.flushall()
     out: dict[str, Any] = {"target_fps": target_fps, "codes": len(codes)}
     try:

@@ -19,10 +19,9 @@ import asyncio
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from benchmarks import harness as h
 from benchmarks.bench_throughput import broker_status, wait_subscribed
+from broker.redis_client import redis_client
 
 
 def _first_data_after(events: list[list[Any]], kind: str, after_ns: int, **match: Any) -> Any:
@@ -42,7 +41,7 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
     events_channel = f"{h.NAMESPACE}:events"
     drops = 1 if quick else 5
     leader_ttl = 1.5 if quick else 5.0  # 5.0 is the default
-    client = aioredis.Redis.from_url(server.url)
+    client = redis_client(server.url)
     await client.flushall()
     out: dict[str, Any] = {}
     try:

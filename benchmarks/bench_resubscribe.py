@@ -16,9 +16,8 @@ import random
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from benchmarks import harness as h
+from broker.redis_client import redis_client
 
 
 async def _subscriptions(sim: h.SimProc) -> tuple[dict[str, set[str]], int]:
@@ -39,7 +38,7 @@ def _union(leases: dict[str, dict[str, list[str]]]) -> dict[str, set[str]]:
 async def run(server: Any, quick: bool) -> dict[str, Any]:
     seed = 5
     markets, codes = h.universe_codes(200, seed)
-    client = aioredis.Redis.from_url(server.url)
+    client = redis_client(server.url)
     await client.flushall()
     probes = 3 if quick else 10
     spacing = 0.6 if quick else 1.5

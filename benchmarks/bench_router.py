@@ -31,11 +31,11 @@ _EXAMPLES = {
 
 
 def examples_dir() -> Path:
-    """``../shared/upbit/examples`` next to the repository, or ``$UPBIT_EXAMPLES_DIR``."""
+    """The in-repository copies of the Upbit examples, or ``$UPBIT_EXAMPLES_DIR``."""
     env = os.environ.get("UPBIT_EXAMPLES_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "upbit" / "examples"
+    return Path(__file__).resolve().parents[1] / "tests" / "data" / "upbit_examples"
 
 
 def frames() -> list[tuple[str, str, bytes]]:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from benchmarks import harness as h
 from broker.control import SubscriptionController
 from broker.leases import LeaseStore
+from broker.redis_client import redis_client
 from broker.upbit.types import union
 
 
@@ -69,7 +70,7 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
     markets, codes = h.universe_codes(n_codes, seed)
     leases = make_leases(codes, n_leases, seed)
     want = _union(leases)
-    client = aioredis.Redis.from_url(server.url)
+    client = redis_client(server.url)
     await client.flushall()
     out: dict[str, Any] = {"leases": n_leases, "codes": len(codes)}
     try:

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from benchmarks import bench_ceilings
 from benchmarks import harness as h
+from broker.redis_client import redis_client
 
 #: "max": an offered load of this many frames/s, more than the simulator can generate on a
 #: 2-core machine, so it runs flat out (its ``events_skipped`` counts what it could not make).
@@ -79,7 +80,7 @@ async def run_load(
     fpe = h.frames_per_event(markets, seed, types)
     rate = (MAX_FPS if target_fps is None else target_fps) / fpe
     streams = h.load_streams(codes, types)
-    client = aioredis.Redis.from_url(server.url)
+    client = redis_client(server.url)
     await client.flushall()
     settings = dict(broker_settings or {})
     try:

@@ -12,13 +12,16 @@ This is the contract with consumers in any language (README, "Redis schema"):
     {ns}:epoch                     STRING  upstream connection counter (INCR per connection)
     {ns}:status                    HASH    the leader's state, refreshed every second
     {ns}:last:{stream}             HASH    code -> the latest frame of that stream (exact bytes)
-    {ns}:events                    CHANNEL JSON events: gap, connected, leader
+    {ns}:events                    CHANNEL JSON events: gap, connected, leader, lease
     {ns}:{stream}:{code}           CHANNEL every frame of one stream, exact upstream bytes
 
 ``{stream}`` is the data type (``ticker``, ``trade``, ``orderbook``, ``candle.1m`` ...), or
 ``orderbook@{level}`` for an orderbook grouped by a non-zero ``level``.
 Only validated names reach these functions: market codes through ``broker.upbit.codes``,
-namespaces and client ids through :func:`validate_name`.
+namespaces and client ids through :func:`validate_name`. The lease scripts
+(``broker/lease.lua``, ``broker/lease_release.lua``) repeat two of these rules in Lua, for
+consumers that run them by hand: the client id alphabet, and ``{ns}:control`` named after the
+index key ``{ns}:leases``.
 """
 
 from __future__ import annotations

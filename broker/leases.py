@@ -5,9 +5,21 @@ A lease is the HASH ``{ns}:lease:{client_id}`` (PEXPIRE = its TTL) indexed by th
 the Redis server's clock (``TIME``, read inside the scripts), never a client's, so consumers and
 brokers on hosts with skewed clocks agree on who has expired.
 
+A lease is served while its hash exists and its ``deadline_ms`` field is later than the server
+clock; the key's expiry only cleans up, and the index score only helps find leases.
+
 The pure half (:class:`Lease`, :func:`encode_lease_fields`, :func:`parse_lease`) holds the
 validation rules; :class:`LeaseStore` only moves fields between Redis and them. Redis errors
 (``redis.RedisError``) propagate unchanged; a lease that cannot be read is a :class:`LeaseError`.
+
+A lease is judged entry by entry: a ``subs`` of the right shape whose entries are partly bad
+(``{"ticker":["KRW-BTC","krw-eth"]}``) is served for its good entries and keeps the bad ones in
+:attr:`Lease.rejected`; only a lease that is wrong as a whole (a missing or malformed field,
+``subs`` that is not JSON ``{stream: [codes]}``, too many entries, nothing servable) is invalid.
+
+The writes are the Lua scripts shipped next to this module (``lease.lua``,
+``lease_release.lua``): the same files a consumer in another language runs (README, "The
+lease contract").
 """
 
 from __future__ import annotations
@@ -15,8 +27,9 @@ from __future__ import annotations
 import builtins
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import msgspec
@@ -56,14 +69,69 @@ _SCAN_COUNT = 1000
 
 _subs_decoder = msgspec.json.Decoder(dict[str, list[str]])
 _subs_encoder = msgspec.json.Encoder(order="sorted")
+#: reasons a summary of rejected entries names before "and N more"
+_REJECTED_SHOWN = 5
+
+
+def lua_script(name: str) -> str:
+    """The text of a Lua script shipped in this package (``lease.lua``, ``lease_release.lua``)."""
+    return resources.files("broker").joinpath(name).read_text(encoding="utf-8")
+
+
+#: The lease write (and heartbeat) script; README "The lease contract" quotes this file.
+LEASE_LUA = lua_script("lease.lua")
+#: The release script.
+RELEASE_LUA = lua_script("lease_release.lua")
 
 
 # -- the pure half ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """One entry of a lease's ``subs`` that cannot be served, as written (any text), and why.
+
+    ``stream`` is the key of ``subs`` (``ticker``, ``orderbook@10000`` ...), ``code`` one entry of
+    its list; an unknown stream rejects each of its codes.
+    """
+
+    stream: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedSubs:
+    """A validated ``subs`` field: what is served, and the entries that are not."""
+
+    subscriptions: SubscriptionSet
+    rejected: tuple[Rejected, ...] = ()
+
+
+def rejected_by_type(rejected: Iterable[Rejected]) -> dict[str, list[str]]:
+    """Rejected entries in the shape of ``subs``: ``{stream: [codes]}``."""
+    out: dict[str, list[str]] = {}
+    for entry in rejected:
+        out.setdefault(entry.stream, []).append(entry.code)
+    return out
+
+
+def describe_rejected(rejected: Sequence[Rejected]) -> str:
+    """One line naming why entries were rejected (each reason once, the first few)."""
+    reasons = list(dict.fromkeys(entry.reason for entry in rejected))
+    text = "; ".join(reasons[:_REJECTED_SHOWN])
+    if len(reasons) > _REJECTED_SHOWN:
+        text += f"; and {len(reasons) - _REJECTED_SHOWN} more"
+    return text
+
+
 @dataclass(frozen=True)
 class Lease:
-    """One consumer's lease as stored in Redis; every ``*_ms`` is the Redis server clock."""
+    """One consumer's lease as stored in Redis; every ``*_ms`` is the Redis server clock.
+
+    ``subscriptions`` is what the broker serves; ``rejected`` the entries of ``subs`` it skips
+    (empty for a lease written by this library, which validates before writing).
+    """
 
     client_id: str
     host: str
@@ -73,6 +141,7 @@ class Lease:
     created_ms: int
     renewed_ms: int
     deadline_ms: int
+    rejected: tuple[Rejected, ...] = ()
 
     def expires_in_ms(self, now_ms: int) -> int:
         """Milliseconds from ``now_ms`` (server clock) to the deadline; negative once past it."""
@@ -82,17 +151,23 @@ class Lease:
         """``{stream: [codes]}`` as in the ``subs`` field (orderbook depth suffixes, levels)."""
         return self.subscriptions.by_type()
 
+    def rejected_by_type(self) -> dict[str, list[str]]:
+        """The rejected entries as ``{stream: [codes]}``, exactly as written."""
+        return rejected_by_type(self.rejected)
+
 
 @dataclass(frozen=True)
 class LeaseReads:
     """What :meth:`LeaseStore.read_many` found for the client ids it was given.
 
     Attributes:
-        leases: the valid leases among them.
+        leases: the valid leases among them (some may carry rejected entries).
         invalid: ``(client_id, reason)`` of those whose stored lease cannot be used.
         gone: those with no lease (released, expired, or never written).
         server_now_ms: the Redis server clock before the reads.
         ignored: ids that are not client ids at all (not read).
+        expired: those whose hash is still there but whose ``deadline_ms`` has passed (a hash
+            written without PEXPIRE): not served.
     """
 
     leases: list[Lease]
@@ -100,6 +175,7 @@ class LeaseReads:
     gone: list[str]
     server_now_ms: int
     ignored: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -107,9 +183,12 @@ class LeaseListing:
     """What :meth:`LeaseStore.list` found.
 
     Attributes:
-        leases: every valid lease, sorted by client id.
+        leases: every valid lease, sorted by client id (a partly served one carries its
+            rejected entries in :attr:`Lease.rejected`).
         invalid: ``(client_id, reason)`` of every lease that could not be used (skipped).
-        expired: client ids that were in the index but whose hash is gone (removed from it).
+        expired: client ids that were in the index but whose hash is gone (removed from it),
+            and those whose hash is still there past its ``deadline_ms`` (not served; a hash
+            written without PEXPIRE), sorted.
         server_now_ms: the Redis server clock when the listing started.
         unindexed: client ids whose hash was found by SCAN but is missing from the index
             (they are also in ``leases`` or ``invalid``); always empty without ``scan=True``.
@@ -167,19 +246,22 @@ def parse_lease(
     fields: Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str],
     *,
     max_streams: int = MAX_LEASE_STREAMS,
-    memo: dict[str, SubscriptionSet] | None = None,
+    memo: dict[str, ParsedSubs] | None = None,
 ) -> Lease:
     """Validate the HASH fields of ``{ns}:lease:{client_id}`` into a :class:`Lease`.
 
+    Entries of ``subs`` naming an unknown stream or an invalid code are skipped into
+    :attr:`Lease.rejected` (see :func:`parse_subs`); the rest is served.
+
     ``memo`` maps ``subs`` texts already validated (under the same ``max_streams``) to their
-    sets, and learns new ones: the broker lists every lease each second and a lease's ``subs``
-    rarely changes, so hundreds of streams need not be re-validated every time.
+    results, and learns new ones: the broker lists every lease each second and a lease's
+    ``subs`` rarely changes, so hundreds of streams need not be re-validated every time.
 
     Raises:
         LeaseError: with the reason, for missing fields, a wrong version, a client id that does
             not match the key, non-integer numbers, ``subs`` that is not JSON
-            ``{stream: [codes]}``, an unknown stream, an invalid code, or more than
-            ``max_streams`` streams.
+            ``{stream: [codes]}``, more than ``max_streams`` entries, or no servable entry
+            among some rejected ones.
     """
     _check_name(client_id)
     text = {_text(k, "field name"): _text(v, "field value") for k, v in fields.items()}
@@ -193,21 +275,25 @@ def parse_lease(
     ttl_ms = _int_field(text, "ttl_ms", client_id)
     if ttl_ms <= 0:
         raise LeaseError(f"lease {client_id!r} has ttl_ms {ttl_ms}, expected > 0")
+    pid = _int_field(text, "pid", client_id)
+    created_ms = _int_field(text, "created_ms", client_id)
+    renewed_ms = _int_field(text, "renewed_ms", client_id)
+    deadline_ms = _int_field(text, "deadline_ms", client_id)
+    subs = _memo_subs(text["subs"], max_streams, memo)
     return Lease(
         client_id=client_id,
         host=text["host"],
-        pid=_int_field(text, "pid", client_id),
-        subscriptions=_memo_subs(text["subs"], max_streams, memo),
+        pid=pid,
+        subscriptions=subs.subscriptions,
         ttl_ms=ttl_ms,
-        created_ms=_int_field(text, "created_ms", client_id),
-        renewed_ms=_int_field(text, "renewed_ms", client_id),
-        deadline_ms=_int_field(text, "deadline_ms", client_id),
+        created_ms=created_ms,
+        renewed_ms=renewed_ms,
+        deadline_ms=deadline_ms,
+        rejected=subs.rejected,
     )
 
 
-def _memo_subs(
-    raw: str, max_streams: int, memo: dict[str, SubscriptionSet] | None
-) -> SubscriptionSet:
+def _memo_subs(raw: str, max_streams: int, memo: dict[str, ParsedSubs] | None) -> ParsedSubs:
     if memo is None:
         return parse_subs(raw, max_streams=max_streams)
     known = memo.get(raw)
@@ -216,13 +302,16 @@ def _memo_subs(
     return known
 
 
-def parse_subs(raw: str, *, max_streams: int = MAX_LEASE_STREAMS) -> SubscriptionSet:
-    """``{"orderbook@10000": ["KRW-BTC.15"], ...}`` -> a :class:`SubscriptionSet`.
+def parse_subs(raw: str, *, max_streams: int = MAX_LEASE_STREAMS) -> ParsedSubs:
+    """``{"orderbook@10000": ["KRW-BTC.15"], ...}`` -> what is served, and what is rejected.
+
+    An entry naming an unknown stream, an invalid code (anything but Upbit's ``KRW-BTC`` shape,
+    so no ``*``, ``?``, spaces or newlines), or a bad depth suffix (or one outside orderbook)
+    is rejected on its own; every other entry is served.
 
     Raises:
-        LeaseError: not JSON of that shape, an unknown stream name, an invalid code (anything
-            but Upbit's ``KRW-BTC`` shape, so no ``*``, ``?``, spaces or newlines), a depth
-            suffix outside orderbook, or more than ``max_streams`` entries.
+        LeaseError: ``subs`` is too large or not JSON of that shape, has more than
+            ``max_streams`` entries, or rejects entries and serves none (``{}`` is valid).
     """
     if len(raw) > max_streams * _SUBS_BYTES_PER_STREAM + 4096:
         raise LeaseError(f"subs is {len(raw)} characters, too large for {max_streams} streams")
@@ -234,13 +323,24 @@ def parse_subs(raw: str, *, max_streams: int = MAX_LEASE_STREAMS) -> Subscriptio
     if count > max_streams:
         raise LeaseError(f"lease asks for {count} streams, more than {max_streams}")
     depths: dict[StreamKey, int] = {}
+    rejected: list[Rejected] = []
     for name, codes in streams.items():
-        type_, level = _parse_stream(name)
+        try:
+            type_, level = _parse_stream(name)
+        except LeaseError as exc:
+            rejected += (Rejected(name, raw_code, str(exc)) for raw_code in codes)
+            continue
         for raw_code in codes:
-            code, depth = _parse_code(type_, raw_code)
+            try:
+                code, depth = _parse_code(type_, raw_code)
+            except LeaseError as exc:
+                rejected.append(Rejected(name, raw_code, str(exc)))
+                continue
             key = StreamKey(type_, code, level)
             depths[key] = max(depths.get(key, 0), normalize_depth(depth))
-    return SubscriptionSet(depths)
+    if rejected and not depths:
+        raise LeaseError(f"nothing in subs can be served: {describe_rejected(rejected)}")
+    return ParsedSubs(SubscriptionSet(depths), tuple(rejected))
 
 
 def _parse_stream(name: str) -> tuple[str, float]:
@@ -306,41 +406,6 @@ def _int_field(text: Mapping[str, str], name: str, client_id: str) -> int:
 
 # -- the Redis half ---------------------------------------------------------------------------
 
-# KEYS: lease hash, index. ARGV: client id, ttl_ms, control channel, then field/value pairs.
-# Re-asserts the whole lease (DEL first, so no stray field survives), keeping created_ms.
-# TIME before the writes is fine: scripts replicate their effects (Redis >= 5 default).
-_WRITE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
--- pcall: a key of another type (written by hand) is replaced, not an error
-local created = tonumber(redis.pcall('HGET', KEYS[1], 'created_ms') or '')
-if not created or created ~= created or created < 0 or created > now then created = now end
-local deadline = now + ttl
-redis.call('DEL', KEYS[1])
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-fields[#fields + 1] = 'created_ms'
-fields[#fields + 1] = string.format('%.0f', created)
-fields[#fields + 1] = 'renewed_ms'
-fields[#fields + 1] = string.format('%.0f', now)
-fields[#fields + 1] = 'deadline_ms'
-fields[#fields + 1] = string.format('%.0f', deadline)
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], deadline, ARGV[1])
-redis.call('PUBLISH', ARGV[3], 'lease ' .. ARGV[1])
-return {now, created}
-"""
-
-# KEYS: lease hash, index. ARGV: client id, control channel. Returns 1 if anything was removed.
-_RELEASE_LUA = """
-local gone = redis.call('DEL', KEYS[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[2], 'release ' .. ARGV[1])
-if gone > 0 then return 1 end
-return 0
-"""
-
 # KEYS: index, then one lease hash per client id in ARGV. ZREMs each id whose hash is gone,
 # atomically, so a lease re-written since the caller looked is never dropped from the index.
 _DROP_GONE_LUA = """
@@ -376,14 +441,14 @@ class LeaseStore:
             self.keys = Keys(namespace)
         except ConfigError as exc:
             raise LeaseError(str(exc)) from None
-        self._write_script = redis.register_script(_WRITE_LUA)
-        self._release_script = redis.register_script(_RELEASE_LUA)
+        self._write_script = redis.register_script(LEASE_LUA)
+        self._release_script = redis.register_script(RELEASE_LUA)
         self._drop_gone_script = redis.register_script(_DROP_GONE_LUA)
         self._due_script = redis.register_script(_DUE_LUA)
         # "{ns}:lease:" taken from Keys, so the key layout stays defined in one place
         self._lease_prefix = self.keys.lease("x")[:-1]
         #: max_streams -> subs text -> its validated set (see parse_lease's ``memo``)
-        self._subs_memo: dict[int, dict[str, SubscriptionSet]] = {}
+        self._subs_memo: dict[int, dict[str, ParsedSubs]] = {}
 
     def _lease_key(self, client_id: str) -> str:
         _check_name(client_id)
@@ -400,7 +465,7 @@ class LeaseStore:
         host: str,
         pid: int,
     ) -> Lease:
-        """Write (or re-assert) the whole lease in one script; returns it as written.
+        """Write (or re-assert) the whole lease with ``lease.lua``; returns it as written.
 
         The script reads the server clock, keeps ``created_ms`` of an existing lease, replaces
         every field, sets PEXPIRE, indexes the deadline and publishes ``lease <client_id>`` on
@@ -410,13 +475,12 @@ class LeaseStore:
             LeaseError: arguments that would make an invalid lease.
         """
         fields = encode_lease_fields(client_id, subscriptions, ttl_ms=ttl_ms, host=host, pid=pid)
-        args: list[str | int] = [client_id, ttl_ms, self.keys.control]
-        for name, value in fields.items():
-            args += (name, value)
+        # ARGV as README's redis-cli line: ID TTL_MS SUBS HOST PID
+        args = [client_id, fields["ttl_ms"], fields["subs"], fields["host"], fields["pid"]]
         reply = await self._write_script(
             keys=[self._lease_key(client_id), self.keys.leases], args=args
         )
-        now_ms, created_ms = (int(x) for x in reply)
+        renewed_ms, created_ms, deadline_ms = (int(x) for x in reply)
         return Lease(
             client_id=client_id,
             host=fields["host"],
@@ -424,8 +488,8 @@ class LeaseStore:
             subscriptions=subscriptions,
             ttl_ms=ttl_ms,
             created_ms=created_ms,
-            renewed_ms=now_ms,
-            deadline_ms=now_ms + ttl_ms,
+            renewed_ms=renewed_ms,
+            deadline_ms=deadline_ms,
         )
 
     async def renew(
@@ -441,14 +505,14 @@ class LeaseStore:
         return await self.write(client_id, subscriptions, ttl_ms=ttl_ms, host=host, pid=pid)
 
     async def release(self, client_id: str) -> bool:
-        """Delete the lease, drop it from the index and publish ``release <client_id>``.
+        """Delete the lease, drop it from the index and publish ``release <client_id>``
+        (``lease_release.lua``).
 
         Returns:
             True when there was something to remove.
         """
         reply = await self._release_script(
-            keys=[self._lease_key(client_id), self.keys.leases],
-            args=[client_id, self.keys.control],
+            keys=[self._lease_key(client_id), self.keys.leases], args=[client_id]
         )
         return bool(reply)
 
@@ -488,6 +552,7 @@ class LeaseStore:
         leases: builtins.list[Lease] = []
         invalid: builtins.list[tuple[str, str]] = []
         gone: builtins.list[str] = []
+        expired: builtins.list[str] = []
         for client_id, fields in zip(ids, await self._hgetall_many(ids), strict=True):
             if fields == {}:
                 gone.append(client_id)
@@ -495,10 +560,15 @@ class LeaseStore:
             try:
                 if isinstance(fields, ResponseError):
                     raise LeaseError(f"lease key of {client_id!r} is not a hash: {fields}")
-                leases.append(parse_lease(client_id, fields, max_streams=max_streams, memo=memo))
+                lease = parse_lease(client_id, fields, max_streams=max_streams, memo=memo)
             except LeaseError as exc:
                 invalid.append((client_id, str(exc)))
-        return LeaseReads(leases, invalid, gone, server_now_ms, ignored)
+                continue
+            if lease.deadline_ms <= server_now_ms:
+                expired.append(client_id)
+            else:
+                leases.append(lease)
+        return LeaseReads(leases, invalid, gone, server_now_ms, ignored, expired)
 
     async def list(
         self, *, scan: bool = False, max_streams: int = MAX_LEASE_STREAMS
@@ -506,7 +576,8 @@ class LeaseStore:
         """Every lease in the index (and, with ``scan``, every lease hash missing from it).
 
         One bad lease never fails the listing: it goes to ``invalid`` with its reason. Index
-        entries whose hash has expired go to ``expired`` and are removed from the index.
+        entries whose hash has expired go to ``expired`` and are removed from the index; a hash
+        past its ``deadline_ms`` goes there too (not served; it stays until its own TTL).
         ``scan`` adds a SCAN over ``{ns}:lease:*``: use it for periodic reconciles only.
         """
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -562,9 +633,14 @@ class LeaseStore:
             try:
                 if isinstance(fields, ResponseError):
                     raise LeaseError(f"lease key of {client_id!r} is not a hash: {fields}")
-                leases.append(parse_lease(client_id, fields, max_streams=max_streams, memo=memo))
+                lease = parse_lease(client_id, fields, max_streams=max_streams, memo=memo)
             except LeaseError as exc:
                 invalid.append((client_id, str(exc)))
+                continue
+            if lease.deadline_ms <= server_now_ms:
+                expired.append(client_id)  # the deadline field wins over a longer key TTL
+            else:
+                leases.append(lease)
         return LeaseListing(
             leases=leases,
             invalid=sorted(invalid),
@@ -642,12 +718,20 @@ def _member_text(value: object) -> str:
 
 
 __all__ = [
+    "LEASE_LUA",
     "LEASE_VERSION",
     "MAX_LEASE_STREAMS",
+    "RELEASE_LUA",
     "Lease",
     "LeaseListing",
+    "LeaseReads",
     "LeaseStore",
+    "ParsedSubs",
+    "Rejected",
+    "describe_rejected",
     "encode_lease_fields",
+    "lua_script",
     "parse_lease",
     "parse_subs",
+    "rejected_by_type",
 ]

@@ -92,11 +92,20 @@ class BrokerCollector:
             reconnects.add_metric(["stall"], up.stalls)
             reconnects.add_metric(["error_frame"], up.error_frames)
             reconnects.add_metric(["connect_failed"], up.connect_failures)
-            reconnects.add_metric(["fresh_connection"], up.fresh_connection_switches)
             reconnects.add_metric(["closed"], max(0, up.reconnects - up.stalls - up.error_frames))
         yield reconnects
+        yield counter(
+            "fresh_connections",
+            "Planned switches to a fresh upstream connection (the set shrank to nothing; no gap)",
+            up.fresh_connection_switches if up else 0,
+        )
         yield gauge("leases", "Valid leases", b.stats.leases)
         yield gauge("invalid_leases", "Leases skipped as invalid", b.stats.invalid_leases)
+        yield gauge("partial_leases", "Leases served in part", b.stats.partial_leases)
+        yield gauge(
+            "rejected_streams", "Lease entries refused (unknown or bad)", b.stats.rejected_streams
+        )
+        yield counter("lease_events", "Lease events sent to holders", b.stats.lease_events)
         union = GaugeMetricFamily(
             f"{PREFIX}_union_streams", "Streams in the desired union, by type", labels=["type"]
         )

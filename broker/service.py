@@ -26,16 +26,16 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from broker.control import ControllerStats, SubscriptionController
 from broker.errors import BrokerError, ConfigError, NotLeaderError, UpbitErrorFrame
 from broker.keys import Keys, parse_stream_name
 from broker.leader import LeaderLock
+from broker.lease_feedback import EXPIRED, INVALID, PARTIAL, LeaseChange, LeaseFeedback
 from broker.leases import Lease, LeaseListing, LeaseReads, LeaseStore
 from broker.publisher import Publisher, PublishStats, Target
+from broker.redis_client import redis_client
 from broker.settings import BrokerSettings, redact_url
 from broker.upbit.codes import is_valid_code
 from broker.upbit.types import EMPTY, StreamKey, SubscriptionSet, union
@@ -69,7 +69,12 @@ def now_ms() -> int:
 class BrokerStats:
     leases: int = 0
     invalid_leases: int = 0
+    #: leases served only in part (some entries of ``subs`` rejected), and those entries
+    partial_leases: int = 0
+    rejected_streams: int = 0
     lease_expiries: int = 0
+    #: ``lease`` events published to holders (invalid, partial, expired, ok again)
+    lease_events: int = 0
     #: full reads of every lease (periodic, at a deadline, or when a change cannot be pinned)
     lease_listings: int = 0
     #: single leases read because a control message named them (heartbeats, changes)
@@ -96,19 +101,33 @@ class _SnapshotWaiter:
     deadline: float
 
 
-def _merge_reads(cache: dict[str, Lease], invalid: dict[str, str], reads: LeaseReads) -> bool:
-    """Fold :meth:`LeaseStore.read_many` results into the cached leases; True when the union
-    may have changed (a lease came, went, or asks for other streams: a renewal of the same
-    ``subs`` text gives the very same set object, see ``parse_lease``'s memo)."""
+def _merge_reads(
+    cache: dict[str, Lease],
+    invalid: dict[str, str],
+    reads: LeaseReads,
+    expired: set[str] | None = None,
+) -> bool:
+    """Fold :meth:`LeaseStore.read_many` results into the cached leases (and the invalid and
+    expired ones); True when the union may have changed (a lease came, went, or asks for other
+    streams: a renewal of the same ``subs`` text gives the very same set object, see
+    ``parse_lease``'s memo)."""
+    expired = set() if expired is None else expired
     changed = False
     for client_id in reads.gone:
         invalid.pop(client_id, None)
+        expired.discard(client_id)
+        changed |= cache.pop(client_id, None) is not None
+    for client_id in reads.expired:
+        invalid.pop(client_id, None)
+        expired.add(client_id)
         changed |= cache.pop(client_id, None) is not None
     for client_id, reason in reads.invalid:
         invalid[client_id] = reason
+        expired.discard(client_id)
         changed |= cache.pop(client_id, None) is not None
     for lease in reads.leases:
         invalid.pop(lease.client_id, None)
+        expired.discard(lease.client_id)
         old = cache.get(lease.client_id)
         cache[lease.client_id] = lease
         changed |= old is None or old.subscriptions is not lease.subscriptions
@@ -143,7 +162,6 @@ class Broker:
         self._requests_dirty = asyncio.Event()
         self._grace_until = 0.0
         self._grace_set: SubscriptionSet = EMPTY
-        self._invalid_logged: set[str] = set()
         #: the union of the valid leases alone (before any grace), kept between reconciles
         self._leases_union: SubscriptionSet | None = None
         self._waiters: list[_SnapshotWaiter] = []
@@ -166,18 +184,13 @@ class Broker:
         """STANDBY <-> LEADER until ``stop`` is set."""
         s = self.settings
         # Retries ride out a Redis restart; every loop still handles the errors that remain.
-        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3)
-        # socket_timeout=None: redis-py's own read timeout can swallow a task's cancellation on
-        # Python 3.11 (a cancelled loop would keep running); every call here is bounded by an
-        # asyncio.timeout instead.
-        try:
-            self._redis = aioredis.Redis.from_url(
-                s.redis_url, health_check_interval=5, retry=retry, socket_timeout=None
-            )
-            # Publishing gets its own connection pool so pipelines never queue behind commands.
-            self._pub_redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=None)
-        except ValueError as exc:
-            raise ConfigError(f"bad redis url {redact_url(s.redis_url)}: {exc}") from None
+        # Every call is bounded by an asyncio.timeout (broker.redis_client says why).
+        name = f"broker:{s.broker_id}"
+        self._redis = redis_client(
+            s.redis_url, name=name, retries=3, health_check_interval=5, connect_timeout=None
+        )
+        # Publishing gets its own connection pool so pipelines never queue behind commands.
+        self._pub_redis = redis_client(s.redis_url, name=f"{name}:pub", connect_timeout=None)
         self._lock = LeaderLock(self._redis, s.namespace, s.broker_id, int(s.leader_ttl * 1000))
         try:
             await self._first_contact()
@@ -403,8 +416,20 @@ class Broker:
 
     # -- events from the upstream adapter -------------------------------------------------------
 
-    async def _on_upstream_connected(self) -> None:
+    async def _on_upstream_connected(self, fresh: bool = False) -> None:
+        """A new upstream connection: a new epoch, a gap event if data may be missing, and a
+        ``connected`` event. ``fresh``: the make-before-break switch opened because the set
+        shrank to nothing; nothing was subscribed, so nothing was lost: same epoch, no event."""
         assert self._redis is not None
+        if fresh:
+            self._wanted_since = dict.fromkeys(self.desired, time.monotonic())
+            logger.info(
+                "fresh upstream connection (the set shrank to nothing): epoch stays %d",
+                self.epoch,
+                extra={"event": "fresh_connection", "epoch": self.epoch},
+            )
+            self.ready.set()
+            return
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
                 self.epoch = int(await self._redis.incr(self.keys.epoch))
@@ -530,7 +555,7 @@ class Broker:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def _reconcile_leases(self) -> None:
         """Recompute the union on every lease change, at the earliest deadline, and periodically.
@@ -548,6 +573,9 @@ class Broker:
         noticed_at: float | None = None  # when the lease change being read was first heard of
         cache: dict[str, Lease] = {}  # the valid leases, as of the last reads
         invalid: dict[str, str] = {}  # client id -> why its lease was skipped
+        expired: set[str] = set()  # client ids whose lease expired (since the last listing)
+        feedback = LeaseFeedback()  # what each holder was told about its lease
+        max_streams = self.settings.max_lease_streams
         full_at = 0.0  # monotonic time the next full listing is due
         self._leases_touched = set()
         self._leases_full = True
@@ -561,26 +589,33 @@ class Broker:
                     emptied = await self._notice_emptied_redis()
                     if self._leases_full or emptied or now >= full_at or not touched:
                         self._leases_full = False
-                        listing = await store.list(scan=sweeps % 5 == 0)
+                        listing = await store.list(scan=sweeps % 5 == 0, max_streams=max_streams)
                         sweeps += 1
                         self.stats.lease_listings += 1
                         cache = {lease.client_id: lease for lease in listing.leases}
                         invalid = dict(listing.invalid)
+                        expired = set(listing.expired)
                         changed = True
                         full_at = now + interval
                     else:
-                        reads = await store.read_many(touched)
+                        reads = await store.read_many(touched, max_streams=max_streams)
                         self.stats.lease_reads += len(touched) - len(reads.ignored)
                         if reads.ignored:
                             full_at = now  # a message we cannot pin: read them all, now
-                        changed = _merge_reads(cache, invalid, reads)
+                        changed = _merge_reads(cache, invalid, reads, expired)
                         listing = LeaseListing(
                             leases=list(cache.values()),
                             invalid=sorted(invalid.items()),
-                            expired=[],
+                            expired=sorted(expired),
                             server_now_ms=reads.server_now_ms,
                         )
+                # Redis lost its data (or may have): leases vanish until their holders
+                # re-assert them within a heartbeat; that is no expiry to announce.
+                quiet = emptied or self._in_grace()
+                changes = feedback.update(listing, named=touched, quiet=quiet)
                 self._apply_listing(listing, noticed_at, leases_changed=changed)
+                if changes and not await self._announce_lease_changes(changes):
+                    feedback.reset()  # announce again after the next read
                 if cache:
                     # A full listing just after the earliest lease would expire (server clock).
                     earliest = min(lease.deadline_ms for lease in cache.values())
@@ -639,18 +674,9 @@ class Broker:
         wanted = self._leases_union
         if self._in_grace():
             wanted = union(wanted, self._grace_set)
-        for client_id, reason in listing.invalid:
-            if client_id not in self._invalid_logged:
-                self._invalid_logged.add(client_id)
-                logger.warning("skipped invalid lease %s: %s", client_id, reason)
         self.stats.invalid_leases = len(listing.invalid)
-        if listing.expired:
-            self.stats.lease_expiries += len(listing.expired)
-            logger.info(
-                "leases expired: %s",
-                ", ".join(listing.expired),
-                extra={"event": "lease_expired", "client_ids": listing.expired},
-            )
+        self.stats.partial_leases = sum(1 for lease in listing.leases if lease.rejected)
+        self.stats.rejected_streams = sum(len(lease.rejected) for lease in listing.leases)
         self.stats.leases = len(listing.leases)
         if wanted != self.desired:
             self.stats.union_recomputes += 1
@@ -665,6 +691,45 @@ class Broker:
             self._wanted_since = {k: self._wanted_since.get(k, now) for k in wanted}
             self.controller.set_desired(wanted, now, noticed_at)
             self.upstream.changed.set()
+
+    async def _announce_lease_changes(self, changes: list[LeaseChange]) -> bool:
+        """Log each change of a lease's state and tell its holder with a ``lease`` event
+        (broker.lease_feedback); False when the events could not be published."""
+        expired = [c.client_id for c in changes if c.state == EXPIRED]
+        for change in changes:
+            if change.state == INVALID:
+                logger.warning("skipped invalid lease %s: %s", change.client_id, change.why)
+            elif change.state == PARTIAL:
+                logger.warning("lease %s served in part: %s", change.client_id, change.why)
+            elif change.state != EXPIRED:
+                logger.info("lease %s is fully served again", change.client_id)
+        if expired:
+            self.stats.lease_expiries += len(expired)
+            logger.info(
+                "leases expired: %s",
+                ", ".join(expired),
+                extra={"event": "lease_expired", "client_ids": expired},
+            )
+        assert self._redis is not None
+        ts = now_ms()
+        broker = self.settings.broker_id
+        events = [_json.encode(c.event(broker, ts)) for c in changes if c.has_holder]
+        if not events:
+            return True
+        try:
+            async with (
+                asyncio.timeout(REDIS_TIMEOUT),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                for event in events:
+                    pipe.publish(self.keys.events, event)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning("could not publish %d lease events: %s", len(events), exc)
+            return False
+        self.stats.lease_events += len(events)
+        return True
 
     # -- commands (snapshot, resubscribe) -------------------------------------------------------
 
@@ -841,6 +906,8 @@ class Broker:
             "frames_malformed": str(up.malformed if up else 0),
             "leases": str(self.stats.leases),
             "invalid_leases": str(self.stats.invalid_leases),
+            "partial_leases": str(self.stats.partial_leases),
+            "rejected_streams": str(self.stats.rejected_streams),
             "last_frame_ms": str(p.last_publish_ms if p else 0),
             "updated_ms": str(now_ms()),
             "upstream_url": redact_url(self.settings.upstream_url),

@@ -86,7 +86,9 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) 
     return step * rng.uniform(0.5, 1.0)
 
 
-OnConnected = Callable[[], Awaitable[None]]
+#: Called with ``fresh=True`` for the make-before-break connection opened because the set
+#: shrank to nothing (no reconnect: nothing was lost), ``False`` for every other connection.
+OnConnected = Callable[[bool], Awaitable[None]]
 
 
 class Upstream:
@@ -161,6 +163,7 @@ class Upstream:
         while True:
             ws = next_ws
             next_ws = None
+            fresh = ws is not None  # the planned switch: not a reconnect
             if ws is None:
                 try:
                     ws = await self._connect()
@@ -182,7 +185,7 @@ class Upstream:
             self.stats.connects += 1
             reason = "closed"
             try:
-                await self._serve(ws)
+                await self._serve(ws, fresh=fresh)
             except _Switch as switch:
                 next_ws = switch.ws
                 reason = "fresh connection"
@@ -237,10 +240,10 @@ class Upstream:
             )
             await asyncio.sleep(delay)
 
-    async def _serve(self, ws: ClientConnection) -> None:
+    async def _serve(self, ws: ClientConnection, *, fresh: bool = False) -> None:
         self.controller.connection_opened(time.monotonic())
         self.connected = True
-        await self._on_connected()
+        await self._on_connected(fresh)
         receiver = asyncio.create_task(self._receive(ws), name="upstream-receive")
         sender = asyncio.create_task(self._send_loop(ws), name="upstream-send")
         try:

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Coroutine
+from dataclasses import MISSING, fields
 from typing import Annotated, Any
 
 import typer
@@ -75,63 +76,114 @@ def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
     asyncio.run(main)
 
 
+_FIELDS = {f.name: f for f in fields(BrokerSettings)}
+
+
+def _default(name: str) -> Any:
+    """A :class:`BrokerSettings` field's default: what ``run`` uses when neither the flag nor
+    its ``UPBIT_BROKER_*`` variable is set (so ``--help`` shows the real value)."""
+    value = _FIELDS[name].default
+    assert value is not MISSING, name
+    return value.value if isinstance(value, Format) else value
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
         redis_url: Annotated[
-            str | None,
-            typer.Option(envvar=ENV + "REDIS_URL", help="Redis URL (redis://, rediss://)"),
-        ] = None,
+            str,
+            typer.Option(
+                envvar=ENV + "REDIS_URL", show_envvar=True, help="Redis URL (redis://, rediss://)."
+            ),
+        ] = _default("redis_url"),
         upstream_url: Annotated[
-            str | None, typer.Option(envvar=ENV + "UPSTREAM_URL", help="Upbit websocket URL")
-        ] = None,
+            str,
+            typer.Option(
+                envvar=ENV + "UPSTREAM_URL", show_envvar=True, help="Upbit websocket URL."
+            ),
+        ] = _default("upstream_url"),
         namespace: Annotated[
-            str | None, typer.Option(envvar=ENV + "NAMESPACE", help="key/channel prefix")
-        ] = None,
+            str,
+            typer.Option(envvar=ENV + "NAMESPACE", show_envvar=True, help="Key/channel prefix."),
+        ] = _default("namespace"),
         lease_ttl: Annotated[
-            float | None, typer.Option(envvar=ENV + "LEASE_TTL", help="default lease TTL, s")
-        ] = None,
+            float,
+            typer.Option(
+                envvar=ENV + "LEASE_TTL", show_envvar=True, help="Default lease TTL, seconds."
+            ),
+        ] = _default("lease_ttl"),
         leader_ttl: Annotated[
-            float | None, typer.Option(envvar=ENV + "LEADER_TTL", help="leader lock TTL, s")
-        ] = None,
+            float,
+            typer.Option(
+                envvar=ENV + "LEADER_TTL", show_envvar=True, help="Leader lock TTL, seconds."
+            ),
+        ] = _default("leader_ttl"),
         upstream_format: Annotated[
-            str | None, typer.Option(envvar=ENV + "UPSTREAM_FORMAT", help="DEFAULT or SIMPLE")
-        ] = None,
+            str,
+            typer.Option(
+                envvar=ENV + "UPSTREAM_FORMAT", show_envvar=True, help="DEFAULT or SIMPLE."
+            ),
+        ] = _default("upstream_format"),
         broker_id: Annotated[
-            str | None, typer.Option(envvar=ENV + "BROKER_ID", help="this broker's id")
+            str | None,
+            typer.Option(
+                envvar=ENV + "BROKER_ID",
+                show_envvar=True,
+                help="This broker's id.",
+                show_default="HOSTNAME-PID-RANDOM",
+            ),
         ] = None,
         stall_timeout: Annotated[
-            float | None,
-            typer.Option(envvar=ENV + "STALL_TIMEOUT", help="reconnect after s silent"),
-        ] = None,
+            float,
+            typer.Option(
+                envvar=ENV + "STALL_TIMEOUT",
+                show_envvar=True,
+                help="Reconnect after this many seconds without any frame.",
+            ),
+        ] = _default("stall_timeout"),
         metrics_port: Annotated[
-            int | None, typer.Option(envvar=ENV + "METRICS_PORT", help="Prometheus port (0 = off)")
-        ] = None,
+            int,
+            typer.Option(
+                envvar=ENV + "METRICS_PORT", show_envvar=True, help="Prometheus port (0 = off)."
+            ),
+        ] = _default("metrics_port"),
         event_loop: Annotated[
             str,
             typer.Option(
-                envvar=ENV + "EVENT_LOOP", help="auto (uvloop when installed), uvloop or asyncio"
+                envvar=ENV + "EVENT_LOOP",
+                show_envvar=True,
+                help="auto (uvloop when installed), uvloop or asyncio.",
             ),
         ] = "auto",
-        log_level: Annotated[str, typer.Option(envvar=ENV + "LOG_LEVEL")] = "info",
+        log_level: Annotated[
+            str,
+            typer.Option(
+                envvar=ENV + "LOG_LEVEL",
+                show_envvar=True,
+                help="debug, info, warning, error or critical.",
+            ),
+        ] = "info",
         log_format: Annotated[
-            str, typer.Option(envvar=ENV + "LOG_FORMAT", help="text or json")
+            str, typer.Option(envvar=ENV + "LOG_FORMAT", show_envvar=True, help="text or json.")
         ] = "text",
     ) -> None:
-        """Run a broker: the leader owns the Upbit connection, a second one waits as standby."""
-        fmt = None
-        if upstream_format is not None:
-            try:
-                fmt = Format(upstream_format.upper())
-            except ValueError:
-                typer.echo(f"error: unknown format {upstream_format!r}", err=True)
-                raise typer.Exit(2) from None
-            if fmt.is_list:
-                typer.echo(
-                    "error: the broker republishes frames one by one: use DEFAULT or SIMPLE",
-                    err=True,
-                )
-                raise typer.Exit(2)
+        """Run a broker: the leader owns the Upbit connection, a second one waits as standby.
+
+        A flag wins over its variable, a variable over the default. The settings without a flag
+        (status_interval, rate_per_second, backoff_max ...) are read from their UPBIT_BROKER_NAME
+        variables too; broker/settings.py lists them all with their defaults.
+        """
+        try:
+            fmt = Format(upstream_format.upper())
+        except ValueError:
+            typer.echo(f"error: unknown format {upstream_format!r}", err=True)
+            raise typer.Exit(2) from None
+        if fmt.is_list:
+            typer.echo(
+                "error: the broker republishes frames one by one: use DEFAULT or SIMPLE",
+                err=True,
+            )
+            raise typer.Exit(2)
         settings = _settings(
             redis_url=redis_url,
             upstream_url=upstream_url,

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from broker.errors import BrokerError, ConfigError, InvalidCodeError
+from broker.redis_client import RedisUrlError, redis_client
 from broker.settings import BrokerSettings, redact_url
 from cli import logs
 from consumers.errors import RedisUnavailableError
@@ -42,7 +43,8 @@ RedisUrlOption = Annotated[
     typer.Option(
         "--redis-url",
         envvar="UPBIT_BROKER_REDIS_URL",
-        help="Redis URL (redis://[user:password@]host:port/db).",
+        # "\[": rich markup would take "[user:password@]" for a style tag and drop it
+        help="Redis URL (redis://\\[user:password@]host:port/db, rediss:// for TLS).",
         show_envvar=True,
     ),
 ]
@@ -192,11 +194,10 @@ async def open_redis(
     """A Redis client that answered PING, or :class:`RedisUnavailableError` with one line."""
     url = settings.redis_url
     try:
-        # no socket timeout: redis-py then sends through asyncio.wait_for, which on Python
-        # 3.11 can swallow a cancellation (Ctrl-C); commands use with_timeout() instead
-        client = Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=None)
-    except ValueError as exc:
-        raise CommandError(f"bad redis url {redact_url(url)}: {exc}", EXIT_USAGE) from None
+        # commands bound each call with with_timeout() (broker.redis_client says why)
+        client = redis_client(url, name="upbit-broker-cli", connect_timeout=connect_timeout)
+    except RedisUrlError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     try:
         try:
             async with asyncio.timeout(connect_timeout * 2):

@@ -1,7 +1,9 @@
 """Consumer commands: ``tail``, ``snapshot`` and ``top`` (cli layer, over ``consumers``).
 
 Each holds a lease like any consumer (``tail``, ``top``) or asks the leader (``snapshot``), so
-what they show is exactly what an application would receive.
+what they show is exactly what an application would receive. ``tail`` and ``top`` print the
+broker's notices about their lease on stderr, and say so once when no data came within
+:data:`NO_BROKER_AFTER` seconds because no broker serves the namespace.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -35,7 +38,19 @@ from cli.common import (
     run,
     split_codes,
 )
-from consumers import BrokerClient, Gap, PartialSnapshotError, StreamMessage, validate_streams
+from cli.ops import check_status, parse_status
+from consumers import (
+    BrokerClient,
+    BrokerError,
+    Gap,
+    LeaseNotice,
+    PartialSnapshotError,
+    StreamMessage,
+    validate_streams,
+)
+
+#: seconds without data after which ``tail`` and ``top`` check that a broker serves at all
+NO_BROKER_AFTER = 3.0
 
 TypeArgument = Annotated[
     str,
@@ -51,6 +66,12 @@ CodesArgument = Annotated[
         metavar="CODE...",
         help="Market codes (KRW-BTC); commas work too. Orderbook depth: KRW-BTC.15",
         show_default=False,
+    ),
+]
+TickerCodesArgument = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="CODE...", help="Market codes (KRW-BTC); commas work too.", show_default=False
     ),
 ]
 LevelOption = Annotated[float, typer.Option("--level", help="Orderbook grouping level.")]
@@ -127,6 +148,34 @@ def _gap_line(gap: Gap) -> str:
     )
 
 
+def _lease_line(notice: LeaseNotice) -> str:
+    return f"lease {notice.client_id}: {notice.state}: {notice.why}"
+
+
+async def _say_if_no_broker(
+    client: BrokerClient, settings: BrokerSettings, received: Callable[[], bool]
+) -> None:
+    """After :data:`NO_BROKER_AFTER` s without data, say once on stderr when no broker is
+    serving the namespace (no status, a stale one, or its leader not connected upstream);
+    the command keeps waiting either way."""
+    await asyncio.sleep(NO_BROKER_AFTER)
+    if received():
+        return
+    try:
+        raw, server_now_ms = await client.broker_status()
+    except BrokerError:
+        return  # Redis itself is failing: the client reports that
+    healthy, why = check_status(
+        parse_status(raw, server_now_ms) if raw else None, settings.status_interval
+    )
+    if not healthy and not received():
+        typer.echo(
+            f"no data after {NO_BROKER_AFTER:g}s: no broker is serving namespace "
+            f"{settings.namespace!r} ({why}); still waiting",
+            err=True,
+        )
+
+
 def _write(line: bytes) -> None:
     sys.stdout.buffer.write(line + b"\n")
     sys.stdout.buffer.flush()
@@ -150,7 +199,9 @@ def tail(
 ) -> None:
     """Print a stream's messages as they arrive (holds a lease like any consumer).
 
-    With --json each line is the frame exactly as published. Gaps go to stderr.
+    With --json each line is the frame exactly as published.
+    Gaps and the broker's notices about this lease go to stderr, and so does one line
+    when no broker serves the namespace.
     The lease is released on exit, Ctrl-C and SIGTERM included.
     """
     configure_logging(verbose)
@@ -169,6 +220,9 @@ def tail(
                     if isinstance(item, Gap):
                         typer.echo(_gap_line(item), err=True)
                         continue
+                    if isinstance(item, LeaseNotice):
+                        typer.echo(_lease_line(item), err=True)
+                        continue
                     _print_item(item, as_json)
                     received += 1
                     if count and received >= count:
@@ -176,6 +230,7 @@ def tail(
 
             consumer = asyncio.create_task(consume())
             stopper = asyncio.create_task(stop.wait())
+            watcher = asyncio.create_task(_say_if_no_broker(client, settings, lambda: received > 0))
             try:
                 await asyncio.wait(
                     {consumer, stopper},
@@ -183,9 +238,9 @@ def tail(
                     return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
-                for task in (consumer, stopper):
+                for task in (consumer, stopper, watcher):
                     task.cancel()
-                await asyncio.wait({consumer, stopper})
+                await asyncio.wait({consumer, stopper, watcher})
             if consumer.done() and not consumer.cancelled() and consumer.exception():
                 raise consumer.exception()  # type: ignore[misc]
         return EXIT_OK
@@ -214,10 +269,11 @@ def snapshot(
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,
 ) -> None:
-    """The latest message of each code, from the broker (its cache, or fetched upstream).
+    """The latest message of each code (the broker's cache, or fetched upstream).
 
-    --json prints one object {code: frame}. Exit 1 when a code has no data (what did arrive
-    is still printed) or no broker answers within --timeout.
+    With --json: one object {code: frame}.
+    Exit 1 when a code has no data (what did arrive is still printed),
+    or when no broker answers within --timeout.
     """
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
@@ -256,7 +312,7 @@ def _print_snapshot(frames: dict[str, bytes], as_json: bool) -> None:
 
 
 def top(
-    codes: CodesArgument,
+    codes: TickerCodesArgument,
     duration: Annotated[
         float, typer.Option("--duration", help="Exit after S seconds (0: until Ctrl-C).")
     ] = 0.0,
@@ -264,27 +320,43 @@ def top(
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,
 ) -> None:
-    """A live table of price, change and 24h volume from the ticker stream."""
+    """A live table of price, change and 24h volume from the ticker stream.
+
+    The broker's notices about this lease go to stderr, and so does one line when no broker
+    serves the namespace.
+    """
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
     wanted = split_codes(codes)
 
+    def on_lease(notice: LeaseNotice) -> None:
+        board.on_lease(notice)
+        typer.echo(_lease_line(notice), err=True)
+
     async def main(stop: asyncio.Event) -> int:
         validate_streams("ticker", wanted)
-        board = TickerBoard(wanted)
-        async with _client(settings, on_gap=board.on_gap) as client:
+        async with _client(settings, on_gap=board.on_gap, on_lease=on_lease) as client:
             await client.subscribe("ticker", wanted, board.on_message)
-            with (
-                Live(board.table(), console=Console(), refresh_per_second=4) as live,
-                contextlib.suppress(TimeoutError),
-            ):
-                async with asyncio.timeout(duration or None):
-                    while not stop.is_set():
-                        live.update(board.table())
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(0.25):
-                                await stop.wait()
+            watcher = asyncio.create_task(
+                _say_if_no_broker(client, settings, lambda: any(board.updates.values()))
+            )
+            try:
+                with (
+                    Live(board.table(), console=Console(), refresh_per_second=4) as live,
+                    contextlib.suppress(TimeoutError),
+                ):
+                    async with asyncio.timeout(duration or None):
+                        while not stop.is_set():
+                            live.update(board.table())
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(0.25):
+                                    await stop.wait()
+            finally:
+                watcher.cancel()
+                await asyncio.wait({watcher})
         return EXIT_OK
+
+    board = TickerBoard(wanted)
 
     run(main, redis_url=settings.redis_url, stop_on_signal=True)
 
@@ -298,6 +370,7 @@ class TickerBoard:
         self.updates: dict[str, int] = dict.fromkeys(codes, 0)
         self.gaps = 0
         self.last_gap = ""
+        self.lease_state = ""
 
     def on_message(self, item: StreamMessage) -> None:
         message = item.message
@@ -309,8 +382,13 @@ class TickerBoard:
         self.gaps += 1
         self.last_gap = f"{gap.reason} ({gap.source})"
 
+    def on_lease(self, notice: LeaseNotice) -> None:
+        self.lease_state = "" if notice.state == "ok" else notice.state
+
     def table(self, title: str = "ticker") -> Table:
         caption = f"gaps: {self.gaps}" + (f", last: {self.last_gap}" if self.last_gap else "")
+        if self.lease_state:
+            caption += f"; lease {self.lease_state} (see stderr)"
         table = Table(title=title, caption=caption)
         table.add_column("code")
         table.add_column("price", justify="right")

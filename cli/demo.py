@@ -3,8 +3,10 @@
 Starts, in order: a Redis (a ``redis-server`` subprocess on a free port when the binary is on
 PATH, otherwise an in-process fakeredis TCP server; or the one ``--redis-url`` names), the
 Upbit simulator, a broker (``run_broker``), and three consumers (in-process ``BrokerClient``s
-with their own leases). Shows live prices, the trade tape, the book and the lease table, then
-shuts everything down in reverse order. ``--duration 0`` runs until Ctrl-C.
+with their own leases). Shows live prices, the trade tape, the book and the lease table for
+``--duration`` seconds (30 by default), then shuts everything down in reverse order, prints
+a one-line summary and exits 0. ``--duration 0`` runs until Ctrl-C (which ends it the same
+way).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
-from redis.asyncio import Redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from broker.leases import LeaseStore
+from broker.redis_client import redis_client
 from broker.service import run_broker
 from broker.settings import BrokerSettings, redact_url
 from cli.common import (
@@ -49,6 +51,8 @@ from consumers import BrokerClient, Gap, Orderbook, StreamMessage, Trade
 from simulator import Simulator
 
 DEFAULT_CODES = "KRW-BTC,KRW-ETH,KRW-XRP,KRW-SOL,KRW-DOGE"
+#: seconds the demo runs by default before it stops, prints its summary and exits 0
+DEFAULT_DURATION = 30.0
 #: seconds the whole shutdown may take before the demo gives up waiting
 SHUTDOWN_TIMEOUT = 15.0
 #: child processes to kill if the demo must exit without a clean shutdown
@@ -213,8 +217,11 @@ class Book:
 
 def demo(
     duration: Annotated[
-        float, typer.Option("--duration", help="Seconds to run (0: until Ctrl-C).")
-    ] = 0.0,
+        float,
+        typer.Option(
+            "--duration", help="Seconds to run, then stop and summarise (0: until Ctrl-C)."
+        ),
+    ] = DEFAULT_DURATION,
     codes: Annotated[str, typer.Option("--codes", help="Codes for the price board.")] = (
         DEFAULT_CODES
     ),
@@ -231,7 +238,11 @@ def demo(
     namespace: NamespaceOption = "demo",
     verbose: VerboseOption = False,
 ) -> None:
-    """Everything at once: Redis, the simulator, a broker and three consumers, live."""
+    """Everything at once: Redis, the simulator, a broker and three consumers, live.
+
+    Shows live prices, the trade tape, an order book and the lease table for --duration
+    seconds, then stops everything, prints a summary and exits 0 (Ctrl-C stops it early).
+    """
     configure_logging(verbose)
     board_codes = split_codes([codes])
     if duration < 0:
@@ -288,7 +299,7 @@ def demo(
             await clients[2].subscribe("orderbook", [f"{book_code}.15"], book.on_book)
             say("consumers: board (ticker), tape (trade), depth (orderbook) leased")
 
-            tools_redis = Redis.from_url(url, socket_timeout=None)  # bounded below
+            tools_redis = redis_client(url, name="demo-tools")  # every call bounded below
             stack.push_async_callback(tools_redis.aclose)
             store = LeaseStore(tools_redis, namespace)
             started = time.monotonic()
@@ -325,12 +336,17 @@ def demo(
                                 await stop.wait()
                         live.update(await render())
             console.line()
+            final = broker.status_fields()
+            summary = (
+                f"demo finished after {time.monotonic() - started:.0f}s: the broker published "
+                f"{final['frames_published']} frames (upstream epoch {final['epoch']}); "
+                f"the consumers received {sum(board.updates.values())} "
+                f"ticker, {tape.count} trade and {book.updates} orderbook messages, "
+                f"{board.gaps} gaps"
+            )
         finally:
             await _shut_down(stack, say)
-        console.print(
-            f"demo finished: {sum(board.updates.values())} ticker, {tape.count} trade and "
-            f"{book.updates} orderbook messages received"
-        )
+        console.print(summary, soft_wrap=True)
         return EXIT_OK
 
     run(main, stop_on_signal=True)

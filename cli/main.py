@@ -6,6 +6,8 @@ Each module exposes ``register(app)``; this file only wires them together. Exit 
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from cli import broker_cmds, consumer_cmds, demo, ops, simulate
@@ -18,8 +20,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def reflow(text: str) -> str:
+    """Each paragraph of ``text`` on one line (a paragraph starting with ``\\b`` is kept as is).
+
+    typer's rich help keeps a docstring's single line breaks, so a paragraph wrapped at the
+    source's width would break mid-sentence at the terminal's; joined, rich wraps it to fit.
+    """
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+        for p in paragraphs
+    )
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        text = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if text:
+            info.help = reflow(text)
+
+
 for module in (broker_cmds, ops, consumer_cmds, simulate, demo):
     module.register(app)
+_reflow_help(app)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from broker.keys import DEFAULT_NAMESPACE, Keys
@@ -35,6 +36,8 @@ from consumers.errors import CommandRefused, NoBrokerError
 #: status fields holding integers, and those holding JSON (design.md "Status")
 _INT_FIELDS = {
     "epoch",
+    "partial_leases",
+    "rejected_streams",
     "reconnects",
     "resubscribes",
     "frames_in",
@@ -77,6 +80,25 @@ def parse_status(raw: dict[bytes, bytes], server_now_ms: int) -> dict[str, Any]:
     return out
 
 
+def stale_limit_ms(status_interval: float) -> int:
+    """Age beyond which a status was not written by a running leader: three refresh intervals
+    (the leader rewrites it every ``status_interval``; its key outlives it on purpose)."""
+    return int(status_interval * 3000)
+
+
+def status_interval_of(info: dict[str, Any], default: float) -> float:
+    """The interval the leader writes its status at: its own ``status_interval_ms`` field when
+    the status carries one, else this command's setting (``UPBIT_BROKER_STATUS_INTERVAL``)."""
+    own = info.get("status_interval_ms")
+    return own / 1000 if isinstance(own, int) and own > 0 else default
+
+
+def is_stale(info: dict[str, Any], status_interval: float) -> bool:
+    """True when the status is older than :func:`stale_limit_ms` (or carries no age)."""
+    age = info.get("age_ms")
+    return not isinstance(age, int) or age > stale_limit_ms(status_interval)
+
+
 async def _server_now_ms(redis: Any) -> int:
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
@@ -98,7 +120,12 @@ def status(
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,
 ) -> None:
-    """The leader's state from {ns}:status (exit 1 when no broker has written one)."""
+    """The leader's state from {ns}:status (exit 1 when no broker has written one).
+
+    A status older than three status intervals is marked stale: the broker that wrote it has
+    stopped, so its fields (connected, leader ...) are history. --json adds "stale" (true or
+    false), "age_ms" and "stale_after_ms"; `upbit-broker check` exits 1 for a stale status.
+    """
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
     keys = Keys(settings.namespace)
@@ -113,17 +140,36 @@ def status(
             )
             return EXIT_FAILED
         info = parse_status(raw, now)
+        interval = status_interval_of(info, settings.status_interval)
+        info["stale"] = stale = is_stale(info, interval)
+        info["stale_after_ms"] = stale_limit_ms(interval)
         if as_json:
             typer.echo(json.dumps(info, sort_keys=True))
             return EXIT_OK
-        table = Table(title=f"{keys.status}", show_header=False)
+        title = keys.status
+        if stale:
+            title += " (STALE)"
+        table = Table(title=title, show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value")
         for name in sorted(info):
             value = info[name]
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-            table.add_row(name, text)
-        Console().print(table)
+            if stale and name in ("connected", "leader"):
+                text += " (stale)"
+            table.add_row(name, f"[red]{text}[/]" if name == "stale" and stale else text)
+        console = Console()
+        console.print(table)
+        if stale:
+            age = info.get("age_ms")
+            when = f"{age / 1000:.1f} s old" if isinstance(age, int) else "undated"
+            console.print(
+                f"[red]stale:[/] the status is {when} (a running leader rewrites it every "
+                f"{interval:g} s): no broker is updating namespace "
+                f"{settings.namespace!r}; the values above are its last known state",
+                highlight=False,
+                soft_wrap=True,
+            )
         return EXIT_OK
 
     run(main, redis_url=settings.redis_url)
@@ -145,10 +191,15 @@ def lease_rows(listing: LeaseListing) -> list[dict[str, Any]]:
                 "host": lease.host,
                 "pid": lease.pid,
                 "valid": True,
+                "rejected": lease.rejected_by_type(),
             }
         )
     for client_id, reason in listing.invalid:
         rows.append({"client_id": client_id, "valid": False, "invalid": reason})
+    for client_id in listing.expired:
+        rows.append(
+            {"client_id": client_id, "valid": False, "invalid": "expired (deadline passed)"}
+        )
     return rows
 
 
@@ -184,9 +235,14 @@ def lease_table(rows: list[dict[str, Any]], title: str = "leases") -> Table:
     table.add_column("host / pid")
     for row in rows:
         if not row["valid"]:
-            table.add_row(row["client_id"], f"[red]invalid: {row['invalid']}[/]", "", "")
+            table.add_row(
+                escape(row["client_id"]), f"[red]invalid: {escape(row['invalid'])}[/]", "", ""
+            )
             continue
-        subs = "; ".join(f"{t}: {','.join(c)}" for t, c in row["subscriptions"].items())
+        subs = escape("; ".join(f"{t}: {','.join(c)}" for t, c in row["subscriptions"].items()))
+        if row.get("rejected"):
+            refused = "; ".join(f"{t}: {','.join(c)}" for t, c in row["rejected"].items())
+            subs = f"{subs or '-'} [yellow]rejected: {escape(refused)}[/]"
         table.add_row(
             row["client_id"],
             subs or "-",
@@ -242,12 +298,13 @@ def check_status(info: dict[str, Any] | None, status_interval: float) -> tuple[b
         return False, "no broker status: no leader is running"
     leader = info.get("leader") or "?"
     age = info.get("age_ms")
-    limit_ms = int(status_interval * 3000)
+    status_interval = status_interval_of(info, status_interval)
+    limit_ms = stale_limit_ms(status_interval)
     if not info.get("leader"):
         return False, "status names no leader"
     if not isinstance(age, int):
         return False, f"leader {leader}: status has no updated_ms"
-    if age > limit_ms:
+    if is_stale(info, status_interval):
         return False, f"leader {leader}: status is stale ({age} ms old, limit {limit_ms} ms)"
     if not info.get("connected"):
         error = info.get("last_error") or "no error recorded"

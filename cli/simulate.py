@@ -8,15 +8,20 @@ only sets an event; a second Ctrl-C interrupts at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from simulator import Simulator, SimulatorConfig
 
 _DEFAULTS = SimulatorConfig()
+
+
+class ListenError(Exception):
+    """The simulator cannot listen where it was asked to (one line for the person)."""
 
 
 async def _serve(config: SimulatorConfig) -> None:
@@ -30,7 +35,13 @@ async def _serve(config: SimulatorConfig) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    async with Simulator(config) as sim:
+    sim = Simulator(config)
+    try:
+        await sim.start()
+    except OSError as exc:  # cannot listen: the one error a person makes here
+        await sim.aclose()
+        raise ListenError(_listen_error(exc, config.host, config.port)) from exc
+    try:
         base = sim.http_url
         typer.echo(
             f"serving {sim.url} (seed {sim.seed}, {len(sim.codes)} codes, rate {config.rate}/s)"
@@ -42,6 +53,8 @@ async def _serve(config: SimulatorConfig) -> None:
         typer.echo(f"rest: {base}/v1/market/all  {base}/v1/ticker?markets=KRW-BTC")
         await stop.wait()
         typer.echo("stopping")
+    finally:
+        await sim.aclose()
 
 
 def register(app: typer.Typer) -> None:
@@ -111,7 +124,29 @@ def register(app: typer.Typer) -> None:
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            _fail(f"unknown --log-level {log_level!r}", 2)
         logging.basicConfig(
             level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        asyncio.run(_serve(config))
+        try:
+            asyncio.run(_serve(config))
+        except ListenError as exc:
+            _fail(str(exc))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _listen_error(exc: OSError, host: str, port: int) -> str:
+    """One line for a failure to listen on ``host:port``."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is in use on {host} (pick another with --port, 0 picks a free one)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"not allowed to listen on {host}:{port} (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: no such address on this machine"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot listen on {host}:{port}: {reason}"

@@ -1,4 +1,5 @@
-"""Consumer library of upbit-broker: lease streams, receive them from Redis, learn about gaps.
+"""Consumer library of upbit-broker: lease streams, receive them from Redis, learn about gaps
+and about your own lease.
 
 Layer: consumers import only ``broker.upbit`` (the pure protocol core), ``broker.leases``,
 ``broker.keys``, ``broker.errors`` and ``broker.settings``; nothing else of the service.
@@ -6,10 +7,12 @@ Layer: consumers import only ``broker.upbit`` (the pure protocol core), ``broker
     async with BrokerClient(redis_url="redis://127.0.0.1:6379/0") as client:
         await client.subscribe("ticker", ["KRW-BTC", "KRW-ETH"])
         async for item in client.messages():
-            if item.kind == "gap":
-                print("data may be missing:", item.reason)
-            else:
+            if item.kind == "data":
                 print(item.code, item.message.trade_price)
+            elif item.kind == "gap":
+                print("data may be missing:", item.reason)
+            else:  # "lease": the broker cannot serve (part of) this lease, or it expired
+                print("lease", item.state, item.why)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from consumers.client import (
     Callback,
     ClientStats,
     GapCallback,
+    LeaseCallback,
     default_client_id,
     validate_streams,
 )
@@ -32,7 +36,14 @@ from consumers.errors import (
     PartialSnapshotError,
     RedisUnavailableError,
 )
-from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, Gap, Item, StreamMessage
+from consumers.items import (
+    CONSUMER_DISCONNECTED,
+    FELL_BEHIND,
+    Gap,
+    Item,
+    LeaseNotice,
+    StreamMessage,
+)
 from consumers.proxy import WebSocketClientProxy
 from consumers.sync import SyncBrokerClient
 
@@ -52,7 +63,9 @@ __all__ = [
     "GapCallback",
     "InvalidCodeError",
     "Item",
+    "LeaseCallback",
     "LeaseError",
+    "LeaseNotice",
     "Message",
     "NoBrokerError",
     "NoBrokerSnapshotError",

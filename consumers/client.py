@@ -34,19 +34,26 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from redis.asyncio import Redis
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from broker.errors import ConfigError, InvalidCodeError, LeaseError
 from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
 from broker.leases import Lease, LeaseStore
+from broker.redis_client import redis_client
 from broker.settings import redact_url
 from broker.upbit.codes import DEFAULT_DEPTH, normalize_depth, split_depth, validate_code
 from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
 from consumers import commands
 from consumers.errors import ClientClosedError, RedisUnavailableError
-from consumers.items import FELL_BEHIND, Gap, Item, StreamMessage, now_ms, parse_event
+from consumers.items import (
+    FELL_BEHIND,
+    Gap,
+    Item,
+    LeaseNotice,
+    StreamMessage,
+    now_ms,
+    parse_event,
+)
 from consumers.queue import DropOldestQueue, QueueClosed
 from consumers.subscriber import Break, Subscriber
 
@@ -59,6 +66,8 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[StreamMessage], Awaitable[None] | None]
 #: A gap callback gets each :class:`Gap`.
 GapCallback = Callable[[Gap], Awaitable[None] | None]
+#: A lease callback gets each :class:`LeaseNotice` about this client's own lease.
+LeaseCallback = Callable[[LeaseNotice], Awaitable[None] | None]
 
 _DEPTH_SUFFIX = re.compile(r"[0-9]{1,4}")
 
@@ -87,6 +96,8 @@ class ClientStats:
     callback_errors: int = 0
     #: lease writes that failed (Redis unreachable); retried by the next heartbeat
     lease_failures: int = 0
+    #: the broker's notices about this client's lease (invalid, partial, expired, ok again)
+    lease_notices: int = 0
 
 
 @dataclass(slots=True)
@@ -111,6 +122,8 @@ class BrokerClient:
         namespace: key prefix shared with the broker.
         lease_ttl: seconds the lease outlives this process if it dies; heartbeats every TTL/3.
         on_gap: called with each :class:`Gap` (plain or ``async`` function).
+        on_lease: called with each :class:`LeaseNotice`: the broker could not serve this
+            client's lease (or part of it), or it expired, or it is served again.
         queue_size: data messages each in-process queue holds before discarding the oldest.
         connect_timeout: seconds for connecting to Redis (and for each Redis command).
         ping_interval: the pub/sub connection is PINGed after this long without traffic.
@@ -127,6 +140,7 @@ class BrokerClient:
         lease_ttl: float = 10.0,
         *,
         on_gap: GapCallback | None = None,
+        on_lease: LeaseCallback | None = None,
         queue_size: int = 10_000,
         connect_timeout: float = 5.0,
         ping_interval: float = 5.0,
@@ -151,6 +165,9 @@ class BrokerClient:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._on_gap = on_gap
+        self._on_lease = on_lease
+        #: the broker's latest notice about this client's lease (None: nothing to say so far)
+        self.lease_notice: LeaseNotice | None = None
         self._connect_timeout = connect_timeout
         self._ping_interval = ping_interval
         self._subs = SubscriptionSet()
@@ -196,9 +213,9 @@ class BrokerClient:
         self._started = True
         try:
             redis = self._command_client()
-        except ValueError as exc:  # e.g. a port that is not a number
+        except ConfigError:  # e.g. a port that is not a number
             self._closed = True
-            raise ConfigError(f"bad redis url {redact_url(self.redis_url)}: {exc}") from None
+            raise
         self._redis = redis
         try:
             async with asyncio.timeout(self._connect_timeout * 3):
@@ -264,16 +281,12 @@ class BrokerClient:
         logger.debug("client %s closed", self.client_id)
 
     def _command_client(self) -> Redis:
-        """The client for leases and commands (raises ``ValueError`` for a malformed URL)."""
-        return Redis.from_url(
+        """The client for leases and commands (``RedisUrlError`` for a malformed URL)."""
+        return redis_client(
             self.redis_url,
-            socket_connect_timeout=self._connect_timeout,
-            # No socket timeout: with one, redis-py sends through asyncio.wait_for, which on
-            # Python 3.11 can swallow a task's cancellation (then close() would hang). Every
-            # call here is bounded by asyncio.timeout instead.
-            socket_timeout=None,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-            client_name=f"{self.client_id}:cmd"[:128],
+            name=f"{self.client_id}:cmd",
+            connect_timeout=self._connect_timeout,
+            retries=2,
         )
 
     async def _abort_start(self) -> None:
@@ -414,8 +427,9 @@ class BrokerClient:
     # -- delivery -------------------------------------------------------------------------
 
     async def messages(self) -> AsyncIterator[Item]:
-        """Every :class:`StreamMessage` of streams subscribed without a callback, and every
-        :class:`Gap`, in arrival order; ends when the client closes."""
+        """Every :class:`StreamMessage` of streams subscribed without a callback, every
+        :class:`Gap` and every :class:`LeaseNotice`, in arrival order; ends when the client
+        closes. Dispatch on ``item.kind``: ``data``, ``gap`` or ``lease``."""
         self._queue_used = True
         while True:
             item = await self._next(None)
@@ -433,8 +447,8 @@ class BrokerClient:
             async with asyncio.timeout(timeout):
                 while True:
                     item = await self._queue.get()
-                    if isinstance(item, Gap):
-                        return item
+                    if not isinstance(item, StreamMessage):
+                        return item  # a gap or a lease notice
                     route = self._routes.get(item.channel)
                     if route is not None and route.to_queue:
                         return item
@@ -480,11 +494,16 @@ class BrokerClient:
 
     def _on_event(self, data: bytes) -> None:
         try:
-            gap = parse_event(data)
+            event = parse_event(data)
         except ValueError as exc:
             logger.debug("ignored event: %s", exc)
             return
-        if gap is not None:
+        if isinstance(event, LeaseNotice):
+            if event.client_id == self.client_id:  # every client hears every lease event
+                self._emit_lease_notice(event)
+            return
+        if event is not None:
+            gap = event
             logger.info(
                 "broker gap (%s, epoch %s): %d ms",
                 gap.reason,
@@ -492,6 +511,20 @@ class BrokerClient:
                 gap.until_ms - gap.since_ms,
             )
             self._emit_gap(gap)
+
+    def _emit_lease_notice(self, notice: LeaseNotice) -> None:
+        self.stats.lease_notices += 1
+        self.lease_notice = notice
+        heard = self._queue_used or self._on_lease is not None
+        # a warning when the application hears it no other way (callbacks only, no on_lease)
+        level = logging.INFO if heard or notice.state == "ok" else logging.WARNING
+        logger.log(level, "lease %s: %s: %s", self.client_id, notice.state, notice.why)
+        if notice.state == "expired" and self._subs:
+            self._renew_now.set()  # still alive and still wanting: put the lease back now
+        if self._queue_used:
+            self._queue.put(notice)
+        if self._on_lease is not None:
+            self._cb_queue.put(notice)
 
     def _emit_gap(self, gap: Gap) -> None:
         self.stats.gaps += 1
@@ -530,6 +563,8 @@ class BrokerClient:
             callbacks: list[Any]
             if isinstance(item, Gap):
                 callbacks = [self._on_gap] if self._on_gap is not None else []
+            elif isinstance(item, LeaseNotice):
+                callbacks = [self._on_lease] if self._on_lease is not None else []
             else:
                 route = self._routes.get(item.channel)
                 callbacks = list(route.callbacks) if route is not None else []
@@ -614,6 +649,20 @@ class BrokerClient:
 
         frames = await self.snapshot_frames(data_type, codes, level=level, timeout=timeout)
         return {code: decode_message(raw) for code, raw in frames.items()}
+
+    async def broker_status(self) -> tuple[dict[bytes, bytes], int]:
+        """The leader's status hash (empty: no broker ever ran in this namespace) and the Redis
+        server clock in ms, to judge its ``updated_ms`` by (design.md "Status").
+
+        Raises:
+            RedisUnavailableError: Redis did not answer within ``connect_timeout``.
+        """
+        self._check_running()
+        assert self._redis is not None
+        try:
+            return await commands.read_status(self._redis, self.keys, timeout=self._connect_timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RedisUnavailableError(f"cannot read the broker status: {_describe(exc)}") from exc
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -158,6 +158,27 @@ async def snapshot_frames(
     return frames
 
 
+async def read_status(
+    redis: Redis, keys: Keys, *, timeout: float = _ROUND_TRIP
+) -> tuple[dict[bytes, bytes], int]:
+    """The leader's status hash ``{ns}:status`` (empty when no broker ever wrote one) and the
+    Redis server clock in ms, by which its ``updated_ms`` is judged (design.md "Status").
+
+    Raises:
+        TimeoutError: Redis did not answer within ``timeout``.
+    """
+    async with asyncio.timeout(timeout), redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.status)
+        pipe.time()
+        raw, (seconds, micros) = await pipe.execute()
+    status = {_bytes(k): _bytes(v) for k, v in raw.items()}
+    return status, int(seconds) * 1000 + int(micros) // 1000
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
 async def resubscribe(redis: Redis, keys: Keys, *, timeout: float = 10.0) -> tuple[int, Any]:
     """Ask the leader to resubscribe upstream; returns ``(epoch, upstream {stream: [codes]})``.
 

@@ -1,15 +1,17 @@
-"""What a consumer receives: data messages and gap notices (pure: stdlib and msgspec).
+"""What a consumer receives: data messages, gap notices, lease notices (pure: stdlib, msgspec).
 
-Every item a :class:`~consumers.client.BrokerClient` hands to an application is either a
-:class:`StreamMessage` (one frame of one stream, exact bytes as the broker published them) or a
-:class:`Gap` (data of some streams may be missing between two instants). Both carry ``kind`` so
-an application can dispatch on a string as easily as on the class.
+Every item a :class:`~consumers.client.BrokerClient` hands to an application is a
+:class:`StreamMessage` (one frame of one stream, exact bytes as the broker published them), a
+:class:`Gap` (data of some streams may be missing between two instants) or a
+:class:`LeaseNotice` (the broker's word about this client's own lease: not served, served in
+part, expired, or served again). Each carries ``kind`` (``data``, ``gap``, ``lease``) so an
+application can dispatch on a string as easily as on the class.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -126,8 +128,44 @@ class Gap:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseNotice:
+    """The broker's word about this client's own lease (a ``lease`` event, design.md).
+
+    ``state`` is ``invalid`` (nothing of the lease is served), ``partial`` (the entries in
+    ``rejected``, ``{stream: [codes]}`` as written, are not served; the rest is), ``expired``
+    (the lease was not renewed in time: its streams may have stopped; the client renews it at
+    once) or ``ok`` (a lease announced in one of those states is fully served again). ``why``
+    says why in words; ``rejected_count`` counts every rejected entry (``rejected`` lists the
+    first 50).
+    """
+
+    state: str
+    client_id: str
+    why: str = ""
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+    rejected_count: int = 0
+    broker: str | None = None
+    ts_ms: int = 0
+
+    kind: Literal["lease"] = "lease"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The broker's ``lease`` event as a JSON-ready dict."""
+        return {
+            "event": "lease",
+            "client_id": self.client_id,
+            "state": self.state,
+            "why": self.why,
+            "rejected": {stream: list(codes) for stream, codes in self.rejected.items()},
+            "rejected_count": self.rejected_count,
+            "broker": self.broker,
+            "ts_ms": self.ts_ms,
+        }
+
+
 #: What ``BrokerClient.messages()`` yields.
-Item = StreamMessage | Gap
+Item = StreamMessage | Gap | LeaseNotice
 
 
 class _Stamp(msgspec.Struct):
@@ -164,13 +202,20 @@ class _Event(msgspec.Struct):
     reason: str | None = None
     broker: str | None = None
     ts_ms: int | None = None
+    # lease events
+    client_id: str | None = None
+    state: str | None = None
+    why: str | None = None
+    rejected: dict[str, list[str]] | None = None
+    rejected_count: int | None = None
 
 
 _event_decoder = msgspec.json.Decoder(_Event)
 
 
-def parse_event(data: bytes) -> Gap | None:
-    """A :class:`Gap` from a broker ``gap`` event; ``None`` for other events.
+def parse_event(data: bytes) -> Gap | LeaseNotice | None:
+    """A :class:`Gap` from a broker ``gap`` event, a :class:`LeaseNotice` from a ``lease``
+    event; ``None`` for other events (``connected``, ``leader``).
 
     Raises ``ValueError`` for bytes that are not an event object.
     """
@@ -178,6 +223,19 @@ def parse_event(data: bytes) -> Gap | None:
         event = _event_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValueError(f"malformed event {data[:80]!r}: {exc}") from None
+    if event.event == "lease":
+        if not event.client_id or not event.state:
+            raise ValueError(f"lease event without client_id or state: {data[:80]!r}")
+        rejected = event.rejected or {}
+        return LeaseNotice(
+            state=event.state,
+            client_id=event.client_id,
+            why=event.why or "",
+            rejected=rejected,
+            rejected_count=event.rejected_count or sum(len(c) for c in rejected.values()),
+            broker=event.broker,
+            ts_ms=event.ts_ms or 0,
+        )
     if event.event != "gap":
         return None
     until = event.until_ms if event.until_ms is not None else now_ms()

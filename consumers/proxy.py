@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from broker.keys import DEFAULT_NAMESPACE
 from broker.upbit.types import DataType
-from consumers.client import BrokerClient, GapCallback
+from consumers.client import BrokerClient, GapCallback, LeaseCallback
 from consumers.items import StreamMessage
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ class WebSocketClientProxy:
         client_id: the lease's name (``None``: unique per process start).
         redis_url, namespace, lease_ttl: as :class:`BrokerClient`.
         on_gap: called with each :class:`~consumers.items.Gap` (data may be missing).
+        on_lease: called with each :class:`~consumers.items.LeaseNotice` (the broker cannot
+            serve this client's lease, or part of it, or it expired).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class WebSocketClientProxy:
         *,
         lease_ttl: float = 10.0,
         on_gap: GapCallback | None = None,
+        on_lease: LeaseCallback | None = None,
     ) -> None:
         self.client = BrokerClient(
             redis_url=redis_url,
@@ -73,6 +76,7 @@ class WebSocketClientProxy:
             namespace=namespace,
             lease_ttl=lease_ttl,
             on_gap=on_gap,
+            on_lease=on_lease,
         )
 
     @property

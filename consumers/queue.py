@@ -5,7 +5,7 @@ connection at its output-buffer limit and every stream of this client loses data
 application falls behind, this queue discards the OLDEST data messages (the ones most likely to
 be stale anyway), counts them, and puts one :class:`~consumers.items.Gap` (reason
 ``fell-behind``) at the head, so the application learns what it missed before anything newer.
-Gap items themselves are never discarded.
+Notices (gaps, lease notices) are never discarded.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class DropOldestQueue:
         self.overflows = 0
         self._items: deque[Item] = deque()
         self._data_count = 0
-        # gaps that must come out before anything in _items: the overflow notice and any gap
-        # that was older than the data discarded behind it
-        self._head: deque[Gap] = deque()
+        # notices that must come out before anything in _items: any gap or lease notice that
+        # was older than the data discarded behind it (the overflow gap comes right after)
+        self._head: deque[Item] = deque()
         self._overflow: _Overflow | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -61,8 +61,8 @@ class DropOldestQueue:
         discarded = False
         while self._data_count > self.maxsize:
             old = self._items.popleft()
-            if isinstance(old, Gap):
-                self._head.append(old)
+            if not isinstance(old, StreamMessage):
+                self._head.append(old)  # a notice is never discarded
                 continue
             self._data_count -= 1
             self.dropped += 1

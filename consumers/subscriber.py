@@ -22,12 +22,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.backoff import NoBackoff
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
+from broker.redis_client import connection_pool
 from broker.settings import redact_url
 from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms, now_ms
 
@@ -80,17 +79,9 @@ class Subscriber:
         backoff_max: float = 2.0,
         confirm_timeout: float = 5.0,
     ) -> None:
-        self._pool = ConnectionPool.from_url(
-            redis_url,
-            # no retries: a failed connection must surface here, never be replaced silently
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,
-            socket_connect_timeout=connect_timeout,
-            # no socket timeout: redis-py would then send through asyncio.wait_for, which on
-            # Python 3.11 can swallow cancellation; every wait here has its own asyncio.timeout
-            socket_timeout=None,
-            client_name=name,
-        )
+        # no retries and no socket timeout (broker.redis_client): every wait here has its own
+        # asyncio.timeout, and a failed connection must surface here, never be replaced silently
+        self._pool = connection_pool(redis_url, name=name, connect_timeout=connect_timeout)
         self._url = redact_url(redis_url)
         self._on_message = on_message
         self._on_break = on_break

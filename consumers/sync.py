@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from consumers.client import BrokerClient, Callback, ClientStats, GapCallback
+from consumers.client import BrokerClient, Callback, ClientStats, GapCallback, LeaseCallback
 from consumers.errors import ClientClosedError
 from consumers.items import Item
 
@@ -40,6 +40,7 @@ class SyncBrokerClient:
         lease_ttl: float = 10.0,
         *,
         on_gap: GapCallback | None = None,
+        on_lease: LeaseCallback | None = None,
         queue_size: int = 10_000,
         start_timeout: float = 20.0,
     ) -> None:
@@ -49,6 +50,7 @@ class SyncBrokerClient:
             namespace=namespace,
             lease_ttl=lease_ttl,
             on_gap=on_gap,
+            on_lease=on_lease,
             queue_size=queue_size,
         )
         self._loop = asyncio.new_event_loop()
@@ -122,7 +124,7 @@ class SyncBrokerClient:
         )
 
     def get_message(self, timeout: float | None = None) -> Item | None:
-        """The next message or gap, or ``None`` after ``timeout`` seconds."""
+        """The next message, gap or lease notice, or ``None`` after ``timeout`` seconds."""
         wait = None if timeout is None else timeout + 5
         return self._call(self._client.next_message(timeout), wait)
 

@@ -29,7 +29,7 @@ from tests.support.redis_server import free_port
 from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = Path("/work/shared/upbit/examples")
+EXAMPLES = ROOT / "tests" / "data" / "upbit_examples"  # copies of ../shared/upbit/examples
 NS = "upbit"
 
 
@@ -204,6 +204,73 @@ async def test_top_shows_a_live_table(redis_url: str, redis_client: aioredis.Red
     text = out.decode()
     assert "KRW-BTC" in text and "KRW-ETH" in text and "4,321,000" in text and "+1.00%" in text
     assert await lease_clients(redis_client) == []
+
+
+async def test_tail_prints_the_brokers_notices_about_its_own_lease(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    proc = spawn("tail", "ticker", "KRW-BTC", redis_url=redis_url)
+    try:
+        await wait_for(lambda: lease_clients(redis_client), timeout=10, message="tail's lease")
+        [client_id] = await lease_clients(redis_client)
+        why = "serving 1 stream, rejected 1 entry: invalid market code 'krw-eth' in ticker"
+        for owner in ("someone-else", client_id):
+            event = {"event": "lease", "client_id": owner, "state": "partial", "why": why}
+            await redis_client.publish(f"{NS}:events", json.dumps(event))
+        # a frame after the events: once it is printed, the events were read
+        await redis_client.publish(f"{NS}:ticker:KRW-BTC", ticker_frame("KRW-BTC", 1))
+        assert proc.stdout is not None
+        assert b"KRW-BTC" in await asyncio.to_thread(proc.stdout.readline)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=scaled(10))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err.decode().splitlines() == [f"lease {client_id}: partial: {why}"]
+
+
+async def test_tail_and_top_say_once_when_no_broker_serves_the_namespace(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """After NO_BROKER_AFTER (3 s) without data: one line on stderr, and they keep waiting
+    (exit 0 at --duration). With a live broker's status, nothing is said."""
+
+    async def live_status() -> None:  # a leader that keeps its status fresh
+        while True:
+            seconds, micros = await redis_client.time()
+            now = seconds * 1000 + micros // 1000
+            fields = {"leader": "b1", "connected": "1", "epoch": "1", "updated_ms": str(now)}
+            await redis_client.hset("served:status", mapping=fields)  # type: ignore[misc]
+            await asyncio.sleep(0.2)  # a broker's status interval, not synchronisation
+
+    writer = asyncio.create_task(live_status())
+    try:
+        tail, top, served = await asyncio.gather(
+            arun_cli("tail", "ticker", "KRW-BTC", "--duration", "4", redis_url=redis_url),
+            arun_cli("top", "KRW-BTC", "--duration", "4", redis_url=redis_url),
+            arun_cli(
+                "tail", "ticker", "KRW-BTC", "--duration", "4", "--namespace", "served",
+                redis_url=redis_url,
+            ),
+        )  # fmt: skip
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    said = (
+        "no data after 3s: no broker is serving namespace 'upbit' "
+        "(no broker status: no leader is running); still waiting"
+    )
+    for result in (tail, top):
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines() == [said]
+    assert served.returncode == 0 and served.stderr == ""
+
+
+def test_top_help_names_no_orderbook_depth() -> None:
+    text = invoke("top", "--help").output
+    assert "depth" not in text.lower() and "KRW-BTC" in text
 
 
 # -- errors a person makes --------------------------------------------------------------------

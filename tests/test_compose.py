@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
-LOCK = ROOT / "requirements.lock"
+#: every package pinned (runtime, dev, bench, pip, setuptools) and its runtime part: `make lock`
+LOCK = ROOT / "requirements" / "lock.txt"
+RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 OFFLINE_URL = "ws://simulator:8765/websocket/v1"
 #: broker settings the compose file sets differently from broker/settings.py, on purpose
 COMPOSE_OVERRIDES = {"redis_url", "metrics_port"}
@@ -557,7 +559,10 @@ def test_dockerfile_builds_a_small_non_root_image_from_the_lock() -> None:
     assert users and users[-1].split(":")[0] not in {"0", "root"}
     assert image_default("ENTRYPOINT") == ["upbit-broker"]
     runs = " ".join(rest for word, rest in steps if word == "RUN")
-    assert re.search(r"pip install --no-deps -r \S*requirements\.lock", runs)
+    assert re.search(r"pip install --no-deps -r \S*requirements/runtime\.txt", runs)
+    # the project is built with the locked setuptools, not whatever is newest that day
+    assert re.search(r"pip install -c \S*requirements/lock\.txt setuptools", runs)
+    assert re.search(r"pip install --no-deps --no-build-isolation /src", runs)
     copied = " ".join(rest for word, rest in steps if word == "COPY")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
@@ -565,37 +570,53 @@ def test_dockerfile_builds_a_small_non_root_image_from_the_lock() -> None:
     # .dockerignore lets in only what the build copies (so never .venv or .git).
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     ignore = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
-    assert ignore[0] == "*" and "!requirements.lock" in ignore
+    assert ignore[0] == "*"
+    assert {"!requirements/runtime.txt", "!requirements/lock.txt"} <= set(ignore)
     assert not [x for x in ignore if x.startswith(("!.venv", "!.git", "!tests"))]
 
 
-def lock_pins() -> dict[str, str]:
+def lock_pins(path: Path = LOCK) -> dict[str, str]:
+    """``{normalized name: version}`` of a lock file; every line an exact pin, once."""
     pins: dict[str, str] = {}
-    for line in LOCK.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, sep, version = line.partition("==")
             assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version), f"not pinned: {line}"
+            assert canonicalize_name(name) not in pins, f"pinned twice in {path.name}: {name}"
             pins[canonicalize_name(name)] = version
     return pins
 
 
-def runtime_closure() -> set[str]:
-    """Names of every runtime dependency, transitively, from the installed metadata."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    todo = [Requirement(r) for r in project["dependencies"]]
-    seen: set[str] = set()
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def requirements(group: str) -> list[Requirement]:
+    """``runtime`` ([project] dependencies), an extra (``dev``, ``bench``), or ``build``."""
+    if group == "build":
+        return [Requirement(r) for r in pyproject()["build-system"]["requires"]]
+    project = pyproject()["project"]
+    raw = project["dependencies"] if group == "runtime" else project["optional-dependencies"][group]
+    return [Requirement(r) for r in raw]
+
+
+def installed_closure(roots: list[Requirement]) -> dict[str, str]:
+    """``{name: installed version}`` of ``roots`` and everything they need, transitively, read
+    from the installed metadata (markers evaluated here, extras followed)."""
+    todo = [r for r in roots if r.marker is None or r.marker.evaluate({"extra": ""})]
+    seen: dict[str, str] = {}
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
         if name in seen:
             continue
-        seen.add(name)
         try:
-            requires = distribution(req.name).requires or []
+            dist = distribution(req.name)
         except PackageNotFoundError:  # pragma: no cover - a broken venv
             pytest.fail(f"{req.name} is not installed")
-        for raw in requires:
+        seen[name] = dist.version
+        for raw in dist.requires or []:
             sub = Requirement(raw)
             extras = ["", *sorted(req.extras)]
             if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
@@ -603,14 +624,40 @@ def runtime_closure() -> set[str]:
     return seen
 
 
-def test_the_lock_pins_every_runtime_dependency_within_pyproject_ranges() -> None:
+def test_the_lock_pins_every_requirement_within_pyproject_ranges() -> None:
     pins = lock_pins()
-    missing = sorted(runtime_closure() - set(pins))
-    assert not missing, f"requirements.lock lacks {missing}"
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for raw in project["dependencies"]:
-        req = Requirement(raw)
-        pinned = pins[canonicalize_name(req.name)]
-        assert req.specifier.contains(pinned, prereleases=True), (raw, pinned)
-    dev = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["dev"]}
-    assert not dev & set(pins), f"dev tools in the runtime lock: {sorted(dev & set(pins))}"
+    for group in ("runtime", "dev", "bench", "build"):
+        for req in requirements(group):
+            name = canonicalize_name(req.name)
+            assert name in pins, f"requirements/lock.txt lacks {group} requirement {req}"
+            assert req.specifier.contains(pins[name], prereleases=True), (str(req), pins[name])
+    assert "pip" in pins, "the lock pins the installer too (make install upgrades pip with it)"
+
+
+def test_the_runtime_lock_is_the_runtime_part_of_the_lock() -> None:
+    runtime, everything = lock_pins(RUNTIME_LOCK), lock_pins()
+    assert runtime, "requirements/runtime.txt pins nothing"
+    differ = {n: (v, everything.get(n)) for n, v in runtime.items() if everything.get(n) != v}
+    assert not differ, f"runtime.txt disagrees with lock.txt (run make lock): {differ}"
+    tools = {canonicalize_name(r.name) for g in ("dev", "bench", "build") for r in requirements(g)}
+    tools.add("pip")
+    assert not tools & set(runtime), (
+        f"dev/bench/build tools in the runtime lock: {tools & set(runtime)}"
+    )
+
+
+def test_the_lock_covers_what_is_installed() -> None:
+    """Every package the runtime and dev dependencies need, as installed here, is pinned; and
+    the runtime ones are in runtime.txt (what the image installs with --no-deps). Only
+    meaningful in a venv made from the lock: `make test-latest`'s newer releases may need
+    packages the lock does not know yet (the next `make lock` adds them)."""
+    pins, runtime_pins = lock_pins(), lock_pins(RUNTIME_LOCK)
+    runtime = installed_closure(requirements("runtime"))
+    dev = installed_closure(requirements("dev"))
+    unlocked = {n: v for n, v in {**runtime, **dev}.items() if pins.get(n, v) != v}
+    if unlocked:
+        pytest.skip(f"not the locked versions here (make test-latest?): {sorted(unlocked.items())}")
+    missing = sorted(set(runtime) - set(runtime_pins))
+    assert not missing, f"requirements/runtime.txt lacks {missing}: run make lock"
+    missing = sorted(set(dev) - set(pins))
+    assert not missing, f"requirements/lock.txt lacks {missing}: run make lock"

@@ -133,7 +133,7 @@ def test_consumers_import_only_their_allowed_layers() -> None:
     code = (
         "import sys, consumers, consumers.examples.ticker_board, consumers.examples.ohlcv_bars\n"
         "allowed = {'broker', 'broker.upbit', 'broker.leases', 'broker.keys', 'broker.errors',"
-        " 'broker.settings'}\n"
+        " 'broker.settings', 'broker.redis_client'}\n"
         "bad = sorted(m for m in sys.modules if (m.startswith('broker.') or m == 'broker')"
         " and m not in allowed and not m.startswith('broker.upbit.'))\n"
         "bad += sorted(m for m in sys.modules if m.split('.')[0] in ('simulator', 'cli'))\n"

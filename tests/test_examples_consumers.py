@@ -42,7 +42,7 @@ def trade_frame(code: str, ts_ms: int, price: float, volume: float, seq: int) ->
 
 
 def ticker_frame(code: str, price: float) -> bytes:
-    path = Path("/work/shared/upbit/examples/ticker.default.json")
+    path = ROOT / "tests" / "data" / "upbit_examples" / "ticker.default.json"
     frame = json.loads(path.read_text()) if path.exists() else {}
     frame.update({"code": code, "trade_price": price})
     return json.dumps(frame).encode()

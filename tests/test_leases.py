@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,9 +15,19 @@ from hypothesis import strategies as st
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from broker.errors import LeaseError
-from broker.leases import Lease, LeaseStore, encode_lease_fields, parse_lease
+from broker.leases import (
+    LEASE_LUA,
+    RELEASE_LUA,
+    Lease,
+    LeaseStore,
+    ParsedSubs,
+    Rejected,
+    encode_lease_fields,
+    parse_lease,
+)
 from broker.upbit.types import StreamKey, SubscriptionSet
 from tests.support.redis_server import RedisServer
 from tests.support.wait import wait_for
@@ -51,7 +62,7 @@ def _subs(obj: Any) -> str:
 
 
 def test_a_memo_skips_revalidating_unchanged_subs_and_never_hides_a_bad_one() -> None:
-    memo: dict[str, SubscriptionSet] = {}
+    memo: dict[str, ParsedSubs] = {}
     first = parse_lease("c1", _fields(), memo=memo)
     again = parse_lease("c1", _fields(renewed_ms="3000"), memo=memo)
     assert again.subscriptions is first.subscriptions  # the same validated value
@@ -63,6 +74,61 @@ def test_a_memo_skips_revalidating_unchanged_subs_and_never_hides_a_bad_one() ->
         with pytest.raises(LeaseError):
             parse_lease("c1", _fields(subs=bad), memo=memo)
     assert bad not in memo and len(memo) == 2
+
+
+PARTIAL_LEASES: list[tuple[str, Any, dict[str, list[str]], list[Rejected]]] = [
+    (
+        "a lower-case code",
+        {"ticker": ["KRW-BTC", "krw-eth"]},
+        {"ticker": ["KRW-BTC"]},
+        [Rejected("ticker", "krw-eth", "invalid market code 'krw-eth' in ticker")],
+    ),
+    (
+        "an unknown stream",
+        {"trade": ["KRW-BTC"], "tradee": ["KRW-ETH", "KRW-XRP"]},
+        {"trade": ["KRW-BTC"]},
+        [
+            Rejected("tradee", code, "unknown stream 'tradee': unknown data type 'tradee'")
+            for code in ("KRW-ETH", "KRW-XRP")
+        ],
+    ),
+    (
+        "a bad depth suffix",
+        {"orderbook": ["KRW-BTC.5", "KRW-ETH.x"]},
+        {"orderbook": ["KRW-BTC.5"]},
+        [Rejected("orderbook", "KRW-ETH.x", "invalid orderbook depth suffix in 'KRW-ETH.x'")],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("subs", "served", "rejected"),
+    [c[1:] for c in PARTIAL_LEASES],
+    ids=[c[0] for c in PARTIAL_LEASES],
+)
+def test_a_bad_entry_is_rejected_alone_and_the_rest_is_served(
+    subs: Any, served: dict[str, list[str]], rejected: list[Rejected]
+) -> None:
+    memo: dict[str, ParsedSubs] = {}
+    lease = parse_lease("c1", _fields(subs=_subs(subs)), memo=memo)
+    assert lease.subs_by_type() == served
+    assert list(lease.rejected) == rejected
+    by_stream: dict[str, list[str]] = {}
+    for entry in rejected:
+        by_stream.setdefault(entry.stream, []).append(entry.code)
+    assert lease.rejected_by_type() == by_stream
+    again = parse_lease("c1", _fields(subs=_subs(subs)), memo=memo)
+    assert again.subscriptions is lease.subscriptions and again.rejected == lease.rejected
+
+
+def test_a_lease_whose_every_entry_is_rejected_is_invalid_and_says_why() -> None:
+    subs = _subs({"ticker": ["krw-btc", "KRW-*"], "tick": ["KRW-BTC"]})
+    with pytest.raises(LeaseError) as info:
+        parse_lease("c1", _fields(subs=subs))
+    assert str(info.value) == (
+        "nothing in subs can be served: invalid market code 'krw-btc' in ticker; invalid "
+        "market code 'KRW-*' in ticker; unknown stream 'tick': unknown data type 'tick'"
+    )
 
 
 BAD_LEASES: list[tuple[str, dict[str, str], str]] = [
@@ -421,6 +487,74 @@ async def test_list_skips_bad_leases_into_invalid(
     assert good_a.renewed_ms <= listing.server_now_ms < far
 
 
+async def _eval(r: aioredis.Redis, script: str, keys: list[str], *args: str) -> Any:
+    return await r.eval(script, len(keys), *keys, *args)  # type: ignore[misc]
+
+
+SCRIPT_REFUSALS: list[tuple[list[str], list[str], str]] = [
+    (["t:lease:c1", "t:leases"], ["c1", "1000", "{}", "h"], "usage"),
+    (["t:lease:c1"], ["c1", "1000", "{}", "h", "1"], "usage"),
+    (["t:lease:c1", "t:index"], ["c1", "1000", "{}", "h", "1"], "KEYS[2] must be {ns}:leases"),
+    (["t:lease:c2", "t:leases"], ["c1", "1000", "{}", "h", "1"], "KEYS[1] must be t:lease:c1"),
+    (["t:lease:c 1", "t:leases"], ["c 1", "1000", "{}", "h", "1"], "invalid client id"),
+    (["t:lease:-c", "t:leases"], ["-c", "1000", "{}", "h", "1"], "invalid client id"),
+    (["t:lease:" + "c" * 129, "t:leases"], ["c" * 129, "1", "{}", "h", "1"], "invalid client id"),
+    (["t:lease:c1", "t:leases"], ["c1", "0", "{}", "h", "1"], "TTL_MS must be an integer > 0"),
+    (["t:lease:c1", "t:leases"], ["c1", "1.5", "{}", "h", "1"], "TTL_MS must be an integer"),
+    (["t:lease:c1", "t:leases"], ["c1", "1000", "{}", "h", "12.5"], "PID must be an integer"),
+    (["t:lease:c1", "t:leases"], ["c1", "1000", "{}", "h", ""], "PID must be an integer"),
+    (["t:lease:c1", "t:leases"], ["c1", "1000", '["KRW-BTC"]', "h", "1"], "SUBS must be a JSON"),
+    (["t:lease:c1", "t:leases"], ["c1", "1000", "{ticker:[KRW-BTC]}", "h", "1"], "SUBS must be"),
+]
+
+
+@pytest.mark.parametrize(("keys", "args", "error"), SCRIPT_REFUSALS)
+async def test_the_lease_script_refuses_bad_arguments_and_writes_nothing(
+    redis_client: aioredis.Redis, keys: list[str], args: list[str], error: str
+) -> None:
+    with pytest.raises(ResponseError, match=re.escape(error)):
+        await _eval(redis_client, LEASE_LUA, keys, *args)
+    assert await redis_client.keys("*") == []
+
+
+async def test_the_lease_script_run_by_hand_writes_what_the_broker_reads(
+    store: LeaseStore, redis_client: aioredis.Redis
+) -> None:
+    subs = '{"ticker":["KRW-BTC","krw-eth"]}'
+    keys = [f"{NS}:lease:hand-1", f"{NS}:leases"]
+    renewed, created, deadline = await _eval(
+        redis_client, LEASE_LUA, keys, "hand-1", "5000", subs, "box", "-7"
+    )
+    assert created == renewed and deadline == renewed + 5000
+    lease = await store.read("hand-1")
+    assert lease is not None and (lease.pid, lease.host, lease.deadline_ms) == (-7, "box", deadline)
+    assert lease.subs_by_type() == {"ticker": ["KRW-BTC"]}
+    assert lease.rejected_by_type() == {"ticker": ["krw-eth"]}
+    assert await redis_client.hget(keys[0], "subs") == subs.encode()  # stored as written
+    assert await _eval(redis_client, RELEASE_LUA, keys, "hand-1") == 1
+    assert await _eval(redis_client, RELEASE_LUA, keys, "hand-1") == 0
+    with pytest.raises(ResponseError, match=re.escape("KEYS[1] must be t:lease:hand-1")):
+        await _eval(redis_client, RELEASE_LUA, [f"{NS}:lease:other", keys[1]], "hand-1")
+
+
+async def test_the_deadline_field_wins_over_a_longer_key_ttl(
+    store: LeaseStore, redis_client: aioredis.Redis
+) -> None:
+    now = await _server_ms(redis_client)
+    live = await store.write("live", SUBS, ttl_ms=10_000, host="h", pid=1)
+    # written by hand without PEXPIRE: its hash outlives its deadline
+    past = _fields(client_id="past", created_ms=str(now - 5000), renewed_ms=str(now - 5000))
+    past["deadline_ms"] = str(now - 1)
+    await _write_raw(redis_client, "past", past, now + 60_000)  # a later index score: ignored
+    listing = await store.list()
+    assert listing.leases == [live]
+    assert listing.expired == ["past"]
+    assert await redis_client.exists(f"{NS}:lease:past") == 1  # not deleted: not ours to delete
+    assert (await store.list()).expired == ["past"]  # still not served, next time too
+    reads = await store.read_many(["live", "past"])
+    assert reads.leases == [live] and reads.expired == ["past"] and reads.gone == []
+
+
 async def test_list_reports_and_unindexes_expired(
     store: LeaseStore, redis_client: aioredis.Redis
 ) -> None:
@@ -576,8 +710,13 @@ def test_merging_single_lease_reads_reports_only_what_can_change_the_union() -> 
     cache: dict[str, Lease] = {"a": a, "b": b}
     invalid: dict[str, str] = {}
 
-    def merge(leases: list[Lease], bad: list[tuple[str, str]], gone: list[str]) -> bool:
-        return _merge_reads(cache, invalid, LeaseReads(leases, bad, gone, 0))
+    expired: set[str] = set()
+
+    def merge(
+        leases: list[Lease], bad: list[tuple[str, str]], gone: list[str], late: tuple[str, ...] = ()
+    ) -> bool:
+        reads = LeaseReads(leases, bad, gone, 0, expired=list(late))
+        return _merge_reads(cache, invalid, reads, expired)
 
     renewed = parse_lease("a", _fields(client_id="a", renewed_ms="5000"), memo=memo)
     assert not merge([renewed], [], [])  # a heartbeat: same subs text, same set object
@@ -588,3 +727,5 @@ def test_merging_single_lease_reads_reports_only_what_can_change_the_union() -> 
     assert not merge([], [], ["nobody"])  # a release of a lease we never had
     assert merge([], [], ["a"]) and cache == {}
     assert merge([b], [], []) and invalid == {}  # b fixed its lease
+    assert merge([], [], [], ["b"]) and cache == {} and expired == {"b"}  # past its deadline
+    assert merge([b], [], []) and expired == set()  # renewed

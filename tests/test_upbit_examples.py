@@ -1,8 +1,11 @@
-"""Every recorded example in ``../shared/upbit/examples`` has an explicit, tested outcome."""
+"""Every recorded Upbit example has an explicit, tested outcome.
+
+The examples live in ``tests/data/upbit_examples/``: copies of ``../shared/upbit/examples``
+(where they came from and how to refresh them: ``PROVENANCE.md`` there).
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +37,14 @@ from broker.upbit.requests import (
 from broker.upbit.router import FrameKind, route_frame
 from broker.upbit.types import Format, Subscription
 
+#: the in-repository copies the tests read
+EXAMPLES = Path(__file__).resolve().parent / "data" / "upbit_examples"
+#: their origin, beside the repository (present on the project's machines, not in a clone elsewhere)
+SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "upbit" / "examples"
 
-def examples_dir() -> Path:
-    """The shared examples next to the repository, else ``$UPBIT_EXAMPLES_DIR``."""
-    beside = Path(__file__).resolve().parents[2] / "shared" / "upbit" / "examples"
-    if beside.is_dir():
-        return beside
-    return Path(os.environ.get("UPBIT_EXAMPLES_DIR", beside))
+
+def example_names(directory: Path) -> set[str]:
+    return {p.name for p in directory.glob("*.json") if p.is_file()}
 
 
 # -- expectations ------------------------------------------------------------------------------
@@ -158,22 +162,35 @@ EXPECTED: dict[str, Frame | Refused | Request | Rest] = {
 
 
 def test_examples_directory_exists() -> None:
-    directory = examples_dir()
-    assert directory.is_dir(), (
-        f"Upbit examples not found at {directory}: check out ../shared/upbit/examples beside "
-        "the repository or set UPBIT_EXAMPLES_DIR"
-    )
+    assert example_names(EXAMPLES), f"no Upbit examples in {EXAMPLES}"
+    assert (EXAMPLES / "PROVENANCE.md").is_file()
+
+
+def test_copies_match_the_shared_examples() -> None:
+    if not SHARED_EXAMPLES.is_dir():
+        pytest.skip(f"{SHARED_EXAMPLES} is not there to compare with")
+    shared = {p.name for p in SHARED_EXAMPLES.iterdir() if p.is_file()}
+    copied = example_names(EXAMPLES)
+    how = "refresh them as tests/data/upbit_examples/PROVENANCE.md says"
+    assert sorted(shared - copied) == [], f"shared examples not copied: {how}"
+    assert sorted(copied - shared) == [], f"copies whose original is gone: {how}"
+    differ = [
+        n
+        for n in sorted(shared)
+        if (SHARED_EXAMPLES / n).read_bytes() != (EXAMPLES / n).read_bytes()
+    ]
+    assert differ == [], f"copies differ from the shared examples: {how}"
 
 
 def test_every_example_has_an_expectation() -> None:
-    present = {p.name for p in examples_dir().iterdir() if p.is_file()}
+    present = example_names(EXAMPLES)
     assert sorted(present - set(EXPECTED)) == [], "new example files: add their outcome here"
     assert sorted(set(EXPECTED) - present) == [], "expected example files are missing"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example(name: str) -> None:
-    data = (examples_dir() / name).read_bytes()
+    data = (EXAMPLES / name).read_bytes()
     expected = EXPECTED[name]
     if isinstance(expected, Frame):
         _check_frame(data, expected)
@@ -243,7 +260,7 @@ def _check_request(data: bytes, expected: Request) -> None:
 
 def test_rest_market_codes_are_valid() -> None:
     markets = msgspec.json.decode(
-        (examples_dir() / "rest.market_all.sample-2021.json").read_bytes(), type=list[_Market]
+        (EXAMPLES / "rest.market_all.sample-2021.json").read_bytes(), type=list[_Market]
     )
     assert [m.market for m in markets] == ["KRW-BTC", "KRW-ETH", "BTC-ETH", "BTC-LTC", "USDT-BTC"]
     assert all(is_valid_code(m.market) for m in markets)
@@ -252,7 +269,7 @@ def test_rest_market_codes_are_valid() -> None:
 def test_error_examples_become_typed_errors() -> None:
     for name, expected in EXPECTED.items():
         if isinstance(expected, Frame) and expected.route is FrameKind.ERROR:
-            message = decode_message((examples_dir() / name).read_bytes())
+            message = decode_message((EXAMPLES / name).read_bytes())
             assert isinstance(message, ErrorFrame)
             assert name.split(".")[1] in (message.name, "template")
             assert message.message

@@ -591,16 +591,30 @@ def _decode_list_reply(frame: bytes | str, simple: bool) -> ListSubscriptionsRep
     return ListSubscriptionsReply(method=wire.method, result=entries, ticket=ticket)
 
 
+def _utf8_error(frame: bytes | str) -> UnicodeError | None:
+    """Why ``frame`` is not valid UTF-8 (a ``str`` with a lone surrogate included), else None."""
+    try:
+        if isinstance(frame, str):
+            frame.encode()
+        else:
+            bytes(frame).decode()
+    except UnicodeError as exc:
+        return exc
+    return None
+
+
 def _why_malformed(frame: bytes | str) -> FrameError:
     """A FrameError that says why the router found no rule for ``frame``."""
     if len(frame) > MAX_FRAME_BYTES:
         return FrameError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
     try:
         obj = _any_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:
+        # Checked here, not read from msgspec's message: its wording changes between releases.
+        bad_utf8 = _utf8_error(frame)
+        if bad_utf8 is not None:
+            return FrameError(f"not valid UTF-8: {bad_utf8}")
         return FrameError(f"not valid JSON: {exc}")
-    except UnicodeError as exc:
-        return FrameError(f"not valid UTF-8: {exc}")
     except _BROKEN as exc:
         return FrameError(f"unreadable frame: {exc!r}")
     if isinstance(obj, list):

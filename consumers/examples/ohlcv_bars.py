@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import redis.asyncio as aioredis
 
+from broker.redis_client import redis_client
 from consumers import BrokerClient, BrokerError, Gap, StreamMessage, Trade
 
 MINUTE_MS = 60_000
@@ -160,11 +161,8 @@ class Sink:
 async def main(args: argparse.Namespace) -> int:
     codes = [c.strip() for c in args.codes.split(",") if c.strip()]
     builder = BarBuilder(int(args.grace * 1000))
-    # socket_timeout=None plus asyncio.timeout around each write: with a socket timeout,
-    # redis-py sends through asyncio.wait_for, which on Python 3.11 can swallow Ctrl-C
-    redis = (
-        aioredis.Redis.from_url(args.redis_url, socket_timeout=None) if args.redis_list else None
-    )
+    # asyncio.timeout around each write (broker.redis_client says why there is no socket timeout)
+    redis = redis_client(args.redis_url, name="ohlcv-bars") if args.redis_list else None
     sink = Sink(args.output, redis, args.redis_list)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,167 @@
+"""What each lease holder is told about its own lease (pure: no I/O).
+
+A consumer whose lease is rejected, trimmed or expired would otherwise only meet silence. The
+leader keeps the last state it announced for each client id and, after every lease read,
+publishes one ``lease`` event on ``{ns}:events`` per change (design.md, "Events"):
+
+    {"event":"lease","client_id":ID,"state":"invalid|partial|expired|ok","why":TEXT,
+     "rejected":{stream:[codes]},"rejected_count":N,"broker":BROKER,"ts_ms":T}
+
+* ``partial``: some entries of ``subs`` are served, the others (``rejected``) are not.
+* ``invalid``: nothing of the lease is served (``why`` says what is wrong with it).
+* ``expired``: the lease was not renewed before its deadline (or vanished without a release).
+* ``ok``: a lease that was announced in one of the states above is fully served again.
+
+A lease that is fine from the start, and a release, produce no event. A new leader starts
+with no memory, so it announces every partial or invalid lease once when it takes over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import ConfigError
+from broker.keys import validate_name
+from broker.leases import LeaseListing, Rejected, describe_rejected, rejected_by_type
+
+OK = "ok"
+PARTIAL = "partial"
+INVALID = "invalid"
+EXPIRED = "expired"
+#: every state a lease event can carry
+LEASE_STATES = (OK, PARTIAL, INVALID, EXPIRED)
+#: rejected entries one event lists (``rejected_count`` has them all)
+MAX_REJECTED_IN_EVENT = 50
+
+_EXPIRED_WHY = "not renewed before its deadline; renew every ttl_ms/3 (the heartbeat)"
+_VANISHED_WHY = "the lease disappeared without a release (it expired, or was deleted)"
+_OK_WHY = "every entry is served"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """What was (or is to be) announced about one lease."""
+
+    state: str
+    why: str = ""
+    rejected: tuple[Rejected, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseChange:
+    """One announcement: ``client_id`` is now in ``state`` (it was in ``previous``)."""
+
+    client_id: str
+    state: str
+    why: str
+    rejected: tuple[Rejected, ...] = ()
+    previous: str | None = None
+
+    @property
+    def has_holder(self) -> bool:
+        """False for a garbage index member or key name: nobody to tell (log it only)."""
+        return _is_client_id(self.client_id)
+
+    def event(self, broker: str, ts_ms: int) -> dict[str, Any]:
+        """The JSON object published on ``{ns}:events``."""
+        body: dict[str, Any] = {
+            "event": "lease",
+            "client_id": self.client_id,
+            "state": self.state,
+            "why": self.why,
+        }
+        if self.rejected:
+            body["rejected"] = rejected_by_type(self.rejected[:MAX_REJECTED_IN_EVENT])
+            body["rejected_count"] = len(self.rejected)
+        body["broker"] = broker
+        body["ts_ms"] = ts_ms
+        return body
+
+
+def _partial_why(served: int, rejected: tuple[Rejected, ...]) -> str:
+    return (
+        f"serving {served} stream{'s' * (served != 1)}, rejected {len(rejected)} "
+        f"entr{'ies' if len(rejected) != 1 else 'y'}: {describe_rejected(rejected)}"
+    )
+
+
+def _is_client_id(value: str) -> bool:
+    try:
+        validate_name(value, "client id")
+    except ConfigError:
+        return False
+    return True
+
+
+class LeaseFeedback:
+    """The states announced so far; :meth:`update` returns what changed since."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, LeaseState] = {}
+
+    def state_of(self, client_id: str) -> str | None:
+        """The state last seen for ``client_id`` (None: never seen, or forgotten)."""
+        known = self._states.get(client_id)
+        return known.state if known is not None else None
+
+    def reset(self) -> None:
+        """Forget everything: the next :meth:`update` announces every non-ok lease again
+        (after announcements may have been lost, e.g. a failed PUBLISH)."""
+        self._states.clear()
+
+    def update(
+        self, listing: LeaseListing, *, named: Collection[str] = (), quiet: bool = False
+    ) -> list[LeaseChange]:
+        """Fold in a complete view of the leases; return the changes to announce, by client id.
+
+        Args:
+            listing: every lease as now known (valid, invalid, expired).
+            named: client ids named on the control channel since the last update: one that
+                vanished was released (or re-written), which is no news to its holder.
+            quiet: vanished leases are forgotten without a word (Redis lost its data: every
+                holder re-asserts its lease within a heartbeat).
+        """
+        current: dict[str, LeaseState] = {}
+        for lease in listing.leases:
+            if lease.rejected:
+                why = _partial_why(len(lease.subscriptions), lease.rejected)
+                current[lease.client_id] = LeaseState(PARTIAL, why, lease.rejected)
+            else:
+                current[lease.client_id] = LeaseState(OK)
+        for client_id, reason in listing.invalid:
+            current[client_id] = LeaseState(INVALID, reason)
+        for client_id in listing.expired:
+            current[client_id] = LeaseState(EXPIRED, _EXPIRED_WHY)
+
+        changes: list[LeaseChange] = []
+        for client_id, now in current.items():
+            old = self._states.get(client_id)
+            if old == now:
+                continue
+            if now.state == OK and (old is None or old.state == OK):
+                continue  # fine from the start: nothing to say
+            why = _OK_WHY if now.state == OK else now.why
+            previous = old.state if old is not None else None
+            changes.append(LeaseChange(client_id, now.state, why, now.rejected, previous))
+        for client_id, old in self._states.items():
+            if client_id in current or quiet or client_id in named or old.state == EXPIRED:
+                continue
+            changes.append(LeaseChange(client_id, EXPIRED, _VANISHED_WHY, previous=old.state))
+        self._states = current
+        changes.sort(key=lambda change: change.client_id)
+        return changes
+
+
+__all__ = [
+    "EXPIRED",
+    "INVALID",
+    "LEASE_STATES",
+    "MAX_REJECTED_IN_EVENT",
+    "OK",
+    "PARTIAL",
+    "LeaseChange",
+    "LeaseFeedback",
+    "LeaseState",
+]
