@@ -16,6 +16,7 @@ import asyncio
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,6 +24,8 @@ import redis.asyncio as aioredis
 from benchmarks import harness as h
 from benchmarks.bench_throughput import run_load
 from broker.redis_client import redis_client
+from broker.testing import ManagedProcess, wait_for
+from broker.testing.processes import spawn
 
 TYPES = ("trade", "orderbook")
 
@@ -44,12 +47,13 @@ async def _zadd_calls(client: aioredis.Redis) -> int:
 async def run_cryptofeed(
     server: Any, target_fps: float, duration: float, warmup: float, seed: int = 7
 ) -> dict[str, Any]:
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryDirectory(prefix="upbit-bench-cryptofeed-") as tmp:
+        err = Path(tmp) / "cryptofeed.err"
         return await _run_cryptofeed(server, target_fps, duration, warmup, seed, err)
 
 
 async def _run_cryptofeed(
-    server: Any, target_fps: float, duration: float, warmup: float, seed: int, err: Any
+    server: Any, target_fps: float, duration: float, warmup: float, seed: int, err: Path
 ) -> dict[str, Any]:
     markets, codes = h.universe_codes(200, seed)
     fpe = h.frames_per_event(markets, seed, TYPES)
@@ -68,23 +72,22 @@ async def _run_cryptofeed(
                 *("--port", str(sim.port), "--redis-port", str(server.port)),
                 *("--codes-file", codes_file),
             ]
-            proc = h.Proc(h.spawn(command, stderr=err), "cryptofeed")
+            popen = spawn(command, err, os.environ, cwd=h.ROOT, stdout=False)
+            proc = ManagedProcess(popen, "cryptofeed", err)
             try:
 
                 async def subscribed() -> bool:
-                    if not proc.alive():
-                        err.seek(0)
-                        tail = err.read()[-2000:].decode("utf-8", "replace")
-                        raise RuntimeError(f"cryptofeed exited: {tail}")
+                    if not proc.alive:
+                        raise RuntimeError(f"cryptofeed exited: {proc.output()[-2000:]}")
                     conn = await sim.connection()
                     return bool(conn and conn["subscriptions"])
 
-                await h.wait_until(subscribed, 60, "cryptofeed to subscribe", 0.1)
+                await wait_for(subscribed, 60, 0.1, message="cryptofeed to subscribe")
                 await asyncio.sleep(warmup)
-                await h.quiet_moment([proc.pid, sim.pid, h.redis_pid(server)])
+                await h.quiet_moment([proc.pid, sim.pid, server.pid])
                 s0 = await sim.state()
                 z0 = await _zadd_calls(client)
-                window = h.CpuWindow.begin({"cryptofeed": proc.pid, "redis": h.redis_pid(server)})
+                window = h.CpuWindow.begin({"cryptofeed": proc.pid, "redis": server.pid})
                 await asyncio.sleep(duration)
                 elapsed, cpu = window.end()
                 others = h.others_in(window, elapsed, cpu)

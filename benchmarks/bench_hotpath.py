@@ -76,7 +76,7 @@ def run(quick: bool) -> dict[str, Any]:
     data = FrameKind.DATA
 
     def receive_loop() -> list[tuple[Target, bytes]]:
-        # The body of Upstream._receive for a data frame, as written there.
+        # The body of Upstream._receive for a data frame (Publisher.enqueue is an append).
         pending: list[tuple[Target, bytes]] = []
         get = table.get
         for frame in frames:

@@ -21,6 +21,7 @@ from typing import Any
 from benchmarks import harness as h
 from benchmarks.bench_throughput import wait_subscribed
 from broker.redis_client import redis_client
+from broker.testing import SimulatorProcess, wait_for
 
 
 def _match(sends: list[list[int]], recv: list[list[int]]) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def _match(sends: list[list[int]], recv: list[list[int]]) -> dict[str, Any]:
 
 
 async def _window(
-    sim: h.SimProc, duration: float, pids: list[int]
+    sim: SimulatorProcess, duration: float, pids: list[int]
 ) -> tuple[list[list[int]], float]:
     """The send log of one window, and the cores other processes used meanwhile."""
     await h.quiet_moment(pids)
@@ -76,10 +77,10 @@ async def run_rate(
                 1, "hiredis", port=server.port, channels=h.channels_of(streams), record=True
             ) as cons:
                 await h.write_lease(client, "bench-latency", streams)
-                with h.broker(server.url, sim.url) as brk:
+                async with h.broker(server.url, sim.url) as brk:
                     await wait_subscribed(sim, streams, 30)
                     await asyncio.sleep(warmup)
-                    pids = [sim.pid, brk.pid, h.redis_pid(server), cons[0].pid]
+                    pids = [sim.pid, brk.pid, server.pid, cons[0].pid]
                     sends, others = await _window(sim, duration, pids)
                     await asyncio.sleep(0.5)  # the last frames of the window arrive
                     recv = cons[0].finish()["recv"]
@@ -94,8 +95,8 @@ async def run_rate(
                     {"format": "DEFAULT"},
                 ]
             )
-            await h.wait_until(
-                lambda: _no_connections(sim), 10, "the broker's connection to close", 0.05
+            await wait_for(
+                lambda: _no_connections(sim), 10, 0.05, message="the broker's connection to close"
             )
             with h.consumers(1, "ws", url=sim.url, request=request, record=True) as direct:
                 await asyncio.sleep(warmup)
@@ -112,7 +113,7 @@ async def run_rate(
     return out
 
 
-async def _no_connections(sim: h.SimProc) -> bool:
+async def _no_connections(sim: SimulatorProcess) -> bool:
     return not (await sim.state())["connections"]
 
 

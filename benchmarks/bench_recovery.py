@@ -22,6 +22,7 @@ from typing import Any
 from benchmarks import harness as h
 from benchmarks.bench_throughput import broker_status, wait_subscribed
 from broker.redis_client import redis_client
+from broker.testing import wait_for
 
 
 def _first_data_after(events: list[list[Any]], kind: str, after_ns: int, **match: Any) -> Any:
@@ -58,7 +59,9 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                 drop_times = []
                 # Backoff resets after 1 s of healthy flow (default 30 s): every drop is then a
                 # first drop (0.25-0.5 s backoff), not a storm of five drops in ten seconds.
-                with h.broker(server.url, sim.url, broker_id="bench-a", backoff_reset_after=1.0):
+                async with h.broker(
+                    server.url, sim.url, broker_id="bench-a", backoff_reset_after=1.0
+                ):
                     await wait_subscribed(sim, streams, 30)
                     await asyncio.sleep(0.5 if quick else 1.0)
                     for _ in range(drops):
@@ -70,20 +73,25 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                 # -- leader kill -----------------------------------------------------------
                 await client.delete(f"{h.NAMESPACE}:leader")
                 settings = {"leader_ttl": leader_ttl}
-                with h.broker(server.url, sim.url, broker_id="bench-leader", **settings) as lead:
+                async with h.broker(
+                    server.url, sim.url, broker_id="bench-leader", **settings
+                ) as lead:
 
                     async def leading(name: str) -> bool:
                         st = await broker_status(client)
                         return st.get("leader") == name and st.get("connected") == "1"
 
-                    await h.wait_until(lambda: leading("bench-leader"), 30, "the leader", 0.05)
-                    with h.broker(server.url, sim.url, broker_id="bench-standby", **settings):
+                    await wait_for(lambda: leading("bench-leader"), 30, 0.05, message="the leader")
+                    async with h.broker(server.url, sim.url, broker_id="bench-standby", **settings):
                         # the standby is up and polling the lock
                         await asyncio.sleep(1.0 if quick else 1.5)
                         killed = time.time_ns()
                         lead.kill()
-                        await h.wait_until(
-                            lambda: leading("bench-standby"), 30, "the standby to lead", 0.05
+                        await wait_for(
+                            lambda: leading("bench-standby"),
+                            30,
+                            0.05,
+                            message="the standby to lead",
                         )
                         await wait_subscribed(sim, streams, 30)
                         await asyncio.sleep(0.5)

@@ -18,9 +18,10 @@ from typing import Any
 
 from benchmarks import harness as h
 from broker.redis_client import redis_client
+from broker.testing import SimulatorProcess, wait_for
 
 
-async def _subscriptions(sim: h.SimProc) -> tuple[dict[str, set[str]], int]:
+async def _subscriptions(sim: SimulatorProcess) -> tuple[dict[str, set[str]], int]:
     conn = await sim.connection()
     if conn is None:
         return {}, 0
@@ -52,9 +53,12 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
             base = {"ticker": codes[:50]}
             leases: dict[str, dict[str, list[str]]] = {"bench-base": base}
             await h.write_lease(client, "bench-base", base)
-            with h.broker(server.url, sim.url) as brk:
-                await h.wait_until(
-                    lambda: _has(sim, "ticker", codes[49]), 30, "the broker to subscribe", 0.05
+            async with h.broker(server.url, sim.url) as brk:
+                await wait_for(
+                    lambda: _has(sim, "ticker", codes[49]),
+                    30,
+                    0.05,
+                    message="the broker to subscribe",
                 )
                 await asyncio.sleep(0.5 if quick else 1.0)
                 # -- idle: one change at a time --------------------------------------------
@@ -64,8 +68,11 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                     probe = {"ticker": [code]}
                     await h.write_lease(client, f"bench-probe{i}", probe)
                     written = time.monotonic()
-                    await h.wait_until(
-                        lambda c=code: _has(sim, "ticker", c), 10, "the new code upstream", 0.005
+                    await wait_for(
+                        lambda c=code: _has(sim, "ticker", c),
+                        10,
+                        0.005,
+                        message="the new code upstream",
                     )
                     times.append((time.monotonic() - written) * 1000)
                     leases[f"bench-probe{i}"] = probe
@@ -91,7 +98,7 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                 sampler = asyncio.create_task(sample())
                 writes = 0
                 started = time.monotonic()
-                cpu0 = brk.cpu()
+                cpu0 = brk.cpu_seconds()
                 while time.monotonic() - started < churn_s:
                     cid = f"bench-churn{rng.randrange(clients)}"
                     streams = {"ticker": rng.sample(codes, 10), "trade": rng.sample(codes, 5)}
@@ -101,7 +108,7 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                     next_at = started + writes / changes_per_s
                     await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 churn_elapsed = time.monotonic() - started
-                churn_cpu = brk.cpu() - cpu0
+                churn_cpu = brk.cpu_seconds() - cpu0
                 last_write = time.monotonic()
                 want = _union(leases)
 
@@ -110,7 +117,7 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                     return have == want
 
                 try:
-                    await h.wait_until(exact, 120, "the final set upstream", 0.02)
+                    await wait_for(exact, 120, 0.02, message="the final set upstream")
                     converged_ms: float | None = (time.monotonic() - last_write) * 1000
                 except TimeoutError:
                     converged_ms = None
@@ -144,7 +151,7 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
     return out
 
 
-async def _has(sim: h.SimProc, type_: str, code: str) -> bool:
+async def _has(sim: SimulatorProcess, type_: str, code: str) -> bool:
     have, _ = await _subscriptions(sim)
     return code in have.get(type_, set())
 

@@ -17,9 +17,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from benchmarks import harness as h
-from broker.control import SubscriptionController
+from broker.core.control import SubscriptionController
 from broker.leases import LeaseStore
 from broker.redis_client import redis_client
+from broker.testing import wait_for
 from broker.upbit.types import union
 
 
@@ -41,7 +42,7 @@ async def _heartbeats(
     """Every lease renewed once per TTL/3 of a 10-s lease (what 1,000 live consumers do, each
     renewal a control message): the broker's CPU while nothing changes but the deadlines."""
     per_second = len(items) / (10.0 / 3)
-    cpu0, t0 = brk.cpu(), time.monotonic()
+    cpu0, t0 = brk.cpu_seconds(), time.monotonic()
     sent = 0
     while (elapsed := time.monotonic() - t0) < seconds:
         due = int(elapsed * per_second) - sent
@@ -52,7 +53,7 @@ async def _heartbeats(
     elapsed = time.monotonic() - t0
     return {
         "renewals_per_s": round(sent / elapsed, 1),
-        "broker_cpu_cores": round((brk.cpu() - cpu0) / elapsed, 3),
+        "broker_cpu_cores": round((brk.cpu_seconds() - cpu0) / elapsed, 3),
     }
 
 
@@ -75,11 +76,13 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"leases": n_leases, "codes": len(codes)}
     try:
         async with h.simulator(rate=200, markets=markets, seed=seed) as sim:
-            with h.broker(server.url, sim.url) as brk:
-                await h.wait_until(lambda: _status_leader(client), 30, "the broker to lead", 0.05)
+            async with h.broker(server.url, sim.url) as brk:
+                await wait_for(
+                    lambda: _status_leader(client), 30, 0.05, message="the broker to lead"
+                )
                 await asyncio.sleep(0.5)
                 before = brk.memory()
-                cpu0 = brk.cpu()
+                cpu0 = brk.cpu_seconds()
                 started = time.monotonic()
                 items = list(leases.items())
                 for i in range(0, len(items), 50):  # 50 in flight: as many clients at once
@@ -95,23 +98,23 @@ async def run(server: Any, quick: bool) -> dict[str, Any]:
                     have = {t: set(c) for t, c in conn["subscriptions"].items()}
                     return have == target
 
-                await h.wait_until(lambda: holds(want), 60, "the union upstream", 0.01)
+                await wait_for(lambda: holds(want), 60, 0.01, message="the union upstream")
                 done = time.monotonic()
                 await asyncio.sleep(2.0)  # frames of 2,400 streams flow; reconciles run
                 after = brk.memory()
-                cpu1 = brk.cpu()
+                cpu1 = brk.cpu_seconds()
                 # One more lease at this scale: a new type for one code.
                 extra = {"candle.1m": [codes[0]]}
                 await h.write_lease(client, "bench-scale-extra", extra)
                 t0 = time.monotonic()
                 want2 = {**want, "candle.1m": {codes[0]}}
-                await h.wait_until(lambda: holds(want2), 30, "the extra lease upstream", 0.01)
+                await wait_for(lambda: holds(want2), 30, 0.01, message="the extra lease upstream")
                 one_more_ms = (time.monotonic() - t0) * 1000
                 heartbeats = await _heartbeats(client, brk, items, 2.0 if quick else 6.0)
             # The pure steps, in this process, at the same size.
             store = LeaseStore(client, h.NAMESPACE)
             t = time.perf_counter()
-            listing = await store.list()
+            listing = await store.list_all()
             list_ms = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
             wanted = union(*(lease.subscriptions for lease in listing.leases))

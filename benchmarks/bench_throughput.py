@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from benchmarks import bench_ceilings
 from benchmarks import harness as h
 from broker.redis_client import redis_client
+from broker.testing import SimulatorProcess, wait_for
 
 #: "max": an offered load of this many frames/s, more than the simulator can generate on a
 #: 2-core machine, so it runs flat out (its ``events_skipped`` counts what it could not make).
@@ -27,7 +28,9 @@ from broker.redis_client import redis_client
 MAX_FPS = 100_000.0
 
 
-async def wait_subscribed(sim: h.SimProc, streams: dict[str, list[str]], within: float) -> None:
+async def wait_subscribed(
+    sim: SimulatorProcess, streams: dict[str, list[str]], within: float
+) -> None:
     want = {t: set(c) for t, c in streams.items()}
 
     async def done() -> bool:
@@ -37,7 +40,7 @@ async def wait_subscribed(sim: h.SimProc, streams: dict[str, list[str]], within:
         have = {t: set(c) for t, c in conn["subscriptions"].items()}
         return have == want
 
-    await h.wait_until(done, within, "the broker's subscription to reach the simulator", 0.05)
+    await wait_for(done, within, 0.05, message="the broker's subscription to reach the simulator")
 
 
 async def wait_settled(read: Any, quiet: float = 0.6, within: float = 30.0) -> Any:
@@ -89,13 +92,13 @@ async def run_load(
                 n_consumers, consumer_mode, port=server.port, channels=h.channels_of(streams)
             ) as cons:
                 await h.write_lease(client, "bench-load", streams)
-                with h.broker(server.url, sim.url, **settings) as brk:
+                async with h.broker(server.url, sim.url, **settings) as brk:
                     await wait_subscribed(sim, streams, 30)
                     await asyncio.sleep(warmup)
                     pids = {
                         "broker": brk.pid,
                         "simulator": sim.pid,
-                        "redis": h.redis_pid(server),
+                        "redis": server.pid,
                         **{f"consumer{i}": c.pid for i, c in enumerate(cons)},
                     }
                     await h.quiet_moment(pids.values())
@@ -119,7 +122,7 @@ async def run_load(
                     status = await broker_status(client)
                     final = await sim.state()
                     results = [c.finish() for c in cons]
-                    broker_alive = brk.alive()
+                    broker_alive = brk.alive
     finally:
         await client.aclose()
 

@@ -1,8 +1,11 @@
 """Processes of a benchmark run: redis-server, simulator, brokers and consumers, each its own
 process on free ports, with their CPU time and memory read from ``/proc``.
 
-Benchmark layer (not shipped). Every process is started by a context manager and stopped on
-every path; nothing here waits without a deadline.
+Benchmark layer (not shipped). The processes come from the package's testing harness
+(:mod:`broker.testing`, the one the tests use); what is here is the benchmarks' own: their
+defaults (namespace ``bench``, the broker command of ``--broker-root``), the consumer processes
+of :mod:`benchmarks.consumer`, and machine-wide CPU readings. Every process is started by a
+context manager and stopped on every path; nothing here waits without a deadline.
 """
 
 from __future__ import annotations
@@ -12,27 +15,24 @@ import contextlib
 import json
 import os
 import platform
+import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker import testing
 from broker.keys import Keys
-from broker.leases import LeaseStore
-from broker.upbit.types import SubscriptionSet
-from tests.support.redis_server import RedisServer, free_port
-
-T = TypeVar("T")
+from broker.testing import BrokerProcess, ManagedProcess, SimulatorProcess
+from broker.testing.processes import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -42,25 +42,6 @@ LOAD_TYPES = ("ticker", "trade", "orderbook")
 
 
 # -- /proc readings -------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def memory(pid: int) -> dict[str, int]:
-    """Resident and peak resident memory in bytes (``/proc/PID/status``)."""
-    out = {"rss": 0, "peak_rss": 0}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                out["rss"] = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                out["peak_rss"] = int(line.split()[1]) * 1024
-    return out
 
 
 def machine() -> dict[str, Any]:
@@ -115,123 +96,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-# -- waiting --------------------------------------------------------------------------------------
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[T] | T],
-    within: float,
-    what: str,
-    interval: float = 0.01,
-) -> T:
-    """Poll ``condition`` until truthy; ``TimeoutError`` naming ``what`` after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 # -- processes ------------------------------------------------------------------------------------
-
-
-class Proc:
-    """A child process we started: its CPU and memory, and a stop that always ends it."""
-
-    def __init__(self, popen: subprocess.Popen[Any], name: str) -> None:
-        self.popen = popen
-        self.name = name
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid) if self.alive() else 0.0
-
-    def memory(self) -> dict[str, int]:
-        return memory(self.pid) if self.alive() else {"rss": 0, "peak_rss": 0}
-
-    def kill(self) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-
-def spawn(command: list[str], cwd: Path = ROOT, stderr: Any = subprocess.DEVNULL) -> Any:
-    """Start a child with no stdin/stdout (a plain function: starting is not awaited)."""
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "upbit-broker"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
-
-
-async def http_get(base: str, path: str, within: float = 5.0) -> Any:
-    """GET ``base + path`` and decode the JSON body (the simulator's operator endpoints)."""
-    parts = urlsplit(base)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            raw = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    if status != 200:
-        raise RuntimeError(f"GET {path} answered {status}: {body[:200]!r}")
-    return json.loads(body)
-
-
-class SimProc(Proc):
-    """``upbit-broker simulate`` in its own process."""
-
-    def __init__(self, popen: subprocess.Popen[Any], port: int) -> None:
-        super().__init__(popen, "simulator")
-        self.port = port
-        self.http = f"http://127.0.0.1:{port}"
-        self.url = f"ws://127.0.0.1:{port}/websocket/v1"
-
-    async def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = await http_get(self.http, "/_sim/state")
-        return state
-
-    async def get(self, path: str) -> Any:
-        return await http_get(self.http, path)
-
-    async def connection(self) -> dict[str, Any] | None:
-        """The one open connection (the broker's), or None."""
-        conns = (await self.state())["connections"]
-        return conns[0] if conns else None
 
 
 @asynccontextmanager
@@ -243,69 +108,21 @@ async def simulator(
     record_sends: bool = False,
     up_interval: float = 3600.0,
     connect_rate: int = 5,
-) -> AsyncIterator[SimProc]:
+) -> AsyncIterator[SimulatorProcess]:
     """A simulator process on a free port. UP frames are off by default (one an hour), so
     every frame it sends to a broker is data or a LIST_SUBSCRIPTIONS answer."""
-    port = free_port()
-    cmd = [
-        *_cli(),
-        "simulate",
-        "--port",
-        str(port),
-        "--rate",
-        str(rate),
-        "--markets",
-        str(markets),
-        "--seed",
-        str(seed),
-        "--up-interval",
-        str(up_interval),
-        "--connect-rate",
-        str(connect_rate),
-        "--no-compression",
-        "--log-level",
-        "WARNING",
-    ]
-    if record_sends:
-        cmd.append("--record-sends")
-    sim = SimProc(spawn(cmd), port)
-    try:
-
-        async def up() -> bool:
-            if not sim.alive():
-                raise RuntimeError("the simulator exited at start")
-            try:
-                await sim.state()
-            except (OSError, RuntimeError, TimeoutError):
-                return False
-            return True
-
-        await wait_until(up, 20, "the simulator to listen", 0.05)
-        yield sim
-    finally:
-        sim.stop()
-
-
-class BrokerProc(Proc):
-    pass
-
-
-def broker_env(
-    redis_url: str, upstream_url: str, broker_id: str, **settings: Any
-) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "UPBIT_BROKER_REDIS_URL": redis_url,
-            "UPBIT_BROKER_UPSTREAM_URL": upstream_url,
-            "UPBIT_BROKER_NAMESPACE": NAMESPACE,
-            "UPBIT_BROKER_BROKER_ID": broker_id,
-            "UPBIT_BROKER_LOG_LEVEL": "warning",
-        }
-    )
-    for name, value in settings.items():
-        env["UPBIT_BROKER_" + name.upper()] = str(value)
-    return env
+    with tempfile.TemporaryDirectory(prefix="upbit-bench-sim-") as tmp:
+        async with testing.simulator_process(
+            Path(tmp),
+            rate=rate,
+            markets=markets,
+            seed=seed,
+            up_interval=up_interval,
+            connect_rate=connect_rate,
+            compression=False,
+            record_sends=record_sends,
+        ) as sim:
+            yield sim
 
 
 #: How brokers are started; ``configure_broker`` changes it for a whole run.
@@ -322,36 +139,36 @@ def _broker_command() -> tuple[list[str], Path]:
     root = BROKER_COMMAND["root"]
     if BROKER_COMMAND["publisher"] == "redis-py":
         return [sys.executable, "-m", "benchmarks.broker_redis_py", "run"], ROOT
-    if root is not None:
-        # cwd first on sys.path: that checkout's packages win over the installed ones.
-        return [sys.executable, "-m", "cli.main", "run"], Path(root)
-    return [*_cli(), "run"], ROOT
+    # another checkout: cwd first on sys.path, so that checkout's packages win
+    return [*testing.processes.CLI, "run"], Path(root) if root is not None else ROOT
 
 
-@contextmanager
-def broker(
+@asynccontextmanager
+async def broker(
     redis_url: str, upstream_url: str, broker_id: str = "bench-1", **settings: Any
-) -> Iterator[BrokerProc]:
-    """``upbit-broker run`` in its own process; ``settings`` become ``UPBIT_BROKER_*``.
-    Its log (stderr) goes to a temporary file, kept as ``proc.log_path`` while it runs."""
+) -> AsyncIterator[BrokerProcess]:
+    """``upbit-broker run`` in its own process, in this environment plus namespace ``bench``
+    and log level ``warning``; ``settings`` become ``UPBIT_BROKER_*``. Its log (stdout and
+    stderr) is ``proc.log`` while it runs."""
     command, cwd = _broker_command()
-    with tempfile.NamedTemporaryFile(prefix=f"upbit-bench-{broker_id}-", suffix=".log") as log:
-        popen = subprocess.Popen(
-            command,
-            env=broker_env(redis_url, upstream_url, broker_id, **settings),
-            stdout=subprocess.DEVNULL,
-            stderr=log,
+    env = dict(os.environ)
+    env.update(UPBIT_BROKER_NAMESPACE=NAMESPACE, UPBIT_BROKER_LOG_LEVEL="warning")
+    with tempfile.TemporaryDirectory(prefix=f"upbit-bench-{broker_id}-") as tmp:
+        async with testing.broker_process(
+            redis_url,
+            upstream_url,
+            broker_id,
+            Path(tmp),
+            log_level=None,  # from the environment: an older checkout may lack the flag
+            env=env,
+            command=command,
             cwd=cwd,
-        )
-        proc = BrokerProc(popen, broker_id)
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        try:
+            **settings,
+        ) as proc:
             yield proc
-        finally:
-            proc.stop()
 
 
-class ConsumerProc(Proc):
+class ConsumerProc(ManagedProcess):
     """A :mod:`benchmarks.consumer` process driven over its stdin/stdout."""
 
     def __init__(self, popen: subprocess.Popen[Any], out: str) -> None:
@@ -360,15 +177,13 @@ class ConsumerProc(Proc):
         self.result: dict[str, Any] | None = None
 
     def _line(self, timeout: float = 30.0) -> str:
-        assert self.popen.stdout is not None
-        import select
-
-        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             raise TimeoutError("the consumer did not answer")
-        line = self.popen.stdout.readline()
+        line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the consumer exited ({self.popen.poll()})")
+            raise RuntimeError(f"the consumer exited ({self.proc.poll()})")
         return line.strip()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -377,22 +192,22 @@ class ConsumerProc(Proc):
             raise RuntimeError(f"consumer said {line!r}")
 
     def count(self) -> int:
-        assert self.popen.stdin is not None
-        self.popen.stdin.write("count\n")
-        self.popen.stdin.flush()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("count\n")
+        self.proc.stdin.flush()
         return int(json.loads(self._line())["frames"])
 
     def finish(self) -> dict[str, Any]:
         """Ask for the result file and read it."""
         if self.result is not None:
             return self.result
-        assert self.popen.stdin is not None
-        self.popen.stdin.write("stop\n")
-        self.popen.stdin.flush()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
         line = self._line(60)
         if line != "done":
             raise RuntimeError(f"consumer said {line!r}")
-        self.popen.wait(10)
+        self.proc.wait(10)
         with open(self.out) as f:
             self.result = json.load(f)
         return self.result
@@ -445,23 +260,15 @@ def consumers(
         yield procs
     finally:
         for proc in procs:
-            proc.stop()
+            proc.terminate(5.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
+def redis_server() -> Iterator[testing.RedisServer]:
+    """A redis-server on a free port for the whole run."""
+    with testing.RedisServer() as server:
         yield server
-    finally:
-        server.stop()
-
-
-def redis_pid(server: RedisServer) -> int:
-    assert server.proc is not None
-    return server.proc.pid
 
 
 # -- leases and channels --------------------------------------------------------------------------
@@ -480,9 +287,7 @@ def channels_of(streams: dict[str, list[str]]) -> list[str]:
 async def write_lease(
     client: aioredis.Redis, client_id: str, streams: dict[str, list[str]], ttl_ms: int = 600_000
 ) -> None:
-    await LeaseStore(client, NAMESPACE).write(
-        client_id, SubscriptionSet.of(streams), ttl_ms=ttl_ms, host="bench", pid=os.getpid()
-    )
+    await testing.write_lease(client, client_id, streams, ttl_ms, NAMESPACE, host="bench")
 
 
 def universe_codes(total: int, seed: int = 1) -> tuple[int, list[str]]:

@@ -1,61 +1,41 @@
-"""The exception tree of upbit-broker (pure: stdlib only).
+"""The exception tree of upbit-broker, and the one way to put an exception in a line (pure).
 
-BrokerError
-├── ProtocolError               (broker.upbit: what Upbit would refuse or what we cannot parse)
+The root and the protocol's own errors are defined in :mod:`broker.upbit.errors`, the innermost
+layer, so the protocol core and the simulator raise them without importing the service; they
+are re-exported here (the very same classes), and the service's errors below derive from that
+same :class:`BrokerError`, so ``except BrokerError`` catches every one of them.
+
+BrokerError                     (defined in broker.upbit.errors)
+├── ProtocolError               (broker.upbit.errors) what Upbit would refuse or we cannot parse
 │   ├── RequestError            a request Upbit refuses (carries Upbit's error name)
 │   ├── FrameError              an upstream frame we cannot route or decode
 │   └── InvalidCodeError        a market code that is not of Upbit's shape
-├── UpstreamError               the upstream connection failed
+│       └── InvalidDepthSuffixError   an orderbook depth suffix that is not 1-4 digits
+├── UpstreamError               (broker.upbit.errors) the upstream connection failed
 │   └── UpbitErrorFrame         Upbit sent an error frame ({"error": {...}})
 ├── LeaseError                  a lease that cannot be read or written
 ├── SnapshotError               a snapshot request got no (complete) answer
 ├── NotLeaderError              this broker lost (or never had) the leader lock
-└── ConfigError                 settings that cannot work
+├── ConfigError                 settings that cannot work
+│   └── RedisUrlError           (broker.redis_client) a Redis URL redis-py cannot parse
+└── ContractError               (broker.contract) bytes that break the wire contract
+    └── CommandError            a command the broker refuses (carries the id to answer)
+
+``consumers.errors`` adds the client library's errors under the same root.
 """
 
 from __future__ import annotations
 
-
-class BrokerError(Exception):
-    """Root of every error raised by upbit-broker."""
-
-
-class ProtocolError(BrokerError):
-    """Something about the Upbit protocol is wrong."""
-
-
-class RequestError(ProtocolError):
-    """A request Upbit would refuse; ``name`` is Upbit's error name (e.g. ``NO_CODES``)."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-        self.message = message
-
-
-class FrameError(ProtocolError):
-    """An upstream frame that cannot be routed or decoded."""
-
-
-class InvalidCodeError(ProtocolError, ValueError):
-    """A market code that is not of Upbit's shape (``KRW-BTC``, upper case)."""
-
-
-class UpstreamError(BrokerError):
-    """The upstream connection failed."""
-
-
-class UpbitErrorFrame(UpstreamError):
-    """Upbit answered with an error frame ``{"error": {"name": ..., "message": ...}}``."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"upbit error {name}: {message}")
-        self.name = name
-        self.message = message
-
-    @property
-    def is_rate_limit(self) -> bool:
-        return self.name in ("Too Many Requests", "I'm a teapot")
+from broker.upbit.errors import (
+    BrokerError,
+    FrameError,
+    InvalidCodeError,
+    InvalidDepthSuffixError,
+    ProtocolError,
+    RequestError,
+    UpbitErrorFrame,
+    UpstreamError,
+)
 
 
 class LeaseError(BrokerError):
@@ -76,3 +56,31 @@ class NotLeaderError(BrokerError):
 
 class ConfigError(BrokerError, ValueError):
     """Settings that cannot work."""
+
+
+def describe(exc: BaseException, *, with_type: bool = True) -> str:
+    """One line naming ``exc``: ``"ConnectionError: refused"`` (``"refused"`` without
+    ``with_type``, for people), its cause's text when it has none of its own, else its type."""
+    text = str(exc).strip()
+    if not text and exc.__cause__ is not None:
+        text = str(exc.__cause__).strip()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if with_type else text
+
+
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "FrameError",
+    "InvalidCodeError",
+    "InvalidDepthSuffixError",
+    "LeaseError",
+    "NotLeaderError",
+    "ProtocolError",
+    "RequestError",
+    "SnapshotError",
+    "UpbitErrorFrame",
+    "UpstreamError",
+    "describe",
+]

@@ -8,7 +8,7 @@ This is the contract with consumers in any language (README, "Redis schema"):
                                            "request"
     {ns}:requests                  LIST    JSON commands for the leader (snapshot, resubscribe)
     {ns}:reply:{request_id}        LIST    the leader's one JSON answer to a command
-    {ns}:leader                    STRING  id of the broker holding the upstream connection; PX TTL
+    {ns}:leader                    STRING  "{broker_id} {token}" of the lock holder; PX TTL
     {ns}:epoch                     STRING  upstream connection counter (INCR per connection)
     {ns}:status                    HASH    the leader's state, refreshed every second
     {ns}:last:{stream}             HASH    code -> the latest frame of that stream (exact bytes)

@@ -8,8 +8,9 @@ brokers on hosts with skewed clocks agree on who has expired.
 A lease is served while its hash exists and its ``deadline_ms`` field is later than the server
 clock; the key's expiry only cleans up, and the index score only helps find leases.
 
-The pure half (:class:`Lease`, :func:`encode_lease_fields`, :func:`parse_lease`) holds the
-validation rules; :class:`LeaseStore` only moves fields between Redis and them. Redis errors
+What a lease is (:class:`Lease`, :func:`encode_lease_fields`, :func:`parse_lease`, the
+validation rules) lives in the pure :mod:`broker.core.lease`, re-exported here; this module
+only moves fields between Redis and them. Redis errors
 (``redis.RedisError``) propagate unchanged; a lease that cannot be read is a :class:`LeaseError`.
 
 A lease is judged entry by entry: a ``subs`` of the right shape whose entries are partly bad
@@ -24,53 +25,34 @@ lease contract").
 
 from __future__ import annotations
 
-import builtins
-import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
-import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from broker.errors import ConfigError, LeaseError
-from broker.keys import DEFAULT_NAMESPACE, Keys, parse_stream_name, validate_name
-from broker.upbit.codes import is_valid_code, normalize_depth, split_depth
-from broker.upbit.types import PUBLIC_TYPES, DataType, StreamKey, SubscriptionSet
-
-#: Contract version written to (and required in) the ``v`` field.
-LEASE_VERSION = 1
-#: Default largest number of streams one lease may ask for (``BrokerSettings.max_lease_streams``).
-MAX_LEASE_STREAMS = 5_000
-
-_REQUIRED_FIELDS = (
-    "v",
-    "client_id",
-    "host",
-    "pid",
-    "subs",
-    "ttl_ms",
-    "created_ms",
-    "renewed_ms",
-    "deadline_ms",
+from broker.clock import server_time_ms
+from broker.core.lease import (
+    LEASE_VERSION,
+    MAX_LEASE_STREAMS,
+    Lease,
+    LeaseListing,
+    LeaseReads,
+    ParsedSubs,
+    Rejected,
+    check_client_id,
+    describe_rejected,
+    encode_lease_fields,
+    parse_lease,
+    parse_subs,
+    rejected_by_type,
 )
-_CLOCK_FIELDS = ("created_ms", "renewed_ms", "deadline_ms")
-_INT_RE = re.compile(r"-?[0-9]{1,19}")
-# An orderbook level as a stream name spells it (``format_level``: ``10000``, ``0.1``, ``1e-05``).
-_LEVEL_RE = re.compile(r"[0-9][0-9.eE+-]{0,31}")
-# The depth suffix of an orderbook code: ``KRW-BTC.15``. Unsupported counts still mean 30.
-_DEPTH_SUFFIX_RE = re.compile(r"[0-9]{1,4}")
-# Bytes of ``subs`` JSON allowed per stream (before decoding, so a huge value costs nothing).
-_SUBS_BYTES_PER_STREAM = 64
-_SCAN_COUNT = 1000
+from broker.errors import ConfigError, LeaseError
+from broker.keys import DEFAULT_NAMESPACE, Keys
+from broker.upbit.types import SubscriptionSet
 
-_subs_decoder = msgspec.json.Decoder(dict[str, list[str]])
-_subs_encoder = msgspec.json.Encoder(order="sorted")
-#: reasons a summary of rejected entries names before "and N more"
-_REJECTED_SHOWN = 5
+_SCAN_COUNT = 1000
 
 
 def lua_script(name: str) -> str:
@@ -82,326 +64,6 @@ def lua_script(name: str) -> str:
 LEASE_LUA = lua_script("lease.lua")
 #: The release script.
 RELEASE_LUA = lua_script("lease_release.lua")
-
-
-# -- the pure half ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """One entry of a lease's ``subs`` that cannot be served, as written (any text), and why.
-
-    ``stream`` is the key of ``subs`` (``ticker``, ``orderbook@10000`` ...), ``code`` one entry of
-    its list; an unknown stream rejects each of its codes.
-    """
-
-    stream: str
-    code: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedSubs:
-    """A validated ``subs`` field: what is served, and the entries that are not."""
-
-    subscriptions: SubscriptionSet
-    rejected: tuple[Rejected, ...] = ()
-
-
-def rejected_by_type(rejected: Iterable[Rejected]) -> dict[str, list[str]]:
-    """Rejected entries in the shape of ``subs``: ``{stream: [codes]}``."""
-    out: dict[str, list[str]] = {}
-    for entry in rejected:
-        out.setdefault(entry.stream, []).append(entry.code)
-    return out
-
-
-def describe_rejected(rejected: Sequence[Rejected]) -> str:
-    """One line naming why entries were rejected (each reason once, the first few)."""
-    reasons = list(dict.fromkeys(entry.reason for entry in rejected))
-    text = "; ".join(reasons[:_REJECTED_SHOWN])
-    if len(reasons) > _REJECTED_SHOWN:
-        text += f"; and {len(reasons) - _REJECTED_SHOWN} more"
-    return text
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One consumer's lease as stored in Redis; every ``*_ms`` is the Redis server clock.
-
-    ``subscriptions`` is what the broker serves; ``rejected`` the entries of ``subs`` it skips
-    (empty for a lease written by this library, which validates before writing).
-    """
-
-    client_id: str
-    host: str
-    pid: int
-    subscriptions: SubscriptionSet
-    ttl_ms: int
-    created_ms: int
-    renewed_ms: int
-    deadline_ms: int
-    rejected: tuple[Rejected, ...] = ()
-
-    def expires_in_ms(self, now_ms: int) -> int:
-        """Milliseconds from ``now_ms`` (server clock) to the deadline; negative once past it."""
-        return self.deadline_ms - now_ms
-
-    def subs_by_type(self) -> dict[str, list[str]]:
-        """``{stream: [codes]}`` as in the ``subs`` field (orderbook depth suffixes, levels)."""
-        return self.subscriptions.by_type()
-
-    def rejected_by_type(self) -> dict[str, list[str]]:
-        """The rejected entries as ``{stream: [codes]}``, exactly as written."""
-        return rejected_by_type(self.rejected)
-
-
-@dataclass(frozen=True)
-class LeaseReads:
-    """What :meth:`LeaseStore.read_many` found for the client ids it was given.
-
-    Attributes:
-        leases: the valid leases among them (some may carry rejected entries).
-        invalid: ``(client_id, reason)`` of those whose stored lease cannot be used.
-        gone: those with no lease (released, expired, or never written).
-        server_now_ms: the Redis server clock before the reads.
-        ignored: ids that are not client ids at all (not read).
-        expired: those whose hash is still there but whose ``deadline_ms`` has passed (a hash
-            written without PEXPIRE): not served.
-    """
-
-    leases: list[Lease]
-    invalid: list[tuple[str, str]]
-    gone: list[str]
-    server_now_ms: int
-    ignored: list[str] = field(default_factory=list)
-    expired: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class LeaseListing:
-    """What :meth:`LeaseStore.list` found.
-
-    Attributes:
-        leases: every valid lease, sorted by client id (a partly served one carries its
-            rejected entries in :attr:`Lease.rejected`).
-        invalid: ``(client_id, reason)`` of every lease that could not be used (skipped).
-        expired: client ids that were in the index but whose hash is gone (removed from it),
-            and those whose hash is still there past its ``deadline_ms`` (not served; a hash
-            written without PEXPIRE), sorted.
-        server_now_ms: the Redis server clock when the listing started.
-        unindexed: client ids whose hash was found by SCAN but is missing from the index
-            (they are also in ``leases`` or ``invalid``); always empty without ``scan=True``.
-    """
-
-    leases: list[Lease]
-    invalid: list[tuple[str, str]]
-    expired: list[str]
-    server_now_ms: int
-    unindexed: list[str] = field(default_factory=list)
-
-
-def encode_lease_fields(
-    client_id: str,
-    subscriptions: SubscriptionSet,
-    *,
-    ttl_ms: int,
-    host: str,
-    pid: int,
-    created_ms: int | None = None,
-    renewed_ms: int | None = None,
-    deadline_ms: int | None = None,
-) -> dict[str, str]:
-    """The HASH fields of a lease, as strings.
-
-    :meth:`LeaseStore.write` passes no ``*_ms`` values: its script adds them from the server
-    clock. Pass them to build a complete hash by hand (tests, tools).
-
-    Raises:
-        LeaseError: a bad client id, TTL, pid, or a stream that no broker would accept.
-    """
-    _check_name(client_id)
-    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
-        raise LeaseError(f"lease ttl_ms must be a positive integer, got {ttl_ms!r}")
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise LeaseError(f"lease pid must be an integer, got {pid!r}")
-    for key in subscriptions.depths:
-        _check_stream_key(key)
-    fields = {
-        "v": str(LEASE_VERSION),
-        "client_id": client_id,
-        "host": str(host),
-        "pid": str(pid),
-        "subs": _subs_encoder.encode(subscriptions.by_type()).decode(),
-        "ttl_ms": str(ttl_ms),
-    }
-    for name, value in zip(_CLOCK_FIELDS, (created_ms, renewed_ms, deadline_ms), strict=True):
-        if value is not None:
-            fields[name] = str(int(value))
-    return fields
-
-
-def parse_lease(
-    client_id: str,
-    fields: Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str],
-    *,
-    max_streams: int = MAX_LEASE_STREAMS,
-    memo: dict[str, ParsedSubs] | None = None,
-) -> Lease:
-    """Validate the HASH fields of ``{ns}:lease:{client_id}`` into a :class:`Lease`.
-
-    Entries of ``subs`` naming an unknown stream or an invalid code are skipped into
-    :attr:`Lease.rejected` (see :func:`parse_subs`); the rest is served.
-
-    ``memo`` maps ``subs`` texts already validated (under the same ``max_streams``) to their
-    results, and learns new ones: the broker lists every lease each second and a lease's
-    ``subs`` rarely changes, so hundreds of streams need not be re-validated every time.
-
-    Raises:
-        LeaseError: with the reason, for missing fields, a wrong version, a client id that does
-            not match the key, non-integer numbers, ``subs`` that is not JSON
-            ``{stream: [codes]}``, more than ``max_streams`` entries, or no servable entry
-            among some rejected ones.
-    """
-    _check_name(client_id)
-    text = {_text(k, "field name"): _text(v, "field value") for k, v in fields.items()}
-    missing = [name for name in _REQUIRED_FIELDS if name not in text]
-    if missing:
-        raise LeaseError(f"lease {client_id!r} lacks field(s) {', '.join(missing)}")
-    if text["v"] != str(LEASE_VERSION):
-        raise LeaseError(f"lease {client_id!r} has version {text['v']!r}, expected 1")
-    if text["client_id"] != client_id:
-        raise LeaseError(f"lease {client_id!r} names another client {text['client_id']!r}")
-    ttl_ms = _int_field(text, "ttl_ms", client_id)
-    if ttl_ms <= 0:
-        raise LeaseError(f"lease {client_id!r} has ttl_ms {ttl_ms}, expected > 0")
-    pid = _int_field(text, "pid", client_id)
-    created_ms = _int_field(text, "created_ms", client_id)
-    renewed_ms = _int_field(text, "renewed_ms", client_id)
-    deadline_ms = _int_field(text, "deadline_ms", client_id)
-    subs = _memo_subs(text["subs"], max_streams, memo)
-    return Lease(
-        client_id=client_id,
-        host=text["host"],
-        pid=pid,
-        subscriptions=subs.subscriptions,
-        ttl_ms=ttl_ms,
-        created_ms=created_ms,
-        renewed_ms=renewed_ms,
-        deadline_ms=deadline_ms,
-        rejected=subs.rejected,
-    )
-
-
-def _memo_subs(raw: str, max_streams: int, memo: dict[str, ParsedSubs] | None) -> ParsedSubs:
-    if memo is None:
-        return parse_subs(raw, max_streams=max_streams)
-    known = memo.get(raw)
-    if known is None:
-        known = memo[raw] = parse_subs(raw, max_streams=max_streams)
-    return known
-
-
-def parse_subs(raw: str, *, max_streams: int = MAX_LEASE_STREAMS) -> ParsedSubs:
-    """``{"orderbook@10000": ["KRW-BTC.15"], ...}`` -> what is served, and what is rejected.
-
-    An entry naming an unknown stream, an invalid code (anything but Upbit's ``KRW-BTC`` shape,
-    so no ``*``, ``?``, spaces or newlines), or a bad depth suffix (or one outside orderbook)
-    is rejected on its own; every other entry is served.
-
-    Raises:
-        LeaseError: ``subs`` is too large or not JSON of that shape, has more than
-            ``max_streams`` entries, or rejects entries and serves none (``{}`` is valid).
-    """
-    if len(raw) > max_streams * _SUBS_BYTES_PER_STREAM + 4096:
-        raise LeaseError(f"subs is {len(raw)} characters, too large for {max_streams} streams")
-    try:
-        streams = _subs_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeError) as exc:
-        raise LeaseError(f"subs is not JSON {{stream: [codes]}}: {exc}") from None
-    count = sum(len(codes) for codes in streams.values())
-    if count > max_streams:
-        raise LeaseError(f"lease asks for {count} streams, more than {max_streams}")
-    depths: dict[StreamKey, int] = {}
-    rejected: list[Rejected] = []
-    for name, codes in streams.items():
-        try:
-            type_, level = _parse_stream(name)
-        except LeaseError as exc:
-            rejected += (Rejected(name, raw_code, str(exc)) for raw_code in codes)
-            continue
-        for raw_code in codes:
-            try:
-                code, depth = _parse_code(type_, raw_code)
-            except LeaseError as exc:
-                rejected.append(Rejected(name, raw_code, str(exc)))
-                continue
-            key = StreamKey(type_, code, level)
-            depths[key] = max(depths.get(key, 0), normalize_depth(depth))
-    if rejected and not depths:
-        raise LeaseError(f"nothing in subs can be served: {describe_rejected(rejected)}")
-    return ParsedSubs(SubscriptionSet(depths), tuple(rejected))
-
-
-def _parse_stream(name: str) -> tuple[str, float]:
-    try:
-        type_, level = parse_stream_name(name)
-    except ConfigError as exc:
-        raise LeaseError(f"unknown stream {name!r}: {exc}") from None
-    _, at, level_text = name.partition("@")
-    bad_text = at and _LEVEL_RE.fullmatch(level_text) is None
-    if bad_text or not math.isfinite(level) or level < 0:
-        raise LeaseError(f"unknown stream {name!r} (bad orderbook level)")
-    return type_, level
-
-
-def _parse_code(type_: str, raw: str) -> tuple[str, int | None]:
-    if type_ != DataType.ORDERBOOK:
-        if not is_valid_code(raw):
-            raise LeaseError(f"invalid market code {raw!r} in {type_}")
-        return raw, None
-    _, dot, suffix = raw.partition(".")
-    if dot and _DEPTH_SUFFIX_RE.fullmatch(suffix) is None:
-        raise LeaseError(f"invalid orderbook depth suffix in {raw!r}")
-    code, depth = split_depth(raw)
-    if not is_valid_code(code):
-        raise LeaseError(f"invalid market code {raw!r} in {type_}")
-    return code, depth
-
-
-def _check_stream_key(key: StreamKey) -> None:
-    if key.type not in PUBLIC_TYPES:
-        raise LeaseError(f"unknown data type {key.type!r}")
-    if not is_valid_code(key.code):
-        raise LeaseError(f"invalid market code {key.code!r}")
-    level = key.level
-    if level and (key.type != DataType.ORDERBOOK or not math.isfinite(level) or level < 0):
-        raise LeaseError(f"bad level {level!r} for {key.type}")
-
-
-def _check_name(client_id: str) -> None:
-    try:
-        validate_name(client_id, "client id")
-    except ConfigError as exc:
-        raise LeaseError(str(exc)) from None
-
-
-def _text(value: object, what: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        try:
-            return bytes(value).decode()
-        except UnicodeDecodeError:
-            raise LeaseError(f"lease {what} is not UTF-8: {bytes(value)[:40]!r}") from None
-    raise LeaseError(f"lease {what} is a {type(value).__name__}, expected text")
-
-
-def _int_field(text: Mapping[str, str], name: str, client_id: str) -> int:
-    value = text[name]
-    if _INT_RE.fullmatch(value) is None:
-        raise LeaseError(f"lease {client_id!r} field {name} is not an integer: {value[:40]!r}")
-    return int(value)
 
 
 # -- the Redis half ---------------------------------------------------------------------------
@@ -451,7 +113,7 @@ class LeaseStore:
         self._subs_memo: dict[int, dict[str, ParsedSubs]] = {}
 
     def _lease_key(self, client_id: str) -> str:
-        _check_name(client_id)
+        check_client_id(client_id)
         return self.keys.lease(client_id)
 
     # -- writes -------------------------------------------------------------------------------
@@ -538,21 +200,21 @@ class LeaseStore:
     ) -> LeaseReads:
         """The leases of just these clients (the ones a control message named): one TIME and
         one pipeline of HGETALL. Ids that are not client ids at all are not read (``ignored``)."""
-        ids: builtins.list[str] = []
-        ignored: builtins.list[str] = []
+        ids: list[str] = []
+        ignored: list[str] = []
         for client_id in client_ids:
             try:
-                _check_name(client_id)
+                check_client_id(client_id)
             except LeaseError:
                 ignored.append(client_id)
                 continue
             ids.append(client_id)
-        server_now_ms = _time_ms(await self.redis.time())
+        server_now_ms = server_time_ms(await self.redis.time())
         memo = self._subs_memo.setdefault(max_streams, {})
-        leases: builtins.list[Lease] = []
-        invalid: builtins.list[tuple[str, str]] = []
-        gone: builtins.list[str] = []
-        expired: builtins.list[str] = []
+        leases: list[Lease] = []
+        invalid: list[tuple[str, str]] = []
+        gone: list[str] = []
+        expired: list[str] = []
         for client_id, fields in zip(ids, await self._hgetall_many(ids), strict=True):
             if fields == {}:
                 gone.append(client_id)
@@ -570,7 +232,7 @@ class LeaseStore:
                 leases.append(lease)
         return LeaseReads(leases, invalid, gone, server_now_ms, ignored, expired)
 
-    async def list(
+    async def list_all(
         self, *, scan: bool = False, max_streams: int = MAX_LEASE_STREAMS
     ) -> LeaseListing:
         """Every lease in the index (and, with ``scan``, every lease hash missing from it).
@@ -584,14 +246,14 @@ class LeaseStore:
             pipe.time()
             pipe.zrange(self.keys.leases, 0, -1)
             server_time, members = await pipe.execute()
-        server_now_ms = _time_ms(server_time)
+        server_now_ms = server_time_ms(server_time)
 
-        invalid: builtins.list[tuple[str, str]] = []
-        indexed: builtins.list[str] = []
+        invalid: list[tuple[str, str]] = []
+        indexed: list[str] = []
         for member in members:
             client_id = _member_text(member)
             try:
-                _check_name(client_id)
+                check_client_id(client_id)
             except LeaseError as exc:
                 invalid.append((client_id, f"bad index entry: {exc}"))
                 continue
@@ -602,10 +264,10 @@ class LeaseStore:
         expired = await self._drop_gone(gone) if gone else []
 
         hashes = {cid: f for cid, f in zip(indexed, found, strict=True) if f != {}}
-        unindexed: builtins.list[str] = []
+        unindexed: list[str] = []
         if scan:
             seen = set(indexed)
-            stray: builtins.list[str] = []
+            stray: list[str] = []
             async for key in self.redis.scan_iter(
                 match=self._lease_prefix + "*", count=_SCAN_COUNT
             ):
@@ -614,7 +276,7 @@ class LeaseStore:
                     continue
                 seen.add(client_id)
                 try:
-                    _check_name(client_id)
+                    check_client_id(client_id)
                 except LeaseError as exc:
                     invalid.append((client_id, f"bad lease key: {exc}"))
                     continue
@@ -627,7 +289,7 @@ class LeaseStore:
         memo = self._subs_memo.setdefault(max_streams, {})
         if len(memo) > 2 * len(hashes) + 64:
             memo.clear()  # old texts of changed leases: bounded by the live leases
-        leases: builtins.list[Lease] = []
+        leases: list[Lease] = []
         for client_id in sorted(hashes):
             fields = hashes[client_id]
             try:
@@ -659,20 +321,20 @@ class LeaseStore:
             pipe.zrange(self.keys.leases, 0, 0, withscores=True)
             server_time, first = await pipe.execute()
         deadline = int(first[0][1]) if first else None
-        return deadline, _time_ms(server_time)
+        return deadline, server_time_ms(server_time)
 
-    async def sweep_expired(self) -> builtins.list[str]:
+    async def sweep_expired(self) -> list[str]:
         """Drop index entries past their deadline whose lease hash is gone; return their ids.
 
         An entry whose hash still exists (renewed since, so its deadline moved) stays.
         """
         _, due = await self._due_script(keys=[self.keys.leases])
-        ids: builtins.list[str] = []
-        garbage: builtins.list[Any] = []  # raw members: a non-UTF-8 one must be ZREMed as is
+        ids: list[str] = []
+        garbage: list[Any] = []  # raw members: a non-UTF-8 one must be ZREMed as is
         for member in due:
             client_id = _member_text(member)
             try:
-                _check_name(client_id)
+                check_client_id(client_id)
             except LeaseError:
                 garbage.append(member)  # names no lease hash, so nothing can ever renew it
                 continue
@@ -686,9 +348,9 @@ class LeaseStore:
 
     async def _hgetall_many(
         self, client_ids: Iterable[str]
-    ) -> builtins.list[dict[Any, Any] | ResponseError]:
+    ) -> list[dict[Any, Any] | ResponseError]:
         """HGETALL each lease in one pipeline; a key of another type gives its ResponseError."""
-        ids = builtins.list(client_ids)
+        ids = list(client_ids)
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -698,17 +360,12 @@ class LeaseStore:
         for result in results:
             if isinstance(result, Exception) and not isinstance(result, ResponseError):
                 raise result
-        return builtins.list(results)
+        return list(results)
 
-    async def _drop_gone(self, client_ids: builtins.list[str]) -> builtins.list[str]:
+    async def _drop_gone(self, client_ids: list[str]) -> list[str]:
         keys = [self.keys.leases, *(self.keys.lease(c) for c in client_ids)]
         reply = await self._drop_gone_script(keys=keys, args=client_ids)
         return [_member_text(m) for m in reply]
-
-
-def _time_ms(server_time: tuple[int, int]) -> int:
-    seconds, micros = server_time
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _member_text(value: object) -> str:

@@ -1,23 +1,59 @@
-"""Prometheus metrics, read from the broker's counters at scrape time (I/O adapter).
+"""Prometheus metrics, read from the broker's status and counters at scrape time (I/O adapter).
 
 Nothing here touches the hot path: the receive and publish loops only bump plain integers, and
-this collector turns them into metric families when Prometheus scrapes.
+this collector turns them into metric families when Prometheus scrapes. Everything the status
+hash carries is read from it, decoded by the contract (``broker.contract.Status``), so a metric
+and the status field of the same name cannot disagree (``frames_dropped``: every frame received
+upstream that did not reach Redis, by reason); the rest (per-type and per-cause breakdowns,
+snapshot sources, the batch histogram) comes from the broker's counters. Reading never changes
+them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from broker.contract import DROP_REASONS, Status
+from broker.core.stats import BATCH_BUCKETS
+from broker.keys import parse_stream_name
+
 if TYPE_CHECKING:
     from broker.service import Broker
 
 PREFIX = "upbit_broker"
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def batch_histogram(counts: Sequence[int], total: int) -> HistogramMetricFamily:
+    """The ``publish_batch_size`` family from batch counts per bucket (:func:`batch_bucket`,
+    the last one +Inf) and the sum of all batch sizes."""
+    buckets = []
+    running = 0
+    for bound, n in zip(BATCH_BUCKETS, counts, strict=False):
+        running += n
+        buckets.append((str(bound), running))
+    running += counts[len(BATCH_BUCKETS)]
+    buckets.append(("+Inf", running))
+    return HistogramMetricFamily(
+        f"{PREFIX}_publish_batch_size",
+        "Frames per publish pipeline",
+        buckets=buckets,
+        sum_value=total,
+    )
+
+
+def union_by_type(desired: dict[str, list[str]]) -> dict[str, int]:
+    """Streams of a ``{stream: [codes]}`` union per data type (``orderbook@10000`` counts as
+    ``orderbook``)."""
+    counts: dict[str, int] = {}
+    for stream, codes in desired.items():
+        type_, _ = parse_stream_name(stream)
+        counts[type_] = counts.get(type_, 0) + len(codes)
+    return counts
 
 
 class BrokerCollector:
@@ -25,14 +61,15 @@ class BrokerCollector:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self._hist_counts = [0] * (len(BATCH_BUCKETS) + 1)
-        self._hist_sum = 0
+
+    def status(self) -> Status:
+        """The broker's status, as the contract decodes the hash it writes."""
+        return self.broker.status()
 
     def collect(self) -> Iterator[Any]:
-        b = self.broker
-        up = b.upstream.stats if b.upstream else None
-        pub = b.publisher.stats if b.publisher else None
-        ctl = b.controller.stats if b.controller else None
+        counters = self.broker.counters
+        st = self.status()
+        up, ctl, own = counters.upstream, counters.control, counters.broker
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
@@ -45,125 +82,86 @@ class BrokerCollector:
             "Data frames received upstream and routed, by type",
             labels=["type"],
         )
-        if b.publisher is not None:
-            for type_, n in sorted(b.publisher.published_by_type.items()):
-                received.add_metric([type_], n)
+        for type_, n in sorted(counters.publish.published_by_type.items()):
+            received.add_metric([type_], n)
         yield received
         yield counter(
-            "frames_in",
-            "Every frame read from upstream (data, status, errors)",
-            up.frames_in if up else 0,
+            "frames_in", "Every frame read from upstream (data, status, errors)", st.frames_in
         )
-        yield counter(
-            "frames_published", "Frames published to Redis channels", pub.published if pub else 0
-        )
+        yield counter("frames_published", "Frames published to Redis channels", st.frames_published)
         dropped = CounterMetricFamily(
-            f"{PREFIX}_frames_dropped", "Frames dropped, by reason", labels=["reason"]
+            f"{PREFIX}_frames_dropped",
+            "Frames received upstream that did not reach Redis, by reason",
+            labels=["reason"],
         )
-        dropped.add_metric(["unleased"], up.dropped_unleased if up else 0)
-        dropped.add_metric(["malformed"], up.malformed if up else 0)
-        dropped.add_metric(["overflow"], pub.dropped_overflow if pub else 0)
-        dropped.add_metric(["not_leader"], pub.dropped_not_leader if pub else 0)
-        dropped.add_metric(["redis"], pub.dropped_redis if pub else 0)
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], getattr(st.frames_dropped_by_reason, reason))
         yield dropped
-        yield self._batch_histogram()
+        yield batch_histogram(*self._batches())
         requests = CounterMetricFamily(
             f"{PREFIX}_upstream_requests", "Messages sent upstream, by kind", labels=["kind"]
         )
-        requests.add_metric(["subscribe"], ctl.subscribe_requests if ctl else 0)
-        requests.add_metric(["list_subscriptions"], ctl.list_requests if ctl else 0)
-        requests.add_metric(["ping"], ctl.pings if ctl else 0)
+        requests.add_metric(["subscribe"], st.resubscribes)
+        requests.add_metric(["list_subscriptions"], st.list_requests)
+        requests.add_metric(["ping"], ctl.pings)
         yield requests
         yield counter(
-            "upstream_deferred", "Sends that waited for the rate budget", ctl.deferred if ctl else 0
+            "upstream_deferred", "Sends that waited for the rate budget", st.deferred_sends
         )
-        yield counter(
-            "resubscribes", "Full-set subscribe requests sent", ctl.subscribe_requests if ctl else 0
-        )
+        yield counter("resubscribes", "Full-set subscribe requests sent", st.resubscribes)
         yield counter(
             "verify_mismatches",
             "LIST_SUBSCRIPTIONS answers that did not match",
-            ctl.verify_mismatches if ctl else 0,
+            st.verify_mismatches,
         )
         reconnects = CounterMetricFamily(
             f"{PREFIX}_reconnects", "Upstream reconnects, by cause", labels=["cause"]
         )
-        if up is not None:
-            reconnects.add_metric(["stall"], up.stalls)
-            reconnects.add_metric(["error_frame"], up.error_frames)
-            reconnects.add_metric(["connect_failed"], up.connect_failures)
-            reconnects.add_metric(["closed"], max(0, up.reconnects - up.stalls - up.error_frames))
+        reconnects.add_metric(["stall"], up.stalls)
+        reconnects.add_metric(["error_frame"], up.error_frames)
+        reconnects.add_metric(["connect_failed"], up.connect_failures)
+        reconnects.add_metric(["closed"], max(0, st.reconnects - up.stalls - up.error_frames))
         yield reconnects
         yield counter(
             "fresh_connections",
             "Planned switches to a fresh upstream connection (the set shrank to nothing; no gap)",
-            up.fresh_connection_switches if up else 0,
+            up.fresh_connection_switches,
         )
-        yield gauge("leases", "Valid leases", b.stats.leases)
-        yield gauge("invalid_leases", "Leases skipped as invalid", b.stats.invalid_leases)
-        yield gauge("partial_leases", "Leases served in part", b.stats.partial_leases)
+        yield gauge("leases", "Valid leases", st.leases)
+        yield gauge("invalid_leases", "Leases skipped as invalid", st.invalid_leases)
+        yield gauge("partial_leases", "Leases served in part", st.partial_leases)
         yield gauge(
-            "rejected_streams", "Lease entries refused (unknown or bad)", b.stats.rejected_streams
+            "rejected_streams", "Lease entries refused (unknown or bad)", st.rejected_streams
         )
-        yield counter("lease_events", "Lease events sent to holders", b.stats.lease_events)
+        yield counter("lease_events", "Lease events sent to holders", own.lease_events)
         union = GaugeMetricFamily(
             f"{PREFIX}_union_streams", "Streams in the desired union, by type", labels=["type"]
         )
-        counts: dict[str, int] = {}
-        for key in b.desired:
-            counts[key.type] = counts.get(key.type, 0) + 1
-        for type_, n in sorted(counts.items()):
+        for type_, n in sorted(union_by_type(st.desired).items()):
             union.add_metric([type_], n)
         yield union
-        last = b.publisher.last_publish_ms if b.publisher else 0
+        last = st.last_frame_ms
         yield gauge(
             "seconds_since_last_frame",
             "Seconds since the last frame was published (-1: none yet)",
             (time.time() - last / 1000) if last else -1,
         )
-        yield gauge("leader", "1 when this broker holds the leader lock", 1 if b.is_leader else 0)
-        yield gauge(
-            "connected",
-            "1 when connected upstream",
-            1 if (b.upstream and b.upstream.connected) else 0,
-        )
-        yield gauge("epoch", "Upstream connection epoch", b.epoch)
+        yield gauge("leader", "1 when this broker holds the leader lock", 1 if st.leader else 0)
+        yield gauge("connected", "1 when connected upstream", 1 if st.connected else 0)
+        yield gauge("epoch", "Upstream connection epoch", st.epoch)
         snaps = CounterMetricFamily(
             f"{PREFIX}_snapshot_requests", "Snapshot codes served, by source", labels=["source"]
         )
-        snaps.add_metric(["cache"], b.stats.snapshots_from_cache)
-        snaps.add_metric(["upstream"], b.stats.snapshots_from_upstream)
+        snaps.add_metric(["cache"], own.snapshots_from_cache)
+        snaps.add_metric(["upstream"], own.snapshots_from_upstream)
         yield snaps
-        yield counter(
-            "redis_errors", "Redis errors", b.stats.redis_errors + (pub.redis_errors if pub else 0)
-        )
+        yield counter("redis_errors", "Redis errors", st.redis_errors)
 
-    def _batch_histogram(self) -> HistogramMetricFamily:
-        b = self.broker
-        if b.publisher is not None:
-            sizes = b.publisher.stats.batch_sizes
-            b.publisher.stats.batch_sizes = []
-            for n in sizes:
-                self._hist_sum += n
-                for i, bound in enumerate(BATCH_BUCKETS):
-                    if n <= bound:
-                        self._hist_counts[i] += 1
-                        break
-                else:
-                    self._hist_counts[-1] += 1
-        buckets = []
-        running = 0
-        for bound, n in zip(BATCH_BUCKETS, self._hist_counts, strict=False):
-            running += n
-            buckets.append((str(bound), running))
-        running += self._hist_counts[-1]
-        buckets.append(("+Inf", running))
-        return HistogramMetricFamily(
-            f"{PREFIX}_publish_batch_size",
-            "Frames per publish pipeline",
-            buckets=buckets,
-            sum_value=self._hist_sum,
-        )
+    def _batches(self) -> tuple[Sequence[int], int]:
+        """Publish batches per size bucket, and the sum of their sizes, since the start (the
+        publisher keeps them as counts: a scrape only reads)."""
+        publish = self.broker.counters.publish
+        return publish.batch_counts, publish.batch_frames
 
 
 def make_registry(broker: Broker) -> CollectorRegistry:

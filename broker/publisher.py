@@ -1,11 +1,10 @@
 """Fan-out: routed frames to their Redis channels, pipelined per burst (I/O adapter).
 
-The upstream receive loop only appends ``(target, frame)`` to a list and calls
-:meth:`Publisher.notify` (no await per frame). The first notify of a burst schedules one
-callback for when the receive loop next yields, i.e. once everything that arrived together has
-been routed; that callback swaps the list out and writes the whole burst as ONE buffer of
-PUBLISH commands, plus one HSET per cache hash for the last-value cache (only the newest frame
-per code in the burst is written).
+The upstream receive loop calls :meth:`Publisher.enqueue` per frame (an append, no await). The
+first frame of a burst schedules one callback for when the receive loop next yields, i.e. once
+everything that arrived together has been routed; that callback swaps the list out and writes
+the whole burst as ONE buffer of PUBLISH commands, plus one HSET per cache hash for the
+last-value cache (only the newest frame per code in the burst is written).
 
 On the raw RESP road (:mod:`broker.resp`: one packed buffer, replies counted by hiredis where
 they arrive) the write does not wait for Redis: replies are counted as they come, so a burst
@@ -18,6 +17,10 @@ past ``max_pending`` the oldest frames are dropped and counted (consumers get a 
 
 A client raw RESP cannot speak for (a fake or exotic client) gets the same commands in the same
 order through redis-py pipelines, from the publisher's task, one pipeline in flight at a time.
+
+Snapshot requests wait for the next frame of some streams: :meth:`Publisher.watch` names them,
+and the frames of a burst that belong to them are kept for :meth:`Publisher.take_watched` (one
+set lookup per frame of a burst, only while something is watched), and ``watch_wake`` is set.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -35,6 +38,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker import resp
+from broker.clock import now_ms
+from broker.core.stats import PublishStats
 from broker.keys import Keys
 from broker.upbit.types import StreamKey
 
@@ -76,22 +81,6 @@ def make_target(keys: Keys, key: StreamKey) -> Target:
 _first = itemgetter(0)
 
 
-@dataclass(slots=True)
-class PublishStats:
-    published: int = 0
-    batches: int = 0
-    largest_batch: int = 0
-    dropped_overflow: int = 0
-    dropped_not_leader: int = 0
-    #: frames Redis never confirmed: it could not be reached, or the connection broke (or
-    #: timed out) with them unanswered (they may or may not have been published)
-    dropped_redis: int = 0
-    redis_errors: int = 0
-    #: commands Redis answered with an error (their frames still count in ``published``)
-    reply_errors: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # drained by metrics
-
-
 class Publisher:
     """Pipelined PUBLISH of frame bursts plus the last-value cache."""
 
@@ -101,9 +90,21 @@ class Publisher:
         *,
         last_value_cache: bool = True,
         max_pending: int = 100_000,
-        on_published: Callable[[list[tuple[Target, bytes]]], None] | None = None,
         raw_resp: bool = True,
+        stats: PublishStats | None = None,
+        watch_wake: asyncio.Event | None = None,
     ) -> None:
+        """Nothing connects until the first burst.
+
+        Args:
+            redis: the client whose address the raw road connects to (or whose pipelines the
+                redis-py road uses).
+            last_value_cache: also HSET the newest frame of each stream in its cache hash.
+            max_pending: frames held before the oldest are dropped (and counted).
+            raw_resp: take the raw RESP road when the client allows it.
+            stats: the counters to bump (the broker's, which outlive this publisher).
+            watch_wake: set when frames of watched streams were written (see :meth:`watch`).
+        """
         self._redis = redis
         #: where raw RESP goes; None: publish through redis-py pipelines
         self._address = resp.RespAddress.from_client(redis) if raw_resp and resp.AVAILABLE else None
@@ -112,37 +113,59 @@ class Publisher:
         self.transport = "resp" if self._address is not None else "redis-py"
         self._cache = last_value_cache
         self._max_pending = max_pending
-        self._on_published = on_published
-        self.pending: list[tuple[Target, bytes]] = []
+        self._pending: list[tuple[Target, bytes]] = []
         #: wakes the publisher's task: the fast road cannot take this burst (no connection
         #: yet, writing paused, or the redis-py road)
         self.wake = asyncio.Event()
         self._flush_scheduled = False
         self._may_publish: Callable[[], bool] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self.stats = PublishStats()
-        #: monotonic time of the last successful publish per stream (quiet-code detection)
-        self.last_seen: dict[StreamKey, float] = {}
-        self.last_publish_ms: int = 0
-        #: frames published per stream type (read by metrics at scrape time)
-        self.published_by_type: dict[str, int] = {}
+        self.stats = PublishStats() if stats is None else stats
+        self._watch_wake = watch_wake
+        self._watched: frozenset[StreamKey] = frozenset()
+        self._watched_frames: list[tuple[StreamKey, bytes]] = []
 
     def enqueue(self, target: Target, frame: bytes) -> None:
-        """Queue one frame. The hot path appends to ``pending`` and calls :meth:`notify`
-        itself; this is the readable version."""
-        self.pending.append((target, frame))
-        self.notify()
-
-    def notify(self) -> None:
-        """Frames were appended to ``pending``: write them once the current burst is routed.
-        Costs one attribute test per frame; one callback per burst is scheduled."""
+        """Queue one frame (the hot path: one per frame received); it is written once the
+        current burst is routed. Costs an append and one attribute test; one callback per
+        burst is scheduled."""
+        self._pending.append((target, frame))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_burst)
 
+    @property
+    def pending(self) -> int:
+        """How many frames wait to be written."""
+        return len(self._pending)
+
+    @property
+    def last_seen(self) -> dict[StreamKey, float]:
+        """Monotonic time of the last publish of each stream (``stats.last_seen``)."""
+        return self.stats.last_seen
+
+    @property
+    def last_publish_ms(self) -> int:
+        """Wall clock of the last publish, 0 before the first (``stats.last_publish_ms``)."""
+        return self.stats.last_publish_ms
+
+    @property
+    def published_by_type(self) -> dict[str, int]:
+        """Frames published per stream type (``stats.published_by_type``)."""
+        return self.stats.published_by_type
+
+    def watch(self, streams: frozenset[StreamKey]) -> None:
+        """Keep the frames of these streams as they are written (for snapshot requests)."""
+        self._watched = streams
+
+    def take_watched(self) -> list[tuple[StreamKey, bytes]]:
+        """The frames of watched streams written since the last call, in order."""
+        frames, self._watched_frames = self._watched_frames, []
+        return frames
+
     def _flush_burst(self) -> None:
         self._flush_scheduled = False
-        if not self.pending:
+        if not self._pending:
             return
         conn = self._conn
         if self._may_publish is None or conn is None or conn.closed or conn.writing_paused:
@@ -151,7 +174,7 @@ class Publisher:
         self._write_pending(conn)
 
     def _take_batch(self) -> list[tuple[Target, bytes]]:
-        batch, self.pending = self.pending, []
+        batch, self._pending = self._pending, []
         if len(batch) > self._max_pending:
             dropped = len(batch) - self._max_pending
             self.stats.dropped_overflow += dropped
@@ -169,7 +192,7 @@ class Publisher:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
-                if not self.pending:
+                if not self._pending:
                     continue
                 if not may_publish():
                     self.stats.dropped_not_leader += len(self._take_batch())
@@ -288,7 +311,7 @@ class Publisher:
         lost = sum(len(batch) for batch in unanswered)
         self.stats.dropped_redis += lost
         logger.warning("publish connection lost with %d frames unconfirmed: %s", lost, why)
-        if self.pending:
+        if self._pending:
             self.wake.set()  # the task reconnects for them
 
     def _arm_watchdog(self) -> None:
@@ -310,24 +333,33 @@ class Publisher:
     def _confirmed(self, batch: list[tuple[Target, bytes]]) -> None:
         """Redis answered every command of ``batch``: its frames are published."""
         now = time.monotonic()
-        by_type = self.published_by_type
-        last_seen = self.last_seen
+        stats = self.stats
+        by_type = stats.published_by_type
+        last_seen = stats.last_seen
         for target, n_frames in Counter(map(_first, batch)).items():
             last_seen[target.key] = now
             by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
-        self.last_publish_ms = int(time.time() * 1000)
-        self.stats.published += len(batch)
+        stats.last_publish_ms = now_ms()
+        stats.published += len(batch)
 
     def _sent(self, batch: list[tuple[Target, bytes]]) -> None:
-        """``batch`` was written (burst statistics; snapshot waiters take their frames)."""
+        """``batch`` was written (burst statistics; the frames of watched streams are kept)."""
         n = len(batch)
-        self.stats.batches += 1
-        if n > self.stats.largest_batch:
-            self.stats.largest_batch = n
-        if len(self.stats.batch_sizes) < 10_000:
-            self.stats.batch_sizes.append(n)
-        if self._on_published is not None:
-            self._on_published(batch)
+        stats = self.stats
+        stats.batches += 1
+        if n > stats.largest_batch:
+            stats.largest_batch = n
+        stats.record_batch(n)
+        if self._watched:
+            self._keep_watched(batch)
+
+    def _keep_watched(self, batch: list[tuple[Target, bytes]]) -> None:
+        watched = self._watched
+        kept = [(t.key, frame) for t, frame in batch if t.key in watched]
+        if kept:
+            self._watched_frames += kept
+            if self._watch_wake is not None:
+                self._watch_wake.set()
 
     # -- the redis-py road ----------------------------------------------------------------------
 

@@ -2,10 +2,17 @@
 
 ``BrokerSettings.from_env`` reads ``UPBIT_BROKER_*`` variables; the CLI overlays its flags.
 Library code never reads ``os.environ`` itself: it is handed a settings object.
+
+Every numeric setting is a finite number within the bounds of :data:`SETTING_BOUNDS` (and the
+relations of :data:`SETTING_RELATIONS`); anything else is a :class:`ConfigError` naming the
+setting, its variable and its range, whether it came from a flag, a variable or Python. The
+consumer library's options have their own table, :data:`CLIENT_BOUNDS`, checked the same way
+(:func:`check_number`). :func:`bounds_table` renders both as the Markdown the docs quote.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -34,9 +41,154 @@ def redact_url(url: str) -> str:
     return re.sub(r"([?&](?:password|pass|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
+# -- bounds ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The closed range ``[low, high]`` a numeric setting must lie in, and why."""
+
+    low: float
+    high: float
+    unit: str = "s"
+    integer: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        """``a number from 1 to 600 s`` / ``an integer from 0 to 65535``."""
+        kind = "an integer" if self.integer else "a number"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{kind} from {_number_text(self.low)} to {_number_text(self.high)}{unit}"
+
+
+#: BrokerSettings' numeric fields. Every one is listed (a test checks), so docs and code agree.
+SETTING_BOUNDS: dict[str, Bound] = {
+    "lease_ttl": Bound(
+        0.1,
+        86_400,
+        why="consumers renew every TTL/3; the union is held this long after Redis lost its data",
+    ),
+    "leader_ttl": Bound(
+        1, 600, why="renewed every TTL/3; a standby takes over within it after the leader dies"
+    ),
+    "rate_per_second": Bound(1, 5, "messages/s", True, "Upbit allows 5 per connection"),
+    "rate_per_minute": Bound(1, 100, "messages/min", True, "Upbit allows 100 per connection"),
+    "coalesce_delay": Bound(0, 5, why="0: resubscribe at once; it delays every lease change"),
+    "stall_timeout": Bound(
+        1, 600, why="reconnect after this long without a frame; NaN or infinity would turn this off"
+    ),
+    "ping_interval": Bound(0.5, 50, why="keepalive well under Upbit's ~60 s idle cut"),
+    "backoff_initial": Bound(0.05, 60, why="first reconnect delay (jitter: half to all of it)"),
+    "backoff_max": Bound(
+        1, 600, why="at least 1 s: under Upbit's 5 connects/s per IP, whatever keeps failing"
+    ),
+    "backoff_reset_after": Bound(
+        0.5,
+        3600,
+        why="a connection that dies sooner keeps backing off: no reconnect loop faster than 2/s",
+    ),
+    "reconcile_interval": Bound(0.1, 60, why="full lease sweep; 0 would spin a core"),
+    "status_interval": Bound(
+        0.1,
+        60,
+        why="status write; 0 would spin a core, `check` calls a status stale after 3 intervals",
+    ),
+    "max_pending_frames": Bound(
+        100, 10_000_000, "frames", True, "memory held when Redis is slower than upstream"
+    ),
+    "max_lease_streams": Bound(1, 100_000, "streams", True, "largest lease served"),
+    "quiet_after": Bound(
+        1, 86_400, why="a quiet stream costs one full resubscribe at most this often"
+    ),
+    "metrics_port": Bound(0, 65_535, "", True, "0: no metrics server"),
+}
+
+#: ``(smaller, larger)``: the first setting must not exceed the second.
+SETTING_RELATIONS: tuple[tuple[str, str], ...] = (
+    ("backoff_initial", "backoff_max"),
+    ("rate_per_second", "rate_per_minute"),
+)
+
+#: The consumer library's numeric options (``consumers.BrokerClient``).
+CLIENT_BOUNDS: dict[str, Bound] = {
+    "lease_ttl": Bound(
+        0.1, 86_400, why="heartbeat every TTL/3; a dead consumer's streams outlive it by this much"
+    ),
+    "queue_size": Bound(1, 10_000_000, "messages", True, "per in-process queue"),
+    "connect_timeout": Bound(
+        0.1, 300, why="connect, and each Redis command (lease writes: twice this)"
+    ),
+    "ping_interval": Bound(0.1, 3600, why="pub/sub PING after this long without traffic"),
+}
+
+
+def check_number(name: str, value: object, bound: Bound, label: str | None = None) -> Any:
+    """``value`` (a number, or text as read from a flag or variable) as an ``int`` or
+    ``float`` within ``bound``.
+
+    Raises:
+        ConfigError: not a number (booleans are not), not finite, not an integer where one is
+            needed, or out of range; one line naming ``label`` (default ``name``).
+    """
+    number: int | float | None = None
+    if isinstance(value, str):
+        try:
+            number = int(value) if bound.integer else float(value)
+        except ValueError:  # int() also refuses "1.5", "nan" and 5,000-digit numbers
+            number = None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value):
+        number = int(value) if bound.integer and value.is_integer() else value
+    if (
+        number is None
+        or (bound.integer and not isinstance(number, int))
+        or not bound.low <= number <= bound.high  # False for NaN; infinity is out of range
+    ):
+        raise ConfigError(f"{label or name} must be {bound.describe()}, got {_shown(value)}")
+    return number if bound.integer else float(number)
+
+
+def setting_label(name: str, flag: str | None = None) -> str:
+    """How an error names a setting: ``leader_ttl (--leader-ttl, UPBIT_BROKER_LEADER_TTL)``."""
+    names = [flag] if flag else []
+    return f"{name} ({', '.join([*names, ENV_PREFIX + name.upper()])})"
+
+
+def check_setting(name: str, value: object, flag: str | None = None) -> Any:
+    """:func:`check_number` against :data:`SETTING_BOUNDS` ``[name]``."""
+    return check_number(name, value, SETTING_BOUNDS[name], setting_label(name, flag))
+
+
+def bounds_table(bounds: Mapping[str, Bound], env_prefix: str = ENV_PREFIX) -> str:
+    """The Markdown table of ``bounds`` (what docs/design.md and the README quote)."""
+    rows = ["| setting | range | why |", "|---|---|---|"]
+    for name, b in bounds.items():
+        var = f"`{env_prefix}{name.upper()}`" if env_prefix else f"`{name}`"
+        unit = f" {b.unit}" if b.unit else ""
+        span = f"{_number_text(b.low)} to {_number_text(b.high)}{unit}"
+        rows.append(f"| {var} | {span}{' (integer)' if b.integer else ''} | {b.why} |")
+    return "\n".join(rows)
+
+
+def _number_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)  # repr: one line, whatever the value holds
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
-    """Everything a broker process needs; every field has an env var ``UPBIT_BROKER_<NAME>``."""
+    """Everything a broker process needs; every field has an env var ``UPBIT_BROKER_<NAME>``.
+
+    Numeric fields are checked against :data:`SETTING_BOUNDS` and :data:`SETTING_RELATIONS`.
+    """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     upstream_url: str = UPBIT_URL
@@ -88,11 +240,16 @@ class BrokerSettings:
                 f"redis url must start with redis://, rediss:// or unix://, "
                 f"got {redact_url(self.redis_url)!r}"
             )
-        for name in ("lease_ttl", "leader_ttl", "stall_timeout", "ping_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        if not 1 <= self.rate_per_second <= 5 or not 1 <= self.rate_per_minute <= 100:
-            raise ConfigError("rate budget must stay within Upbit's 5/s and 100/min")
+        for name in SETTING_BOUNDS:
+            # frozen: the checked value (7 -> 7.0, "5" -> 5.0) replaces what was given
+            object.__setattr__(self, name, check_setting(name, getattr(self, name)))
+        for smaller, larger in SETTING_RELATIONS:
+            low, high = getattr(self, smaller), getattr(self, larger)
+            if low > high:
+                raise ConfigError(
+                    f"{setting_label(smaller)} must not exceed {setting_label(larger)}, "
+                    f"got {low:g} > {high:g}"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BrokerSettings:
@@ -115,6 +272,8 @@ class BrokerSettings:
 
 
 def _convert(name: str, type_: Any, raw: str) -> Any:
+    if name in SETTING_BOUNDS:
+        return check_setting(name, raw)
     t = str(type_)
     try:
         if t == "bool":
@@ -123,10 +282,6 @@ def _convert(name: str, type_: Any, raw: str) -> Any:
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
-        if t == "int":
-            return int(raw)
-        if t == "float":
-            return float(raw)
         if t == "Format":
             return Format(raw.upper())
     except ValueError:

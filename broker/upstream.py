@@ -2,8 +2,12 @@
 (I/O adapter over ``websockets``).
 
 Receiving never awaits per frame beyond the websocket read itself: each data frame is routed
-(msgspec, only type/code/stream_type/level) and appended to the publisher's pending list.
-Everything about *what* to send lives in :class:`broker.control.SubscriptionController`.
+(msgspec, only type/code/stream_type/level) and handed to :meth:`Publisher.enqueue`.
+Everything about *what* to send lives in :class:`broker.core.control.SubscriptionController`.
+
+What happens to the connection is reported, in order, on :attr:`Upstream.events` (the service
+feeds it to the leader core): :class:`Connected`, :class:`Lost` with a typed
+:class:`~broker.core.leader.Loss`, and :class:`Confirmed` resubscribe requests.
 
 Faults handled here: connect failures and closes (exponential backoff with jitter, capped,
 reset after a healthy connection), silent stalls (no frame at all, ``{"status":"UP"}``
@@ -18,13 +22,15 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from broker.control import SubscriptionController
+from broker.clock import now_ms
+from broker.core.control import SubscriptionController
+from broker.core.gaps import Loss
+from broker.core.stats import UpstreamStats
 from broker.errors import FrameError, UpbitErrorFrame, UpstreamError
 from broker.keys import Keys
 from broker.publisher import Publisher, Target, make_target
@@ -48,18 +54,31 @@ class _Switch(Exception):
         self.ws = ws
 
 
-@dataclass(slots=True)
-class UpstreamStats:
-    frames_in: int = 0
-    malformed: int = 0
-    dropped_unleased: int = 0
-    status_frames: int = 0
-    error_frames: int = 0
-    connects: int = 0
-    reconnects: int = 0
-    connect_failures: int = 0
-    stalls: int = 0
-    fresh_connection_switches: int = 0
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A connection opened at ``at_ms``; ``fresh``: the make-before-break switch opened
+    because the set shrank to nothing (not a reconnect: nothing was lost)."""
+
+    fresh: bool
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The connection ended at ``at_ms``, for ``loss``."""
+
+    loss: Loss
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """LIST_SUBSCRIPTIONS confirmed the full set these resubscribe requests asked for."""
+
+    request_ids: tuple[str, ...]
+
+
+UpstreamEvent = Connected | Lost | Confirmed
 
 
 def parse_list_reply(frame: bytes) -> SubscriptionSet:
@@ -86,11 +105,6 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) 
     return step * rng.uniform(0.5, 1.0)
 
 
-#: Called with ``fresh=True`` for the make-before-break connection opened because the set
-#: shrank to nothing (no reconnect: nothing was lost), ``False`` for every other connection.
-OnConnected = Callable[[bool], Awaitable[None]]
-
-
 class Upstream:
     """Keeps one connection to Upbit (or the simulator) open for as long as it runs."""
 
@@ -101,23 +115,18 @@ class Upstream:
         publisher: Publisher,
         keys: Keys,
         *,
-        on_connected: OnConnected,
-        on_disconnected: Callable[[str], None],
-        on_confirmations: Callable[[list[str]], None],
-        on_error_frame: Callable[[UpbitErrorFrame], None] | None = None,
+        stats: UpstreamStats | None = None,
     ) -> None:
         self.settings = settings
         self.controller = controller
         self.publisher = publisher
         self.keys = keys
-        self._on_connected = on_connected
-        self._on_disconnected = on_disconnected
-        self._on_confirmations = on_confirmations
-        self._on_error_frame = on_error_frame
+        #: set by whoever changed the controller's state: the send loop looks at it again
         self.changed = asyncio.Event()
-        self.stats = UpstreamStats()
+        #: what happened to the connection, in order (read by the service)
+        self.events: asyncio.Queue[UpstreamEvent] = asyncio.Queue()
+        self.stats = UpstreamStats() if stats is None else stats
         self.connected = False
-        self.last_error = ""
         self._table: dict[tuple[str, str, float], Target] = {}
         self._targets: dict[StreamKey, Target] = {}
         self._routable: frozenset[StreamKey] = frozenset()
@@ -169,7 +178,7 @@ class Upstream:
                     ws = await self._connect()
                 except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                     self.stats.connect_failures += 1
-                    self.last_error = f"connect failed: {exc}"
+                    self.stats.last_error = f"connect failed: {exc}"
                     delay = backoff_delay(
                         attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
                     )
@@ -184,17 +193,21 @@ class Upstream:
                     continue
             self.stats.connects += 1
             reason = "closed"
+            loss = Loss.CLOSED
             try:
                 await self._serve(ws, fresh=fresh)
             except _Switch as switch:
                 next_ws = switch.ws
                 reason = "fresh connection"
+                loss = Loss.FRESH_SWITCH
                 self.stats.fresh_connection_switches += 1
             except StallError as exc:
                 self.stats.stalls += 1
                 reason = str(exc)
+                loss = Loss.STALL
             except UpbitErrorFrame as exc:
                 reason = str(exc)
+                loss = Loss.ERROR_FRAME
                 if exc.is_rate_limit:
                     attempt = max(attempt, 2)  # be gentler after a refusal
             except ConnectionClosed as exc:
@@ -211,12 +224,11 @@ class Upstream:
                     await _close_quietly(ws)
             healthy = self._healthy_since
             self._healthy_since = None
+            self.events.put_nowait(Lost(loss, now_ms()))
             if next_ws is not None:
-                self._on_disconnected("")  # a planned switch is not a gap: nothing was wanted
-                continue
-            self.last_error = reason
+                continue  # a planned switch is not a gap: nothing was wanted
+            self.stats.last_error = reason
             self.stats.reconnects += 1
-            self._on_disconnected(reason)
             if (
                 healthy is not None
                 and time.monotonic() - healthy >= self.settings.backoff_reset_after
@@ -243,7 +255,7 @@ class Upstream:
     async def _serve(self, ws: ClientConnection, *, fresh: bool = False) -> None:
         self.controller.connection_opened(time.monotonic())
         self.connected = True
-        await self._on_connected(fresh)
+        self.events.put_nowait(Connected(fresh, now_ms()))
         receiver = asyncio.create_task(self._receive(ws), name="upstream-receive")
         sender = asyncio.create_task(self._send_loop(ws), name="upstream-send")
         try:
@@ -284,7 +296,7 @@ class Upstream:
             self._refresh_routes()
             confirmed = controller.confirmations()
             if confirmed:
-                self._on_confirmations(confirmed)
+                self.events.put_nowait(Confirmed(tuple(confirmed)))
             if controller.wants_fresh_connection:
                 logger.info("subscription set shrank to nothing: opening a fresh connection")
                 raise _Switch(await self._connect())
@@ -305,23 +317,21 @@ class Upstream:
 
     async def _receive(self, ws: ClientConnection) -> None:
         stats = self.stats
-        publisher = self.publisher
-        notify = publisher.notify
+        enqueue = self.publisher.enqueue
         route = route_frame
         data = FrameKind.DATA
-        async for frame in ws:
+        async for message in ws:
             stats.frames_in += 1
-            if type(frame) is str:
-                frame = frame.encode()
-            assert isinstance(frame, bytes)
+            # Binary from Upbit, text from some servers. No assert for the type checker here:
+            # on the per-frame path it costs more than the enqueue does.
+            frame: bytes = message.encode() if type(message) is str else message  # type: ignore[assignment]
             r = route(frame)
             if r.kind is data:
                 target = self._table.get((r.type, r.code, r.level))
                 if target is None:
                     stats.dropped_unleased += 1
                     continue
-                publisher.pending.append((target, frame))
-                notify()
+                enqueue(target, frame)
             elif r.kind is FrameKind.STATUS:
                 stats.status_frames += 1
             elif r.kind is FrameKind.LIST_REPLY:
@@ -330,8 +340,6 @@ class Upstream:
                 stats.error_frames += 1
                 error = parse_error_frame(frame)
                 logger.error("upbit error frame: %s: %s", error.name, error.message)
-                if self._on_error_frame is not None:
-                    self._on_error_frame(error)
                 raise error  # Upbit closes the socket after an error frame anyway
             else:
                 stats.malformed += 1

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
 from collections.abc import Coroutine
 from dataclasses import MISSING, fields
 from typing import Annotated, Any
@@ -14,6 +12,8 @@ import typer
 from broker.errors import BrokerError, ConfigError
 from broker.settings import BrokerSettings
 from broker.upbit.types import Format
+from cli import bounds
+from cli.common import EXIT_OK, with_signals
 from cli.logs import configure_logging
 
 ENV = "UPBIT_BROKER_"
@@ -27,24 +27,15 @@ def _settings(**flags: Any) -> BrokerSettings:
         raise typer.Exit(2) from None
 
 
-async def _serve(settings: BrokerSettings) -> None:
+async def _serve(settings: BrokerSettings) -> int:
+    """Run a broker until Ctrl-C: the first drains and stops, a second exits at once (130)."""
+    return await with_signals(lambda stop: _serve_until(settings, stop), soft=True)
+
+
+async def _serve_until(settings: BrokerSettings, stop: asyncio.Event) -> int:
     from broker.service import Broker
 
     broker = Broker(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    presses = 0
-
-    def on_signal() -> None:
-        # First signal: drain and stop. Second: exit at once.
-        nonlocal presses
-        presses += 1
-        if presses > 1:
-            sys.exit(130)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
     metrics = None
     if settings.metrics_port:
         from broker.metrics import start_metrics_server
@@ -55,12 +46,14 @@ async def _serve(settings: BrokerSettings) -> None:
     finally:
         if metrics is not None:
             metrics.shutdown()
+    return EXIT_OK
 
 
-def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+def _run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
     """Run on uvloop when asked for (or, with ``auto``, when installed): each loop wake-up
     costs less there, and at low rates the broker's CPU is mostly wake-ups."""
     if choice not in ("auto", "uvloop", "asyncio"):
+        main.close()
         typer.echo(f"error: --event-loop must be auto, uvloop or asyncio, got {choice!r}", err=True)
         raise typer.Exit(2)
     if choice != "asyncio":
@@ -68,12 +61,12 @@ def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
             import uvloop
         except ImportError:
             if choice == "uvloop":
+                main.close()
                 typer.echo("error: --event-loop uvloop but uvloop is not installed", err=True)
                 raise typer.Exit(2) from None
         else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 _FIELDS = {f.name: f for f in fields(BrokerSettings)}
@@ -109,13 +102,19 @@ def register(app: typer.Typer) -> None:
         lease_ttl: Annotated[
             float,
             typer.Option(
-                envvar=ENV + "LEASE_TTL", show_envvar=True, help="Default lease TTL, seconds."
+                envvar=ENV + "LEASE_TTL",
+                show_envvar=True,
+                help="Default lease TTL, seconds.",
+                parser=bounds.setting("lease_ttl", "--lease-ttl"),
             ),
         ] = _default("lease_ttl"),
         leader_ttl: Annotated[
             float,
             typer.Option(
-                envvar=ENV + "LEADER_TTL", show_envvar=True, help="Leader lock TTL, seconds."
+                envvar=ENV + "LEADER_TTL",
+                show_envvar=True,
+                help="Leader lock TTL, seconds.",
+                parser=bounds.setting("leader_ttl", "--leader-ttl"),
             ),
         ] = _default("leader_ttl"),
         upstream_format: Annotated[
@@ -139,12 +138,16 @@ def register(app: typer.Typer) -> None:
                 envvar=ENV + "STALL_TIMEOUT",
                 show_envvar=True,
                 help="Reconnect after this many seconds without any frame.",
+                parser=bounds.setting("stall_timeout", "--stall-timeout"),
             ),
         ] = _default("stall_timeout"),
         metrics_port: Annotated[
             int,
             typer.Option(
-                envvar=ENV + "METRICS_PORT", show_envvar=True, help="Prometheus port (0 = off)."
+                envvar=ENV + "METRICS_PORT",
+                show_envvar=True,
+                help="Prometheus port (0 = off).",
+                parser=bounds.setting("metrics_port", "--metrics-port"),
             ),
         ] = _default("metrics_port"),
         event_loop: Annotated[
@@ -203,7 +206,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         configure_logging(log_level, log_format)
         try:
-            _run_loop(_serve(settings), event_loop)
+            code = _run_loop(_serve(settings), event_loop)
         except BrokerError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        if code:
+            raise typer.Exit(code)

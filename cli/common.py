@@ -23,7 +23,7 @@ import typer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from broker.errors import BrokerError, ConfigError, InvalidCodeError
+from broker.errors import BrokerError, ConfigError, InvalidCodeError, describe
 from broker.redis_client import RedisUrlError, redis_client
 from broker.settings import BrokerSettings, redact_url
 from cli import logs
@@ -96,11 +96,6 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text or type(exc).__name__
-
-
 def error_line(exc: BaseException, redis_url: str | None = None) -> tuple[str, int]:
     """The one line and exit code for an exception that ends a command (re-raises others)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -109,15 +104,15 @@ def error_line(exc: BaseException, redis_url: str | None = None) -> tuple[str, i
     if isinstance(exc, CommandError):
         return str(exc), exc.code
     if isinstance(exc, InvalidCodeError | ConfigError):
-        return describe(exc), EXIT_USAGE
+        return describe(exc, with_type=False), EXIT_USAGE
     if isinstance(exc, RedisUnavailableError):
-        return describe(exc), EXIT_FAILED
+        return describe(exc, with_type=False), EXIT_FAILED
     if isinstance(exc, BrokerError):
-        return describe(exc), EXIT_FAILED
+        return describe(exc, with_type=False), EXIT_FAILED
     if isinstance(exc, RedisError | OSError | TimeoutError):
-        return f"redis at {url} failed: {describe(exc)}", EXIT_FAILED
+        return f"redis at {url} failed: {describe(exc, with_type=False)}", EXIT_FAILED
     if isinstance(exc, ValueError):  # the library's "unknown data type", "no codes" ...
-        return describe(exc), EXIT_USAGE
+        return describe(exc, with_type=False), EXIT_USAGE
     raise exc
 
 
@@ -134,7 +129,7 @@ def run(
     Known errors become one line on stderr.
     """
     try:
-        code = asyncio.run(_with_signals(main, stop_on_signal))
+        code = asyncio.run(with_signals(main, soft=stop_on_signal))
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     except typer.Exit:
@@ -154,7 +149,15 @@ def run(
     raise typer.Exit(code)
 
 
-async def _with_signals(main: Callable[[asyncio.Event], Awaitable[int]], soft: bool) -> int:
+async def with_signals(main: Callable[[asyncio.Event], Awaitable[int]], *, soft: bool) -> int:
+    """Run ``main(stop)`` with Ctrl-C handled the one way of every command; returns its code.
+
+    SIGINT and SIGTERM only set an event or cancel, never raise in a random place. With
+    ``soft`` the first one sets ``stop`` (``main`` drains and returns by itself) and a second
+    one cancels ``main`` at once; without it the first one cancels. A cancelled ``main`` gives
+    :data:`EXIT_INTERRUPTED` (130). ``run`` uses it; ``run`` (the broker) and ``simulate``,
+    which run their own loop, call it directly.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -204,7 +207,7 @@ async def open_redis(
                 await client.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailableError(
-                f"cannot reach redis at {redact_url(url)}: {describe(exc)}"
+                f"cannot reach redis at {redact_url(url)}: {describe(exc, with_type=False)}"
             ) from exc
         yield client
     finally:

@@ -25,6 +25,7 @@ from broker.errors import FrameError
 from broker.keys import DEFAULT_NAMESPACE
 from broker.settings import BrokerSettings
 from broker.upbit.messages import Candle, Orderbook, Ticker, Trade, decode_message
+from cli import bounds
 from cli.common import (
     DEFAULT_REDIS_URL,
     EXIT_FAILED,
@@ -75,6 +76,16 @@ TickerCodesArgument = Annotated[
     ),
 ]
 LevelOption = Annotated[float, typer.Option("--level", help="Orderbook grouping level.")]
+_COUNT = bounds.number("--count", bounds.COMMAND_BOUNDS["count"])
+_TIMEOUT = bounds.number("--timeout", bounds.COMMAND_BOUNDS["timeout"])
+DurationOption = Annotated[
+    float,
+    typer.Option(
+        "--duration",
+        help="Exit after S seconds (0: until Ctrl-C).",
+        parser=bounds.number("--duration", bounds.COMMAND_BOUNDS["duration"]),
+    ),
+]
 
 
 def _client(settings: BrokerSettings, **kwargs: Any) -> BrokerClient:
@@ -187,10 +198,10 @@ def _write(line: bytes) -> None:
 def tail(
     data_type: TypeArgument,
     codes: CodesArgument,
-    count: Annotated[int, typer.Option("--count", "-n", help="Exit after N messages.")] = 0,
-    duration: Annotated[
-        float, typer.Option("--duration", help="Exit after S seconds (0: until Ctrl-C).")
-    ] = 0.0,
+    count: Annotated[
+        int, typer.Option("--count", "-n", help="Exit after N messages.", parser=_COUNT)
+    ] = 0,
+    duration: DurationOption = 0.0,
     as_json: JsonOption = False,
     level: LevelOption = 0.0,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
@@ -264,7 +275,9 @@ def snapshot(
     codes: CodesArgument,
     as_json: JsonOption = False,
     level: LevelOption = 0.0,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 3.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait.", parser=_TIMEOUT)
+    ] = 3.0,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,
@@ -313,9 +326,7 @@ def _print_snapshot(frames: dict[str, bytes], as_json: bool) -> None:
 
 def top(
     codes: TickerCodesArgument,
-    duration: Annotated[
-        float, typer.Option("--duration", help="Exit after S seconds (0: until Ctrl-C).")
-    ] = 0.0,
+    duration: DurationOption = 0.0,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
-import socket
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import typer
@@ -35,6 +31,8 @@ from broker.leases import LeaseStore
 from broker.redis_client import redis_client
 from broker.service import run_broker
 from broker.settings import BrokerSettings, redact_url
+from broker.testing import RedisServer, fake_redis
+from cli import bounds
 from cli.common import (
     EXIT_OK,
     CommandError,
@@ -55,105 +53,40 @@ DEFAULT_CODES = "KRW-BTC,KRW-ETH,KRW-XRP,KRW-SOL,KRW-DOGE"
 DEFAULT_DURATION = 30.0
 #: seconds the whole shutdown may take before the demo gives up waiting
 SHUTDOWN_TIMEOUT = 15.0
-#: child processes to kill if the demo must exit without a clean shutdown
-_CHILDREN: list[asyncio.subprocess.Process] = []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+#: redis-servers to kill if the demo must exit without a clean shutdown
+_SERVERS: list[RedisServer] = []
 
 
 @contextlib.asynccontextmanager
-async def redis_server_process(say: Any) -> AsyncIterator[str]:
-    """A throwaway ``redis-server`` on a free port (no persistence); yields its URL."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="upbit-demo-redis-")
-    proc = await asyncio.create_subprocess_exec(
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", workdir,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    _CHILDREN.append(proc)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.returncode is not None:
-                raise CommandError(f"redis-server exited with {proc.returncode}")
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            if time.monotonic() > deadline:
-                raise CommandError("redis-server did not start within 10 s")
-            await asyncio.sleep(0.05)
-        say(f"redis: started {binary} on port {port}")
-        yield url
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-        _CHILDREN.remove(proc)
+async def local_redis(say: Callable[[str], None]) -> AsyncIterator[str]:
+    """A throwaway Redis for the demo; yields its URL.
 
-
-@contextlib.asynccontextmanager
-async def fake_redis_server(say: Any) -> AsyncIterator[str]:
-    """fakeredis' TCP server in a thread (needs ``lupa``: leases are Lua scripts)."""
-    if importlib.util.find_spec("fakeredis") is None or importlib.util.find_spec("lupa") is None:
+    A ``redis-server`` on a free port when the binary is on PATH (no persistence), otherwise
+    an in-process fakeredis: both from :mod:`broker.testing`.
+    """
+    if shutil.which("redis-server"):
+        server = RedisServer()
+        try:
+            await asyncio.to_thread(server.start)
+        except RuntimeError as exc:
+            server.stop()
+            raise CommandError(str(exc)) from None
+        _SERVERS.append(server)
+        say(f"redis: started {server.binary} on port {server.port}")
+        try:
+            yield server.url
+        finally:
+            _SERVERS.remove(server)
+            server.stop()
+        return
+    if fake_redis.unavailable() is not None:
         raise CommandError(
             "demo needs a Redis: install redis-server (Debian: apt-get install redis-server) "
             "or fakeredis with Lua (pip install 'fakeredis[lua]'), or pass --redis-url"
         )
-    from fakeredis import TcpFakeServer
-
-    port = _free_port()
-    server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    server.RequestHandlerClass = _fake_redis_handler()
-    thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
-    thread.start()
-    say(f"redis: no redis-server on PATH; started an in-process fakeredis on port {port}")
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _fake_redis_handler() -> Any:
-    """fakeredis' TCP handler, except that an error reply does not close the connection.
-
-    fakeredis (2.x) answers an error and then hangs up, which real Redis never does; redis-py's
-    scripts rely on the NOSCRIPT error of EVALSHA followed by SCRIPT LOAD on the same
-    connection, and the lease store and the broker use scripts. Internal API: fallback only.
-    """
-    from fakeredis._clients._tcp_server import TCPFakeRequestHandler
-    from redis.exceptions import ResponseError
-
-    class Handler(TCPFakeRequestHandler):
-        def setup(self) -> None:
-            super().setup()
-            read = self.current_client.read_response
-
-            def read_response(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return read(*args, **kwargs)
-                except ResponseError as exc:  # encoded as an error reply, connection kept
-                    return exc
-
-            self.current_client.read_response = read_response  # type: ignore[method-assign]
-
-    return Handler
+    with fake_redis.FakeRedisServer() as fake:
+        say(f"redis: no redis-server on PATH; started an in-process fakeredis on port {fake.port}")
+        yield fake.url
 
 
 class Tape:
@@ -219,13 +152,22 @@ def demo(
     duration: Annotated[
         float,
         typer.Option(
-            "--duration", help="Seconds to run, then stop and summarise (0: until Ctrl-C)."
+            "--duration",
+            help="Seconds to run, then stop and summarise (0: until Ctrl-C).",
+            parser=bounds.number("--duration", bounds.COMMAND_BOUNDS["duration"]),
         ),
     ] = DEFAULT_DURATION,
     codes: Annotated[str, typer.Option("--codes", help="Codes for the price board.")] = (
         DEFAULT_CODES
     ),
-    rate: Annotated[float, typer.Option("--rate", help="Simulated market events/s.")] = 50.0,
+    rate: Annotated[
+        float,
+        typer.Option(
+            "--rate",
+            help="Simulated market events/s.",
+            parser=bounds.number("--rate", bounds.COMMAND_BOUNDS["rate"]),
+        ),
+    ] = 50.0,
     redis_url: Annotated[
         str,
         typer.Option(
@@ -258,10 +200,8 @@ def demo(
             url = redis_url
             if url:
                 say(f"redis: using {redact_url(url)}")
-            elif shutil.which("redis-server"):
-                url = await stack.enter_async_context(redis_server_process(say))
             else:
-                url = await stack.enter_async_context(fake_redis_server(say))
+                url = await stack.enter_async_context(local_redis(say))
 
             sim = await stack.enter_async_context(Simulator(port=0, rate=rate, seed=7))
             say(f"simulator: {sim.url} ({len(sim.codes)} codes, {rate:g} events/s)")
@@ -306,7 +246,7 @@ def demo(
 
             async def render() -> Group:
                 async with asyncio.timeout(5):
-                    listing = await store.list()
+                    listing = await store.list_all()
                 status = broker.status_fields()
                 upstream = json.loads(status["upstream"])
                 elapsed = time.monotonic() - started
@@ -379,9 +319,8 @@ async def _shut_down(stack: contextlib.AsyncExitStack, say: Any) -> None:
 
 
 def _give_up(why: str) -> None:
-    for proc in _CHILDREN:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+    for server in _SERVERS:
+        server.kill()
     sys.stdout.flush()
     sys.stderr.write(f"error: {why}; exiting\n")
     sys.stderr.flush()

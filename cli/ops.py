@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import Annotated, Any, NamedTuple
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from broker.clock import server_time_ms
+from broker.contract import ContractError, Status, check_health, decode_status
 from broker.keys import DEFAULT_NAMESPACE, Keys
 from broker.leases import LeaseListing, LeaseStore
+from cli import bounds
 from cli.common import (
     DEFAULT_REDIS_URL,
     EXIT_FAILED,
@@ -33,75 +38,49 @@ from cli.common import (
 from consumers import commands
 from consumers.errors import CommandRefused, NoBrokerError
 
-#: status fields holding integers, and those holding JSON (design.md "Status")
-_INT_FIELDS = {
-    "epoch",
-    "partial_leases",
-    "rejected_streams",
-    "reconnects",
-    "resubscribes",
-    "frames_in",
-    "frames_published",
-    "frames_dropped",
-    "frames_malformed",
-    "leases",
-    "invalid_leases",
-    "last_frame_ms",
-    "updated_ms",
-}
-_JSON_FIELDS = {"desired", "upstream", "quiet_codes"}
 #: seconds a command's Redis reads may take (the clients have no socket timeout)
 REDIS_TIMEOUT = 10.0
 
 
-def parse_status(raw: dict[bytes, bytes], server_now_ms: int) -> dict[str, Any]:
-    """The status hash as typed JSON values, plus ``age_ms`` (by the Redis server clock)."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name, text = key.decode(), value.decode("utf-8", "replace")
-        if name == "connected":
-            out[name] = text == "1"
-        elif name in _INT_FIELDS or name.endswith(("_ms", "_requests", "_errors")):
-            try:
-                out[name] = int(text)
-            except ValueError:
-                out[name] = text
-        elif name in _JSON_FIELDS:
-            try:
-                out[name] = json.loads(text)
-            except ValueError:
-                out[name] = text
-        else:
-            out[name] = text
-    out.setdefault("connected", False)
-    updated = out.get("updated_ms")
-    if isinstance(updated, int):
-        out["age_ms"] = server_now_ms - updated
-    return out
+class StatusRead(NamedTuple):
+    """The status hash as read: decoded (``None`` when unreadable, ``error`` says why), and the
+    Redis server clock its ``updated_ms`` is judged by."""
+
+    status: Status | None
+    server_now_ms: int
+    error: str = ""
 
 
-def stale_limit_ms(status_interval: float) -> int:
-    """Age beyond which a status was not written by a running leader: three refresh intervals
-    (the leader rewrites it every ``status_interval``; its key outlives it on purpose)."""
-    return int(status_interval * 3000)
+def parse_status(raw: Mapping[bytes, bytes], server_now_ms: int) -> StatusRead:
+    """Decode the status hash with the contract (``broker.contract.decode_status``)."""
+    try:
+        return StatusRead(decode_status(raw), server_now_ms)
+    except ContractError as exc:
+        return StatusRead(None, server_now_ms, str(exc))
 
 
-def status_interval_of(info: dict[str, Any], default: float) -> float:
-    """The interval the leader writes its status at: its own ``status_interval_ms`` field when
-    the status carries one, else this command's setting (``UPBIT_BROKER_STATUS_INTERVAL``)."""
-    own = info.get("status_interval_ms")
-    return own / 1000 if isinstance(own, int) and own > 0 else default
+def check_status(read: StatusRead | None, status_interval: float) -> tuple[bool, str]:
+    """(healthy, the one line saying why) by ``broker.contract.check_health`` (``None``: no
+    status at all); ``status_interval`` is assumed for a status that does not carry its own."""
+    if read is None:
+        return check_health(None, 0, status_interval)
+    if read.status is None:
+        return False, f"unreadable status: {read.error}"
+    return check_health(read.status, read.server_now_ms, status_interval)
 
 
-def is_stale(info: dict[str, Any], status_interval: float) -> bool:
-    """True when the status is older than :func:`stale_limit_ms` (or carries no age)."""
-    age = info.get("age_ms")
-    return not isinstance(age, int) or age > stale_limit_ms(status_interval)
+def status_json(status: Status, server_now_ms: int, status_interval: float) -> dict[str, Any]:
+    """``status --json``: every field, typed (integers as numbers, JSON fields as JSON), plus
+    ``age_ms`` (``null`` when undated), ``stale`` and ``stale_after_ms``."""
+    info: dict[str, Any] = msgspec.to_builtins(status)
+    info["age_ms"] = status.age_ms(server_now_ms)
+    info["stale"] = status.is_stale(server_now_ms, status_interval)
+    info["stale_after_ms"] = status.stale_after_ms(status_interval)
+    return info
 
 
 async def _server_now_ms(redis: Any) -> int:
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return server_time_ms(await redis.time())
 
 
 async def _read_status(settings: Any, keys: Keys) -> tuple[dict[bytes, bytes], int]:
@@ -122,9 +101,10 @@ def status(
 ) -> None:
     """The leader's state from {ns}:status (exit 1 when no broker has written one).
 
-    A status older than three status intervals is marked stale: the broker that wrote it has
-    stopped, so its fields (connected, leader ...) are history. --json adds "stale" (true or
-    false), "age_ms" and "stale_after_ms"; `upbit-broker check` exits 1 for a stale status.
+    A status older than three status intervals (its own status_interval_ms) is marked stale:
+    the broker that wrote it has stopped, so its fields (connected, leader ...) are history.
+    --json gives every field typed, plus "stale" (true or false), "age_ms" and
+    "stale_after_ms"; `upbit-broker check` exits 1 for a stale status.
     """
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
@@ -139,10 +119,13 @@ def status(
                 err=True,
             )
             return EXIT_FAILED
-        info = parse_status(raw, now)
-        interval = status_interval_of(info, settings.status_interval)
-        info["stale"] = stale = is_stale(info, interval)
-        info["stale_after_ms"] = stale_limit_ms(interval)
+        read = parse_status(raw, now)
+        if read.status is None:
+            typer.echo(f"error: unreadable status at {keys.status}: {read.error}", err=True)
+            return EXIT_FAILED
+        interval = read.status.interval_s(settings.status_interval)
+        info = status_json(read.status, now, settings.status_interval)
+        stale = info["stale"]
         if as_json:
             typer.echo(json.dumps(info, sort_keys=True))
             return EXIT_OK
@@ -215,7 +198,7 @@ def leases(
 
     async def main(stop: asyncio.Event) -> int:
         async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
-            listing = await LeaseStore(redis, settings.namespace).list(scan=True)
+            listing = await LeaseStore(redis, settings.namespace).list_all(scan=True)
         rows = lease_rows(listing)
         if as_json:
             typer.echo(json.dumps(rows))
@@ -259,7 +242,12 @@ def lease_table(rows: list[dict[str, Any]], title: str = "leases") -> Table:
 
 def resubscribe(
     timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds to wait for the leader.")
+        float,
+        typer.Option(
+            "--timeout",
+            help="Seconds to wait for the leader.",
+            parser=bounds.number("--timeout", bounds.COMMAND_BOUNDS["timeout"]),
+        ),
     ] = 10.0,
     as_json: JsonOption = False,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
@@ -290,26 +278,6 @@ def resubscribe(
 
 
 # -- check ----------------------------------------------------------------------------------
-
-
-def check_status(info: dict[str, Any] | None, status_interval: float) -> tuple[bool, str]:
-    """(healthy, the one line saying why) from a parsed status (``None``: no status)."""
-    if info is None:
-        return False, "no broker status: no leader is running"
-    leader = info.get("leader") or "?"
-    age = info.get("age_ms")
-    status_interval = status_interval_of(info, status_interval)
-    limit_ms = stale_limit_ms(status_interval)
-    if not info.get("leader"):
-        return False, "status names no leader"
-    if not isinstance(age, int):
-        return False, f"leader {leader}: status has no updated_ms"
-    if is_stale(info, status_interval):
-        return False, f"leader {leader}: status is stale ({age} ms old, limit {limit_ms} ms)"
-    if not info.get("connected"):
-        error = info.get("last_error") or "no error recorded"
-        return False, f"leader {leader} is not connected upstream ({error})"
-    return True, f"ok: leader {leader} connected, epoch {info.get('epoch')}, status {age} ms old"
 
 
 def check(

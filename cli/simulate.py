@@ -1,8 +1,8 @@
 """``upbit-broker simulate``: run the Upbit simulator until Ctrl-C (CLI layer, thin).
 
 Builds a :class:`~simulator.SimulatorConfig` from flags (each also read from an
-``UPBIT_SIM_*`` environment variable), prints where it serves, and waits. The signal handler
-only sets an event; a second Ctrl-C interrupts at once.
+``UPBIT_SIM_*`` environment variable), prints where it serves, and waits. Ctrl-C as every
+command (``cli.common.with_signals``): the first stops it, a second interrupts at once.
 """
 
 from __future__ import annotations
@@ -10,31 +10,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import signal
-from typing import Annotated, NoReturn
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn
 
 import typer
 
+from cli import bounds
+from cli.common import EXIT_OK, with_signals
 from simulator import Simulator, SimulatorConfig
 
 _DEFAULTS = SimulatorConfig()
+
+
+def _number(name: str) -> Callable[[Any], Any]:
+    """The parser of the numeric flag ``--NAME`` (also ``UPBIT_SIM_NAME``): one line, exit 2."""
+    flag = "--" + name.replace("_", "-")
+    return bounds.number(flag, bounds.SIMULATOR_BOUNDS[name], "UPBIT_SIM_" + name.upper())
 
 
 class ListenError(Exception):
     """The simulator cannot listen where it was asked to (one line for the person)."""
 
 
-async def _serve(config: SimulatorConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        stop.set()
-        # A second signal gets Python's default behaviour: exit at once.
-        loop.remove_signal_handler(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+async def _serve(config: SimulatorConfig, stop: asyncio.Event) -> int:
     sim = Simulator(config)
     try:
         await sim.start()
@@ -55,6 +53,7 @@ async def _serve(config: SimulatorConfig) -> None:
         typer.echo("stopping")
     finally:
         await sim.aclose()
+    return EXIT_OK
 
 
 def register(app: typer.Typer) -> None:
@@ -66,33 +65,72 @@ def register(app: typer.Typer) -> None:
             _DEFAULTS.host
         ),
         port: Annotated[
-            int, typer.Option(envvar="UPBIT_SIM_PORT", help="Listen port (0: pick one).")
+            int,
+            typer.Option(
+                envvar="UPBIT_SIM_PORT", parser=_number("port"), help="Listen port (0: pick one)."
+            ),
         ] = _DEFAULTS.port,
         rate: Annotated[
             float,
-            typer.Option(envvar="UPBIT_SIM_RATE", help="Market events per second, all codes."),
+            typer.Option(
+                envvar="UPBIT_SIM_RATE",
+                parser=_number("rate"),
+                help="Market events per second, all codes.",
+            ),
         ] = _DEFAULTS.rate,
         markets: Annotated[
-            int, typer.Option(envvar="UPBIT_SIM_MARKETS", help="Extra synthetic KRW codes.")
+            int,
+            typer.Option(
+                envvar="UPBIT_SIM_MARKETS",
+                parser=_number("markets"),
+                help="Extra synthetic KRW codes.",
+            ),
         ] = _DEFAULTS.markets,
         seed: Annotated[
-            int | None, typer.Option(envvar="UPBIT_SIM_SEED", help="Repeatable market.")
+            int | None,
+            typer.Option(
+                envvar="UPBIT_SIM_SEED", parser=_number("seed"), help="Repeatable market."
+            ),
         ] = None,
         idle_timeout: Annotated[
             float,
-            typer.Option(envvar="UPBIT_SIM_IDLE_TIMEOUT", help="Seconds before an idle drop."),
+            typer.Option(
+                envvar="UPBIT_SIM_IDLE_TIMEOUT",
+                parser=_number("idle_timeout"),
+                help="Seconds before an idle drop.",
+            ),
         ] = _DEFAULTS.idle_timeout,
         messages_per_second: Annotated[
-            int, typer.Option(envvar="UPBIT_SIM_MESSAGES_PER_SECOND", help="Per connection.")
+            int,
+            typer.Option(
+                envvar="UPBIT_SIM_MESSAGES_PER_SECOND",
+                parser=_number("messages_per_second"),
+                help="Per connection.",
+            ),
         ] = _DEFAULTS.message_rate[0],
         messages_per_minute: Annotated[
-            int, typer.Option(envvar="UPBIT_SIM_MESSAGES_PER_MINUTE", help="Per connection.")
+            int,
+            typer.Option(
+                envvar="UPBIT_SIM_MESSAGES_PER_MINUTE",
+                parser=_number("messages_per_minute"),
+                help="Per connection.",
+            ),
         ] = _DEFAULTS.message_rate[1],
         connect_rate: Annotated[
-            int, typer.Option(envvar="UPBIT_SIM_CONNECT_RATE", help="Upgrades per second per IP.")
+            int,
+            typer.Option(
+                envvar="UPBIT_SIM_CONNECT_RATE",
+                parser=_number("connect_rate"),
+                help="Upgrades per second per IP.",
+            ),
         ] = _DEFAULTS.connect_rate,
         up_interval: Annotated[
-            float, typer.Option(envvar="UPBIT_SIM_UP_INTERVAL", help="Seconds between UP frames.")
+            float,
+            typer.Option(
+                envvar="UPBIT_SIM_UP_INTERVAL",
+                parser=_number("up_interval"),
+                help="Seconds between UP frames.",
+            ),
         ] = _DEFAULTS.up_interval,
         exponent_numbers: Annotated[
             bool,
@@ -123,16 +161,18 @@ def register(app: typer.Typer) -> None:
                 compression=compression,
             )
         except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
+            _fail(str(exc), 2)
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             _fail(f"unknown --log-level {log_level!r}", 2)
         logging.basicConfig(
             level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         try:
-            asyncio.run(_serve(config))
+            code = asyncio.run(with_signals(lambda stop: _serve(config, stop), soft=True))
         except ListenError as exc:
             _fail(str(exc))
+        if code:
+            raise typer.Exit(code)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

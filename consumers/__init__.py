@@ -1,8 +1,10 @@
 """Consumer library of upbit-broker: lease streams, receive them from Redis, learn about gaps
 and about your own lease.
 
-Layer: consumers import only ``broker.upbit`` (the pure protocol core), ``broker.leases``,
-``broker.keys``, ``broker.errors`` and ``broker.settings``; nothing else of the service.
+Layer: consumers import only ``broker.upbit`` (the pure protocol core), ``broker.contract``
+(the wire contract), ``broker.leases``, ``broker.keys``, ``broker.clock``, ``broker.errors``,
+``broker.settings``, ``broker.redis_client`` and ``broker.core.lease`` (what a lease is);
+nothing else of the service.
 
     async with BrokerClient(redis_url="redis://127.0.0.1:6379/0") as client:
         await client.subscribe("ticker", ["KRW-BTC", "KRW-ETH"])

@@ -36,12 +36,19 @@ from typing import TYPE_CHECKING, Any, Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from broker.errors import ConfigError, InvalidCodeError, LeaseError
+from broker.clock import now_ms
+from broker.errors import (
+    ConfigError,
+    InvalidCodeError,
+    InvalidDepthSuffixError,
+    LeaseError,
+    describe,
+)
 from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
 from broker.leases import Lease, LeaseStore
 from broker.redis_client import redis_client
-from broker.settings import redact_url
-from broker.upbit.codes import DEFAULT_DEPTH, normalize_depth, split_depth, validate_code
+from broker.settings import CLIENT_BOUNDS, check_number, redact_url
+from broker.upbit.codes import normalize_depth, parse_code, validate_code
 from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
 from consumers import commands
 from consumers.errors import ClientClosedError, RedisUnavailableError
@@ -51,7 +58,6 @@ from consumers.items import (
     Item,
     LeaseNotice,
     StreamMessage,
-    now_ms,
     parse_event,
 )
 from consumers.queue import DropOldestQueue, QueueClosed
@@ -68,8 +74,6 @@ Callback = Callable[[StreamMessage], Awaitable[None] | None]
 GapCallback = Callable[[Gap], Awaitable[None] | None]
 #: A lease callback gets each :class:`LeaseNotice` about this client's own lease.
 LeaseCallback = Callable[[LeaseNotice], Awaitable[None] | None]
-
-_DEPTH_SUFFIX = re.compile(r"[0-9]{1,4}")
 
 
 def default_client_id() -> str:
@@ -129,7 +133,9 @@ class BrokerClient:
         ping_interval: the pub/sub connection is PINGed after this long without traffic.
 
     Raises:
-        ConfigError: a bad URL, namespace, client id or TTL.
+        ConfigError: a bad URL, namespace or client id, or a number out of its range
+            (``broker.settings.CLIENT_BOUNDS``: lease_ttl, queue_size, connect_timeout,
+            ping_interval).
     """
 
     def __init__(
@@ -152,10 +158,13 @@ class BrokerClient:
                 f"redis url must start with redis://, rediss:// or unix://, "
                 f"got {redact_url(str(redis_url))!r}"
             )
-        if not (isinstance(lease_ttl, int | float) and math.isfinite(lease_ttl)) or not (
-            0.1 <= lease_ttl <= 86_400
-        ):
-            raise ConfigError(f"lease_ttl must be between 0.1 and 86400 seconds, got {lease_ttl}")
+        # every numeric option finite and in range (broker.settings.CLIENT_BOUNDS)
+        lease_ttl = check_number("lease_ttl", lease_ttl, CLIENT_BOUNDS["lease_ttl"])
+        queue_size = check_number("queue_size", queue_size, CLIENT_BOUNDS["queue_size"])
+        connect_timeout = check_number(
+            "connect_timeout", connect_timeout, CLIENT_BOUNDS["connect_timeout"]
+        )
+        ping_interval = check_number("ping_interval", ping_interval, CLIENT_BOUNDS["ping_interval"])
         self.redis_url = redis_url
         self.client_id = validate_name(client_id or default_client_id(), "client id")
         self.keys = Keys(namespace)
@@ -223,7 +232,7 @@ class BrokerClient:
         except (RedisError, OSError, TimeoutError) as exc:
             await self._abort_start()
             raise RedisUnavailableError(
-                f"cannot reach redis at {redact_url(self.redis_url)}: {_describe(exc)}"
+                f"cannot reach redis at {redact_url(self.redis_url)}: {describe(exc)}"
             ) from exc
         self._store = LeaseStore(redis, self.namespace)
         self._subscriber = Subscriber(
@@ -267,7 +276,7 @@ class BrokerClient:
                 logger.warning(
                     "could not release lease %s (%s); it expires in %gs",
                     self.client_id,
-                    _describe(exc),
+                    describe(exc),
                     self.lease_ttl,
                 )
             self._lease = None
@@ -413,7 +422,7 @@ class BrokerClient:
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.lease_failures += 1
-            raise LeaseError(f"could not write lease {self.client_id}: {_describe(exc)}") from exc
+            raise LeaseError(f"could not write lease {self.client_id}: {describe(exc)}") from exc
 
     async def _release_lease(self) -> None:
         assert self._store is not None
@@ -421,7 +430,7 @@ class BrokerClient:
             async with asyncio.timeout(self._connect_timeout * 2):
                 await self._store.release(self.client_id)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise LeaseError(f"could not release lease {self.client_id}: {_describe(exc)}") from exc
+            raise LeaseError(f"could not release lease {self.client_id}: {describe(exc)}") from exc
         self._lease = None
 
     # -- delivery -------------------------------------------------------------------------
@@ -624,7 +633,7 @@ class BrokerClient:
         """
         type_ = _data_type(data_type)
         code_list = [codes] if isinstance(codes, str) else list(codes)
-        plain = [_plain_code(type_, c) for c in code_list]
+        plain = [_plain_code(type_, c)[0] for c in code_list]
         self._check_running()
         assert self._redis is not None
         return await commands.snapshot_frames(
@@ -662,7 +671,7 @@ class BrokerClient:
         try:
             return await commands.read_status(self._redis, self.keys, timeout=self._connect_timeout)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise RedisUnavailableError(f"cannot read the broker status: {_describe(exc)}") from exc
+            raise RedisUnavailableError(f"cannot read the broker status: {describe(exc)}") from exc
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -697,14 +706,16 @@ def _data_type(data_type: str) -> str:
         raise ValueError(f"unknown data type {data_type!r} (expected one of: {known})") from None
 
 
-def _plain_code(type_: str, raw: str) -> str:
-    """A code without its orderbook depth suffix, validated."""
-    if type_ == DataType.ORDERBOOK and isinstance(raw, str) and "." in raw:
-        code, _, suffix = raw.partition(".")
-        if _DEPTH_SUFFIX.fullmatch(suffix) is None:
-            raise InvalidCodeError(f"invalid orderbook depth suffix in {raw!r} (e.g. 'KRW-BTC.15')")
-        return validate_code(code)
-    return validate_code(raw)
+def _plain_code(type_: str, raw: str) -> tuple[str, int | None]:
+    """A code and its orderbook depth (None: no suffix), validated by ``parse_code``."""
+    if not isinstance(raw, str):
+        validate_code(raw)  # raises, naming it
+    try:
+        return parse_code(raw, depth_suffix=type_ == DataType.ORDERBOOK)
+    except InvalidDepthSuffixError as exc:
+        raise InvalidDepthSuffixError(f"{exc} (e.g. 'KRW-BTC.15')") from None
+    except InvalidCodeError as exc:
+        raise InvalidCodeError(f"{exc} (expected e.g. 'KRW-BTC')") from None
 
 
 def validate_streams(
@@ -739,12 +750,9 @@ def _parse_streams(
         raise ValueError(f"orderbook level must be a finite number >= 0, got {level!r}")
     out: dict[StreamKey, int] = {}
     for raw in code_list:
-        code = _plain_code(type_, raw)
-        depth = DEFAULT_DEPTH
-        if type_ == DataType.ORDERBOOK:
-            depth = normalize_depth(split_depth(raw)[1])
+        code, depth = _plain_code(type_, raw)
         key = StreamKey(type_, code, level)
-        out[key] = max(out.get(key, 0), depth)
+        out[key] = max(out.get(key, 0), normalize_depth(depth))
     return out
 
 
@@ -755,8 +763,3 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
         # wait() does not raise the tasks' CancelledError, so a cancellation of the caller
         # itself still propagates
         await asyncio.wait(tasks)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

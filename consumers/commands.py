@@ -1,9 +1,10 @@
 """The command protocol to the leader: snapshot and resubscribe (I/O over redis.asyncio).
 
-design.md "Commands to the leader": RPUSH one JSON object to ``{ns}:requests``, PUBLISH
-``request`` on ``{ns}:control`` to wake the leader, then BLPOP ``{ns}:reply:{id}``. A request
-nobody picked up by the deadline is taken back out of the list (LREM), so a broker that starts
-later does not act on a question nobody is waiting for any more.
+design.md "Commands to the leader" (the Structs: ``broker.contract``): RPUSH one JSON object
+to ``{ns}:requests``, PUBLISH ``request`` on ``{ns}:control`` to wake the leader, then BLPOP
+``{ns}:reply:{id}``. A request nobody picked up by the deadline is taken back out of the list
+(LREM), so a broker that starts later does not act on a question nobody is waiting for any
+more.
 """
 
 from __future__ import annotations
@@ -13,12 +14,23 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Literal, overload
 
-import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from broker.clock import server_time_ms
+from broker.contract import (
+    Command,
+    ContractError,
+    ErrorReply,
+    ResubscribeCommand,
+    ResubscribeReply,
+    SnapshotCommand,
+    SnapshotReply,
+    decode_reply,
+    encode_command,
+)
 from broker.keys import Keys, stream_name
 from broker.upbit.codes import validate_code
 from consumers.errors import (
@@ -34,37 +46,32 @@ _BLPOP_SLICE = 1.0
 _ROUND_TRIP = 5.0
 
 
-class _Reply(msgspec.Struct):
-    id: str = ""
-    ok: bool = False
-    error: str = ""
-    frames: dict[str, msgspec.Raw] = {}
-    missing: list[str] = []
-    source: dict[str, str] = {}
-    epoch: int | None = None
-    upstream: dict[str, list[str]] = {}
-
-
-_reply_decoder = msgspec.json.Decoder(_Reply)
-_encoder = msgspec.json.Encoder()
-
-
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+@overload
 async def send_command(
-    redis: Redis, keys: Keys, command: dict[str, Any], *, timeout: float
-) -> _Reply:
+    redis: Redis, keys: Keys, command: SnapshotCommand, *, timeout: float
+) -> SnapshotReply: ...
+@overload
+async def send_command(
+    redis: Redis, keys: Keys, command: ResubscribeCommand, *, timeout: float
+) -> ResubscribeReply: ...
+async def send_command(
+    redis: Redis, keys: Keys, command: Command, *, timeout: float
+) -> SnapshotReply | ResubscribeReply:
     """Queue ``command`` for the leader and wait up to ``timeout`` s for its one reply.
 
     Raises:
         NoBrokerError: nothing answered in time.
-        CommandRefused: the leader refused it.
+        CommandRefused: the leader refused it (or answered what is no reply).
     """
-    request_id = command.setdefault("id", new_request_id())
-    reply_key = keys.reply(request_id)
-    payload = _encoder.encode(command)
+    op: Literal["snapshot", "resubscribe"] = (
+        "snapshot" if isinstance(command, SnapshotCommand) else "resubscribe"
+    )
+    reply_key = keys.reply(command.id)
+    payload = encode_command(command)
     deadline = time.monotonic() + timeout
     async with (
         asyncio.timeout(max(timeout, _BLPOP_SLICE)),
@@ -93,15 +100,15 @@ async def send_command(
             await asyncio.shield(_withdraw(redis, keys, payload))
     if raw is None:
         raise NoBrokerError(
-            f"no broker answered {command.get('op', 'the command')!r} within {timeout:g}s "
+            f"no broker answered {op!r} within {timeout:g}s "
             f"(is a broker running for namespace {keys.namespace!r}?)"
         )
     try:
-        reply = _reply_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        reply = decode_reply(raw, op)
+    except ContractError as exc:
         raise CommandRefused(f"unreadable reply from the broker: {exc}") from None
-    if not reply.ok:
-        raise CommandRefused(f"the broker refused {command.get('op')!r}: {reply.error or '?'}")
+    if isinstance(reply, ErrorReply):
+        raise CommandRefused(f"the broker refused {op!r}: {reply.error or '?'}")
     return reply
 
 
@@ -134,13 +141,13 @@ async def snapshot_frames(
     stream = stream_name(type_, level)
     # leave the broker a margin to answer "missing" before our own wait ends
     broker_timeout_ms = max(100, int(timeout * 800))
-    command = {
-        "op": "snapshot",
-        "type": stream,
-        "codes": wanted,
-        "level": level,
-        "timeout_ms": broker_timeout_ms,
-    }
+    command = SnapshotCommand(
+        id=new_request_id(),
+        type=stream,
+        codes=wanted,
+        level=level,
+        timeout_ms=broker_timeout_ms,
+    )
     try:
         reply = await send_command(redis, keys, command, timeout=timeout)
     except NoBrokerError as exc:
@@ -170,21 +177,25 @@ async def read_status(
     async with asyncio.timeout(timeout), redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.status)
         pipe.time()
-        raw, (seconds, micros) = await pipe.execute()
+        raw, server_time = await pipe.execute()
     status = {_bytes(k): _bytes(v) for k, v in raw.items()}
-    return status, int(seconds) * 1000 + int(micros) // 1000
+    return status, server_time_ms(server_time)
 
 
 def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-async def resubscribe(redis: Redis, keys: Keys, *, timeout: float = 10.0) -> tuple[int, Any]:
+async def resubscribe(
+    redis: Redis, keys: Keys, *, timeout: float = 10.0
+) -> tuple[int, dict[str, list[str]]]:
     """Ask the leader to resubscribe upstream; returns ``(epoch, upstream {stream: [codes]})``.
 
     Raises:
         NoBrokerError: no broker answered within ``timeout``.
         CommandRefused: the leader refused.
     """
-    reply = await send_command(redis, keys, {"op": "resubscribe"}, timeout=timeout)
-    return (reply.epoch or 0), reply.upstream
+    reply = await send_command(
+        redis, keys, ResubscribeCommand(id=new_request_id()), timeout=timeout
+    )
+    return reply.epoch, reply.upstream

@@ -1,4 +1,5 @@
-"""What a consumer receives: data messages, gap notices, lease notices (pure: stdlib, msgspec).
+"""What a consumer receives: data messages, gap notices, lease notices (pure: msgspec and the
+wire contract, ``broker.contract``).
 
 Every item a :class:`~consumers.client.BrokerClient` hands to an application is a
 :class:`StreamMessage` (one frame of one stream, exact bytes as the broker published them), a
@@ -10,27 +11,24 @@ application can dispatch on a string as easily as on the class.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from broker.clock import now_ms
+from broker.contract import GAP_REASONS, GapEvent, LeaseEvent, decode_event
+
 if TYPE_CHECKING:
     from broker.upbit.messages import Message
 
 #: Reasons a gap can have. The broker's (design.md "Events") and the client's own.
-BROKER_GAP_REASONS = ("reconnect", "takeover", "stall", "error")
+BROKER_GAP_REASONS = GAP_REASONS
 #: The client's pub/sub connection dropped (Redis restarted, network): nothing was received.
 CONSUMER_DISCONNECTED = "consumer-disconnected"
 #: This consumer could not keep up: Redis dropped it at its output-buffer limit, or the
 #: in-process queue overflowed and its oldest messages were discarded.
 FELL_BEHIND = "fell-behind"
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds (the unit of every ``*_ms`` field of the contract)."""
-    return time.time_ns() // 1_000_000
 
 
 class StreamMessage:
@@ -192,55 +190,31 @@ def frame_time_ms(data: bytes | None) -> int | None:
     return int(value) if value is not None else None
 
 
-class _Event(msgspec.Struct):
-    """The fields of an ``{ns}:events`` object we read (unknown fields are skipped)."""
-
-    event: str
-    epoch: int | None = None
-    since_ms: int | None = None
-    until_ms: int | None = None
-    reason: str | None = None
-    broker: str | None = None
-    ts_ms: int | None = None
-    # lease events
-    client_id: str | None = None
-    state: str | None = None
-    why: str | None = None
-    rejected: dict[str, list[str]] | None = None
-    rejected_count: int | None = None
-
-
-_event_decoder = msgspec.json.Decoder(_Event)
-
-
 def parse_event(data: bytes) -> Gap | LeaseNotice | None:
     """A :class:`Gap` from a broker ``gap`` event, a :class:`LeaseNotice` from a ``lease``
-    event; ``None`` for other events (``connected``, ``leader``).
+    event (``broker.contract.decode_event``); ``None`` for other events (``connected``,
+    ``leader``, and kinds this version does not know).
 
-    Raises ``ValueError`` for bytes that are not an event object.
+    Raises ``ValueError`` (``broker.contract.ContractError``) for bytes that are not an event.
     """
-    try:
-        event = _event_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ValueError(f"malformed event {data[:80]!r}: {exc}") from None
-    if event.event == "lease":
-        if not event.client_id or not event.state:
-            raise ValueError(f"lease event without client_id or state: {data[:80]!r}")
+    event = decode_event(data)
+    if isinstance(event, LeaseEvent):
         rejected = event.rejected or {}
+        counted = event.rejected_count or sum(len(codes) for codes in rejected.values())
         return LeaseNotice(
             state=event.state,
             client_id=event.client_id,
-            why=event.why or "",
+            why=event.why,
             rejected=rejected,
-            rejected_count=event.rejected_count or sum(len(c) for c in rejected.values()),
+            rejected_count=counted,
             broker=event.broker,
             ts_ms=event.ts_ms or 0,
         )
-    if event.event != "gap":
+    if not isinstance(event, GapEvent):
         return None
     until = event.until_ms if event.until_ms is not None else now_ms()
     return Gap(
-        reason=event.reason or "unknown",
+        reason=event.reason,
         source="broker",
         since_ms=event.since_ms if event.since_ms is not None else until,
         until_ms=until,

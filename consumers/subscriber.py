@@ -26,9 +26,11 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from broker.clock import now_ms
+from broker.errors import describe
 from broker.redis_client import connection_pool
 from broker.settings import redact_url
-from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms, now_ms
+from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ class Subscriber:
                     logger.warning(
                         "pubsub connect to %s failed (%s); retrying in %.2fs",
                         self._url,
-                        _describe(exc),
+                        describe(exc),
                         delay,
                     )
                 await asyncio.sleep(delay)
@@ -205,7 +207,7 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError, _ServerClosed) as exc:
-                error = _describe(exc)
+                error = describe(exc)
                 broken = (self._break_since_ms(), error, isinstance(exc, _ServerClosed))
                 logger.warning("pubsub connection to %s lost: %s; reconnecting", self._url, error)
                 if self._on_break is not None:
@@ -329,11 +331,3 @@ def _run_id(info: object) -> str | None:
         if line.startswith("run_id:"):
             return line.partition(":")[2].strip()
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    cause = exc.__cause__
-    if cause is not None and not text:
-        text = str(cause)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

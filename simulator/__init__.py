@@ -1,7 +1,7 @@
 """A faithful local Upbit quotation WebSocket, for demos, offline development, tests and benchmarks.
 
-Simulator layer: imports only the pure protocol core (``broker.upbit``, ``broker.errors``),
-never the broker service. Modules, one concept each:
+Simulator layer: imports only the pure protocol core (``broker.upbit``, its errors included),
+never the rest of ``broker`` (``tests/test_layers.py`` checks). Modules, one concept each:
 
 * ``config``     SimulatorConfig, every option and limit
 * ``universe``   which codes exist (real KRW/BTC/USDT pairs plus synthetic ones), ticks, weights

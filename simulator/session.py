@@ -31,9 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.errors import RequestError
 from broker.upbit import fields
 from broker.upbit.codes import split_depth
+from broker.upbit.errors import RequestError
 from broker.upbit.ratelimit import RateBudget
 from broker.upbit.requests import LIST_SUBSCRIPTIONS, TOO_MANY_REQUESTS, parse_request
 from broker.upbit.types import DataType, Format, Subscription, SubscriptionSet

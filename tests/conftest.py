@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from tests.support.redis_server import RedisServer
+from broker.testing import RedisServer
 
 
 @pytest.fixture

@@ -10,15 +10,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.leases import LeaseStore
-from tests.support.broker_env import (
-    EventTap,
-    fast_settings,
-    sim_connections,
-    started_broker,
-    write_lease,
-)
+from broker.testing import wait_for, write_lease
+from tests.support.broker_env import EventTap, fast_settings, sim_connections, started_broker
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 
 def upstream_set(sim: Any) -> dict[str, set[str]] | None:
@@ -95,7 +89,7 @@ async def test_burst_of_200_lease_changes_coalesces(
                 pid=1,
             )
         elapsed = time.monotonic() - started
-        listing = await store.list()
+        listing = await store.list_all()
         from broker.upbit.types import union
 
         expected = union(*(lease.subscriptions for lease in listing.leases)).by_type()
@@ -331,7 +325,9 @@ async def test_redis_restart_keeps_the_union_until_leases_are_reasserted(
             first = sim_connections(sim)[0]["id"]
             redis_server.restart()  # empty: every lease is gone
             # The broker notices and holds the union; nothing is unsubscribed meanwhile.
-            await wait_for(lambda: broker._in_grace(), 10, message="broker holds the union")
+            await wait_for(
+                lambda: broker.core.in_grace(time.monotonic()), 10, message="broker holds the union"
+            )
             assert upstream_set(sim) == {"ticker": {"KRW-BTC"}}
             await write_lease(client, "c", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)  # heartbeat
 
@@ -339,7 +335,9 @@ async def test_redis_restart_keeps_the_union_until_leases_are_reasserted(
                 return bool(await client.hget("t:status", "leader"))  # type: ignore[misc]
 
             await wait_for(status_back, 10, message="status rewritten")
-            await wait_for(lambda: not broker._in_grace(), 10, message="grace over")
+            await wait_for(
+                lambda: not broker.core.in_grace(time.monotonic()), 10, message="grace over"
+            )
             assert upstream_set(sim) == {"ticker": {"KRW-BTC"}}
             assert [c["id"] for c in sim_connections(sim)] == [first]
             assert broker.is_leader

@@ -14,9 +14,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.support.broker_env import EventTap, sim_connections, write_lease
+from broker.testing import wait_for, write_lease
+from tests.support.broker_env import EventTap, sim_connections
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 
 @contextmanager

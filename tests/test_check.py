@@ -15,9 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.support.redis_server import free_port
+from broker.testing import free_port, scaled, wait_for
 from tests.support.sim import running_simulator
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "t"
@@ -155,3 +154,34 @@ async def test_check_fails_while_the_leader_cannot_reach_upstream(
         code, line = await acheck(redis_url)
     assert code == 1, line
     assert "leader cut-off is not connected upstream (connect failed" in line, line
+
+
+async def write_status(redis: aioredis.Redis, **fields: str) -> None:
+    """A status hash as a leader writes it, ``updated_ms`` by the Redis server clock."""
+    seconds, micros = await redis.time()
+    now = int(seconds) * 1000 + int(micros) // 1000
+    age = int(fields.pop("age_ms", "0"))
+    base = {"leader": "hand", "connected": "1", "epoch": "2", "updated_ms": str(now - age)}
+    await redis.hset(f"{NS}:status", mapping={**base, **fields})  # type: ignore[misc]
+
+
+async def test_check_judges_a_status_by_the_interval_its_leader_wrote(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    # 2 s old: stale by this command's own interval (3 x 0.2 s), fresh by the leader's (3 x 1 s)
+    await write_status(redis_client, age_ms="2000", status_interval_ms="1000")
+    code, line = await acheck(redis_url)
+    assert code == 0, line
+    assert line.startswith("ok: leader hand connected, epoch 2"), line
+    await write_status(redis_client, age_ms="2000", status_interval_ms="0")  # an older broker
+    code, line = await acheck(redis_url)
+    assert code == 1 and "leader hand: status is stale" in line and "limit 600 ms" in line, line
+
+
+async def test_check_fails_on_a_status_it_cannot_read(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    await write_status(redis_client, epoch="two")
+    code, line = await acheck(redis_url)
+    assert code == 1
+    assert line == "unreadable status: status field epoch: expected an integer, got 'two'"

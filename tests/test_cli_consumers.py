@@ -21,12 +21,11 @@ import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
 from broker.leases import LeaseStore
+from broker.testing import free_port, scaled, wait_for
 from broker.upbit.types import SubscriptionSet
 from cli.main import app
 from cli.ops import check_status, parse_status
 from consumers.items import now_ms
-from tests.support.redis_server import free_port
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tests" / "data" / "upbit_examples"  # copies of ../shared/upbit/examples
@@ -373,6 +372,10 @@ async def write_status(redis: aioredis.Redis, *, connected: bool, age_ms: int) -
             "epoch": "4",
             "reconnects": "2",
             "resubscribes": "9",
+            "verify_mismatches": "1",
+            "deferred_sends": "3",
+            "frames_dropped_by_reason": json.dumps({"unleased": 5, "redis": 1}),
+            "status_interval_ms": "1000",
             "desired": json.dumps({"ticker": ["KRW-BTC"]}),
             "upstream": json.dumps({"ticker": ["KRW-BTC"]}),
             "last_error": "" if connected else "upstream closed 1006",
@@ -404,6 +407,10 @@ async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) ->
     info = json.loads(status.stdout)
     assert info["connected"] is True and info["leader"] == "broker-a"
     assert info["epoch"] == 4 and info["reconnects"] == 2
+    # every integer is a number (these two were strings), the breakdown an object
+    assert info["verify_mismatches"] == 1 and info["deferred_sends"] == 3
+    assert info["frames_dropped"] == 6 and info["frames_dropped_by_reason"]["unleased"] == 5
+    assert info["status_interval_ms"] == 1000 and info["stale_after_ms"] == 3000
     assert info["desired"] == {"ticker": ["KRW-BTC"]}
     assert info["upstream"] == {"ticker": ["KRW-BTC"]}
     assert 0 <= info["age_ms"] < 5000
@@ -420,9 +427,15 @@ async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) ->
     raw = await redis_client.hgetall(f"{NS}:status")  # type: ignore[misc]
     healthy, line = check_status(parse_status(raw, now_ms()), status_interval=1.0)
     assert not healthy and "not connected" in line and "upstream closed 1006" in line
-    assert check_status({"leader": "", "updated_ms": 1, "age_ms": 1}, 1.0)[1] == (
-        "status names no leader"
-    )
+    await write_status(redis_client, connected=True, age_ms=0)
+    await redis_client.hset(f"{NS}:status", "epoch", "four")  # type: ignore[misc]
+    raw = await redis_client.hgetall(f"{NS}:status")  # type: ignore[misc]
+    healthy, line = check_status(parse_status(raw, now_ms()), status_interval=1.0)
+    assert not healthy
+    assert line == "unreadable status: status field epoch: expected an integer, got 'four'"
+    broken = await arun_cli("status", "--json", redis_url=redis_url)
+    assert broken.returncode == 1
+    assert_one_line_error(broken, "unreadable status at upbit:status: status field epoch")
 
 
 # -- leases -----------------------------------------------------------------------------------
@@ -505,7 +518,7 @@ def test_demo_without_redis_server_or_lua_says_what_to_install(
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(cli.demo.shutil, "which", lambda name, *a, **k: None)
     monkeypatch.setattr(
-        cli.demo.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "lupa" else real_find_spec(name, *a),
     )

@@ -2,7 +2,7 @@
 summary, ``run --help`` shows its defaults, ``status`` flags a stopped broker's status as stale,
 ``simulate`` on a busy port says so in one line, and README's "Using it" runs as written.
 
-Commands run as real ``upbit-broker`` processes (``tests.support.processes.run_cli``, a clean
+Commands run as real ``upbit-broker`` processes (``broker.testing.run_cli``, a clean
 environment) against a real redis-server, the simulator and ``upbit-broker run``; in normal use
 none of them may print anything on stderr.
 """
@@ -26,10 +26,11 @@ from typer.testing import CliRunner
 
 import cli.broker_cmds
 from broker.settings import BrokerSettings
+from broker.testing import arun_cli, broker_process, run_cli, scaled, wait_for
+from broker.testing import read_status as redis_status
 from cli.main import app, reflow
-from tests.support.processes import PYTHON, ROOT, arun_cli, broker_process, redis_status, run_cli
+from tests.support.processes import PYTHON, ROOT
 from tests.support.sim import running_simulator
-from tests.support.wait import scaled, wait_for
 
 README = ROOT / "README.md"
 

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.errors import ConfigError, InvalidCodeError, LeaseError, SnapshotError
+from broker.testing import RedisServer, free_port, wait_for
 from consumers import (
     CONSUMER_DISCONNECTED,
     BrokerClient,
@@ -25,8 +26,6 @@ from consumers import (
     RedisUnavailableError,
     StreamMessage,
 )
-from tests.support.redis_server import RedisServer, free_port
-from tests.support.wait import wait_for
 
 NS = "upbit"
 

@@ -24,10 +24,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.service import Broker
+from broker.testing import scaled, wait_for
 from consumers import BrokerClient, Gap, StreamMessage, Ticker, WebSocketClientProxy
 from simulator import Simulator
 from tests.support.broker_env import fast_settings, started_broker
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "t"  # fast_settings' namespace

@@ -13,14 +13,13 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from broker.testing import RedisServer, wait_for
 from consumers import BrokerClient, LeaseNotice, StreamMessage
 from consumers.items import parse_event
 from consumers.queue import DropOldestQueue
 from tests.support.broker_env import fast_settings, started_broker
 from tests.support.processes import sim_upstream
-from tests.support.redis_server import RedisServer
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,7 +122,7 @@ def test_parse_a_lease_event() -> None:
     assert notice.to_dict() == {k: v for k, v in raw.items() if k != "future_field"}
     bare = parse_event(b'{"event":"lease","client_id":"c1","state":"expired"}')
     assert bare == LeaseNotice(state="expired", client_id="c1")
-    with pytest.raises(ValueError, match="without client_id"):
+    with pytest.raises(ValueError, match="missing required field `client_id`"):
         parse_event(b'{"event":"lease","state":"expired"}')
 
 

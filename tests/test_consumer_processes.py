@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import redis.asyncio as aioredis
 
-from tests.support.wait import scaled, wait_for
+from broker.testing import scaled, wait_for
 
 # A minimal consumer process: leases what argv says, prints "ready", then one line per item.
 CONSUMER = r"""

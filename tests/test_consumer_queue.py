@@ -8,10 +8,10 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from broker.testing import wait_for
 from consumers import FELL_BEHIND, BrokerClient, Gap, StreamMessage
 from consumers.items import parse_event
 from consumers.queue import DropOldestQueue, QueueClosed
-from tests.support.wait import wait_for
 
 
 def msg(n: int, channel: str = "upbit:ticker:KRW-BTC") -> StreamMessage:
@@ -133,7 +133,8 @@ def test_consumers_import_only_their_allowed_layers() -> None:
     code = (
         "import sys, consumers, consumers.examples.ticker_board, consumers.examples.ohlcv_bars\n"
         "allowed = {'broker', 'broker.upbit', 'broker.leases', 'broker.keys', 'broker.errors',"
-        " 'broker.settings', 'broker.redis_client'}\n"
+        " 'broker.settings', 'broker.redis_client', 'broker.clock', 'broker.contract',"
+        " 'broker.core', 'broker.core.lease'}\n"
         "bad = sorted(m for m in sys.modules if (m.startswith('broker.') or m == 'broker')"
         " and m not in allowed and not m.startswith('broker.upbit.'))\n"
         "bad += sorted(m for m in sys.modules if m.split('.')[0] in ('simulator', 'cli'))\n"

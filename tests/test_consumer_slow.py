@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from broker.testing import RedisServer, scaled, wait_for, wait_for_sync
+from broker.testing import RedisServer as running_redis
 from consumers import FELL_BEHIND, BrokerClient, Gap, StreamMessage, SyncBrokerClient
-from tests.support.redis_server import RedisServer, running_redis
-from tests.support.wait import scaled, wait_for, wait_for_sync
 
 CHANNEL = "upbit:trade:KRW-BTC"
 PAYLOAD = b'{"type":"trade","code":"KRW-BTC","pad":"' + b"x" * 4000 + b'","n":%d}'

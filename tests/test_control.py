@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from broker.control import TEXT_PING, VERIFY_DELAY, SubscriptionController
+from broker.core.control import TEXT_PING, VERIFY_DELAY, SubscriptionController
 from broker.upbit.types import SubscriptionSet
 
 

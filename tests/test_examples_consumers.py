@@ -12,8 +12,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from broker.testing import scaled, wait_for
 from consumers.examples.ohlcv_bars import MINUTE_MS, BarBuilder
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z, a minute boundary

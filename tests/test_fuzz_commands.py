@@ -17,17 +17,10 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.broker_env import write_lease
-from tests.support.processes import (
-    MonitorTap,
-    broker_process,
-    contract_key_re,
-    redis_status,
-    sim_upstream,
-)
-from tests.support.redis_server import RedisServer
+from broker.testing import RedisServer, broker_process, wait_for, write_lease
+from broker.testing import read_status as redis_status
+from tests.support.processes import MonitorTap, contract_key_re, sim_upstream
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -27,19 +27,11 @@ from hypothesis import strategies as st
 from broker.errors import LeaseError
 from broker.keys import Keys
 from broker.leases import MAX_LEASE_STREAMS, Lease, encode_lease_fields, parse_lease
+from broker.testing import RedisServer, broker_process, wait_for, write_lease
+from broker.testing import read_status as redis_status
 from broker.upbit.types import SubscriptionSet, union
-from tests.support.broker_env import write_lease
-from tests.support.processes import (
-    CODE_RE,
-    MonitorTap,
-    broker_process,
-    contract_key_re,
-    redis_status,
-    sim_upstream,
-)
-from tests.support.redis_server import RedisServer
+from tests.support.processes import CODE_RE, MonitorTap, contract_key_re, sim_upstream
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -42,3 +42,142 @@ def test_one_place_builds_redis_clients() -> None:
                 if construction.search(line):
                     offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
     assert offenders == [], "build Redis clients with broker.redis_client:\n" + "\n".join(offenders)
+
+
+def test_protocol_core_and_simulator_import_nothing_else_of_broker() -> None:
+    """``broker/upbit/`` and ``simulator/`` stand on their own: the protocol's errors live in
+    ``broker/upbit/errors.py``, so importing every module of both loads no ``broker`` module
+    outside ``broker.upbit`` (``broker/__init__`` itself excepted: it is import-light)."""
+    code = (
+        "import importlib, pkgutil, sys, broker.upbit, simulator\n"
+        "for pkg in (broker.upbit, simulator):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('broker.')\n"
+        "             and m.split('.')[1] != 'upbit')\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"the protocol core or the simulator imported: {out}"
+
+
+def test_no_source_of_the_core_or_simulator_names_the_rest_of_broker() -> None:
+    """The same rule on the sources, so an import inside a function cannot slip past."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted(
+        [*(root / "broker" / "upbit").glob("*.py"), *(root / "simulator").glob("*.py")]
+    ):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(root)}: {name}"
+                for name in names
+                if name == "broker"
+                or (name.startswith("broker.") and not name.startswith("broker.upbit"))
+            ]
+    assert offenders == []
+
+
+def test_protocol_errors_keep_the_one_root() -> None:
+    """``broker.errors`` re-exports the protocol's errors (the same classes), so
+    ``except BrokerError`` catches a refused request and a lost lease alike."""
+    from broker import errors
+    from broker.upbit import errors as protocol
+
+    for name in protocol.__all__:
+        assert getattr(errors, name) is getattr(protocol, name), name
+        assert issubclass(getattr(protocol, name), errors.BrokerError), name
+    for own in (errors.LeaseError, errors.SnapshotError, errors.NotLeaderError, errors.ConfigError):
+        assert issubclass(own, protocol.BrokerError)
+
+
+def test_benchmarks_and_production_code_never_import_the_tests() -> None:
+    """Benchmarks share the harness through ``broker.testing``, never ``tests``; production code
+    never imports ``broker.testing`` (only the demo, a developer's tool, and tests do)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("benchmarks", "broker", "consumers", "cli", "simulator"):
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root)
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    if name.split(".")[0] == "tests":
+                        offenders.append(f"{rel}: {name}")
+                    testing = name == "broker.testing" or name.startswith("broker.testing.")
+                    exempt = folder == "benchmarks" or rel.parts[:2] == ("broker", "testing")
+                    if testing and not exempt and str(rel) != "cli/demo.py":
+                        offenders.append(f"{rel}: {name}")
+    assert offenders == []
+
+
+def test_the_leader_core_imports_no_io() -> None:
+    """``broker/core/`` is pure: no source of it imports asyncio, redis, websockets or an I/O
+    module of the broker, and importing all of it loads none of them."""
+    import ast
+    from pathlib import Path
+
+    io_libraries = ("asyncio", "redis", "websockets", "hiredis")
+    io_modules = (
+        "broker.service",
+        "broker.upstream",
+        "broker.publisher",
+        "broker.leader",
+        "broker.redis_client",
+        "broker.resp",
+        "broker.leases",
+        "broker.leader_phase",
+        "broker.metrics",
+        "broker.testing",
+    )
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted((root / "broker" / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(root)}: {name}"
+                for name in names
+                if name.split(".")[0] in io_libraries
+                or any(name == m or name.startswith(m + ".") for m in io_modules)
+            ]
+    assert offenders == []
+
+    def io_loaded(imports: str) -> set[str]:
+        wanted = repr(io_libraries)
+        code = (
+            f"import sys\n{imports}\n"
+            f"print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {wanted})))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return set(filter(None, out.split(",")))
+
+    core = io_loaded(
+        "import importlib, pkgutil, broker.core\n"
+        "for m in pkgutil.iter_modules(broker.core.__path__):\n"
+        "    importlib.import_module('broker.core.' + m.name)"
+    )
+    assert core == set(), sorted(core)

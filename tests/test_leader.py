@@ -1,4 +1,5 @@
-"""The leader lock against a real redis-server: exclusivity, renew, release, expiry, validity."""
+"""The leader lock against a real redis-server: exclusivity, renew, release, expiry, validity,
+and the per-process token that fences two processes with one broker id."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.errors import ConfigError
-from broker.leader import VALIDITY_RATIO, LeaderLock
-from tests.support.redis_server import RedisServer
-from tests.support.wait import wait_for
+from broker.leader import (
+    VALIDITY_RATIO,
+    LeaderLock,
+    LockHolder,
+    lock_value,
+    new_token,
+    parse_lock_value,
+)
+from broker.testing import RedisServer, wait_for
 
 NS = "t"
 
@@ -124,3 +131,72 @@ async def test_rejects_bad_arguments(redis_client: aioredis.Redis) -> None:
         LeaderLock(redis_client, "bad ns", "a")
     with pytest.raises(ConfigError):
         LeaderLock(redis_client, NS, "a", ttl_ms=0)
+
+
+# -- the token: the broker id is a label, never the fence (issue 12, item 5) -----------------
+
+
+async def test_two_processes_with_one_broker_id_never_both_hold_the_lock(
+    redis_client: aioredis.Redis,
+) -> None:
+    # two processes started with the same --broker-id (a fixed id in an orchestrator)
+    a = LeaderLock(redis_client, NS, "twin")
+    b = LeaderLock(redis_client, NS, "twin")
+    assert a.token != b.token
+    assert await a.try_acquire() is True
+    assert await b.try_acquire() is False
+    assert not b.is_valid()
+    assert await b.renew() is False
+    assert await b.release() is False  # compare-and-delete: a's lock stays
+    assert await a.holder() == await b.holder() == "twin"  # the readable label
+    held = await b.read()
+    assert held == LockHolder("twin", a.token)
+    assert a.is_mine(held) and not b.is_mine(held) and not a.is_mine(None)
+    assert await redis_client.get(f"{NS}:leader") == f"twin {a.token}".encode()
+    assert await a.renew() is True and a.is_valid()
+
+    assert await a.release() is True
+    assert await b.try_acquire() is True
+    assert b.is_mine(await a.read())
+    assert await a.renew() is False and not a.is_valid()
+
+
+async def test_a_restarted_process_waits_for_its_predecessors_lock(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A process killed without releasing, restarted with the same id: the new process is
+    another contender until the old lock expires (the old one may still be alive, paused)."""
+    old = LeaderLock(redis_client, NS, "fixed", ttl_ms=300)
+    assert await old.try_acquire()
+    new = LeaderLock(redis_client, NS, "fixed", ttl_ms=300)
+    assert await new.try_acquire() is False
+    await wait_for(new.try_acquire, timeout=3.0, message="the old lock to expire")
+    assert await old.renew() is False
+
+
+async def test_a_lock_written_without_a_token_is_nobodys_here(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A bare id, as brokers before tokens wrote it: readable, and never taken for ours."""
+    await redis_client.set(f"{NS}:leader", "old-broker", px=5_000)
+    a = LeaderLock(redis_client, NS, "old-broker")
+    assert await a.holder() == "old-broker"
+    assert await a.read() == LockHolder("old-broker", "")
+    assert await a.try_acquire() is False
+    assert await a.release() is False
+    assert await redis_client.get(f"{NS}:leader") == b"old-broker"
+
+
+def test_lock_values_and_tokens() -> None:
+    assert parse_lock_value(b"b-1 0123abcd") == LockHolder("b-1", "0123abcd")
+    assert parse_lock_value(lock_value("b-1", "ff")) == ("b-1", "ff")
+    assert parse_lock_value("b-1") == LockHolder("b-1", "")
+    tokens = {new_token() for _ in range(1000)}
+    assert len(tokens) == 1000 and all(len(t) == 16 and t.isalnum() for t in tokens)
+
+
+async def test_rejects_a_token_that_could_break_the_value(redis_client: aioredis.Redis) -> None:
+    for token in ("", "a b", "x\ny", "é"):
+        with pytest.raises(ConfigError):
+            LeaderLock(redis_client, NS, "a", token=token)
+    assert LeaderLock(redis_client, NS, "a", token="fixed01").value == "a fixed01"

@@ -22,11 +22,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.leases import LEASE_LUA, RELEASE_LUA, LeaseStore
+from broker.testing import RedisServer, scaled, wait_for
 from tests.support.broker_env import EventTap, fast_settings, started_broker
 from tests.support.processes import sim_upstream
-from tests.support.redis_server import RedisServer
 from tests.support.sim import running_simulator
-from tests.support.wait import scaled, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

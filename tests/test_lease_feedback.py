@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from broker.lease_feedback import MAX_REJECTED_IN_EVENT, LeaseChange, LeaseFeedback
+import msgspec
+
+from broker.core.lease_feedback import MAX_REJECTED_IN_EVENT, LeaseChange, LeaseFeedback
 from broker.leases import Lease, LeaseListing, Rejected, parse_lease
 
 
@@ -117,11 +119,11 @@ def test_the_event_lists_rejected_entries_in_the_shape_of_subs() -> None:
     codes = [f"krw-c{i}" for i in range(MAX_REJECTED_IN_EVENT + 10)]
     big = lease("big", {"ticker": ["KRW-BTC", *codes], "tick": ["KRW-ETH"]})
     [change] = LeaseFeedback().update(listing([big]))
-    event = change.event("b1", 1234)
+    event = msgspec.to_builtins(change.event("b1", 1234))
     assert event["event"] == "lease" and event["client_id"] == "big"
     assert event["state"] == "partial" and event["broker"] == "b1" and event["ts_ms"] == 1234
     assert event["rejected_count"] == len(codes) + 1
     assert event["rejected"] == {"ticker": codes[:MAX_REJECTED_IN_EVENT]}
     assert "and 56 more" in event["why"]  # 61 reasons (one per code, one for 'tick'): 5 shown
-    plain = LeaseChange("c", "invalid", "subs is not JSON").event("b1", 1)
+    plain = msgspec.to_builtins(LeaseChange("c", "invalid", "subs is not JSON").event("b1", 1))
     assert "rejected" not in plain and plain["why"] == "subs is not JSON"

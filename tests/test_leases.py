@@ -28,9 +28,8 @@ from broker.leases import (
     encode_lease_fields,
     parse_lease,
 )
+from broker.testing import RedisServer, wait_for
 from broker.upbit.types import StreamKey, SubscriptionSet
-from tests.support.redis_server import RedisServer
-from tests.support.wait import wait_for
 
 NS = "t"
 
@@ -472,7 +471,7 @@ async def test_list_skips_bad_leases_into_invalid(
     await redis_client.set(f"{NS}:lease:bad-string", "x")
     await redis_client.zadd(f"{NS}:leases", {"bad-string": far, "bad:member": far})
 
-    listing = await store.list(max_streams=10)
+    listing = await store.list_all(max_streams=10)
     assert listing.leases == [good_a, good_b]
     reasons = dict(listing.invalid)
     assert set(reasons) == {*bad, "bad-string", "bad:member"}
@@ -546,11 +545,11 @@ async def test_the_deadline_field_wins_over_a_longer_key_ttl(
     past = _fields(client_id="past", created_ms=str(now - 5000), renewed_ms=str(now - 5000))
     past["deadline_ms"] = str(now - 1)
     await _write_raw(redis_client, "past", past, now + 60_000)  # a later index score: ignored
-    listing = await store.list()
+    listing = await store.list_all()
     assert listing.leases == [live]
     assert listing.expired == ["past"]
     assert await redis_client.exists(f"{NS}:lease:past") == 1  # not deleted: not ours to delete
-    assert (await store.list()).expired == ["past"]  # still not served, next time too
+    assert (await store.list_all()).expired == ["past"]  # still not served, next time too
     reads = await store.read_many(["live", "past"])
     assert reads.leases == [live] and reads.expired == ["past"] and reads.gone == []
 
@@ -565,11 +564,11 @@ async def test_list_reports_and_unindexes_expired(
         return await redis_client.pttl(f"{NS}:lease:short") == -2
 
     await wait_for(gone, message="short lease to expire")
-    listing = await store.list()
+    listing = await store.list_all()
     assert [lease.client_id for lease in listing.leases] == ["long"]
     assert listing.expired == ["short"]
     assert await redis_client.zscore(f"{NS}:leases", "short") is None
-    assert (await store.list()).expired == []
+    assert (await store.list_all()).expired == []
 
 
 async def test_next_deadline(store: LeaseStore, redis_client: aioredis.Redis) -> None:
@@ -610,11 +609,11 @@ async def test_scan_finds_unindexed_leases(store: LeaseStore, redis_client: aior
     await redis_client.hset(f"{NS}:lease:bad:name", mapping=fields)  # type: ignore[arg-type]
     await redis_client.hset("other:lease:elsewhere", mapping=fields)  # type: ignore[arg-type]
 
-    plain = await store.list()
+    plain = await store.list_all()
     assert plain.leases == [indexed]
     assert plain.invalid == [] and plain.unindexed == []
 
-    scanned = await store.list(scan=True)
+    scanned = await store.list_all(scan=True)
     assert [lease.client_id for lease in scanned.leases] == ["by-hand", "indexed"]
     assert scanned.leases[0].pid == 9
     assert scanned.unindexed == ["by-hand"]
@@ -648,7 +647,7 @@ async def test_renew_refills_a_redis_restarted_empty(
     assert again.created_ms >= first.created_ms  # the old created_ms was lost with the data
     assert await r.zscore(f"{NS}:leases", "c1") == again.deadline_ms
     assert 0 < await r.pttl(f"{NS}:lease:c1") <= 10_000
-    assert (await store.list()).leases == [again]
+    assert (await store.list_all()).leases == [again]
 
 
 async def test_without_retry_the_next_heartbeat_recovers(
@@ -675,7 +674,7 @@ async def test_works_with_decode_responses(text_client: aioredis.Redis) -> None:
     store = LeaseStore(text_client, NS)
     lease = await store.write("c1", SUBS, ttl_ms=5_000, host="h", pid=1)
     assert await store.read("c1") == lease
-    assert (await store.list(scan=True)).leases == [lease]
+    assert (await store.list_all(scan=True)).leases == [lease]
     assert (await store.next_deadline())[0] == lease.deadline_ms
     assert await store.release("c1") is True
 
@@ -695,14 +694,14 @@ async def test_read_raises_on_garbage(store: LeaseStore, redis_client: aioredis.
 async def test_namespaces_are_separate(redis_client: aioredis.Redis) -> None:
     one, two = LeaseStore(redis_client, "one"), LeaseStore(redis_client, "one2")
     await one.write("c1", SUBS, ttl_ms=5_000, host="h", pid=1)
-    assert (await two.list(scan=True)).leases == []
+    assert (await two.list_all(scan=True)).leases == []
     with pytest.raises(LeaseError, match="namespace"):
         LeaseStore(redis_client, "bad ns")
 
 
 def test_merging_single_lease_reads_reports_only_what_can_change_the_union() -> None:
+    from broker.core.reconcile import merge_reads as _merge_reads
     from broker.leases import LeaseReads
-    from broker.service import _merge_reads
 
     memo: dict[str, SubscriptionSet] = {}
     a = parse_lease("a", _fields(client_id="a"), memo=memo)

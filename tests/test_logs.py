@@ -18,9 +18,8 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from tests.support.broker_env import write_lease
+from broker.testing import scaled, wait_for, write_lease
 from tests.support.sim import running_simulator
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "t"

@@ -17,14 +17,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.broker_env import write_lease
-from tests.support.redis_server import free_port
+from broker.contract import decode_status
+from broker.testing import free_port, scaled, wait_for, write_lease
 from tests.support.sim import running_simulator
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "README.md"
@@ -201,3 +201,99 @@ async def test_metrics_move_while_frames_flow(redis_client: aioredis.Redis, redi
     assert standby("upbit_broker_connected") == 0
     assert standby("upbit_broker_seconds_since_last_frame") == -1
     assert standby("upbit_broker_frames_published_total") == 0
+
+
+# -- the collector in-process: what it reads, no broker process ---------------------------------
+
+
+def stub_broker(status_fields: dict[str, str], batch_sizes: list[int] | None = None) -> Any:
+    """The parts of a Broker the collector reads: its status hash and its counters."""
+    from types import SimpleNamespace
+
+    from broker.core.stats import Counters
+
+    counters = Counters()
+    counters.publish.published_by_type["ticker"] = 7
+    for size in batch_sizes or []:
+        counters.publish.record_batch(size)
+    status = decode_status(status_fields)
+    return SimpleNamespace(status=lambda: status, counters=counters)
+
+
+def collected(broker: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    from broker.metrics import BrokerCollector
+
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in BrokerCollector(broker).collect():
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_and_status_share_one_definition_of_dropped_frames() -> None:
+    from broker.contract import DroppedFrames, Status, encode_status
+
+    dropped = DroppedFrames(unleased=5, malformed=2, overflow=1, not_leader=3, redis=4)
+    status = Status(
+        leader="b1",
+        connected=True,
+        epoch=6,
+        frames_in=40,
+        frames_published=25,
+        frames_dropped_by_reason=dropped,
+        verify_mismatches=1,
+        deferred_sends=2,
+        resubscribes=3,
+        list_requests=3,
+        desired={"ticker": ["KRW-BTC", "KRW-ETH"], "orderbook@10000": ["KRW-BTC.5"]},
+        last_frame_ms=0,
+    )
+    m = collected(stub_broker(encode_status(status)))
+    by_reason = {dict(k)["reason"]: v for k, v in m["upbit_broker_frames_dropped_total"].items()}
+    assert by_reason == {
+        "unleased": 5,
+        "malformed": 2,
+        "overflow": 1,
+        "not_leader": 3,
+        "redis": 4,
+    }
+    assert sum(by_reason.values()) == status.frames_dropped == 15
+    assert m["upbit_broker_frames_in_total"][()] == 40
+    assert m["upbit_broker_verify_mismatches_total"][()] == 1
+    assert m["upbit_broker_upstream_deferred_total"][()] == 2
+    assert m["upbit_broker_union_streams"] == {
+        (("type", "orderbook"),): 1,
+        (("type", "ticker"),): 2,
+    }
+    assert m["upbit_broker_leader"][()] == 1 and m["upbit_broker_epoch"][()] == 6
+    assert m["upbit_broker_seconds_since_last_frame"][()] == -1
+
+
+def test_the_batch_histogram_counts_every_batch_once() -> None:
+    from broker.contract import Status, encode_status
+    from broker.core.stats import BATCH_BUCKETS, batch_bucket
+    from broker.metrics import BrokerCollector
+
+    assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 2048, 2049, 10**6)] == [
+        0,
+        0,
+        1,
+        2,
+        2,
+        3,
+        len(BATCH_BUCKETS) - 1,
+        len(BATCH_BUCKETS),
+        len(BATCH_BUCKETS),
+    ]
+    sizes = [1, 3, 3, 5000]
+    broker = stub_broker(encode_status(Status()), batch_sizes=sizes)
+    collector = BrokerCollector(broker)
+
+    def histogram() -> dict[str, float]:
+        [family] = [f for f in collector.collect() if f.name.endswith("publish_batch_size")]
+        return {s.labels.get("le", s.name): s.value for s in family.samples}
+
+    first = histogram()
+    assert first["1"] == 1 and first["4"] == 3 and first["2048"] == 3 and first["+Inf"] == 4
+    assert first["upbit_broker_publish_batch_size_sum"] == 5007
+    assert histogram() == first  # a second scrape counts nothing twice

@@ -20,12 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.leases import LeaseStore
+from broker.testing import RedisServer, broker_process, wait_for
+from broker.testing import read_status as redis_status
 from broker.upbit.types import union
 from simulator.session import Session
-from tests.support.processes import broker_process, churn_process, redis_status, sim_upstream
-from tests.support.redis_server import RedisServer
+from tests.support.processes import churn_process, sim_upstream
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -87,7 +87,7 @@ async def test_fifty_consumers_churning_for_thirty_seconds(
             counts = [json.loads(out) for out, _ in outputs]
             churn_s = time.monotonic() - started
             stopped = time.monotonic()
-            listing = await LeaseStore(redis_client, "t").list()
+            listing = await LeaseStore(redis_client, "t").list_all()
             wanted = union(*(lease.subscriptions for lease in listing.leases)).by_type()
             expected = {t: set(c) for t, c in wanted.items()}
             await wait_for(

@@ -24,22 +24,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.exceptions import RedisError
 
+from broker.testing import ConsumerProcess, RedisServer, broker_process, consumer_process, wait_for
+from broker.testing import read_status as redis_status
 from broker.upbit.router import route_frame
 from simulator.sends import frame_key
 from tests.support.broker_env import EventTap
-from tests.support.processes import (
-    ConsumerProcess,
-    audit_consumer,
-    broker_process,
-    consumer_process,
-    gap_windows,
-    record_data_sends,
-    redis_status,
-    sim_upstream,
-)
-from tests.support.redis_server import RedisServer
+from tests.support.processes import audit_consumer, gap_windows, record_data_sends, sim_upstream
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,19 +19,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.exceptions import RedisError
 
+from broker.leader import parse_lock_value
+from broker.testing import RedisServer, broker_process, consumer_process, wait_for
+from broker.testing import read_status as redis_status
 from tests.support.processes import (
     audit_consumer,
-    broker_process,
-    consumer_process,
     gap_windows,
     record_data_sends,
-    redis_status,
     sim_upstream,
     union_of,
 )
-from tests.support.redis_server import RedisServer
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,7 +96,7 @@ async def test_redis_restarted_empty_while_streaming(
                 await wait_for(
                     lambda: _get(probe, "t:leader"), 5, message="leader lock re-acquired"
                 )
-                assert await probe.get("t:leader") == b"rr-1"
+                assert parse_lock_value(await probe.get("t:leader")).broker_id == "rr-1"
 
                 async def desired_exact() -> bool:
                     st = await redis_status(probe)

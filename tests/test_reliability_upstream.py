@@ -18,22 +18,19 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from broker.testing import RedisServer, broker_process, consumer_process, wait_for
+from broker.testing import read_status as redis_status
 from tests.support.broker_env import EventTap
 from tests.support.processes import (
     Audit,
     audit_consumer,
-    broker_process,
-    consumer_process,
     gap_windows,
     record_data_sends,
-    redis_status,
     sim_upstream,
     union_of,
     upstream_of,
 )
-from tests.support.redis_server import RedisServer
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -24,9 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from broker.keys import Keys
 from broker.publisher import Publisher, Target, make_target
 from broker.resp import RespAddress, RespConnection, encode_command, publish_prefix
+from broker.testing import RedisServer, free_port, wait_for
 from broker.upbit.types import StreamKey
-from tests.support.redis_server import RedisServer, free_port
-from tests.support.wait import wait_for
 
 
 @pytest.fixture

@@ -20,20 +20,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from broker.leases import LeaseStore
-from broker.upbit.types import SubscriptionSet
-from tests.support.processes import (
-    AuthRedis,
+from broker.testing import (
     CliResult,
     arun_cli,
     broker_process,
     consumer_process,
-    redis_status,
-    sim_upstream,
     simulator_process,
-    upstream_of,
+    wait_for,
 )
+from broker.testing import RedisServer as AuthRedis
+from broker.testing import read_status as redis_status
+from broker.upbit.types import SubscriptionSet
+from tests.support.processes import sim_upstream, upstream_of
 from tests.support.sim import running_simulator
-from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -113,7 +112,7 @@ async def test_credentials_and_least_privilege_users_work_end_to_end(
             expected = {"trade": {"KRW-BTC"}, "ticker": {"KRW-XRP"}}
 
             async def union_upstream() -> bool:
-                return upstream_of(await sim.astate()) == expected
+                return upstream_of(await sim.state()) == expected
 
             await wait_for(union_upstream, 20, message="union")
             for c in (acl_consumer, plain):

@@ -18,17 +18,12 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from tests.support.processes import (
-    AuthRedis,
-    arun_cli,
-    broker_process,
-    consumer_process,
-    redis_status,
-    sim_upstream,
-)
+from broker.testing import RedisServer as AuthRedis
+from broker.testing import arun_cli, broker_process, consumer_process, wait_for
+from broker.testing import read_status as redis_status
+from tests.support.processes import sim_upstream
 from tests.support.sim import running_simulator
 from tests.support.tls import make_certificates, redis_tls_unsupported
-from tests.support.wait import wait_for
 
 pytestmark = [
     pytest.mark.timeout(90),

@@ -14,10 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.leases import LeaseStore
-from tests.support.broker_env import write_lease
-from tests.support.processes import FakeConnection, FakeUpstream, broker_process
-from tests.support.redis_server import RedisServer
-from tests.support.wait import wait_for
+from broker.testing import RedisServer, broker_process, wait_for, write_lease
+from tests.support.processes import FakeConnection, FakeUpstream
 
 pytestmark = pytest.mark.timeout(60)
 

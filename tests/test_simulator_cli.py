@@ -9,8 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from broker.testing import scaled
 from tests.support.sim import client, http_get, read_until, subscribe
-from tests.support.wait import scaled
 
 
 def _command() -> list[str]:

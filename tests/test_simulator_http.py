@@ -10,6 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from broker.testing import scaled, wait_for
 from simulator import frame_key
 from tests.support.sim import (
     client,
@@ -21,7 +22,6 @@ from tests.support.sim import (
     running_simulator,
     subscribe,
 )
-from tests.support.wait import scaled, wait_for
 
 
 async def test_state_shows_connections_subscriptions_and_totals() -> None:

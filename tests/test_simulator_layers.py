@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ALLOWED_PROJECT = ("broker.upbit", "broker.errors", "simulator")
+ALLOWED_PROJECT = ("broker.upbit", "simulator")
 
 
 def test_simulator_sources_import_only_the_protocol_core() -> None:

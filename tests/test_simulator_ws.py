@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
+from broker.testing import scaled
 from broker.upbit import fields
 from simulator.encode import DEFAULT_KEYS
 from tests.support.sim import (
@@ -22,7 +23,6 @@ from tests.support.sim import (
     running_simulator,
     subscribe,
 )
-from tests.support.wait import scaled
 
 BUSY = ["KRW-BTC", "KRW-XRP", "KRW-ETH"]
 

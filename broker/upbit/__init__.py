@@ -1,4 +1,5 @@
-"""The pure Upbit protocol core: value types, request bytes, frame models and routing.
+"""The pure Upbit protocol core: value types, request bytes, frame models, routing, errors.
 
-Stdlib and msgspec only: no asyncio, no websockets, no redis (``tests/test_layers.py`` checks).
+Stdlib and msgspec only: no asyncio, no websockets, no redis, and nothing of ``broker`` outside
+this package (its exceptions are in ``broker.upbit.errors``; ``tests/test_layers.py`` checks).
 """

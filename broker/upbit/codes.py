@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import re
 
-from broker.errors import InvalidCodeError
+from broker.upbit.errors import InvalidCodeError, InvalidDepthSuffixError
 
 # Quote market first, then the base asset: KRW-BTC, BTC-ETH, USDT-SOL, KRW-1INCH, KRW-SIM0042.
 _CODE_RE = re.compile(r"[A-Z]{2,6}-[A-Z0-9]{1,16}")
+# The depth suffix of an orderbook code in a lease or a subscribe call: ``KRW-BTC.15``.
+_DEPTH_SUFFIX_RE = re.compile(r"[0-9]{1,4}")
 
 #: Orderbook depths Upbit serves; anything else falls back to 30 (since 2025-07-02).
 ORDERBOOK_DEPTHS: tuple[int, ...] = (1, 5, 15, 30)
@@ -45,6 +47,31 @@ def split_depth(code_with_suffix: str) -> tuple[str, int | None]:
         return code, DEFAULT_DEPTH
     depth = int(suffix)
     return code, depth if depth in ORDERBOOK_DEPTHS else DEFAULT_DEPTH
+
+
+def parse_code(raw: str, *, depth_suffix: bool = False) -> tuple[str, int | None]:
+    """Read a code strictly, as a lease or a subscribe call gives it: the one parse of both.
+
+    ``"KRW-BTC"`` gives ``("KRW-BTC", None)``. With ``depth_suffix`` (orderbook codes) a suffix
+    of 1-4 ASCII digits is allowed and read like :func:`split_depth` does (``"KRW-BTC.15"``
+    gives ``("KRW-BTC", 15)``, ``"KRW-BTC.3"`` gives 30); without it a suffix is simply not
+    part of a valid code.
+
+    Raises:
+        InvalidDepthSuffixError: ``"invalid orderbook depth suffix in 'KRW-BTC.x'"``.
+        InvalidCodeError: ``"invalid market code 'krw-btc'"`` (``raw`` as given).
+    """
+    if not depth_suffix:
+        if not is_valid_code(raw):
+            raise InvalidCodeError(f"invalid market code {raw!r}")
+        return raw, None
+    _, dot, suffix = raw.partition(".")
+    if dot and _DEPTH_SUFFIX_RE.fullmatch(suffix) is None:
+        raise InvalidDepthSuffixError(f"invalid orderbook depth suffix in {raw!r}")
+    code, depth = split_depth(raw)
+    if not is_valid_code(code):
+        raise InvalidCodeError(f"invalid market code {raw!r}")
+    return code, depth
 
 
 def with_depth(code: str, depth: int | None) -> str:

@@ -34,8 +34,8 @@ from typing import Any, NamedTuple, TypeAlias, cast
 
 import msgspec
 
-from broker.errors import FrameError, UpbitErrorFrame
 from broker.upbit import fields
+from broker.upbit.errors import FrameError, UpbitErrorFrame
 from broker.upbit.router import MAX_FRAME_BYTES, FrameKind, _classify
 from broker.upbit.types import CANDLE_SECONDS, PUBLIC_TYPES, DataType, Format, Subscription
 
@@ -301,7 +301,7 @@ class ErrorFrame(msgspec.Struct, frozen=True):
         return self.name in ("Too Many Requests", "I'm a teapot")
 
     def to_exception(self) -> UpbitErrorFrame:
-        """The error as ``broker.errors.UpbitErrorFrame``, ready to raise."""
+        """The error as ``broker.upbit.errors.UpbitErrorFrame``, ready to raise."""
         return UpbitErrorFrame(self.name, self.message)
 
 
@@ -476,7 +476,7 @@ def decode_message(frame: bytes | str, fmt_hint: Format | str | None = None) -> 
     """Decode one frame (an object, not a ``*_LIST`` array) into its typed model.
 
     DEFAULT vs SIMPLE is read from the keys; ``fmt_hint`` (a :class:`Format`) makes a frame
-    of the other spelling an error instead. Raises :class:`broker.errors.FrameError` (or
+    of the other spelling an error instead. Raises :class:`broker.upbit.errors.FrameError` (or
     :class:`LegacyFrameError`) with the reason when the frame cannot be decoded.
     """
     route, simple = _classify(frame)

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from broker.errors import RequestError
+from broker.upbit.errors import RequestError
 from broker.upbit.types import PRIVATE_TYPES, PUBLIC_TYPES, Format, Subscription
 
 LIST_SUBSCRIPTIONS = "LIST_SUBSCRIPTIONS"

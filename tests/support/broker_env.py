@@ -1,21 +1,21 @@
-"""Start a broker in the test's event loop with settings fast enough for tests."""
+"""Start a broker in the test's event loop with settings fast enough for tests.
+
+Leases are written with :func:`broker.testing.write_lease`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.leases import LeaseStore
 from broker.service import Broker, run_broker
 from broker.settings import BrokerSettings
-from broker.upbit.types import SubscriptionSet
-from tests.support.wait import wait_for
+from broker.testing import wait_for
 
 
 def fast_settings(redis_url: str, upstream_url: str, **overrides: Any) -> BrokerSettings:
@@ -43,18 +43,6 @@ async def started_broker(settings: BrokerSettings, timeout: float = 10.0) -> Asy
     async with run_broker(settings) as broker:
         await wait_for(lambda: broker.ready.is_set(), timeout, message="broker connected upstream")
         yield broker
-
-
-async def write_lease(
-    redis: aioredis.Redis,
-    client_id: str,
-    streams: dict[str, list[str]],
-    ttl_ms: int = 5000,
-    namespace: str = "t",
-) -> None:
-    await LeaseStore(redis, namespace).write(
-        client_id, SubscriptionSet.of(streams), ttl_ms=ttl_ms, host="test", pid=os.getpid()
-    )
 
 
 class EventTap:

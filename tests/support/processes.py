@@ -1,26 +1,23 @@
-"""Real processes for reliability and security scenarios: brokers, consumers, the simulator.
+"""Test-only helpers around the process harness of :mod:`broker.testing`.
 
-Everything here runs what production runs (``upbit-broker run``, ``upbit-broker simulate``, a
-:class:`~consumers.BrokerClient` in its own interpreter) as a subprocess, with its output in a
-file under the test's directory, so a test can SIGKILL or SIGSTOP it, read what it said and
-grep it. The context managers are async: waiting for a process never blocks the event loop,
-so an in-process simulator or fake upstream keeps serving it meanwhile.
+The processes themselves (``simulator_process``, ``broker_process``, ``consumer_process``,
+``run_cli``, ``RedisServer``) are the package's public testing API; what stays here checks
+this project's own guarantees:
 
     async with (
         running_simulator(rate=300) as sim,                      # tests.support.sim
-        broker_process(redis_url, sim.url, "b1", tmp_path) as broker,
+        broker_process(redis_url, sim.url, "b1", tmp_path) as broker,          # broker.testing
         consumer_process(redis_url, "c1", {"trade": ["KRW-BTC"]}, tmp_path) as c,
     ):
         log = record_data_sends(sim)      # every data frame the simulator sends
         sim.drop(); ... c.messages(), c.gaps(), c.last_stats()
         audit_consumer(log, c, {("trade", "KRW-BTC")}, gap_windows(c), ...)
 
-Also here: :class:`AuthRedis` (a redis-server with ``requirepass``/ACL users, or TLS only,
-which the shared :class:`~tests.support.redis_server.RedisServer` cannot probe),
+:func:`audit_consumer` (every frame a consumer got, against the simulator's send log),
 :class:`MonitorTap` (every command Redis executes, checked against the key contract),
-:func:`run_cli` (one CLI command, its exit code and output), :func:`churn_process` (tasks
-flipping leases) and :class:`FakeUpstream`, a scripted websocket server standing in for the
-simulator where it cannot misbehave on purpose (bad frames) or show what we check (headers).
+:func:`churn_process` (tasks flipping leases) and :class:`FakeUpstream`, a scripted websocket
+server standing in for the simulator where it cannot misbehave on purpose (bad frames) or show
+what we check (headers).
 """
 
 from __future__ import annotations
@@ -28,136 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import ssl
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.testing import ConsumerProcess, clean_env
 from broker.upbit.router import FrameKind, route_frame
 from simulator.sends import frame_key
-from tests.support.redis_server import RedisServer
-from tests.support.wait import scaled, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-
-#: The broker settings every process scenario starts from (seconds; env ``UPBIT_BROKER_*``).
-FAST_BROKER_ENV: dict[str, str] = {
-    "UPBIT_BROKER_NAMESPACE": "t",
-    "UPBIT_BROKER_LEASE_TTL": "3",
-    "UPBIT_BROKER_LEADER_TTL": "1.5",
-    "UPBIT_BROKER_STATUS_INTERVAL": "0.2",
-    "UPBIT_BROKER_COALESCE_DELAY": "0.02",
-    "UPBIT_BROKER_RECONCILE_INTERVAL": "0.5",
-    "UPBIT_BROKER_BACKOFF_INITIAL": "0.1",
-    "UPBIT_BROKER_BACKOFF_MAX": "1.0",
-    "UPBIT_BROKER_BACKOFF_RESET_AFTER": "0.5",
-}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any ``UPBIT_*`` variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UPBIT_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(scaled(timeout))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _spawn(
-    args: list[str], log: Path, env: dict[str, str] | None = None, *, stdout: bool = True
-) -> subprocess.Popen[bytes]:
-    """Start ``args`` in the project root; stderr (and stdout) appended to ``log``.
-
-    A plain function, not a coroutine: Popen and open() return at once, and keeping them out
-    of ``async def`` keeps the event-loop lint about what really blocks meaningful.
-    """
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env or clean_env(),
-            stdout=out if stdout else subprocess.DEVNULL,
-            stderr=out,
-        )
-
-
-async def _astop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; waits in a thread so in-process servers (the
-    simulator, a fake upstream) keep answering the process while it shuts down."""
-    await asyncio.to_thread(_stop, proc, timeout)
-
-
-def workdir(prefix: str = "upbit-rel-") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-# -- the simulator --------------------------------------------------------------------------
-
-
-@dataclass
-class SimProcess:
-    """``upbit-broker simulate`` in a subprocess, driven through its operator endpoints."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def http_url(self) -> str:
-        return self.url.replace("ws://", "http://").split("/websocket")[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.http_url.rsplit(":", 1)[1])
-
-    def get(self, path: str, timeout: float = 5.0) -> Any:
-        with urllib.request.urlopen(self.http_url + path, timeout=timeout) as resp:
-            return json.loads(resp.read())
-
-    def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = self.get("/_sim/state")
-        return state
-
-    async def astate(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.state)
-
-    def drop(self) -> int:
-        return int(self.get("/_sim/drop")["dropped"])
-
-    def stall(self, seconds: float) -> None:
-        self.get(f"/_sim/stall?seconds={seconds}")
-
-    def mute(self, codes: list[str], seconds: float) -> None:
-        self.get(f"/_sim/mute?codes={','.join(codes)}&seconds={seconds}")
-
-    def connections(self) -> list[dict[str, Any]]:
-        conns: list[dict[str, Any]] = self.state()["connections"]
-        return conns
-
-    def totals(self) -> dict[str, int]:
-        totals: dict[str, int] = self.state()["totals"]
-        return totals
 
 
 def upstream_of(state: dict[str, Any]) -> dict[str, set[str]] | None:
@@ -166,244 +48,6 @@ def upstream_of(state: dict[str, Any]) -> dict[str, set[str]] | None:
     if len(conns) != 1:
         return None
     return {t: set(codes) for t, codes in conns[0]["subscriptions"].items()}
-
-
-@asynccontextmanager
-async def simulator_process(
-    directory: Path | None = None, *, port: int = 0, **options: Any
-) -> AsyncIterator[SimProcess]:
-    """Start ``upbit-broker simulate`` (``options`` are its flags: ``rate=200``,
-    ``messages_per_minute=3``, ``connect_rate=1`` ...) and wait until it serves."""
-    directory = directory or workdir()
-    log = directory / f"sim-{time.monotonic_ns()}.log"
-    args = [PYTHON, "-m", "cli.main", "simulate", "--port", str(port), "--log-level", "WARNING"]
-    for name, value in options.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    proc = _spawn(args, log)
-    try:
-        url = await wait_for(
-            lambda: _serving_url(log, proc), timeout=20, message="simulator serving"
-        )
-        yield SimProcess(proc, url, log)
-    finally:
-        await _astop(proc)
-
-
-def _serving_url(log: Path, proc: subprocess.Popen[bytes]) -> str | None:
-    if proc.poll() is not None:
-        raise AssertionError(f"simulator exited: {log.read_text(errors='replace')}")
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("serving "):
-            return line.split()[1]
-    return None
-
-
-# -- brokers --------------------------------------------------------------------------------
-
-
-@dataclass
-class BrokerProcess:
-    proc: subprocess.Popen[bytes]
-    broker_id: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: a crash (no lock release, no goodbye)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    async def stop(self) -> int:
-        await _astop(self.proc)
-        return int(self.proc.returncode)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-@asynccontextmanager
-async def broker_process(
-    redis_url: str,
-    upstream_url: str,
-    broker_id: str,
-    directory: Path | None = None,
-    *,
-    log_level: str = "info",
-    **settings: Any,
-) -> AsyncIterator[BrokerProcess]:
-    """``upbit-broker run`` with :data:`FAST_BROKER_ENV` plus ``settings`` (``stall_timeout=1``
-    becomes ``UPBIT_BROKER_STALL_TIMEOUT=1``); stdout and stderr go to one log file."""
-    directory = directory or workdir()
-    env = clean_env(**FAST_BROKER_ENV)
-    env.update(
-        {
-            "UPBIT_BROKER_REDIS_URL": redis_url,
-            "UPBIT_BROKER_UPSTREAM_URL": upstream_url,
-            "UPBIT_BROKER_BROKER_ID": broker_id,
-        }
-    )
-    for name, value in settings.items():
-        env[f"UPBIT_BROKER_{name.upper()}"] = str(value)
-    log = directory / f"broker-{broker_id}.log"
-    proc = _spawn([PYTHON, "-m", "cli.main", "run", "--log-level", log_level], log, env)
-    handle = BrokerProcess(proc, broker_id, log)
-    try:
-        yield handle
-    finally:
-        await _astop(proc)
-
-
-# -- consumers ------------------------------------------------------------------------------
-
-# A BrokerClient process: leases what its JSON argument says and writes one JSON line per
-# event to its output file: "ready", every message (channel, receive time, exact bytes), every
-# gap, and the client's stats every 0.2 s. SIGTERM closes the client (releasing the lease).
-CONSUMER_SCRIPT = r"""
-import asyncio, dataclasses, json, signal, sys, time
-from consumers import BrokerClient, Gap
-
-def now_ms():
-    return time.time_ns() // 1_000_000
-
-async def main():
-    cfg = json.loads(sys.argv[1])
-    out = open(cfg["out"], "a", buffering=1)
-    def emit(**obj):
-        out.write(json.dumps(obj) + "\n")
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with BrokerClient(
-        redis_url=cfg["redis_url"], client_id=cfg["client_id"], namespace=cfg["namespace"],
-        lease_ttl=cfg["lease_ttl"], connect_timeout=cfg.get("connect_timeout", 5.0),
-        ping_interval=cfg.get("ping_interval", 1.0),
-    ) as client:
-        for type_, codes in cfg["subs"].items():
-            await client.subscribe(type_, codes)
-        emit(k="ready", t=now_ms(), pid=__import__("os").getpid())
-
-        async def pump():
-            async for item in client.messages():
-                if isinstance(item, Gap):
-                    emit(k="gap", t=now_ms(), **item.to_dict())
-                else:
-                    emit(k="m", t=now_ms(), ch=item.channel, raw=item.raw.decode())
-
-        async def stats():
-            while True:
-                emit(k="stats", t=now_ms(), **dataclasses.asdict(client.stats))
-                await asyncio.sleep(0.2)
-
-        tasks = [asyncio.create_task(pump()), asyncio.create_task(stats())]
-        if cfg.get("snapshot"):
-            type_, codes = cfg["snapshot"]
-            frames = await client.snapshot_frames(type_, codes, timeout=10)
-            emit(k="snapshot", t=now_ms(), frames={c: f.decode() for c, f in frames.items()})
-        await stop.wait()
-        emit(k="stats", t=now_ms(), **dataclasses.asdict(client.stats))
-        for task in tasks:
-            task.cancel()
-    emit(k="bye", t=now_ms())
-
-asyncio.run(main())
-"""
-
-
-@dataclass
-class ConsumerProcess:
-    proc: subprocess.Popen[bytes]
-    client_id: str
-    out: Path
-    err: Path
-    _cache: list[dict[str, Any]] = field(default_factory=list)
-    _offset: int = 0
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every complete line written so far (read incrementally)."""
-        with open(self.out, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        for line in data[:end].splitlines():
-            self._cache.append(json.loads(line))
-        self._offset += end
-        return self._cache
-
-    def messages(self, channel: str | None = None) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r["k"] == "m" and (channel in (None, r["ch"]))]
-
-    def gaps(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r["k"] == "gap"]
-
-    def last_stats(self) -> dict[str, Any]:
-        stats = [r for r in self.records() if r["k"] == "stats"]
-        return stats[-1] if stats else {}
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    async def stop(self) -> int:
-        await _astop(self.proc)
-        return int(self.proc.returncode)
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"consumer {self.client_id} exited: {self.stderr()}")
-            return any(r["k"] == "ready" for r in self.records())
-
-        await wait_for(ready, timeout, interval=0.05, message=f"consumer {self.client_id} ready")
-
-    def ready_ms(self) -> int:
-        return next(int(r["t"]) for r in self.records() if r["k"] == "ready")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-@asynccontextmanager
-async def consumer_process(
-    redis_url: str,
-    client_id: str,
-    subs: dict[str, list[str]],
-    directory: Path | None = None,
-    *,
-    namespace: str = "t",
-    lease_ttl: float = 3.0,
-    wait_ready: bool = True,
-    **extra: Any,
-) -> AsyncIterator[ConsumerProcess]:
-    """A :class:`BrokerClient` in its own process, recording what it receives."""
-    directory = directory or workdir()
-    out = directory / f"consumer-{client_id}.jsonl"
-    err = directory / f"consumer-{client_id}.err"
-    cfg = {
-        "redis_url": redis_url,
-        "client_id": client_id,
-        "namespace": namespace,
-        "lease_ttl": lease_ttl,
-        "subs": subs,
-        "out": str(out),
-        **extra,
-    }
-    out.touch()
-    proc = _spawn([PYTHON, "-c", CONSUMER_SCRIPT, json.dumps(cfg)], err, stdout=False)
-    handle = ConsumerProcess(proc, client_id, out, err)
-    try:
-        if wait_ready:
-            await handle.wait_ready()
-        yield handle
-    finally:
-        await _astop(proc)
 
 
 # -- lease churn ----------------------------------------------------------------------------
@@ -599,15 +243,6 @@ def gap_windows(
     return windows
 
 
-async def redis_status(redis: Any, namespace: str = "t") -> dict[str, str]:
-    raw: dict[Any, Any] = await redis.hgetall(f"{namespace}:status")
-    return {_s(k): _s(v) for k, v in raw.items()}
-
-
-def _s(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def sim_upstream(sim: Any) -> dict[str, set[str]] | None:
     """An in-process simulator's one connection's set (None: not exactly one connection)."""
     return upstream_of(sim.state())
@@ -730,113 +365,6 @@ class MonitorTap:
         return bad
 
 
-# -- the CLI --------------------------------------------------------------------------------
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
-) -> CliResult:  # fmt: skip
-    """``upbit-broker ARGS`` in a subprocess with a clean environment (plus ``env``)."""
-    proc = subprocess.run(
-        [PYTHON, "-m", "cli.main", *args],
-        cwd=ROOT,
-        env=clean_env(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=scaled(timeout),
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
-
-
-async def arun_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
-) -> CliResult:
-    """:func:`run_cli` without blocking the event loop (in-process servers keep serving)."""
-    return await asyncio.to_thread(run_cli, *args, env=env, timeout=timeout)
-
-
-# -- redis with credentials or TLS ----------------------------------------------------------
-
-
-class AuthRedis(RedisServer):
-    """A redis-server whose readiness probe copes with ``requirepass`` and TLS.
-
-    Args:
-        extra_args: redis-server arguments (``--requirepass``, ``--user`` ...).
-        tls: ``(cert, key, ca)`` paths: listen with TLS only, on ``port``.
-    """
-
-    def __init__(
-        self, extra_args: tuple[str, ...] = (), *, tls: tuple[Path, Path, Path] | None = None
-    ) -> None:
-        self.tls = tls
-        if tls is not None:
-            cert, key, ca = tls
-            extra_args = (
-                *extra_args,
-                "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
-            )  # fmt: skip
-        super().__init__(extra_args=extra_args)
-
-    def url_for(self, user: str | None = None, password: str | None = None, db: int = 0) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        auth = ""
-        if password is not None:
-            auth = f"{user or ''}:{password}@"
-        url = f"{scheme}://{auth}127.0.0.1:{self.port}/{db}"
-        if self.tls:
-            url += f"?ssl_ca_certs={self.tls[2]}"
-        return url
-
-    @property
-    def url(self) -> str:
-        return self.url_for()
-
-    def start(self) -> None:
-        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", self.dir]
-        args += (
-            ["--port", "0", "--tls-port", str(self.port)]
-            if self.tls
-            else ["--port", str(self.port)]
-        )
-        self.proc = subprocess.Popen(
-            [*args, *self.extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            with contextlib.suppress(OSError):
-                if self._probe():
-                    return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer within 10 s")
-
-    def _probe(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
-            if not self.tls:
-                raw.sendall(b"PING\r\n")
-                return raw.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-            ctx = ssl.create_default_context(cafile=str(self.tls[2]))
-            with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-
-
 # -- a scripted fake upstream ---------------------------------------------------------------
 
 
@@ -920,20 +448,19 @@ class FakeUpstream:
 
 
 __all__ = [
-    "FAST_BROKER_ENV",
-    "AuthRedis",
-    "BrokerProcess",
-    "CliResult",
-    "ConsumerProcess",
+    "PYTHON",
+    "ROOT",
+    "Audit",
+    "DataSendLog",
+    "FakeConnection",
     "FakeUpstream",
-    "SimProcess",
-    "arun_cli",
-    "broker_process",
+    "MonitorTap",
+    "audit_consumer",
     "churn_process",
-    "clean_env",
-    "consumer_process",
-    "run_cli",
-    "simulator_process",
+    "contract_key_re",
+    "gap_windows",
+    "record_data_sends",
+    "sim_upstream",
+    "union_of",
     "upstream_of",
-    "workdir",
 ]

@@ -19,13 +19,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
+from broker import testing
+from broker.testing import scaled
 from simulator import Simulator
-from tests.support.wait import scaled
 
 
 @asynccontextmanager
@@ -40,28 +40,10 @@ async def running_simulator(**config: Any) -> AsyncIterator[Simulator]:
 async def http_get(target: Simulator | str, path: str, within: float = 5.0) -> tuple[int, Any]:
     """GET ``path`` from the simulator (or a base ``http://host:port`` URL): (status, body).
 
-    The body is decoded JSON, or text when it is not JSON.
+    The body is decoded JSON, or text when it is not JSON (:func:`broker.testing.http_get`).
     """
     base = target.http_url if isinstance(target, Simulator) else target
-    parts = urlsplit(base)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    async with asyncio.timeout(scaled(within)):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            raw = await reader.read()
-        finally:
-            writer.close()
-            await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    try:
-        return status, json.loads(body) if body else None
-    except ValueError:
-        return status, body.decode("utf-8", "replace")  # e.g. websockets' own 426 text
+    return await testing.http_get(base, path, within)
 
 
 async def fetch_state(target: Simulator | str) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import dataclass
 
+from broker.core.stats import ControllerStats
 from broker.upbit.ratelimit import Pacer, RateBudget
 from broker.upbit.requests import build_list_subscriptions_request, build_subscribe_request
 from broker.upbit.types import (
@@ -51,16 +51,6 @@ VERIFY_TIMEOUT = 5.0
 TEXT_PING = "PING"
 
 
-@dataclass(slots=True)
-class ControllerStats:
-    subscribe_requests: int = 0
-    list_requests: int = 0
-    pings: int = 0
-    deferred: int = 0  # times a wanted send waited for the rate budget
-    verify_mismatches: int = 0
-    verified: int = 0
-
-
 class SubscriptionController:
     """Protocol state of the one upstream connection. Times are monotonic seconds."""
 
@@ -73,13 +63,14 @@ class SubscriptionController:
         coalesce_delay: float = 0.05,
         verify: bool = True,
         ticket_prefix: str = "upbit-broker",
+        stats: ControllerStats | None = None,
     ) -> None:
         self.fmt = fmt
         self.per_second = per_second
         self.per_minute = per_minute
         self.coalesce_delay = coalesce_delay
         self.verify = verify
-        self.stats = ControllerStats()
+        self.stats = ControllerStats() if stats is None else stats
         self._ticket_prefix = ticket_prefix
         self._tickets = itertools.count(1)
         self._desired: SubscriptionSet = EMPTY
@@ -338,4 +329,4 @@ class SubscriptionController:
         self._snapshot_routable = self._snapshot_routable - keys
 
 
-__all__ = ["TEXT_PING", "ControllerStats", "SubscriptionController"]
+__all__ = ["TEXT_PING", "VERIFY_DELAY", "VERIFY_TIMEOUT", "SubscriptionController"]

@@ -2,7 +2,8 @@
 
 A consumer whose lease is rejected, trimmed or expired would otherwise only meet silence. The
 leader keeps the last state it announced for each client id and, after every lease read,
-publishes one ``lease`` event on ``{ns}:events`` per change (design.md, "Events"):
+publishes one ``lease`` event on ``{ns}:events`` per change (design.md, "Events"; the states
+are ``broker.contract.LEASE_STATES``):
 
     {"event":"lease","client_id":ID,"state":"invalid|partial|expired|ok","why":TEXT,
      "rejected":{stream:[codes]},"rejected_count":N,"broker":BROKER,"ts_ms":T}
@@ -18,26 +19,46 @@ with no memory, so it announces every partial or invalid lease once when it take
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
+from broker.contract import LeaseEvent
 from broker.errors import ConfigError
 from broker.keys import validate_name
-from broker.leases import LeaseListing, Rejected, describe_rejected, rejected_by_type
+
+# The pure half of broker.leases (the lease values and how rejected entries are described);
+# that module also holds the Redis store, so importing it brings redis along.
+from broker.core.lease import describe_rejected, rejected_by_type
+
+if TYPE_CHECKING:
+    from broker.core.lease import Lease, Rejected
 
 OK = "ok"
 PARTIAL = "partial"
 INVALID = "invalid"
 EXPIRED = "expired"
-#: every state a lease event can carry
-LEASE_STATES = (OK, PARTIAL, INVALID, EXPIRED)
 #: rejected entries one event lists (``rejected_count`` has them all)
 MAX_REJECTED_IN_EVENT = 50
 
 _EXPIRED_WHY = "not renewed before its deadline; renew every ttl_ms/3 (the heartbeat)"
 _VANISHED_WHY = "the lease disappeared without a release (it expired, or was deleted)"
 _OK_WHY = "every entry is served"
+
+
+class LeaseView(Protocol):
+    """Every lease as now known: ``broker.leases.LeaseListing``, or the leader's own view
+    between two listings."""
+
+    @property
+    def leases(self) -> Sequence[Lease]: ...
+
+    @property
+    def invalid(self) -> Sequence[tuple[str, str]]: ...
+
+    @property
+    def expired(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,20 +85,21 @@ class LeaseChange:
         """False for a garbage index member or key name: nobody to tell (log it only)."""
         return _is_client_id(self.client_id)
 
-    def event(self, broker: str, ts_ms: int) -> dict[str, Any]:
-        """The JSON object published on ``{ns}:events``."""
-        body: dict[str, Any] = {
-            "event": "lease",
-            "client_id": self.client_id,
-            "state": self.state,
-            "why": self.why,
-        }
-        if self.rejected:
-            body["rejected"] = rejected_by_type(self.rejected[:MAX_REJECTED_IN_EVENT])
-            body["rejected_count"] = len(self.rejected)
-        body["broker"] = broker
-        body["ts_ms"] = ts_ms
-        return body
+    def event(self, broker: str, ts_ms: int) -> LeaseEvent:
+        """The event published on ``{ns}:events`` (``broker.contract.LeaseEvent``)."""
+        if not self.rejected:
+            return LeaseEvent(
+                client_id=self.client_id, state=self.state, why=self.why, broker=broker, ts_ms=ts_ms
+            )
+        return LeaseEvent(
+            client_id=self.client_id,
+            state=self.state,
+            why=self.why,
+            rejected=rejected_by_type(self.rejected[:MAX_REJECTED_IN_EVENT]),
+            rejected_count=len(self.rejected),
+            broker=broker,
+            ts_ms=ts_ms,
+        )
 
 
 def _partial_why(served: int, rejected: tuple[Rejected, ...]) -> str:
@@ -112,7 +134,7 @@ class LeaseFeedback:
         self._states.clear()
 
     def update(
-        self, listing: LeaseListing, *, named: Collection[str] = (), quiet: bool = False
+        self, listing: LeaseView, *, named: Collection[str] = (), quiet: bool = False
     ) -> list[LeaseChange]:
         """Fold in a complete view of the leases; return the changes to announce, by client id.
 
@@ -154,14 +176,35 @@ class LeaseFeedback:
         return changes
 
 
+def log_changes(changes: Sequence[LeaseChange], log: logging.Logger) -> int:
+    """Log each change of a lease's state (a warning for what is not served, expiries in one
+    line); returns how many leases expired."""
+    expired = [change.client_id for change in changes if change.state == EXPIRED]
+    for change in changes:
+        if change.state == INVALID:
+            log.warning("skipped invalid lease %s: %s", change.client_id, change.why)
+        elif change.state == PARTIAL:
+            log.warning("lease %s served in part: %s", change.client_id, change.why)
+        elif change.state != EXPIRED:
+            log.info("lease %s is fully served again", change.client_id)
+    if expired:
+        log.info(
+            "leases expired: %s",
+            ", ".join(expired),
+            extra={"event": "lease_expired", "client_ids": expired},
+        )
+    return len(expired)
+
+
 __all__ = [
     "EXPIRED",
     "INVALID",
-    "LEASE_STATES",
     "MAX_REJECTED_IN_EVENT",
     "OK",
     "PARTIAL",
     "LeaseChange",
     "LeaseFeedback",
     "LeaseState",
+    "LeaseView",
+    "log_changes",
 ]

@@ -1,0 +1,99 @@
+"""Gaps: what a new upstream connection announces about the data that may be missing before it
+(pure: no I/O).
+
+The upstream adapter says why a connection ended with a typed :class:`Loss` (never log text);
+the leader core feeds it here with the wall clock of the last frame published. At the next
+connection, :meth:`GapTracker.connected` gives the ``gap`` event to publish, if any:
+
+- a loss (a close, a stall, an Upbit error frame) announces a gap from the last frame published
+  in this leader phase before it (or from the loss itself when the phase published none) to the
+  new connection, with the loss's reason;
+- the planned switch to a fresh connection (the set shrank to nothing) loses nothing: no gap;
+- the first connection of a leader that took over from another broker announces a ``takeover``
+  gap from the previous leader's last frame (as its status hash says); it wins over a loss.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from broker.contract import GapEvent
+
+
+class GapReason(enum.StrEnum):
+    """The ``reason`` of a ``gap`` event (``broker.contract.GAP_REASONS``)."""
+
+    RECONNECT = "reconnect"
+    TAKEOVER = "takeover"
+    STALL = "stall"
+    ERROR = "error"
+
+
+class Loss(enum.Enum):
+    """Why the upstream connection ended: the upstream adapter's verdict."""
+
+    #: closed or broken (a close frame, a reset, a missing pong)
+    CLOSED = "closed"
+    #: no frame at all for ``stall_timeout``
+    STALL = "stall"
+    #: Upbit refused us with an error frame (and closes the socket)
+    ERROR_FRAME = "error_frame"
+    #: planned: the set shrank to nothing, a fresh connection took over; nothing was lost
+    FRESH_SWITCH = "fresh_switch"
+
+    @property
+    def gap_reason(self) -> GapReason | None:
+        """The gap this loss announces (None: nothing lost)."""
+        return _GAP_OF_LOSS[self]
+
+
+_GAP_OF_LOSS = {
+    Loss.CLOSED: GapReason.RECONNECT,
+    Loss.STALL: GapReason.STALL,
+    Loss.ERROR_FRAME: GapReason.ERROR,
+    Loss.FRESH_SWITCH: None,
+}
+
+
+class GapTracker:
+    """The gap the next connection of one leader phase announces. Times are wall-clock ms."""
+
+    def __init__(self, broker_id: str) -> None:
+        self.broker_id = broker_id
+        self._started_ms = 0
+        self._pending: tuple[GapReason, int] | None = None
+        self._takeover_since_ms = 0
+
+    def took_lead(self, now_ms: int, another_process: bool, previous_last_frame_ms: int) -> None:
+        """The phase started; the status hash was written by ``another_process`` (not this
+        one, whatever its ``broker_id``), whose last frame was ``previous_last_frame_ms``."""
+        self._started_ms = now_ms
+        if another_process and previous_last_frame_ms > 0:
+            self._takeover_since_ms = previous_last_frame_ms
+
+    def lost(self, loss: Loss, at_ms: int, last_frame_ms: int) -> None:
+        """The connection ended at ``at_ms``; ``last_frame_ms``: the last frame published by
+        this process (0: none), which counts only if it belongs to this phase."""
+        reason = loss.gap_reason
+        if reason is None:
+            return  # a planned switch; an earlier loss still waits for the next connection
+        mine = last_frame_ms and last_frame_ms >= self._started_ms
+        self._pending = (reason, last_frame_ms if mine else at_ms)
+
+    def connected(self, epoch: int, at_ms: int) -> GapEvent | None:
+        """A connection (not the planned switch) opened at ``at_ms`` with this epoch: the gap
+        event to publish, if data may be missing; each gap is announced once."""
+        gap = self._pending
+        if self._takeover_since_ms:
+            gap = (GapReason.TAKEOVER, self._takeover_since_ms)
+        self._pending = None
+        self._takeover_since_ms = 0
+        if gap is None:
+            return None
+        reason, since = gap
+        return GapEvent(
+            epoch=epoch, since_ms=since, until_ms=at_ms, reason=reason.value, broker=self.broker_id
+        )
+
+
+__all__ = ["GapReason", "GapTracker", "Loss"]

@@ -1,0 +1,527 @@
+"""The leader's rules, fed and drained like a sans-I/O protocol (pure: no asyncio, redis or
+websockets, and no clock of its own: every input carries ``now``).
+
+The service's leader phase runs small I/O tasks around one :class:`LeaderCore`; each feeds it
+what it read and writes what it asks for. The core owns the subscription controller
+(``control``), the lease reconciler (``reconcile``), the snapshot desk (``snapshots``), the
+lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet streams
+(``quiet``), all in ``broker.core``:
+
+    feed   took_lead(now_ms, previous_leader, previous_last_frame_ms) / phase_ended()
+           control_message(data, now) -> Wake / control_subscribed(now) / control_lost(why, now)
+           redis_emptied(now) / begin_lease_read(now) -> LeaseRead
+           leases_listed(listing, now, now_ms) / leases_read(reads, now, now_ms)
+           lease_read_failed(now)
+           upstream_connected(now, at_ms, fresh=) -> bool / epoch_assigned(epoch)
+           upstream_lost(loss, at_ms, last_frame_ms) / resubscribes_confirmed(ids)
+           command(raw, now) -> CacheQuery | None / cached(query, values, now)
+           published(frames, now) / tick(now) / events_sent(events, ok=)
+    drain  take_controller_changed()   the one "desired or controller changed" signal
+           events_to_publish() / replies_to_send() / status(now, now_ms)
+    ask    desired, epoch, connected, awaited_streams, watches_epoch_key, in_grace(now),
+           quiet_codes(now), next_wakeup(now), next_lease_read()
+
+The rules, each table-tested in ``tests/test_leader_core.py`` (the pieces it owns say theirs):
+
+- Union grace: when Redis lost its data (the epoch key vanished) or the control channel broke,
+  leases may be missing until their holders re-assert them (within a heartbeat): the union held
+  before stays wanted, on top of what the leases ask, for one lease TTL, and no expiry is
+  announced meanwhile. Holding again during a grace extends it and keeps both sets.
+- Connections: each gets a new epoch and a ``connected`` event, after the gap event it owes
+  (``broker.core.gaps``); the planned switch to a fresh connection keeps the epoch, says nothing.
+- Commands: a snapshot goes to the snapshot desk; a resubscribe is answered once verified (the
+  reply carries the epoch and the upstream set); any other op is refused with a reason; an
+  unreadable command (no id to answer) is dropped and counted.
+- Leases: what to read when and the union (the reconciler), what each holder is told (the
+  feedback), the status counts. Quiet streams: ``broker.core.quiet``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from broker.contract import (
+    CommandError,
+    ConnectedEvent,
+    DroppedFrames,
+    ErrorReply,
+    Event,
+    LeaderEvent,
+    LeaseEvent,
+    Reply,
+    ResubscribeCommand,
+    ResubscribeReply,
+    Status,
+    decode_command,
+    encode_event,
+    encode_reply,
+)
+from broker.core.control import SubscriptionController
+from broker.core.gaps import GapTracker, Loss
+from broker.core.lease_feedback import LeaseFeedback, log_changes
+from broker.core.quiet import QuietStreams
+from broker.core.reconcile import LeaseRead, LeaseReconciler
+from broker.core.snapshots import SNAPSHOT_DEPTH, CacheQuery, SnapshotDesk
+from broker.core.stats import Counters
+from broker.settings import BrokerSettings, redact_url
+from broker.upbit.types import EMPTY, StreamKey, SubscriptionSet, union
+
+if TYPE_CHECKING:
+    from broker.core.lease import LeaseListing, LeaseReads
+
+_json = msgspec.json.Encoder()
+
+
+class Wake(enum.Enum):
+    """Which task a control message is for."""
+
+    LEASES = "leases"
+    COMMANDS = "commands"
+
+
+@dataclass(frozen=True, slots=True)
+class OutEvent:
+    """An event to PUBLISH on ``{ns}:events``: the Struct, and its bytes."""
+
+    event: Event
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutReply:
+    """A reply to RPUSH to ``{ns}:reply:{request_id}`` (then PEXPIRE it)."""
+
+    request_id: str
+    data: bytes
+
+
+class LeaderCore:
+    """The rules of one leader phase. Times: ``now`` monotonic seconds, ``*_ms`` wall clock."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        counters: Counters | None = None,
+        *,
+        epoch: int = 0,
+        token: str = "",
+        logger: logging.Logger | None = None,
+    ) -> None:
+        """A core that leads nothing yet (:meth:`took_lead` starts the phase).
+
+        Args:
+            settings: the broker's settings.
+            counters: the broker's counters (they outlive the phase).
+            epoch: the last epoch this broker knew (0: none yet).
+            token: this process's leader-lock token (the status carries it: a successor tells
+                a restart of the same ``broker_id`` from itself by it, see :meth:`took_lead`).
+            logger: where the rules log (the service passes its own: operators know its name).
+        """
+        s = self.settings = settings
+        self.broker_id = s.broker_id
+        self.token = token
+        self.counters = Counters() if counters is None else counters
+        self.stats = self.counters.broker
+        self.log = logger if logger is not None else logging.getLogger(__name__)
+        self.controller = SubscriptionController(
+            fmt=s.upstream_format,
+            per_second=s.rate_per_second,
+            per_minute=s.rate_per_minute,
+            coalesce_delay=s.coalesce_delay,
+            verify=s.verify_subscriptions,
+            ticket_prefix=s.broker_id,
+            stats=self.counters.control,
+        )
+        self.leases = LeaseReconciler(
+            interval=s.reconcile_interval, coalesce_delay=s.coalesce_delay
+        )
+        self.snapshots = SnapshotDesk(self.stats)
+        self.feedback = LeaseFeedback()
+        self.gaps = GapTracker(s.broker_id)
+        self.quiet = QuietStreams(s.quiet_after, check_every=s.status_interval)
+        self.epoch = epoch
+        #: the union of the leases (plus a held union during a grace): what upstream should hold
+        self.desired: SubscriptionSet = EMPTY
+        self.leading = False
+        self.connected = False
+        self._controller_changed = False
+        self._events: list[OutEvent] = []
+        self._replies: list[OutReply] = []
+        self._grace_until: float | None = None
+        self._grace_set: SubscriptionSet = EMPTY
+        self._connected_at_ms = 0
+
+    # -- the phase ----------------------------------------------------------------------------
+
+    def took_lead(
+        self, now_ms: int, previous_token: str = "", previous_last_frame_ms: int = 0
+    ) -> None:
+        """This broker took the lock; the status hash was written by the process holding
+        ``previous_token`` ("" from a broker older than tokens), whose last frame was
+        ``previous_last_frame_ms`` (0: none). Frames of any other process, a restart of the
+        same ``broker_id`` included, end in a takeover gap at our first connection; the
+        ``broker_id`` is a label, never the fence."""
+        self.leading = True
+        # A status without a token (an older broker's) counts as another process's: a gap
+        # announced in vain is harmless, a loss nobody announces is not.
+        other = previous_token != self.token
+        self.gaps.took_lead(now_ms, other, previous_last_frame_ms)
+        self._event(LeaderEvent(broker=self.broker_id, ts_ms=now_ms))
+
+    def phase_ended(self) -> None:
+        """The leader phase is over (the status now names no leader)."""
+        self.leading = False
+        self.connected = False
+
+    # -- the control channel and the leases ---------------------------------------------------
+
+    def control_message(self, data: bytes, now: float) -> Wake:
+        """A message on ``{ns}:control``: ``request`` (commands wait), ``lease <id>`` or
+        ``release <id>`` (read that lease), anything else (read every lease)."""
+        if data.startswith(b"request"):
+            return Wake.COMMANDS
+        kind, _, client_id = data.partition(b" ")
+        if kind in (b"lease", b"release") and client_id:
+            self.leases.named(client_id.decode(errors="replace"), now)
+        else:
+            self.leases.read_all_soon(now)
+        return Wake.LEASES
+
+    def control_subscribed(self, now: float) -> None:
+        """(Re)subscribed to the control channel: messages may have been missed."""
+        self.leases.read_all_soon(now)
+
+    def control_lost(self, why: str, now: float) -> None:
+        """The control channel broke: Redis may be restarting, perhaps empty."""
+        self._hold_union(f"control channel lost ({why})", now)
+
+    @property
+    def watches_epoch_key(self) -> bool:
+        """Check ``{ns}:epoch`` before each lease read: only its loss reveals an emptied Redis
+        (it vanishes with the data, and exists once an epoch was assigned)."""
+        return self.epoch > 0
+
+    def redis_emptied(self, now: float) -> None:
+        """The epoch key vanished: Redis lost its data (and every lease, until re-asserted).
+        The service writes the epoch back (SET NX) so this is noticed once."""
+        self._hold_union("redis lost its data", now)
+        self.leases.read_all_now()
+
+    def begin_lease_read(self, now: float) -> LeaseRead:
+        """What the lease task reads now (it waits for :meth:`next_lease_read` first)."""
+        return self.leases.begin(now)
+
+    def leases_listed(self, listing: LeaseListing, now: float, now_ms: int) -> None:
+        """A full listing (``LeaseStore.list_all``) for :meth:`begin_lease_read`."""
+        read = self.leases.reading
+        self.leases.listed(listing, now)
+        self.stats.lease_listings += 1
+        self._leases_changed(read, now, now_ms)
+
+    def leases_read(self, reads: LeaseReads, now: float, now_ms: int) -> None:
+        """Single leases (``LeaseStore.read_many``) for :meth:`begin_lease_read`."""
+        read = self.leases.reading
+        if read is not None:
+            self.stats.lease_reads += len(read.ids) - len(reads.ignored)
+        self.leases.read(reads, now)
+        self._leases_changed(read, now, now_ms)
+
+    def lease_read_failed(self, now: float) -> None:
+        self.leases.failed(now)
+
+    def next_lease_read(self) -> float:
+        """When the lease task should next read (monotonic)."""
+        return self.leases.due()
+
+    # -- upstream -----------------------------------------------------------------------------
+
+    def upstream_connected(self, now: float, at_ms: int, *, fresh: bool) -> bool:
+        """A new upstream connection opened at ``at_ms``; True when it needs a new epoch
+        (``INCR {ns}:epoch``, then :meth:`epoch_assigned`). ``fresh``: the planned switch
+        because the set shrank to nothing, which keeps the epoch and announces nothing."""
+        self.connected = True
+        self.quiet.connected(self.desired, now)
+        if fresh:
+            self.log.info(
+                "fresh upstream connection (the set shrank to nothing): epoch stays %d",
+                self.epoch,
+                extra={"event": "fresh_connection", "epoch": self.epoch},
+            )
+            return False
+        self._connected_at_ms = at_ms
+        return True
+
+    def epoch_assigned(self, epoch: int | None) -> None:
+        """The new connection's epoch (None: Redis did not answer; counted on locally).
+        Queues the gap event (if data may be missing) and the ``connected`` event."""
+        self.epoch = self.epoch + 1 if epoch is None else epoch
+        until = self._connected_at_ms
+        gap = self.gaps.connected(self.epoch, until)
+        if gap is not None:
+            assert gap.since_ms is not None
+            span_ms = until - gap.since_ms
+            self._event(gap)
+            self.log.info(
+                "gap event: epoch=%d reason=%s span_ms=%d",
+                self.epoch,
+                gap.reason,
+                span_ms,
+                extra={
+                    "event": "gap",
+                    "epoch": self.epoch,
+                    "reason": gap.reason,
+                    "span_ms": span_ms,
+                },
+            )
+        self._event(ConnectedEvent(epoch=self.epoch, broker=self.broker_id, ts_ms=until))
+        self.log.info(
+            "upstream connected: epoch=%d url=%s",
+            self.epoch,
+            redact_url(self.settings.upstream_url),
+            extra={"event": "connected", "epoch": self.epoch},
+        )
+
+    def upstream_lost(self, loss: Loss, at_ms: int, last_frame_ms: int) -> None:
+        """The connection ended at ``at_ms`` (``last_frame_ms``: the wall clock of the last
+        frame published, 0: none); the next connection announces the gap (``broker.core.gaps``)."""
+        self.connected = False
+        self.gaps.lost(loss, at_ms, last_frame_ms)
+
+    def resubscribes_confirmed(self, request_ids: Iterable[str]) -> None:
+        """LIST_SUBSCRIPTIONS confirmed the full set these resubscribe commands asked for."""
+        upstream = self.controller.upstream.by_type()
+        for request_id in request_ids:
+            self._reply(ResubscribeReply(id=request_id, epoch=self.epoch, upstream=upstream))
+
+    # -- commands and snapshots ---------------------------------------------------------------
+
+    def command(self, raw: bytes, now: float) -> CacheQuery | None:
+        """One entry of ``{ns}:requests``. A snapshot of flowing streams returns the cache
+        lookup to make (then :meth:`cached`); everything else is answered from here."""
+        self.stats.commands += 1
+        try:
+            command = decode_command(raw)
+        except CommandError as exc:
+            self.stats.bad_commands += 1
+            if exc.request_id is None:
+                self.log.warning("dropped unreadable command: %s", exc)
+            else:
+                self._reply(ErrorReply(id=exc.request_id, error=str(exc)))
+            return None
+        if isinstance(command, ResubscribeCommand):
+            self.stats.resubscribes_forced += 1
+            self.log.info("resubscribe requested (%s)", command.id)
+            self.controller.force_resubscribe(command.id, now)
+            self._controller_changed = True
+            return None
+        query = self.snapshots.query(command, self.controller.upstream, now)
+        if query.codes and self.settings.last_value_cache:
+            return query
+        self.cached(query, (), now)
+        return None
+
+    def cached(self, query: CacheQuery, values: Sequence[object], now: float) -> None:
+        """The last-value cache's answer to ``query`` (``()`` when it could not be read):
+        what it lacks is fetched upstream."""
+        missing = self.snapshots.cached(query, values, now)
+        if missing:
+            fetch = SubscriptionSet(dict.fromkeys(missing, SNAPSHOT_DEPTH))
+            self.controller.request_snapshot(fetch, now)
+            self._controller_changed = True
+        self._finish_snapshots(now)
+
+    def published(self, frames: Iterable[tuple[StreamKey, bytes]], now: float) -> None:
+        """Frames of :attr:`awaited_streams` were published (the publisher's watch)."""
+        self.snapshots.published(frames)
+        self._finish_snapshots(now)
+
+    @property
+    def awaited_streams(self) -> frozenset[StreamKey]:
+        """Streams whose next published frame a snapshot request waits for."""
+        return self.snapshots.awaited
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Timers: a grace that ended, snapshot requests past their deadline, quiet streams."""
+        if self._grace_until is not None and now >= self._grace_until:
+            self._grace_until = None
+            self._grace_set = EMPTY
+            self._apply_union(now, None)
+        self._finish_snapshots(now)
+        if self.connected:
+            self._refresh_quiet(now)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When :meth:`tick` next has something to do (None: only on new input)."""
+        times = [t for t in (self._grace_until, self.snapshots.next_deadline()) if t is not None]
+        if self.connected:
+            times.append(self.quiet.next_check())
+        return min(times, default=None)
+
+    def in_grace(self, now: float) -> bool:
+        """True while a held union is kept (see the module docstring)."""
+        return self._grace_until is not None and now < self._grace_until
+
+    def quiet_codes(self, now: float) -> list[str]:
+        """``type:code`` of the streams upstream holds that published nothing for
+        ``quiet_after`` (none while disconnected)."""
+        if not self.connected:
+            return []
+        quiet = self.quiet.quiet(self.controller.upstream, self.counters.publish.last_seen, now)
+        return sorted(f"{key.type}:{key.code}" for key in quiet)
+
+    # -- drain --------------------------------------------------------------------------------
+
+    def take_controller_changed(self) -> bool:
+        """True once after the desired set or the controller's state changed: the upstream
+        send loop must look at the controller again."""
+        changed, self._controller_changed = self._controller_changed, False
+        return changed
+
+    @property
+    def has_output(self) -> bool:
+        """Events or replies wait to be written."""
+        return bool(self._events or self._replies)
+
+    def events_to_publish(self) -> list[OutEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def replies_to_send(self) -> list[OutReply]:
+        replies, self._replies = self._replies, []
+        return replies
+
+    def events_sent(self, events: Sequence[OutEvent], *, ok: bool) -> None:
+        """The outcome of publishing ``events``: lease events that were lost are announced
+        again after the next lease read."""
+        leases = sum(1 for out in events if isinstance(out.event, LeaseEvent))
+        if ok:
+            self.stats.lease_events += leases
+        elif leases:
+            self.feedback.reset()
+
+    def status(self, now: float, now_ms: int) -> Status:
+        """The status ``{ns}:status`` (design.md "Status"); ``encode_status`` makes the hash.
+
+        ``frames_dropped`` is every frame received upstream that did not reach Redis, by one
+        definition for the status and the metrics: its reasons are ``frames_dropped_by_reason``.
+        """
+        up, pub = self.counters.upstream, self.counters.publish
+        ctl, b = self.counters.control, self.stats
+        return Status(
+            leader=self.broker_id if self.leading else "",
+            leader_token=self.token,
+            connected=self.connected,
+            epoch=self.epoch,
+            reconnects=up.reconnects,
+            resubscribes=ctl.subscribe_requests,
+            list_requests=ctl.list_requests,
+            verify_mismatches=ctl.verify_mismatches,
+            deferred_sends=ctl.deferred,
+            desired=self.desired.by_type(),
+            upstream=self.controller.upstream.by_type(),
+            last_error=up.last_error,
+            frames_in=up.frames_in,
+            frames_published=pub.published,
+            frames_dropped_by_reason=DroppedFrames(
+                unleased=up.dropped_unleased,
+                malformed=up.malformed,
+                overflow=pub.dropped_overflow,
+                not_leader=pub.dropped_not_leader,
+                redis=pub.dropped_redis,
+            ),
+            leases=b.leases,
+            invalid_leases=b.invalid_leases,
+            partial_leases=b.partial_leases,
+            rejected_streams=b.rejected_streams,
+            redis_errors=b.redis_errors + pub.redis_errors,
+            last_frame_ms=pub.last_publish_ms,
+            updated_ms=now_ms,
+            status_interval_ms=round(self.settings.status_interval * 1000),
+            upstream_url=redact_url(self.settings.upstream_url),
+            quiet_codes=self.quiet_codes(now),
+        )
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def _event(self, event: Event) -> None:
+        self._events.append(OutEvent(event, encode_event(event)))
+
+    def _reply(self, reply: Reply) -> None:
+        self._replies.append(OutReply(reply.id, encode_reply(reply)))
+
+    def _hold_union(self, why: str, now: float) -> None:
+        held = union(self._grace_set, self.desired) if self.in_grace(now) else self.desired
+        self._grace_until = now + self.settings.lease_ttl
+        self._grace_set = held
+        self.log.warning(
+            "%s: holding the union (%d streams) for %.0fs",
+            why,
+            len(self.desired),
+            self.settings.lease_ttl,
+        )
+
+    def _leases_changed(self, read: LeaseRead | None, now: float, now_ms: int) -> None:
+        view = self.leases.snapshot()
+        named = read.ids if read is not None else frozenset()
+        # Redis lost its data (or may have): leases vanish until their holders re-assert
+        # them within a heartbeat; that is no expiry to announce.
+        changes = self.feedback.update(view, named=named, quiet=self.in_grace(now))
+        b = self.stats
+        b.leases = len(view.leases)
+        b.invalid_leases = len(view.invalid)
+        b.partial_leases = sum(1 for lease in view.leases if lease.rejected)
+        b.rejected_streams = sum(len(lease.rejected) for lease in view.leases)
+        self._apply_union(now, read.noticed_at if read is not None else None)
+        if changes:
+            self.stats.lease_expiries += log_changes(changes, self.log)
+            for change in changes:
+                if change.has_holder:
+                    self._event(change.event(self.broker_id, now_ms))
+
+    def _apply_union(self, now: float, noticed_at: float | None) -> None:
+        wanted = self.leases.union or EMPTY
+        if self.in_grace(now):
+            wanted = union(wanted, self._grace_set)
+        if wanted == self.desired:
+            return
+        self.stats.union_recomputes += 1
+        self.log.info(
+            "union changed: %d streams from %d leases",
+            len(wanted),
+            len(self.leases.leases),
+            extra={"event": "union", "streams": len(wanted), "leases": len(self.leases.leases)},
+        )
+        self.desired = wanted
+        self.quiet.wanted(wanted, now)
+        self.controller.set_desired(wanted, now, noticed_at)
+        self._controller_changed = True
+
+    def _finish_snapshots(self, now: float) -> None:
+        replies, delivered = self.snapshots.finish(now)
+        for reply in replies:
+            self._reply(reply)
+        if delivered:
+            self.controller.snapshot_streams_done(delivered)
+
+    def _refresh_quiet(self, now: float) -> None:
+        streams = self.quiet.refresh(self.controller.upstream, self.counters.publish.last_seen, now)
+        if streams is None:
+            return
+        self.stats.quiet_refreshes += 1
+        self.log.info(
+            "quiet streams, asking for fresh snapshots: %s",
+            ", ".join(f"{key.type}:{key.code}" for key in list(streams)[:10]),
+        )
+        self.controller.request_snapshot(streams, now)
+        self._controller_changed = True
+
+
+__all__ = ["LeaderCore", "OutEvent", "OutReply", "Wake"]

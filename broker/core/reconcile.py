@@ -1,0 +1,221 @@
+"""Which leases to read when, and what they add up to (pure: no I/O).
+
+The service's lease task asks :meth:`LeaseReconciler.begin` what to read, reads it from Redis
+(``LeaseStore.list_all`` or ``read_many``) and feeds the result back (:meth:`listed`,
+:meth:`read`, :meth:`failed`). This class keeps the valid, invalid and expired leases between
+reads, their union, and the schedule:
+
+- a control message names its lease (``lease <id>``, ``release <id>``): a change, or a
+  heartbeat, costs a read of that lease, not of all of them (1,000 consumers renewing every few
+  seconds kept half a core busy re-reading every lease on every renewal);
+- every lease is read when a message names nothing readable, when the control channel was
+  (re)subscribed (messages may have been missed), after a failed read, every
+  ``reconcile_interval`` (every fifth of those listings also SCANs for hashes missing from the
+  index), and just after the earliest lease deadline (server clock), so an expiry is seen
+  within ~20 ms; a deadline that passed with its lease still there (Redis expires keys a little
+  late) is retried at a calm 0.1 s, not every 10 ms;
+- a burst of messages is read once, ``coalesce_delay`` after the first: listing 1,000 leases
+  costs ~0.1 s. That wait is the coalescing window; the controller does not add another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from broker.upbit.types import SubscriptionSet, union
+
+if TYPE_CHECKING:
+    from broker.core.lease import Lease, LeaseListing, LeaseReads
+
+#: every this many full listings, one also SCANs for lease hashes missing from the index
+SCAN_EVERY = 5
+#: a full listing this long after the earliest deadline (Redis may expire keys a little late)
+AFTER_DEADLINE = 0.02
+#: a deadline that passed but whose lease is still there is looked at again this much later
+OVERDUE_RETRY = 0.1
+#: the soonest a listing for a deadline follows the previous read
+MIN_WAIT = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRead:
+    """What to read now.
+
+    Attributes:
+        full: list every lease (``LeaseStore.list_all``); else read ``ids`` (``read_many``).
+        scan: the full listing also SCANs for hashes missing from the index.
+        ids: the client ids named on the control channel since the last read.
+        noticed_at: when the first of those messages arrived (None: a scheduled read).
+    """
+
+    full: bool
+    scan: bool
+    ids: frozenset[str]
+    noticed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSnapshot:
+    """Every lease as known after the last read (a ``LeaseView`` for the lease feedback)."""
+
+    leases: list[Lease]
+    invalid: list[tuple[str, str]]
+    expired: list[str]
+
+
+def merge_reads(
+    cache: dict[str, Lease],
+    invalid: dict[str, str],
+    reads: LeaseReads,
+    expired: set[str] | None = None,
+) -> bool:
+    """Fold :meth:`LeaseStore.read_many` results into the cached leases (and the invalid and
+    expired ones); True when the union may have changed (a lease came, went, or asks for other
+    streams: a renewal of the same ``subs`` text gives the very same set object, see
+    ``parse_lease``'s memo)."""
+    expired = set() if expired is None else expired
+    changed = False
+    for client_id in reads.gone:
+        invalid.pop(client_id, None)
+        expired.discard(client_id)
+        changed |= cache.pop(client_id, None) is not None
+    for client_id in reads.expired:
+        invalid.pop(client_id, None)
+        expired.add(client_id)
+        changed |= cache.pop(client_id, None) is not None
+    for client_id, reason in reads.invalid:
+        invalid[client_id] = reason
+        expired.discard(client_id)
+        changed |= cache.pop(client_id, None) is not None
+    for lease in reads.leases:
+        invalid.pop(lease.client_id, None)
+        expired.discard(lease.client_id)
+        old = cache.get(lease.client_id)
+        cache[lease.client_id] = lease
+        changed |= old is None or old.subscriptions is not lease.subscriptions
+    return changed
+
+
+class LeaseReconciler:
+    """The leases as last read, and when to read them again. Times are monotonic seconds."""
+
+    def __init__(self, *, interval: float, coalesce_delay: float) -> None:
+        self.interval = interval
+        self.coalesce_delay = coalesce_delay
+        #: the valid leases, by client id
+        self.leases: dict[str, Lease] = {}
+        #: client id -> why its lease is skipped
+        self.invalid: dict[str, str] = {}
+        #: client ids whose lease expired (since the last full listing)
+        self.expired: set[str] = set()
+        #: the union of the valid leases (None: nothing read yet)
+        self.union: SubscriptionSet | None = None
+        self.listings = 0
+        self._server_now_ms = 0
+        self._named: set[str] = set()
+        self._full = True  # the next read must list every lease
+        self._full_at = 0.0  # when the next full listing is due (0: at once)
+        self._noticed_at: float | None = None
+        self._reading: LeaseRead | None = None
+
+    # -- feed ---------------------------------------------------------------------------------
+
+    def named(self, client_id: str, now: float) -> None:
+        """A control message named this lease (written, renewed or released)."""
+        self._named.add(client_id)
+        self._notice(now)
+
+    def read_all_soon(self, now: float) -> None:
+        """Something may have been missed (a message naming no lease, a resubscribed control
+        channel): the next read lists every lease, one coalescing window from now."""
+        self._full = True
+        self._notice(now)
+
+    def read_all_now(self) -> None:
+        """The next read lists every lease, whenever it is (Redis lost its data)."""
+        self._full = True
+
+    def begin(self, now: float) -> LeaseRead:
+        """Start a read (due or not: :meth:`due` says when); feed its result back."""
+        named, self._named = self._named, set()
+        full = self._full or now >= self._full_at or not named
+        self._full = False
+        scan = full and self.listings % SCAN_EVERY == 0
+        self._reading = LeaseRead(full, scan, frozenset(named), self._noticed_at)
+        self._noticed_at = None
+        return self._reading
+
+    def listed(self, listing: LeaseListing, now: float) -> None:
+        """A full listing arrived."""
+        self._reading = None
+        self.listings += 1
+        self.leases = {lease.client_id: lease for lease in listing.leases}
+        self.invalid = dict(listing.invalid)
+        self.expired = set(listing.expired)
+        self.union = union(*(lease.subscriptions for lease in self.leases.values()))
+        self._server_now_ms = listing.server_now_ms
+        self._full_at = now + self.interval
+        self._after_deadline(now)
+
+    def read(self, reads: LeaseReads, now: float) -> bool:
+        """Single leases arrived; True when the union may have changed."""
+        self._reading = None
+        if reads.ignored:
+            self._full_at = now  # a message that cannot be pinned to a lease: read them all
+        changed = merge_reads(self.leases, self.invalid, reads, self.expired)
+        if changed or self.union is None:
+            self.union = union(*(lease.subscriptions for lease in self.leases.values()))
+        self._server_now_ms = reads.server_now_ms
+        self._after_deadline(now)
+        return changed
+
+    def failed(self, now: float) -> None:
+        """The read failed: read everything (and the ids it was to read) once Redis answers,
+        at the next message or one interval from now."""
+        if self._reading is not None:
+            self._named |= self._reading.ids
+            self._reading = None
+        self._full = True
+        self._full_at = now + self.interval
+
+    # -- ask ----------------------------------------------------------------------------------
+
+    def due(self) -> float:
+        """When the next read is due (monotonic): the next full listing, or one coalescing
+        window after the first message since the last read."""
+        at = self._full_at
+        if self._noticed_at is not None:
+            at = min(at, self._noticed_at + self.coalesce_delay)
+        return at
+
+    @property
+    def reading(self) -> LeaseRead | None:
+        """The read begun and not yet fed back."""
+        return self._reading
+
+    def snapshot(self) -> LeaseSnapshot:
+        """Every lease as now known: valid, invalid (sorted) and expired (sorted)."""
+        return LeaseSnapshot(
+            leases=list(self.leases.values()),
+            invalid=sorted(self.invalid.items()),
+            expired=sorted(self.expired),
+        )
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def _notice(self, now: float) -> None:
+        if self._noticed_at is None:
+            self._noticed_at = now
+
+    def _after_deadline(self, now: float) -> None:
+        """A full listing just after the earliest lease would expire (by the server clock)."""
+        if not self.leases:
+            return
+        earliest = min(lease.deadline_ms for lease in self.leases.values())
+        until = (earliest - self._server_now_ms) / 1000 + AFTER_DEADLINE
+        wait = max(MIN_WAIT, until) if until > 0 else OVERDUE_RETRY
+        self._full_at = min(self._full_at, now + wait)
+
+
+__all__ = ["LeaseRead", "LeaseReconciler", "LeaseSnapshot", "merge_reads"]

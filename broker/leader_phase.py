@@ -1,0 +1,419 @@
+"""One leader phase: the leader core and the small I/O tasks around it (I/O).
+
+The tasks run in one TaskGroup; each feeds the core (:class:`broker.core.leader.LeaderCore`)
+what it read and writes what the core asks for:
+
+    lock       renew the leader lock every third of its TTL (at once after a publish error)
+    control    the ``{ns}:control`` channel: which leases changed, when commands wait
+    leases     read the leases the core asks for (``LeaseStore``), when it asks
+    commands   pop ``{ns}:requests`` in batches; look up the cache values snapshots need
+    upstream   the websocket (``broker.upstream``)
+    follow     the connection's events, fed to the core in order; a new connection's epoch is
+               ``INCR {ns}:epoch``
+    publisher  bursts of frames to Redis (``broker.publisher``)
+    clock      the core's timers, and the frames snapshot requests wait for
+    outbox     events and replies: one pipeline per batch, on one connection
+    status     the status hash, every ``status_interval``
+
+After every feed, :meth:`LeaderPhase._forward` hands the core's outputs on (the one place that
+does): it wakes the upstream send loop when the desired set or the controller changed, tells
+the publisher which streams snapshot requests wait for, and wakes the outbox and the clock.
+
+Losing the lock (or failing to renew it before its local deadline) ends the TaskGroup at once,
+and the publisher checks the lock before every burst, so a deposed leader never publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from broker.clock import now_ms
+from broker.contract import encode_status
+from broker.core.leader import LeaderCore, OutEvent, OutReply, Wake
+from broker.core.snapshots import CacheQuery
+from broker.core.stats import Counters
+from broker.errors import NotLeaderError
+from broker.keys import Keys
+from broker.leader import LeaderLock
+from broker.leases import LeaseStore
+from broker.publisher import Publisher
+from broker.settings import BrokerSettings
+from broker.upstream import Confirmed, Connected, Lost, Upstream
+
+logger = logging.getLogger(__name__)
+
+#: every Redis call of a phase is bounded by this (the clients have no socket timeout)
+REDIS_TIMEOUT = 5.0
+#: commands popped per wake-up (the rest on the next)
+COMMAND_BATCH = 100
+#: events (and, apart, replies) written per pipeline
+OUTBOX_BATCH = 500
+#: the status hash outlives its leader by this much (then it is garbage)
+STATUS_TTL_MS = 24 * 3600 * 1000
+#: replies live this long in Redis if nobody picks them up
+REPLY_TTL_MS = 60_000
+
+
+class LeaderPhase:
+    """The I/O of one leader phase around ``core``; :meth:`run` until the lock is lost."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        core: LeaderCore,
+        counters: Counters,
+        *,
+        redis: aioredis.Redis,
+        pub_redis: aioredis.Redis,
+        lock: LeaderLock,
+        ready: asyncio.Event,
+    ) -> None:
+        """The adapters of the phase (nothing connects before :meth:`run`).
+
+        Args:
+            settings: the broker's settings.
+            core: this phase's rules (``took_lead`` already fed).
+            counters: the broker's counters (the adapters bump them).
+            redis: the command client; ``pub_redis`` the publisher's own.
+            lock: the leader lock this phase holds.
+            ready: set while connected upstream (cleared on a loss).
+        """
+        self.settings = settings
+        self.core = core
+        self.counters = counters
+        self.stats = counters.broker
+        self.keys = Keys(settings.namespace)
+        self.redis = redis
+        self.lock = lock
+        self.ready = ready
+        self._wake_leases = asyncio.Event()
+        self._wake_commands = asyncio.Event()
+        self._wake_clock = asyncio.Event()
+        self._wake_outbox = asyncio.Event()
+        self._renew_now = asyncio.Event()
+        self._clock_at: float | None = None  # when the clock task wakes by itself
+        self._errors_at_renewal = 0
+        self.publisher = Publisher(
+            pub_redis,
+            last_value_cache=settings.last_value_cache,
+            max_pending=settings.max_pending_frames,
+            stats=counters.publish,
+            watch_wake=self._wake_clock,
+        )
+        self.upstream = Upstream(
+            settings, core.controller, self.publisher, self.keys, stats=counters.upstream
+        )
+
+    async def run(self) -> None:
+        """Every task of the phase; returns (or raises) when one of them ends it."""
+        self._wake_commands.set()
+        self._forward()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._hold_lock(), name="leader-lock")
+            tg.create_task(self._watch_control(), name="control-channel")
+            tg.create_task(self._read_leases(), name="leases")
+            tg.create_task(self._handle_commands(), name="commands")
+            tg.create_task(self.upstream.run(), name="upstream")
+            tg.create_task(self._follow_upstream(), name="upstream-events")
+            tg.create_task(self.publisher.run(self._may_publish), name="publisher")
+            tg.create_task(self._run_clock(), name="clock")
+            tg.create_task(self._write_outbox(), name="outbox")
+            tg.create_task(self._write_status(), name="status")
+
+    def _forward(self) -> None:
+        """Hand the core's outputs to whoever acts on them (called after every feed)."""
+        core = self.core
+        if core.take_controller_changed():
+            self.upstream.changed.set()
+        self.publisher.watch(core.awaited_streams)
+        if core.has_output:
+            self._wake_outbox.set()
+        wakeup = core.next_wakeup(time.monotonic())
+        if wakeup is not None and (self._clock_at is None or wakeup < self._clock_at):
+            self._wake_clock.set()
+
+    def _may_publish(self) -> bool:
+        """Checked before every burst: the lock is valid locally, and Redis has not failed us
+        since the last renewal. A failed publish may mean Redis restarted empty and lost the
+        lock, so a standby may already lead: publish nothing until a renewal proves otherwise.
+        """
+        if not self.lock.is_valid():
+            return False
+        if self.counters.publish.redis_errors != self._errors_at_renewal:
+            self._renew_now.set()
+            return False
+        return True
+
+    async def _hold_lock(self) -> None:
+        """Renew every third of the TTL (at once after a Redis error); a lock that vanished
+        (Redis restarted empty) is re-acquired if nobody else took it."""
+        lock = self.lock
+        published = self.counters.publish
+        interval = self.settings.leader_ttl / 3
+        self._errors_at_renewal = published.redis_errors
+        unconfirmed_since: float | None = None
+        while True:
+            wait = interval if unconfirmed_since is None else interval / 4
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
+            errors_before = published.redis_errors
+            try:
+                async with asyncio.timeout(interval):
+                    if await lock.renew():
+                        self._errors_at_renewal = errors_before
+                        unconfirmed_since = None
+                        continue
+                    if await lock.holder() is None and await lock.try_acquire():
+                        logger.warning("leader lock was gone (redis restarted?): re-acquired")
+                        self._errors_at_renewal = errors_before
+                        unconfirmed_since = None
+                        continue
+                    holder = await lock.holder()
+                raise NotLeaderError(f"lock now held by {holder}")
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.stats.redis_errors += 1
+                if lock.is_valid():
+                    logger.warning("leader lock renewal failed (%s); still valid locally", exc)
+                    continue
+                # Not provably leader: publishing has stopped (the publisher checks the lock).
+                # Keep the upstream connection while Redis comes back, for one lock TTL at most;
+                # if another broker takes the lock meanwhile, the next attempt steps down.
+                now = time.monotonic()
+                if unconfirmed_since is None:
+                    unconfirmed_since = now
+                if now - unconfirmed_since > self.settings.leader_ttl:
+                    raise NotLeaderError(f"could not renew the leader lock: {exc}") from exc
+                logger.warning("leader lock unconfirmed (%s); not publishing until it is", exc)
+
+    # -- the control channel and the leases -----------------------------------------------------
+
+    async def _watch_control(self) -> None:
+        """Our own pub/sub loop on the control channel: a reconnect is noticed, never silent."""
+        core = self.core
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.control)
+                core.control_subscribed(time.monotonic())  # messages may have been missed
+                self._wake_leases.set()
+                self._wake_commands.set()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None:
+                        continue
+                    data = message.get("data", b"")
+                    wake = core.control_message(
+                        data if isinstance(data, bytes) else b"", time.monotonic()
+                    )
+                    if wake is Wake.COMMANDS:
+                        self._wake_commands.set()
+                    else:
+                        self._wake_leases.set()
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                core.control_lost(str(exc), time.monotonic())
+                self._forward()
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _read_leases(self) -> None:
+        """Read the leases the core asks for, when it asks (``broker.core.reconcile``)."""
+        core = self.core
+        redis = self.redis
+        store = LeaseStore(redis, self.settings.namespace)
+        max_streams = self.settings.max_lease_streams
+        while True:
+            await _wait_until(self._wake_leases, core.next_lease_read)
+            now = time.monotonic()
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    if core.watches_epoch_key and await redis.get(self.keys.epoch) is None:
+                        await redis.set(self.keys.epoch, core.epoch, nx=True)
+                        core.redis_emptied(now)
+                    read = core.begin_lease_read(now)
+                    if read.full:
+                        listing = await store.list_all(scan=read.scan, max_streams=max_streams)
+                        core.leases_listed(listing, now, now_ms())
+                    else:
+                        reads = await store.read_many(read.ids, max_streams=max_streams)
+                        core.leases_read(reads, now, now_ms())
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.stats.redis_errors += 1
+                core.lease_read_failed(time.monotonic())
+                logger.warning("lease reconcile failed: %s", exc)
+            self._forward()
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def _handle_commands(self) -> None:
+        """Pop commands in batches (at each ``request`` message, and every second); the core
+        answers them, through the outbox."""
+        core = self.core
+        while True:
+            self._wake_commands.clear()
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    raw: Any = await self.redis.lpop(self.keys.requests, COMMAND_BATCH)
+                for item in raw or []:
+                    data = item if isinstance(item, bytes) else str(item).encode()
+                    query = core.command(data, time.monotonic())
+                    if query is not None:
+                        core.cached(query, await self._cached_values(query), time.monotonic())
+                        self._forward()  # the fetch goes upstream before the next lookup
+                self._forward()
+                if raw and len(raw) == COMMAND_BATCH:
+                    continue
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.stats.redis_errors += 1
+                logger.warning("command queue unavailable: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._wake_commands.wait()
+
+    async def _cached_values(self, query: CacheQuery) -> list[Any]:
+        """``HMGET`` of the last-value cache for a snapshot; nothing when Redis fails (the
+        codes are then fetched upstream)."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                key = self.keys.last_values(query.type, query.level)
+                values: list[Any] = await self.redis.hmget(key, list(query.codes))
+                return values
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning("last-value cache unavailable (%s): fetching upstream", exc)
+            return []
+
+    # -- upstream -------------------------------------------------------------------------------
+
+    async def _follow_upstream(self) -> None:
+        """Feed the connection's events to the core, in order."""
+        core, upstream = self.core, self.upstream
+        while True:
+            event = await upstream.events.get()
+            match event:
+                case Connected(fresh=fresh, at_ms=at_ms):
+                    if core.upstream_connected(time.monotonic(), at_ms, fresh=fresh):
+                        core.epoch_assigned(await self._next_epoch())
+                    self.ready.set()
+                case Lost(loss=loss, at_ms=at_ms):
+                    self.ready.clear()
+                    core.upstream_lost(loss, at_ms, self.counters.publish.last_publish_ms)
+                case Confirmed(request_ids=request_ids):
+                    core.resubscribes_confirmed(request_ids)
+            self._forward()
+
+    async def _next_epoch(self) -> int | None:
+        """``INCR {ns}:epoch``: the epoch counts connections across leaders (None: no answer)."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                return int(await self.redis.incr(self.keys.epoch))
+        except (RedisError, OSError, TimeoutError):
+            self.stats.redis_errors += 1
+            return None
+
+    # -- the core's timers, events, replies and status ------------------------------------------
+
+    async def _run_clock(self) -> None:
+        """Tick the core when a timer is due, and feed it the frames snapshots wait for."""
+        core, publisher = self.core, self.publisher
+        while True:
+            self._wake_clock.clear()
+            now = time.monotonic()
+            frames = publisher.take_watched()
+            if frames:
+                core.published(frames, now)
+            core.tick(now)
+            self._clock_at = core.next_wakeup(now)
+            self._forward()
+            timeout = None if self._clock_at is None else max(0.0, self._clock_at - now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake_clock.wait()
+
+    async def _write_outbox(self) -> None:
+        """Events and replies as the core produces them, one pipeline per batch: a thousand
+        commands at once are answered in a few round trips on one connection."""
+        core = self.core
+        while True:
+            await self._wake_outbox.wait()
+            self._wake_outbox.clear()
+            events, replies = core.events_to_publish(), core.replies_to_send()
+            for start in range(0, max(len(events), len(replies)), OUTBOX_BATCH):
+                batch = events[start : start + OUTBOX_BATCH]
+                ok = await self._write(batch, replies[start : start + OUTBOX_BATCH])
+                core.events_sent(batch, ok=ok)
+
+    async def _write(self, events: Sequence[OutEvent], replies: Sequence[OutReply]) -> bool:
+        """PUBLISH the events, RPUSH (and PEXPIRE) the replies; False when Redis failed."""
+        try:
+            async with (
+                asyncio.timeout(REDIS_TIMEOUT),
+                self.redis.pipeline(transaction=False) as pipe,
+            ):
+                for event in events:
+                    pipe.publish(self.keys.events, event.data)
+                for reply in replies:
+                    key = self.keys.reply(reply.request_id)
+                    pipe.rpush(key, reply.data)
+                    pipe.pexpire(key, REPLY_TTL_MS)
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning(
+                "could not publish %d events and %d replies: %s", len(events), len(replies), exc
+            )
+            return False
+        refused = [result for result in results if isinstance(result, Exception)]
+        if refused:
+            self.stats.redis_errors += 1
+            logger.warning(
+                "redis refused %d event and reply commands: %s", len(refused), refused[0]
+            )
+        return True
+
+    async def _write_status(self) -> None:
+        core = self.core
+        interval = self.settings.status_interval
+        while True:
+            fields = encode_status(core.status(time.monotonic(), now_ms()))
+            try:
+                async with (
+                    asyncio.timeout(REDIS_TIMEOUT),
+                    self.redis.pipeline(transaction=True) as pipe,
+                ):
+                    pipe.hset(self.keys.status, mapping=fields)  # type: ignore[arg-type]
+                    # Kept after the leader dies: a successor reads when data stopped (gap event);
+                    # freshness is judged by updated_ms, not by the key's existence.
+                    pipe.pexpire(self.keys.status, STATUS_TTL_MS)
+                    await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.stats.redis_errors += 1
+                logger.debug("status write failed: %s", exc)
+            await asyncio.sleep(interval)
+
+
+async def _wait_until(wake: asyncio.Event, due: Callable[[], float]) -> None:
+    """Return once ``due()`` (monotonic) has come; ``wake`` says it may have moved."""
+    while True:
+        wait = due() - time.monotonic()
+        if wait <= 0:
+            return
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await wake.wait()
+
+
+__all__ = ["LeaderPhase"]
