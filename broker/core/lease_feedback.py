@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from broker.contract import LeaseEvent
-from broker.errors import ConfigError
-from broker.keys import validate_name
 
 # The pure half of broker.leases (the lease values and how rejected entries are described);
 # that module also holds the Redis store, so importing it brings redis along.
 from broker.core.lease import describe_rejected, rejected_by_type
+from broker.errors import ConfigError
+from broker.keys import validate_name
 
 if TYPE_CHECKING:
     from broker.core.lease import Lease, Rejected
