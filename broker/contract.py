@@ -478,7 +478,32 @@ def decode_command(data: bytes) -> Command:
     op = body.get("op")
     if op not in _COMMAND_OPS:
         raise CommandError(f"unknown op {op!r}", request_id)
+    lenient = _lenient(body)
+    if lenient is not None:
+        return lenient
     raise CommandError(f"invalid {op} command: {error}", request_id)
+
+
+def _lenient(body: dict[str, Any]) -> Command | None:
+    """What brokers before the typed contract served too: an integer ``id`` (answered on the
+    reply key of its decimal text) and ``level``/``timeout_ms`` given as numeric strings."""
+    fixed = dict(body)
+    if type(fixed.get("id")) is int:
+        fixed["id"] = str(fixed["id"])
+    for name in ("level", "timeout_ms"):
+        value = fixed.get(name)
+        if isinstance(value, str):
+            try:
+                fixed[name] = float(value)
+            except ValueError:
+                return None
+    if fixed == body:
+        return None  # nothing to be lenient about: the strict error stands
+    try:
+        command = msgspec.convert(fixed, Command)
+    except (msgspec.ValidationError, ValueError):
+        return None
+    return command if _reply_id(command.id) is not None else None
 
 
 _COMMAND_OPS = frozenset(t.__struct_config__.tag for t in COMMAND_TYPES)

@@ -303,13 +303,16 @@ class LeaderPhase:
         while True:
             event = await upstream.events.get()
             match event:
-                case Connected(fresh=fresh, at_ms=at_ms):
+                case Connected(fresh=fresh, at_ms=at_ms, announced=announced):
                     if core.upstream_connected(time.monotonic(), at_ms, fresh=fresh):
                         core.epoch_assigned(await self._next_epoch())
+                    self._forward()
+                    await self._flush_outbox()  # the gap and connected events, before data
+                    announced.set()
                     self.ready.set()
-                case Lost(loss=loss, at_ms=at_ms):
+                case Lost(loss=loss, at_ms=at_ms, last_frame_ms=last_frame_ms):
                     self.ready.clear()
-                    core.upstream_lost(loss, at_ms, self.counters.publish.last_publish_ms)
+                    core.upstream_lost(loss, at_ms, last_frame_ms)
                 case Confirmed(request_ids=request_ids):
                     core.resubscribes_confirmed(request_ids)
             self._forward()
@@ -345,15 +348,20 @@ class LeaderPhase:
     async def _write_outbox(self) -> None:
         """Events and replies as the core produces them, one pipeline per batch: a thousand
         commands at once are answered in a few round trips on one connection."""
-        core = self.core
         while True:
             await self._wake_outbox.wait()
             self._wake_outbox.clear()
-            events, replies = core.events_to_publish(), core.replies_to_send()
-            for start in range(0, max(len(events), len(replies)), OUTBOX_BATCH):
-                batch = events[start : start + OUTBOX_BATCH]
-                ok = await self._write(batch, replies[start : start + OUTBOX_BATCH])
-                core.events_sent(batch, ok=ok)
+            await self._flush_outbox()
+
+    async def _flush_outbox(self) -> None:
+        """Write what the core has produced so far (taken at once: two callers never write the
+        same event twice)."""
+        core = self.core
+        events, replies = core.events_to_publish(), core.replies_to_send()
+        for start in range(0, max(len(events), len(replies)), OUTBOX_BATCH):
+            batch = events[start : start + OUTBOX_BATCH]
+            ok = await self._write(batch, replies[start : start + OUTBOX_BATCH])
+            core.events_sent(batch, ok=ok)
 
     async def _write(self, events: Sequence[OutEvent], replies: Sequence[OutReply]) -> bool:
         """PUBLISH the events, RPUSH (and PEXPIRE) the replies; False when Redis failed."""

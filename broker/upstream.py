@@ -41,6 +41,10 @@ from broker.upbit.types import StreamKey, SubscriptionSet
 
 logger = logging.getLogger(__name__)
 
+#: how long a new connection waits for its gap/connected events to reach Redis before
+#: subscribing anyway (Redis calls are bounded by 5 s each; a dead Redis must not stop data)
+ANNOUNCE_TIMEOUT = 6.0
+
 
 class StallError(UpstreamError):
     """No frame at all arrived for ``stall_timeout`` seconds."""
@@ -57,18 +61,24 @@ class _Switch(Exception):
 @dataclass(frozen=True, slots=True)
 class Connected:
     """A connection opened at ``at_ms``; ``fresh``: the make-before-break switch opened
-    because the set shrank to nothing (not a reconnect: nothing was lost)."""
+    because the set shrank to nothing (not a reconnect: nothing was lost). Whoever handles it
+    sets ``announced`` once the connection's ``gap`` and ``connected`` events are out: nothing
+    is subscribed before, so consumers hear of a gap before the fresh SNAPSHOTs that close it
+    (an application that resets its state on a gap keeps them)."""
 
     fresh: bool
     at_ms: int
+    announced: asyncio.Event
 
 
 @dataclass(frozen=True, slots=True)
 class Lost:
-    """The connection ended at ``at_ms``, for ``loss``."""
+    """The connection ended at ``at_ms``, for ``loss``; ``last_frame_ms``: the wall clock of
+    the last frame published by then (0: none), read when it ended, not when this is handled."""
 
     loss: Loss
     at_ms: int
+    last_frame_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +234,7 @@ class Upstream:
                     await _close_quietly(ws)
             healthy = self._healthy_since
             self._healthy_since = None
-            self.events.put_nowait(Lost(loss, now_ms()))
+            self.events.put_nowait(Lost(loss, now_ms(), self.publisher.last_publish_ms))
             if next_ws is not None:
                 continue  # a planned switch is not a gap: nothing was wanted
             self.stats.last_error = reason
@@ -255,7 +265,12 @@ class Upstream:
     async def _serve(self, ws: ClientConnection, *, fresh: bool = False) -> None:
         self.controller.connection_opened(time.monotonic())
         self.connected = True
-        self.events.put_nowait(Connected(fresh, now_ms()))
+        announced = asyncio.Event()
+        self.events.put_nowait(Connected(fresh, now_ms(), announced))
+        # Bounded: a Redis that does not answer must not keep the connection from serving.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT):
+                await announced.wait()
         receiver = asyncio.create_task(self._receive(ws), name="upstream-receive")
         sender = asyncio.create_task(self._send_loop(ws), name="upstream-send")
         try:

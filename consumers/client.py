@@ -15,6 +15,11 @@ Delivery and back-pressure:
 * A callback that blocks the event loop stalls the reader too; then Redis drops the
   connection at its output-buffer limit, the reader notices, reconnects, and reports a
   ``fell-behind`` gap. Either way the application is told, and the broker never waits.
+
+(Over 500 lines on purpose: this is the library's one public class, and most of its length is
+the documented API — subscribe, messages, callbacks, snapshots, lease notices — with its
+argument checks; the pub/sub reader, the queue, the commands and the items are modules of their
+own.)
 """
 
 from __future__ import annotations

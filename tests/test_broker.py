@@ -380,3 +380,56 @@ async def test_a_control_message_reads_only_its_lease_and_expiry_still_sweeps(
             await wait_for(
                 lambda: broker.stats.lease_listings > listings, 5, message="a full listing"
             )
+
+
+async def test_a_reconnects_gap_event_comes_before_its_fresh_snapshots(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """On one pub/sub connection (events and the data channel), the `gap` event of a reconnect
+    arrives before the SNAPSHOT frames of the new connection: an application that resets its
+    state on a gap keeps the snapshots that close it (the connection subscribes only once its
+    gap and connected events are out)."""
+    received: list[tuple[str, bytes]] = []
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe("t:events", "t:ticker:KRW-BTC")
+
+    async def pump() -> None:
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None:
+                received.append((msg["channel"].decode(), msg["data"]))
+
+    def realtime_frames() -> int:
+        return sum(1 for ch, d in received if ch.endswith("KRW-BTC") and b"REALTIME" in d)
+
+    task = asyncio.create_task(pump())
+    try:
+        async with (
+            running_simulator(seed=4) as sim,
+            started_broker(fast_settings(redis_url, sim.url)) as broker,
+        ):
+            await write_lease(redis_client, "c", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)
+            await wait_for(lambda: realtime_frames() >= 2, 15, message="realtime frames")
+            epoch = broker.epoch
+            dropped_at = len(received)
+            sim.drop()
+            await wait_for(lambda: broker.epoch > epoch, 10, message="reconnected")
+
+            def gap_index() -> int | None:
+                for i, (channel, data) in enumerate(received[dropped_at:], dropped_at):
+                    if channel == "t:events" and json.loads(data)["event"] == "gap":
+                        return i + 1  # never 0: wait_for waits for a true value
+                return None
+
+            before_gap = received[dropped_at : await wait_for(gap_index, 10, message="gap") - 1]
+            snapshots = [d for ch, d in before_gap if b'"SNAPSHOT"' in d]
+            assert snapshots == [], "a fresh SNAPSHOT was published before the gap event"
+            await wait_for(
+                lambda: any(b'"SNAPSHOT"' in d for _, d in received[dropped_at:]),
+                10,
+                message="the new connection's snapshot",
+            )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pubsub.aclose()

@@ -489,7 +489,6 @@ REFUSED: list[tuple[bytes, str | None, str]] = [
     (snapshot(type="orderbook", level=-1), "r1", "invalid level -1"),
     (snapshot(type="orderbook", level="nan"), "r1", "invalid snapshot command"),
     (snapshot(timeout_ms="soon"), "r1", "invalid snapshot command"),
-    (snapshot(rid=123), "123", "Expected `str`, got `int`"),  # answered, so the sender learns
     (b'{"op":"launch","id":"op"}', "op", "unknown op 'launch'"),
     (b'{"id":"noop"}', "noop", "unknown op None"),
     # nobody to answer: no id, an id that cannot name a reply key, not an object at all
@@ -515,6 +514,24 @@ def test_bad_commands_are_refused_to_their_id_or_dropped(
         decode_command(raw)
     assert caught.value.request_id == request_id
     assert needle in str(caught.value)
+
+
+def test_what_brokers_before_the_contract_served_is_still_served() -> None:
+    """An integer id (answered on the reply key of its decimal text), and a level or timeout
+    given as a numeric string, were served before the typed contract: still served."""
+    command = decode_command(snapshot(rid=123))
+    assert isinstance(command, SnapshotCommand) and command.id == "123"
+    lenient = decode_command(
+        b'{"op":"snapshot","id":"r","type":"orderbook","codes":["KRW-BTC"],'
+        b'"level":"1000","timeout_ms":"500"}'
+    )
+    assert isinstance(lenient, SnapshotCommand)
+    assert (lenient.level, lenient.timeout_ms) == (1000.0, 500.0)
+    resub = decode_command(b'{"op":"resubscribe","id":7}')
+    assert isinstance(resub, ResubscribeCommand) and resub.id == "7"
+    with pytest.raises(CommandError) as caught:  # still refused when it is wrong anyway
+        decode_command(b'{"op":"snapshot","id":9,"type":"ticker","codes":[]}')
+    assert caught.value.request_id == "9"
 
 
 def test_extra_command_fields_are_ignored() -> None:

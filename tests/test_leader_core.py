@@ -244,14 +244,16 @@ def test_a_fresh_switch_keeps_an_earlier_loss_for_the_next_connection() -> None:
 @pytest.mark.parametrize(
     ("previous_token", "previous_last_frame_ms", "gap"),
     [
-        ("other", T0_MS - 2_000, True),  # another process published until then: a takeover
-        ("mine", T0_MS - 2_000, False),  # this very process wrote it (leads again): no takeover
-        ("other", 0, False),  # the previous leader published nothing
-        ("", T0_MS - 2_000, True),  # a broker older than tokens: counted as another process
+        ("other", T0_MS - 2_000, "takeover"),  # another process published until then
+        # this very process leads again after a lapse: its connection was torn down
+        ("mine", T0_MS - 2_000, "reconnect"),
+        ("other", 0, None),  # the previous leader published nothing
+        ("mine", 0, None),
+        ("", T0_MS - 2_000, "takeover"),  # a broker older than tokens: another process
     ],
 )
 def test_the_first_connection_after_a_takeover_announces_it(
-    previous_token: str, previous_last_frame_ms: int, gap: bool
+    previous_token: str, previous_last_frame_ms: int, gap: str | None
 ) -> None:
     # The token is the fence, never the broker id: a restart with the same --broker-id is
     # another process (issue 12 item 5).
@@ -269,7 +271,7 @@ def test_the_first_connection_after_a_takeover_announces_it(
                 "epoch": 5,
                 "since_ms": previous_last_frame_ms,
                 "until_ms": T0_MS + 1_000,
-                "reason": "takeover",
+                "reason": gap,
                 "broker": "b1",
             }
         ]
@@ -629,6 +631,19 @@ def test_a_failed_read_keeps_its_ids_and_lists_everything_next() -> None:
     assert r.due() == 0.5 + COALESCE
     read = r.begin(0.55)
     assert read.full and read.ids == {"a", "b"}
+
+
+def test_a_failure_before_the_read_began_is_not_retried_at_once() -> None:
+    # A control message was noticed, then Redis failed before the read began (the epoch
+    # check): the retry waits for the interval, not for the next turn of the loop.
+    r = reconciler()
+    r.begin(0.0)
+    r.listed(listing(), 0.0)
+    r.named("a", 0.2)
+    r.failed(0.3)
+    assert r.due() == 0.3 + INTERVAL
+    read = r.begin(0.3 + INTERVAL)
+    assert read.full and "a" in read.ids
 
 
 def test_a_read_past_the_next_listing_becomes_the_listing() -> None:

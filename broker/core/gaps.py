@@ -68,8 +68,15 @@ class GapTracker:
         """The phase started; the status hash was written by ``another_process`` (not this
         one, whatever its ``broker_id``), whose last frame was ``previous_last_frame_ms``."""
         self._started_ms = now_ms
-        if another_process and previous_last_frame_ms > 0:
+        if previous_last_frame_ms <= 0:
+            return
+        if another_process:
             self._takeover_since_ms = previous_last_frame_ms
+        else:
+            # This very process leads again after a lapse (its lock was unconfirmed for too
+            # long): its connection was torn down, so frames may have been missed since its
+            # last one; an earlier loss waiting for its connection is covered by this too.
+            self._pending = (GapReason.RECONNECT, previous_last_frame_ms)
 
     def lost(self, loss: Loss, at_ms: int, last_frame_ms: int) -> None:
         """The connection ended at ``at_ms``; ``last_frame_ms``: the last frame published by

@@ -1,13 +1,17 @@
 """The leader's rules, fed and drained like a sans-I/O protocol (pure: no asyncio, redis or
 websockets, and no clock of its own: every input carries ``now``).
 
+(A little over 500 lines on purpose: this is the one surface where the leader's inputs meet;
+each rule's own state already lives in its piece below, and splitting the feed/drain methods
+further would scatter one protocol over several files.)
+
 The service's leader phase runs small I/O tasks around one :class:`LeaderCore`; each feeds it
 what it read and writes what it asks for. The core owns the subscription controller
 (``control``), the lease reconciler (``reconcile``), the snapshot desk (``snapshots``), the
 lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet streams
 (``quiet``), all in ``broker.core``:
 
-    feed   took_lead(now_ms, previous_leader, previous_last_frame_ms) / phase_ended()
+    feed   took_lead(now_ms, previous_token, previous_last_frame_ms) / phase_ended()
            control_message(data, now) -> Wake / control_subscribed(now) / control_lost(why, now)
            redis_emptied(now) / begin_lease_read(now) -> LeaseRead
            leases_listed(listing, now, now_ms) / leases_read(reads, now, now_ms)
@@ -171,6 +175,10 @@ class LeaderCore:
         # A status without a token (an older broker's) counts as another process's: a gap
         # announced in vain is harmless, a loss nobody announces is not.
         other = previous_token != self.token
+        if not other:  # our own status: our own counters know our last frame better
+            previous_last_frame_ms = max(
+                previous_last_frame_ms, self.counters.publish.last_publish_ms
+            )
         self.gaps.took_lead(now_ms, other, previous_last_frame_ms)
         self._event(LeaderEvent(broker=self.broker_id, ts_ms=now_ms))
 

@@ -178,6 +178,9 @@ class LeaseReconciler:
             self._reading = None
         self._full = True
         self._full_at = now + self.interval
+        # The change that woke us is covered by that full read: not due again before it, or a
+        # Redis outage would be retried as fast as the loop can fail.
+        self._noticed_at = None
 
     # -- ask ----------------------------------------------------------------------------------
 

@@ -22,6 +22,9 @@ but the type may be missing, and numbers may be spelled as strings.
 Legacy frames of the 2018 docs (``market``/``mk`` instead of ``code``/``cd``, no ``type``)
 raise :class:`LegacyFrameError`: Upbit no longer sends them, the router drops them as
 MALFORMED, and guessing their type from their other keys would be a second, untested protocol.
+
+(Over 500 lines on purpose: one model per Upbit message, both spellings, and their decoders
+belong together; each is short, and splitting them would split the one dispatch table.)
 """
 
 from __future__ import annotations
