@@ -42,7 +42,7 @@ from broker.keys import parse_stream_name, validate_name
 from broker.upbit.codes import is_valid_code
 
 #: ``gap`` event reasons (the broker's; consumers add their own local ones)
-GAP_REASONS: Final = ("reconnect", "takeover", "stall", "error")
+GAP_REASONS: Final = ("reconnect", "takeover", "stall", "error", "redis")
 #: ``lease`` event states
 LEASE_STATES: Final = ("ok", "partial", "invalid", "expired")
 #: most codes one snapshot command may name
@@ -318,7 +318,13 @@ class ConnectedEvent(msgspec.Struct, tag="connected", tag_field="event", kw_only
 
 
 class GapEvent(msgspec.Struct, tag="gap", tag_field="event", kw_only=True, frozen=True):
-    """Data published between ``since_ms`` and ``until_ms`` may be missing."""
+    """Data published between ``since_ms`` and ``until_ms`` may be missing.
+
+    ``reason`` ``redis``: the broker's publish connection to Redis broke (a reset, ``CLIENT
+    KILL``, a timeout) with frames Redis never confirmed; ``since_ms`` is the last confirmed
+    publish (or the first unconfirmed frame's write, if earlier), ``until_ms`` when Redis
+    confirmed a publish again, ``epoch`` the upstream connection, which stayed up.
+    """
 
     epoch: int | None = None
     since_ms: int | None = None

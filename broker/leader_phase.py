@@ -11,7 +11,8 @@ what it read and writes what the core asks for:
     follow     the connection's events, fed to the core in order; a new connection's epoch is
                ``INCR {ns}:epoch``
     publisher  bursts of frames to Redis (``broker.publisher``)
-    clock      the core's timers, and the frames snapshot requests wait for
+    clock      the core's timers, the frames snapshot requests wait for, and the publisher's
+               losses on the way to Redis (each becomes a ``redis`` gap)
     outbox     events and replies: one pipeline per batch, on one connection
     status     the status hash, every ``status_interval``
 
@@ -244,7 +245,9 @@ class LeaderPhase:
                         core.redis_emptied(now)
                     read = core.begin_lease_read(now)
                     if read.full:
-                        listing = await store.list_all(scan=read.scan, max_streams=max_streams)
+                        listing = await store.list_all(
+                            scan=read.scan, known=read.known, max_streams=max_streams
+                        )
                         core.leases_listed(listing, now, now_ms())
                     else:
                         reads = await store.read_many(read.ids, max_streams=max_streams)
@@ -329,7 +332,8 @@ class LeaderPhase:
     # -- the core's timers, events, replies and status ------------------------------------------
 
     async def _run_clock(self) -> None:
-        """Tick the core when a timer is due, and feed it the frames snapshots wait for."""
+        """Tick the core when a timer is due, and feed it the frames snapshots wait for and the
+        publisher's closed losses (the publisher sets ``_wake_clock`` for both)."""
         core, publisher = self.core, self.publisher
         while True:
             self._wake_clock.clear()
@@ -337,6 +341,8 @@ class LeaderPhase:
             frames = publisher.take_watched()
             if frames:
                 core.published(frames, now)
+            for loss in publisher.take_losses():  # once per loss, never per frame
+                core.publish_lost(loss.since_ms, loss.until_ms, loss.frames)
             core.tick(now)
             self._clock_at = core.next_wakeup(now)
             self._forward()

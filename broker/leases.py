@@ -81,6 +81,26 @@ end
 return dropped
 """
 
+# KEYS: index, then one lease hash per client id in ARGV. Puts back in the index each id whose
+# hash exists (a hash, with a numeric deadline_ms still in the future), scored by that field as
+# it is now, atomically: a lease released (or expired) since the caller looked is never
+# re-indexed. Returns the ids indexed. Only TIME, HGET and ZADD: the broker's documented ACL.
+_REINDEX_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local done = {}
+for i = 1, #ARGV do
+  -- a string only from an existing hash (false: no key or no field; a table: another type)
+  local field = redis.pcall('HGET', KEYS[i + 1], 'deadline_ms')
+  local deadline = type(field) == 'string' and tonumber(field) or nil
+  if deadline and deadline > now then
+    redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+    done[#done + 1] = ARGV[i]
+  end
+end
+return done
+"""
+
 # KEYS: index. Returns {now_ms, ids whose deadline is <= now_ms}, by the server clock.
 _DUE_LUA = """
 local t = redis.call('TIME')
@@ -233,9 +253,20 @@ class LeaseStore:
         return LeaseReads(leases, invalid, gone, server_now_ms, ignored, expired)
 
     async def list_all(
-        self, *, scan: bool = False, max_streams: int = MAX_LEASE_STREAMS
+        self,
+        *,
+        scan: bool = False,
+        known: Iterable[str] = (),
+        max_streams: int = MAX_LEASE_STREAMS,
     ) -> LeaseListing:
-        """Every lease in the index (and, with ``scan``, every lease hash missing from it).
+        """Every lease in the index, every ``known`` lease missing from it (and, with ``scan``,
+        every lease hash missing from it).
+
+        The index is only a hint: anyone who may write a lease may also ZREM from it. A lease
+        found outside it (a ``known`` id, the ones the caller serves, or by SCAN) is listed
+        like any other and put back in the index (scored by its ``deadline_ms``), in the same
+        round trip as its read, by a script that re-indexes only a hash that still exists, so
+        a lease released meanwhile is never re-indexed.
 
         One bad lease never fails the listing: it goes to ``invalid`` with its reason. Index
         entries whose hash has expired go to ``expired`` and are removed from the index; a hash
@@ -264,10 +295,18 @@ class LeaseStore:
         expired = await self._drop_gone(gone) if gone else []
 
         hashes = {cid: f for cid, f in zip(indexed, found, strict=True) if f != {}}
-        unindexed: list[str] = []
+        seen = set(indexed)
+        outside: list[str] = []  # lease hashes to look for outside the index
+        for client_id in known:
+            if client_id in seen:
+                continue
+            seen.add(client_id)
+            try:
+                check_client_id(client_id)
+            except LeaseError:
+                continue  # names no lease hash
+            outside.append(client_id)
         if scan:
-            seen = set(indexed)
-            stray: list[str] = []
             async for key in self.redis.scan_iter(
                 match=self._lease_prefix + "*", count=_SCAN_COUNT
             ):
@@ -280,9 +319,13 @@ class LeaseStore:
                 except LeaseError as exc:
                     invalid.append((client_id, f"bad lease key: {exc}"))
                     continue
-                stray.append(client_id)
-            for client_id, fields in zip(stray, await self._hgetall_many(stray), strict=True):
-                if fields != {}:  # {}: expired between SCAN and HGETALL
+                outside.append(client_id)
+        unindexed: list[str] = []
+        reindexed: list[str] = []
+        if outside:
+            found_outside, reindexed = await self._read_and_reindex(outside)
+            for client_id, fields in zip(outside, found_outside, strict=True):
+                if fields != {}:  # {}: gone (released or expired), or between SCAN and HGETALL
                     unindexed.append(client_id)
                     hashes[client_id] = fields
 
@@ -309,6 +352,7 @@ class LeaseStore:
             expired=sorted(expired),
             server_now_ms=server_now_ms,
             unindexed=sorted(unindexed),
+            reindexed=sorted(reindexed),
         )
 
     async def next_deadline(self) -> tuple[int | None, int]:
@@ -361,6 +405,29 @@ class LeaseStore:
             if isinstance(result, Exception) and not isinstance(result, ResponseError):
                 raise result
         return list(results)
+
+    async def _read_and_reindex(
+        self, client_ids: list[str]
+    ) -> tuple[list[dict[Any, Any] | ResponseError], list[str]]:
+        """HGETALL each lease and re-index those whose hash exists (``_REINDEX_LUA``), in one
+        pipeline; returns the hashes (as :meth:`_hgetall_many`) and the ids re-indexed.
+
+        The script is sent whole (EVAL, a few hundred bytes): no NOSCRIPT round trip. A refused
+        re-index (Redis at maxmemory, a read-only replica) never fails the listing: the leases
+        are served all the same, and the next listing tries again.
+        """
+        keys = [self.keys.lease(c) for c in client_ids]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            pipe.eval(_REINDEX_LUA, len(keys) + 1, self.keys.leases, *keys, *client_ids)
+            results = await pipe.execute(raise_on_error=False)
+        *hashes, done = results
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, ResponseError):
+                raise result
+        reindexed = [] if isinstance(done, ResponseError) else [_member_text(m) for m in done]
+        return hashes, reindexed
 
     async def _drop_gone(self, client_ids: list[str]) -> list[str]:
         keys = [self.keys.leases, *(self.keys.lease(c) for c in client_ids)]

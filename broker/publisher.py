@@ -15,6 +15,13 @@ counted, the next burst reconnects). A frame counts as published once Redis has 
 command; frames Redis never confirmed count as ``dropped_redis``. The pending list is bounded:
 past ``max_pending`` the oldest frames are dropped and counted (consumers get a gap event).
 
+A loss of frames on the way to Redis (the connection broke, ``CLIENT KILL``, a timeout, Redis
+unreachable) opens a :class:`RedisLoss`; the first burst Redis confirms after it closes it, and
+it waits in :meth:`Publisher.take_losses` (``watch_wake`` is set) for the leader core, which
+announces a ``redis`` gap: one report per loss, never per frame. Its ``frames`` are every frame
+dropped while it was open, by ``redis`` or, fenced after the error until the lock was renewed,
+by ``not_leader``.
+
 A client raw RESP cannot speak for (a fake or exotic client) gets the same commands in the same
 order through redis-py pipelines, from the publisher's task, one pipeline in flight at a time.
 
@@ -81,6 +88,19 @@ def make_target(keys: Keys, key: StreamKey) -> Target:
 _first = itemgetter(0)
 
 
+@dataclass(frozen=True, slots=True)
+class RedisLoss:
+    """Frames that never reached Redis between two confirmed publishes (wall-clock ms)."""
+
+    #: the last confirmed publish before the loss, or the first unconfirmed burst's write if
+    #: earlier (the loss itself when nothing was ever published)
+    since_ms: int
+    #: when Redis confirmed a publish again
+    until_ms: int
+    #: frames dropped meanwhile (``dropped_redis`` and ``dropped_not_leader``)
+    frames: int
+
+
 class Publisher:
     """Pipelined PUBLISH of frame bursts plus the last-value cache."""
 
@@ -124,6 +144,9 @@ class Publisher:
         self._watch_wake = watch_wake
         self._watched: frozenset[StreamKey] = frozenset()
         self._watched_frames: list[tuple[StreamKey, bytes]] = []
+        #: an open loss: (since_ms, frames dropped before it); closed by the next confirmation
+        self._loss: tuple[int, int] | None = None
+        self._losses: list[RedisLoss] = []
 
     def enqueue(self, target: Target, frame: bytes) -> None:
         """Queue one frame (the hot path: one per frame received); it is written once the
@@ -162,6 +185,25 @@ class Publisher:
         """The frames of watched streams written since the last call, in order."""
         frames, self._watched_frames = self._watched_frames, []
         return frames
+
+    def take_losses(self) -> list[RedisLoss]:
+        """The losses closed since the last call (publishing was confirmed again after each)."""
+        losses, self._losses = self._losses, []
+        return losses
+
+    def _dropped(self) -> int:
+        return self.stats.dropped_redis + self.stats.dropped_not_leader
+
+    def _lost(self, frames: int, oldest_write_ms: int = 0) -> None:
+        """``frames`` never reached Redis (counted as ``dropped_redis``): open a loss, or add
+        to the open one (``oldest_write_ms``: when the oldest of them was written, 0: unknown).
+        """
+        if self._loss is None:
+            times = [t for t in (self.stats.last_publish_ms, oldest_write_ms) if t > 0]
+            self._loss = (min(times) if times else now_ms(), self._dropped())
+        elif oldest_write_ms and oldest_write_ms < self._loss[0]:
+            self._loss = (oldest_write_ms, self._loss[1])
+        self.stats.dropped_redis += frames
 
     def _flush_burst(self) -> None:
         self._flush_scheduled = False
@@ -266,7 +308,7 @@ class Publisher:
                 conn.abort(RedisError("writes stalled"), report=False)
             self.stats.redis_errors += 1
             lost = len(self._take_batch())
-            self.stats.dropped_redis += lost
+            self._lost(lost)
             logger.warning("publish of %d frames failed: %s", lost, exc or "timed out")
             return None
 
@@ -295,21 +337,21 @@ class Publisher:
                 parts.append(resp.encode_command(b"HSET", key, *fields))
                 commands += 1
         try:
-            conn.send(b"".join(parts), commands, token=batch)
+            conn.send(b"".join(parts), commands, token=(now_ms(), batch))
         except RedisError:
-            self.stats.dropped_redis += len(batch)  # closed under us (the loss is counted)
+            self._lost(len(batch))  # closed under us (the error is counted)
             return
         self._sent(batch)
 
-    def _answered(self, batch: list[tuple[Target, bytes]], errors: int) -> None:
-        self._confirmed(batch)
+    def _answered(self, token: tuple[int, list[tuple[Target, bytes]]], errors: int) -> None:
+        self._confirmed(token[1])
         if errors:
             self._reply_errors(errors)
 
     def _connection_lost(self, why: Exception, unanswered: list[Any]) -> None:
         self.stats.redis_errors += 1
-        lost = sum(len(batch) for batch in unanswered)
-        self.stats.dropped_redis += lost
+        lost = sum(len(batch) for _, batch in unanswered)
+        self._lost(lost, min((written for written, _ in unanswered), default=0))
         logger.warning("publish connection lost with %d frames unconfirmed: %s", lost, why)
         if self._pending:
             self.wake.set()  # the task reconnects for them
@@ -341,6 +383,20 @@ class Publisher:
             by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
         stats.last_publish_ms = now_ms()
         stats.published += len(batch)
+        if self._loss is not None:
+            self._close_loss(stats.last_publish_ms)
+
+    def _close_loss(self, until_ms: int) -> None:
+        """Publishing is confirmed again: the open loss is over (reported if it lost frames)."""
+        assert self._loss is not None
+        since_ms, dropped_before = self._loss
+        self._loss = None
+        frames = self._dropped() - dropped_before
+        if frames <= 0:
+            return
+        self._losses.append(RedisLoss(since_ms, until_ms, frames))
+        if self._watch_wake is not None:
+            self._watch_wake.set()
 
     def _sent(self, batch: list[tuple[Target, bytes]]) -> None:
         """``batch`` was written (burst statistics; the frames of watched streams are kept)."""
@@ -370,7 +426,7 @@ class Publisher:
                 await self._send_pipeline(batch, newest)
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
-            self.stats.dropped_redis += len(batch)
+            self._lost(len(batch))
             logger.warning("publish of %d frames failed: %s", len(batch), exc)
             return
         self._confirmed(batch)

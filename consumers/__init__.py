@@ -41,6 +41,7 @@ from consumers.errors import (
 from consumers.items import (
     CONSUMER_DISCONNECTED,
     FELL_BEHIND,
+    LEASE_LAPSED,
     Gap,
     Item,
     LeaseNotice,
@@ -54,6 +55,7 @@ from consumers.sync import SyncBrokerClient
 __all__ = [
     "CONSUMER_DISCONNECTED",
     "FELL_BEHIND",
+    "LEASE_LAPSED",
     "BrokerClient",
     "BrokerError",
     "Callback",

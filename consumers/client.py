@@ -32,7 +32,9 @@ import math
 import os
 import re
 import socket
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -42,6 +44,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from broker.clock import now_ms
+from broker.contract import (
+    ConnectedEvent,
+    Event,
+    GapEvent,
+    LeaderEvent,
+    LeaseEvent,
+    UnknownEvent,
+    decode_event,
+)
 from broker.errors import (
     ConfigError,
     InvalidCodeError,
@@ -59,11 +70,12 @@ from consumers import commands
 from consumers.errors import ClientClosedError, RedisUnavailableError
 from consumers.items import (
     FELL_BEHIND,
+    LEASE_LAPSED,
     Gap,
     Item,
     LeaseNotice,
     StreamMessage,
-    parse_event,
+    event_item,
 )
 from consumers.queue import DropOldestQueue, QueueClosed
 from consumers.subscriber import Break, Subscriber
@@ -107,6 +119,74 @@ class ClientStats:
     lease_failures: int = 0
     #: the broker's notices about this client's lease (invalid, partial, expired, ok again)
     lease_notices: int = 0
+    #: renewals that found the lease gone past its deadline (each reported as a
+    #: ``lease-lapsed`` gap)
+    lease_lapses: int = 0
+    #: events on ``{ns}:events`` dropped as not the leader's: naming a broker the status does
+    #: not name as leader, naming none, or going back in epoch (design.md "Who may publish
+    #: events")
+    events_rejected: int = 0
+
+
+#: How long an event naming a broker the status does not (yet) name waits for the status to
+#: name it (a new leader writes its status as it starts), re-reading it every _VERIFY_POLL s.
+_VERIFY_GRACE = 3.0
+_VERIFY_POLL = 0.1
+#: Unverified events held at most; more are rejected at once (a flood of forged ones).
+_VERIFY_MAX_PENDING = 256
+
+_ACCEPT, _REJECT, _CHECK = "accept", "reject", "check"
+
+
+class _EventGate:
+    """Which events on ``{ns}:events`` are the leader's (pure: fed the status and events).
+
+    An event is accepted when its ``broker`` is the one ``{ns}:status`` names as ``leader``
+    and, for ``gap`` and ``connected``, its ``epoch`` is not lower than the highest accepted
+    so far. An event naming another broker is checked against a fresh read of the status.
+    """
+
+    def __init__(self) -> None:
+        #: the leader the status named at the last read (None: not read yet, or no status)
+        self.leader: str | None = None
+        self.token: str | None = None
+        #: the highest epoch accepted (None: none yet)
+        self.epoch: int | None = None
+
+    def judge(self, event: Event) -> tuple[str, str]:
+        """``(_ACCEPT | _REJECT | _CHECK, why)``; ``_CHECK``: re-read the status first."""
+        if not event.broker:
+            return _REJECT, "it names no broker"
+        if isinstance(event, LeaderEvent) or event.broker != self.leader:
+            return _CHECK, f"broker {event.broker!r} is not the leader the status names"
+        return self._epoch_rule(event)
+
+    def settle(self, event: Event) -> tuple[str, str]:
+        """The verdict after the status was re-read: accept only what it names as leader."""
+        if not event.broker or event.broker != self.leader:
+            return _REJECT, (
+                f"broker {event.broker!r} is not the leader "
+                f"(the status names {self.leader or 'none'})"
+            )
+        return self._epoch_rule(event)
+
+    def _epoch_rule(self, event: Event) -> tuple[str, str]:
+        if isinstance(event, GapEvent | ConnectedEvent) and event.epoch is not None:
+            if self.epoch is not None and event.epoch < self.epoch:
+                return _REJECT, f"epoch {event.epoch} is older than {self.epoch}, already seen"
+            self.epoch = event.epoch
+        return _ACCEPT, ""
+
+    def status_read(self, leader: str | None, token: str | None, epoch: int | None) -> None:
+        """The status's ``leader``, ``leader_token`` and ``epoch`` as just read."""
+        self.leader = leader or None
+        self.token = token
+        if epoch is not None and self.epoch is not None and epoch < self.epoch:
+            self.epoch = epoch  # Redis lost its epoch counter (restarted empty): start again
+
+    def reconnected(self) -> None:
+        """Our pub/sub connection broke: Redis may have restarted empty (epochs restart)."""
+        self.epoch = None
 
 
 @dataclass(slots=True)
@@ -199,6 +279,11 @@ class BrokerClient:
         self._started = False
         self._closed = False
         self._lease_failing = False
+        self._gate = _EventGate()
+        #: events waiting for the status to name their broker: (event, monotonic arrival)
+        self._unverified: deque[tuple[Event, float]] = deque()
+        self._verify_wake = asyncio.Event()
+        self._rejection_logged = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -240,6 +325,7 @@ class BrokerClient:
                 f"cannot reach redis at {redact_url(self.redis_url)}: {describe(exc)}"
             ) from exc
         self._store = LeaseStore(redis, self.namespace)
+        await self._read_leader()  # events of the leader are then judged at once
         self._subscriber = Subscriber(
             self.redis_url,
             name=f"{self.client_id}:sub"[:128],
@@ -253,6 +339,7 @@ class BrokerClient:
         self._spawn(self._subscriber.run(), "reader")
         self._spawn(self._heartbeat(), "heartbeat")
         self._spawn(self._dispatch(), "dispatcher")
+        self._spawn(self._verify_events(), "events")
         try:
             await self._subscriber.wait_connected(self._connect_timeout * 3)
         except TimeoutError:
@@ -418,7 +505,7 @@ class BrokerClient:
         assert self._store is not None
         try:
             async with asyncio.timeout(self._connect_timeout * 2):
-                return await self._store.write(
+                lease = await self._store.write(
                     self.client_id,
                     subs,
                     ttl_ms=max(1, int(self.lease_ttl * 1000)),
@@ -428,6 +515,46 @@ class BrokerClient:
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.lease_failures += 1
             raise LeaseError(f"could not write lease {self.client_id}: {describe(exc)}") from exc
+        previous = self._lease
+        # lease.lua keeps created_ms of a lease that is there: created == renewed means this
+        # write created it anew. Past the old deadline, the broker stopped serving it meanwhile.
+        if (
+            previous is not None
+            and lease.created_ms == lease.renewed_ms
+            and lease.renewed_ms >= previous.deadline_ms
+        ):
+            self._lease_lapsed(previous, lease)
+        return lease
+
+    def _lease_lapsed(self, previous: Lease, lease: Lease) -> None:
+        """A renewal found the lease gone past its deadline (this process was paused longer
+        than its TTL): the streams it held may have stopped from the old deadline until now."""
+        self.stats.lease_lapses += 1
+        keys = previous.subscriptions.depths
+        channels = tuple(sorted(self.keys.channel(k.type, k.code, k.level) for k in keys))
+        late = lease.renewed_ms - previous.renewed_ms
+        logger.warning(
+            "lease %s lapsed: not renewed for %d ms (TTL %d ms); re-created, %d streams "
+            "may have missed %d ms",
+            self.client_id,
+            late,
+            previous.ttl_ms,
+            len(channels),
+            lease.renewed_ms - previous.deadline_ms,
+        )
+        self._emit_gap(
+            Gap(
+                reason=LEASE_LAPSED,
+                source="local",
+                since_ms=previous.deadline_ms,
+                until_ms=lease.renewed_ms,
+                detail=(
+                    f"the lease was not renewed for {late} ms (TTL {previous.ttl_ms} ms, "
+                    "this process was paused?): it lapsed and was re-created"
+                ),
+                channels=channels,
+            )
+        )
 
     async def _release_lease(self) -> None:
         assert self._store is not None
@@ -507,24 +634,110 @@ class BrokerClient:
                 )
 
     def _on_event(self, data: bytes) -> None:
+        # the reader task: judge the event by what is known; an unknown broker waits for the
+        # events task to re-read the status (events are rare: this never slows data)
         try:
-            event = parse_event(data)
+            event = decode_event(data)
         except ValueError as exc:
             logger.debug("ignored event: %s", exc)
             return
-        if isinstance(event, LeaseNotice):
-            if event.client_id == self.client_id:  # every client hears every lease event
-                self._emit_lease_notice(event)
+        if isinstance(event, UnknownEvent):
             return
-        if event is not None:
-            gap = event
+        if isinstance(event, LeaseEvent) and event.client_id != self.client_id:
+            return  # every client hears every lease event: not ours, nothing to judge
+        if self._unverified:  # keep the order behind the events still being checked
+            self._hold(event)
+            return
+        verdict, why = self._gate.judge(event)
+        if verdict == _ACCEPT:
+            self._deliver_event(event)
+        elif verdict == _REJECT:
+            self._reject_event(event, why)
+        else:
+            self._hold(event)
+
+    def _hold(self, event: Event) -> None:
+        if len(self._unverified) >= _VERIFY_MAX_PENDING:
+            self._reject_event(event, "too many events wait for the status to name a leader")
+            return
+        self._unverified.append((event, time.monotonic()))
+        self._verify_wake.set()
+
+    def _reject_event(self, event: Event, why: str) -> None:
+        self.stats.events_rejected += 1
+        # one WARNING per client, then DEBUG: a forger must not flood the logs
+        level = logging.DEBUG if self._rejection_logged else logging.WARNING
+        self._rejection_logged = True
+        logger.log(
+            level,
+            "client %s: ignored a %s event on %s, not the leader's: %s (%d ignored so far; "
+            "stats.events_rejected)",
+            self.client_id,
+            type(event).__struct_config__.tag,
+            self.keys.events,
+            why,
+            self.stats.events_rejected,
+        )
+
+    def _deliver_event(self, event: Event) -> None:
+        item = event_item(event)
+        if isinstance(item, LeaseNotice):
+            self._emit_lease_notice(item)
+        elif isinstance(item, Gap):
             logger.info(
                 "broker gap (%s, epoch %s): %d ms",
-                gap.reason,
-                gap.epoch,
-                gap.until_ms - gap.since_ms,
+                item.reason,
+                item.epoch,
+                item.until_ms - item.since_ms,
             )
-            self._emit_gap(gap)
+            self._emit_gap(item)
+
+    async def _verify_events(self) -> None:
+        """Re-read the status while events naming an unknown broker wait; accept each once
+        the status names its broker as leader, reject it after ``_VERIFY_GRACE`` s."""
+        while True:
+            await self._verify_wake.wait()
+            self._verify_wake.clear()
+            while self._unverified:
+                await self._read_leader()
+                now = time.monotonic()
+                while self._unverified:
+                    event, arrived = self._unverified[0]
+                    named = bool(event.broker) and event.broker == self._gate.leader
+                    if not named and now - arrived < _VERIFY_GRACE:
+                        break  # the status may not name a new leader yet: read it again
+                    self._unverified.popleft()
+                    verdict, why = self._gate.settle(event)
+                    if verdict == _ACCEPT:
+                        self._deliver_event(event)
+                    else:
+                        self._reject_event(event, why)
+                if self._unverified:
+                    await asyncio.sleep(_VERIFY_POLL)
+
+    async def _read_leader(self) -> None:
+        """``leader``, ``leader_token`` and ``epoch`` of ``{ns}:status``: one pipeline of HGET
+        (the commands the least-privilege consumer ACL allows), bounded by ``connect_timeout``."""
+        assert self._redis is not None
+        try:
+            async with (
+                asyncio.timeout(self._connect_timeout),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                for name in ("leader", "leader_token", "epoch"):
+                    pipe.hget(self.keys.status, name)
+                raw = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.debug("could not read the leader from the status: %s", describe(exc))
+            return
+        leader, token, epoch = (_text(v) for v in raw)
+        try:
+            epoch_n = int(epoch) if epoch else None
+        except ValueError:
+            epoch_n = None
+        if leader != self._gate.leader:
+            logger.debug("client %s: the status names leader %s", self.client_id, leader)
+        self._gate.status_read(leader, token, epoch_n)
 
     def _emit_lease_notice(self, notice: LeaseNotice) -> None:
         self.stats.lease_notices += 1
@@ -551,6 +764,7 @@ class BrokerClient:
         self.stats.reconnects += 1
 
     async def _on_restored(self, incident: Break) -> None:
+        self._gate.reconnected()
         if incident.reason == FELL_BEHIND:
             self.stats.fell_behind += 1
             detail = "redis dropped this subscriber (output buffer limit: it fell behind)"
@@ -759,6 +973,14 @@ def _parse_streams(
         key = StreamKey(type_, code, level)
         out[key] = max(out.get(key, 0), normalize_depth(depth))
     return out
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

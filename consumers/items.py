@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from broker.clock import now_ms
-from broker.contract import GAP_REASONS, GapEvent, LeaseEvent, decode_event
+from broker.contract import GAP_REASONS, Event, GapEvent, LeaseEvent, UnknownEvent, decode_event
 
 if TYPE_CHECKING:
     from broker.upbit.messages import Message
@@ -29,6 +29,12 @@ CONSUMER_DISCONNECTED = "consumer-disconnected"
 #: This consumer could not keep up: Redis dropped it at its output-buffer limit, or the
 #: in-process queue overflowed and its oldest messages were discarded.
 FELL_BEHIND = "fell-behind"
+#: This consumer's lease lapsed (it was paused longer than its TTL: a GC or VM pause,
+#: SIGSTOP) and its next renewal had to re-create it: the broker stopped serving its streams
+#: from the old deadline until that renewal (design.md "Lease", "A lapsed lease").
+LEASE_LAPSED = "lease-lapsed"
+#: The reasons of the gaps a client produces itself (``Gap.source == "local"``).
+CONSUMER_GAP_REASONS = (CONSUMER_DISCONNECTED, FELL_BEHIND, LEASE_LAPSED)
 
 
 class StreamMessage:
@@ -93,9 +99,10 @@ class Gap:
     """Data published between ``since_ms`` and ``until_ms`` may be missing.
 
     ``source`` is ``"broker"`` for the broker's gap events (its upstream connection broke; every
-    stream is affected) or ``"local"`` for this client's own losses (its pub/sub connection broke
-    or it fell behind). ``channels`` names the affected channels, empty meaning all of them.
-    ``dropped`` counts messages this client discarded itself (queue overflow), when known.
+    stream is affected) or ``"local"`` for this client's own losses (its pub/sub connection broke,
+    it fell behind, or its lease lapsed). ``channels`` names the affected channels, empty
+    meaning all of them. ``dropped`` counts messages this client discarded itself (queue
+    overflow), when known.
     """
 
     reason: str
@@ -195,9 +202,20 @@ def parse_event(data: bytes) -> Gap | LeaseNotice | None:
     event (``broker.contract.decode_event``); ``None`` for other events (``connected``,
     ``leader``, and kinds this version does not know).
 
+    It does not say who published the event: ``BrokerClient`` hands an event to the
+    application only when it comes from the leader (design.md "Who may publish events").
+
     Raises ``ValueError`` (``broker.contract.ContractError``) for bytes that are not an event.
     """
     event = decode_event(data)
+    if isinstance(event, UnknownEvent):
+        return None
+    return event_item(event)
+
+
+def event_item(event: Event) -> Gap | LeaseNotice | None:
+    """What a decoded event gives the application: a ``gap`` a :class:`Gap`, a ``lease`` a
+    :class:`LeaseNotice`, the others (``connected``, ``leader``) nothing."""
     if isinstance(event, LeaseEvent):
         rejected = event.rejected or {}
         counted = event.rejected_count or sum(len(codes) for codes in rejected.values())

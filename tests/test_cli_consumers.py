@@ -161,12 +161,10 @@ async def test_tail_human_output_and_sigterm_releases(
     try:
         await wait_for(lambda: lease_clients(redis_client), timeout=10, message="tail's lease")
         await redis_client.publish(f"{NS}:ticker:KRW-BTC", ticker_frame("KRW-BTC", 12345))
-        await redis_client.publish(
-            f"{NS}:events",
-            json.dumps(
-                {"event": "gap", "epoch": 2, "since_ms": 1, "until_ms": 5, "reason": "stall"}
-            ),
-        )
+        # events are accepted only from the leader the status names (design.md)
+        await redis_client.hset(f"{NS}:status", mapping={"leader": "b-1"})
+        gap = {"event": "gap", "epoch": 2, "since_ms": 1, "until_ms": 5, "reason": "stall"}
+        await redis_client.publish(f"{NS}:events", json.dumps({**gap, "broker": "b-1"}))
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
         assert b"KRW-BTC" in line and b"12,345" in line and b"+1.00%" in line
@@ -213,8 +211,10 @@ async def test_tail_prints_the_brokers_notices_about_its_own_lease(
         await wait_for(lambda: lease_clients(redis_client), timeout=10, message="tail's lease")
         [client_id] = await lease_clients(redis_client)
         why = "serving 1 stream, rejected 1 entry: invalid market code 'krw-eth' in ticker"
+        await redis_client.hset(f"{NS}:status", mapping={"leader": "b-1"})  # the leader
         for owner in ("someone-else", client_id):
             event = {"event": "lease", "client_id": owner, "state": "partial", "why": why}
+            event["broker"] = "b-1"
             await redis_client.publish(f"{NS}:events", json.dumps(event))
         # a frame after the events: once it is printed, the events were read
         await redis_client.publish(f"{NS}:ticker:KRW-BTC", ticker_frame("KRW-BTC", 1))

@@ -260,6 +260,8 @@ async def test_broker_gap_events_reach_the_application(
             "reason": "reconnect",
             "broker": "b-1",
         }
+        # events are accepted only from the leader the status names (design.md)
+        await redis_client.hset(f"{NS}:status", mapping={"leader": "b-1"})
         await redis_client.publish(f"{NS}:events", json.dumps(event))
         await redis_client.publish(f"{NS}:events", json.dumps({"event": "leader", "broker": "x"}))
         await redis_client.publish(f"{NS}:events", b"not json")

@@ -89,7 +89,9 @@ async def test_other_clients_notices_are_not_ours(
     async with BrokerClient(redis_url=redis_url, namespace=NS, client_id="me") as client:
         await client.subscribe("ticker", ["KRW-BTC"])
         other = {"event": "lease", "client_id": "someone", "state": "invalid", "why": "x"}
-        mine = {"event": "lease", "client_id": "me", "state": "partial", "why": "y"}
+        mine = {"event": "lease", "client_id": "me", "state": "partial", "why": "y", "broker": "b"}
+        # events are accepted only from the leader the status names (design.md)
+        await redis_client.hset(f"{NS}:status", mapping={"leader": "b"})
         await redis_client.publish(f"{NS}:events", json.dumps(other))
         await redis_client.publish(f"{NS}:events", json.dumps(mine))
         item = await client.next_message(timeout=5)

@@ -12,7 +12,7 @@ import pytest
 
 from broker.contract import GAP_REASONS, encode_status
 from broker.core.gaps import GapReason, Loss
-from broker.core.leader import LeaderCore, Wake
+from broker.core.leader import MAX_SNAPSHOT_WAITERS, LeaderCore, Wake
 from broker.core.reconcile import AFTER_DEADLINE, OVERDUE_RETRY, SCAN_EVERY, LeaseReconciler
 from broker.core.snapshots import MAX_SNAPSHOT_TIMEOUT
 from broker.core.stats import Counters
@@ -228,6 +228,54 @@ def test_a_gap_starts_at_the_last_frame_of_this_phase(last_frame_ms: int, since_
     core.upstream_connected(6.0, T0_MS + 6_000, fresh=False)
     core.epoch_assigned(2)
     assert events(core)[0]["since_ms"] == since_ms
+
+
+@pytest.mark.parametrize("frames", [1, 35, 62])
+def test_frames_lost_on_the_way_to_redis_are_announced_once_as_a_redis_gap(frames: int) -> None:
+    core = leading()
+    list_leases(core, 0.0, BTC)
+    connect(core, 0.0, epoch=4)
+    events(core)
+    core.publish_lost(T0_MS + 1_000, T0_MS + 1_250, frames)
+    assert events(core) == [
+        {
+            "event": "gap",
+            "epoch": 4,
+            "since_ms": T0_MS + 1_000,
+            "until_ms": T0_MS + 1_250,
+            "reason": "redis",
+            "broker": "b1",
+        }
+    ]
+    assert core.gaps.redis_frames == frames
+    assert core.connected  # upstream never broke: no reconnect gap owed
+    core.upstream_lost(Loss.CLOSED, T0_MS + 2_000, T0_MS + 1_900)
+    connect(core, 3.0, epoch=5)
+    assert [e.get("reason") for e in events(core) if e["event"] == "gap"] == ["reconnect"]
+
+
+def test_a_redis_loss_that_dropped_nothing_announces_nothing() -> None:
+    core = leading()
+    connect(core, 0.0)
+    events(core)
+    core.publish_lost(T0_MS + 1_000, T0_MS + 1_100, 0)
+    assert events(core) == [] and core.gaps.redis_frames == 0
+
+
+def test_snapshot_requests_in_progress_are_capped_and_the_rest_refused() -> None:
+    core = leading(status_interval=60.0)
+    connect(core, 0.0)
+    core.tick(0.0)
+    for i in range(MAX_SNAPSHOT_WAITERS):  # nothing flows: each waits for upstream
+        assert core.command(snapshot(f"w{i}", ["KRW-NOPE"], timeout_ms=1000), 1.0) is None
+    assert replies(core) == {}
+    core.command(snapshot("over", ["KRW-NOPE"]), 1.0)
+    refused = replies(core)["over"]
+    assert refused["ok"] is False and "too many snapshot requests" in refused["error"]
+    core.tick(2.0)  # the waiters' deadline: every one is answered, the desk is free again
+    assert len(replies(core)) == MAX_SNAPSHOT_WAITERS
+    core.command(snapshot("again", ["KRW-NOPE"], timeout_ms=-1), 3.0)
+    assert replies(core)["again"]["ok"] is True
 
 
 def test_a_fresh_switch_keeps_an_earlier_loss_for_the_next_connection() -> None:
@@ -652,6 +700,31 @@ def test_a_read_past_the_next_listing_becomes_the_listing() -> None:
     r.listed(listing(), 0.0)
     r.named("a", 0.98)
     assert r.begin(1.03).full
+
+
+def test_a_full_listing_also_reads_the_served_leases_missing_from_the_index() -> None:
+    # the index is a hint any consumer may ZREM from: the listing is told which leases are
+    # served now (LeaseStore.list_all's ``known``), so a ZREM never drops a live lease
+    r = reconciler()
+    assert r.begin(0.0).known == frozenset()  # nothing served yet
+    r.listed(listing(lease("a", {"ticker": ["KRW-BTC"]}), lease("b", {"trade": ["KRW-ETH"]})), 0.0)
+    r.named("a", 0.2)
+    assert r.begin(0.25).known == frozenset()  # a targeted read reads its ids, nothing more
+    r.read(LeaseReads([lease("a", {"ticker": ["KRW-BTC"]})], [], [], T0_MS), 0.25)
+    assert r.begin(INTERVAL).known == {"a", "b"}
+
+
+def test_a_lease_listed_outside_the_index_stays_in_the_union() -> None:
+    core = leading()
+    a = lease("a", {"ticker": ["KRW-BTC"]})
+    list_leases(core, 0.0, a)
+    assert core.desired == sset(ticker=["KRW-BTC"])
+    read = core.begin_lease_read(INTERVAL)
+    assert read.full and read.known == {"a"}
+    # what list_all(known={"a"}) answers once a's index entry was ZREMed: read, re-indexed
+    found = LeaseListing([a], [], [], T0_MS, unindexed=["a"], reindexed=["a"])
+    core.leases_listed(found, INTERVAL, T0_MS + 1000)
+    assert core.desired == sset(ticker=["KRW-BTC"])
 
 
 # -- status and the one controller signal ------------------------------------------------------

@@ -618,6 +618,68 @@ async def test_scan_finds_unindexed_leases(store: LeaseStore, redis_client: aior
     assert scanned.leases[0].pid == 9
     assert scanned.unindexed == ["by-hand"]
     assert [client_id for client_id, _ in scanned.invalid] == ["bad:name"]
+    # found by SCAN, so put back in the index with its own deadline: the next plain listing
+    # sees it
+    assert scanned.reindexed == ["by-hand"]
+    assert await redis_client.zscore(f"{NS}:leases", "by-hand") == scanned.leases[0].deadline_ms
+    assert [lease.client_id for lease in (await store.list_all()).leases] == ["by-hand", "indexed"]
+
+
+async def test_known_leases_are_served_and_reindexed_without_their_index_entry(
+    store: LeaseStore, redis_client: aioredis.Redis
+) -> None:
+    # any consumer may ZREM from the index (the documented consumer ACL allows it): the index
+    # is a hint, and a lease whose hash exists is served whether or not its entry does
+    a = await store.write("a", SUBS, ttl_ms=10_000, host="h", pid=1)
+    b = await store.write("b", SUBS, ttl_ms=10_000, host="h", pid=2)
+    await store.write("released", SUBS, ttl_ms=10_000, host="h", pid=3)
+    await store.release("released")
+    await redis_client.zrem(f"{NS}:leases", "a")
+
+    assert (await store.list_all()).leases == [b]  # only the index: a is lost
+    listing = await store.list_all(known=["a", "b", "released", "never", "bad id"])
+    assert listing.leases == [a, b]
+    assert listing.unindexed == ["a"] and listing.reindexed == ["a"]
+    assert listing.expired == [] and listing.invalid == []
+    # a is back with its deadline; an id whose hash is gone (released) is never re-indexed
+    assert await redis_client.zrange(f"{NS}:leases", 0, -1, withscores=True) == [
+        (b"a", a.deadline_ms),
+        (b"b", b.deadline_ms),
+    ]
+    assert (await store.list_all()).leases == [a, b]
+
+
+async def test_reindex_only_a_live_hash(store: LeaseStore, redis_client: aioredis.Redis) -> None:
+    now = await _server_ms(redis_client)
+    past = encode_lease_fields(
+        "past", SUBS, ttl_ms=10_000, host="h", pid=1,
+        created_ms=now - 20_000, renewed_ms=now - 20_000, deadline_ms=now - 10_000,
+    )  # fmt: skip
+    await redis_client.hset(f"{NS}:lease:past", mapping=past)  # type: ignore[arg-type]
+    no_deadline = _fields(client_id="nodeadline", deadline_ms=None)
+    await redis_client.hset(f"{NS}:lease:nodeadline", mapping=no_deadline)  # type: ignore[arg-type]
+    await redis_client.set(f"{NS}:lease:string", "x")
+
+    listing = await store.list_all(scan=True, known=["past"])
+    assert listing.leases == [] and listing.expired == ["past"]
+    assert [client_id for client_id, _ in listing.invalid] == ["nodeadline", "string"]
+    assert listing.reindexed == []
+    assert await redis_client.zcard(f"{NS}:leases") == 0
+
+
+async def test_refused_reindex_never_fails_the_listing(
+    store: LeaseStore, redis_client: aioredis.Redis
+) -> None:
+    a = await store.write("a", SUBS, ttl_ms=10_000, host="h", pid=1)
+    await redis_client.zrem(f"{NS}:leases", "a")
+    await redis_client.config_set("maxmemory", "1")  # noeviction: every write is refused
+    try:
+        listing = await store.list_all(known=["a"])
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+    assert listing.leases == [a] and listing.unindexed == ["a"] and listing.reindexed == []
+    assert await redis_client.zcard(f"{NS}:leases") == 0
+    assert (await store.list_all(known=["a"])).reindexed == ["a"]  # memory freed: repaired
 
 
 @pytest.fixture

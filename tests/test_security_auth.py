@@ -52,9 +52,9 @@ ACL_BROKER = (
 )
 ACL_CONSUMER = (
     f"consumer-a on >{CONSUMER_PW} resetkeys ~t:lease:consumer-a ~t:leases ~t:requests "
-    f"~t:reply:* resetchannels &t:* -@all {_CONNECT} +info +evalsha +script|load +time +hget "
-    "+del +hset +pexpire +zadd +zrem +publish +subscribe +unsubscribe +rpush +blpop +lrem "
-    "+multi +exec"
+    f"~t:reply:* %R~t:status resetchannels &t:* -@all {_CONNECT} +info +evalsha +script|load "
+    "+time +hget +del +hset +pexpire +zadd +zrem +publish +subscribe +unsubscribe +rpush "
+    "+blpop +lrem +multi +exec"
 )
 ACL_OPERATOR = (
     f"operator on >{OPERATOR_PW} resetkeys %R~t:* ~t:leases ~t:requests ~t:reply:* "

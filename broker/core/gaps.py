@@ -11,6 +11,11 @@ connection, :meth:`GapTracker.connected` gives the ``gap`` event to publish, if 
 - the planned switch to a fresh connection (the set shrank to nothing) loses nothing: no gap;
 - the first connection of a leader that took over from another broker announces a ``takeover``
   gap from the previous leader's last frame (as its status hash says); it wins over a loss.
+
+Frames can also be lost on the way to Redis while upstream stays connected (the publish
+connection broke: a reset, ``CLIENT KILL``, a timeout). The publisher reports each such loss
+once, when publishing is confirmed again (:meth:`GapTracker.redis_loss`): a ``redis`` gap from
+the last confirmed publish to the first confirmed one after it, if any frame was lost.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class GapReason(enum.StrEnum):
     TAKEOVER = "takeover"
     STALL = "stall"
     ERROR = "error"
+    #: frames received upstream never reached Redis (the publish connection broke)
+    REDIS = "redis"
 
 
 class Loss(enum.Enum):
@@ -63,6 +70,8 @@ class GapTracker:
         self._started_ms = 0
         self._pending: tuple[GapReason, int] | None = None
         self._takeover_since_ms = 0
+        #: frames announced by ``redis`` gaps so far (each loss's dropped frames)
+        self.redis_frames = 0
 
     def took_lead(self, now_ms: int, another_process: bool, previous_last_frame_ms: int) -> None:
         """The phase started; the status hash was written by ``another_process`` (not this
@@ -100,6 +109,21 @@ class GapTracker:
         reason, since = gap
         return GapEvent(
             epoch=epoch, since_ms=since, until_ms=at_ms, reason=reason.value, broker=self.broker_id
+        )
+
+    def redis_loss(self, epoch: int, since_ms: int, until_ms: int, frames: int) -> GapEvent | None:
+        """Publishing to Redis failed from ``since_ms`` and was confirmed again at ``until_ms``;
+        ``frames`` were dropped meanwhile (never confirmed, or held back while the lock was
+        unconfirmed after the error). The ``redis`` gap to announce (None: nothing was lost)."""
+        if frames <= 0:
+            return None
+        self.redis_frames += frames
+        return GapEvent(
+            epoch=epoch,
+            since_ms=min(since_ms, until_ms),
+            until_ms=until_ms,
+            reason=GapReason.REDIS.value,
+            broker=self.broker_id,
         )
 
 

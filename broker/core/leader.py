@@ -19,7 +19,8 @@ lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet st
            upstream_connected(now, at_ms, fresh=) -> bool / epoch_assigned(epoch)
            upstream_lost(loss, at_ms, last_frame_ms) / resubscribes_confirmed(ids)
            command(raw, now) -> CacheQuery | None / cached(query, values, now)
-           published(frames, now) / tick(now) / events_sent(events, ok=)
+           published(frames, now) / publish_lost(since_ms, until_ms, frames)
+           tick(now) / events_sent(events, ok=)
     drain  take_controller_changed()   the one "desired or controller changed" signal
            events_to_publish() / replies_to_send() / status(now, now_ms)
     ask    desired, epoch, connected, awaited_streams, watches_epoch_key, in_grace(now),
@@ -33,9 +34,12 @@ The rules, each table-tested in ``tests/test_leader_core.py`` (the pieces it own
   announced meanwhile. Holding again during a grace extends it and keeps both sets.
 - Connections: each gets a new epoch and a ``connected`` event, after the gap event it owes
   (``broker.core.gaps``); the planned switch to a fresh connection keeps the epoch, says nothing.
-- Commands: a snapshot goes to the snapshot desk; a resubscribe is answered once verified (the
-  reply carries the epoch and the upstream set); any other op is refused with a reason; an
-  unreadable command (no id to answer) is dropped and counted.
+- Commands: a snapshot goes to the snapshot desk (refused at once while
+  ``MAX_SNAPSHOT_WAITERS`` are in progress: a flood never piles up unbounded); a resubscribe
+  is answered once verified (the reply carries the epoch and the upstream set); any other op
+  is refused with a reason; an unreadable command (no id to answer) is dropped and counted.
+- Redis losses: frames the publisher could not get confirmed (its connection broke) are
+  announced once per loss as a ``redis`` gap, when publishing is confirmed again.
 - Leases: what to read when and the union (the reconciler), what each holder is told (the
   feedback), the status counts. Quiet streams: ``broker.core.quiet``.
 """
@@ -80,6 +84,10 @@ if TYPE_CHECKING:
     from broker.core.lease import LeaseListing, LeaseReads
 
 _json = msgspec.json.Encoder()
+
+#: snapshot requests in progress at most (waiting for the cache or upstream); past it a
+#: snapshot command is refused at once, so a flood of them never holds unbounded frames
+MAX_SNAPSHOT_WAITERS = 1_000
 
 
 class Wake(enum.Enum):
@@ -160,6 +168,8 @@ class LeaderCore:
         self._grace_until: float | None = None
         self._grace_set: SubscriptionSet = EMPTY
         self._connected_at_ms = 0
+        #: snapshot requests taken and not answered yet (at most MAX_SNAPSHOT_WAITERS)
+        self._snapshots_open = 0
 
     # -- the phase ----------------------------------------------------------------------------
 
@@ -230,6 +240,10 @@ class LeaderCore:
         read = self.leases.reading
         self.leases.listed(listing, now)
         self.stats.lease_listings += 1
+        if listing.reindexed:  # someone removed them from the index: served all the same
+            self.log.warning(
+                "leases missing from the index, re-indexed: %s", ", ".join(listing.reindexed)
+            )
         self._leases_changed(read, now, now_ms)
 
     def leases_read(self, reads: LeaseReads, now: float, now_ms: int) -> None:
@@ -301,6 +315,21 @@ class LeaderCore:
         self.connected = False
         self.gaps.lost(loss, at_ms, last_frame_ms)
 
+    def publish_lost(self, since_ms: int, until_ms: int, frames: int) -> None:
+        """Publishing to Redis broke at ``since_ms`` (the publisher's word, once per loss) and
+        was confirmed again at ``until_ms``; ``frames`` never reached Redis meanwhile: a
+        ``redis`` gap announces them (``broker.core.gaps``)."""
+        gap = self.gaps.redis_loss(self.epoch, since_ms, until_ms, frames)
+        if gap is None:
+            return
+        self.log.warning(
+            "%d frames never reached redis (publish connection lost): gap %d..%d announced",
+            frames,
+            gap.since_ms,
+            gap.until_ms,
+        )
+        self._event(gap)
+
     def resubscribes_confirmed(self, request_ids: Iterable[str]) -> None:
         """LIST_SUBSCRIPTIONS confirmed the full set these resubscribe commands asked for."""
         upstream = self.controller.upstream.by_type()
@@ -328,6 +357,17 @@ class LeaderCore:
             self.controller.force_resubscribe(command.id, now)
             self._controller_changed = True
             return None
+        if self._snapshots_open >= MAX_SNAPSHOT_WAITERS:
+            self.stats.bad_commands += 1
+            self._reply(
+                ErrorReply(
+                    id=command.id,
+                    error=f"too many snapshot requests in progress ({MAX_SNAPSHOT_WAITERS}): "
+                    "try again later",
+                )
+            )
+            return None
+        self._snapshots_open += 1
         query = self.snapshots.query(command, self.controller.upstream, now)
         if query.codes and self.settings.last_value_cache:
             return query
@@ -514,6 +554,7 @@ class LeaderCore:
 
     def _finish_snapshots(self, now: float) -> None:
         replies, delivered = self.snapshots.finish(now)
+        self._snapshots_open -= len(replies)
         for reply in replies:
             self._reply(reply)
         if delivered:
@@ -532,4 +573,4 @@ class LeaderCore:
         self._controller_changed = True
 
 
-__all__ = ["LeaderCore", "OutEvent", "OutReply", "Wake"]
+__all__ = ["MAX_SNAPSHOT_WAITERS", "LeaderCore", "OutEvent", "OutReply", "Wake"]

@@ -149,7 +149,7 @@ class LeaseReads:
 
 @dataclass(frozen=True)
 class LeaseListing:
-    """What :meth:`LeaseStore.list` found.
+    """What :meth:`LeaseStore.list_all` found.
 
     Attributes:
         leases: every valid lease, sorted by client id (a partly served one carries its
@@ -159,8 +159,10 @@ class LeaseListing:
             and those whose hash is still there past its ``deadline_ms`` (not served; a hash
             written without PEXPIRE), sorted.
         server_now_ms: the Redis server clock when the listing started.
-        unindexed: client ids whose hash was found by SCAN but is missing from the index
-            (they are also in ``leases`` or ``invalid``); always empty without ``scan=True``.
+        unindexed: client ids whose hash was found outside the index (a ``known`` id the
+            caller serves, or by SCAN; they are also in ``leases`` or ``invalid``).
+        reindexed: those of them put back in the index (their hash existed, with a
+            ``deadline_ms`` still ahead): the index is a hint, repaired when found wrong.
     """
 
     leases: list[Lease]
@@ -168,6 +170,7 @@ class LeaseListing:
     expired: list[str]
     server_now_ms: int
     unindexed: list[str] = field(default_factory=list)
+    reindexed: list[str] = field(default_factory=list)
 
 
 def encode_lease_fields(

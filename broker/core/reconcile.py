@@ -14,6 +14,9 @@ reads, their union, and the schedule:
   index), and just after the earliest lease deadline (server clock), so an expiry is seen
   within ~20 ms; a deadline that passed with its lease still there (Redis expires keys a little
   late) is retried at a calm 0.1 s, not every 10 ms;
+- a full listing also reads the leases served now that are missing from the index
+  (:attr:`LeaseRead.known`): the index is a hint that any consumer may ZREM from, so a lease
+  whose hash exists stays served (and is re-indexed) whatever happens to its index entry;
 - a burst of messages is read once, ``coalesce_delay`` after the first: listing 1,000 leases
   costs ~0.1 s. That wait is the coalescing window; the controller does not add another.
 """
@@ -47,12 +50,15 @@ class LeaseRead:
         scan: the full listing also SCANs for hashes missing from the index.
         ids: the client ids named on the control channel since the last read.
         noticed_at: when the first of those messages arrived (None: a scheduled read).
+        known: for a full listing, the client ids served now (``LeaseStore.list_all``'s
+            ``known``): read even when missing from the index, so a ZREM never drops a lease.
     """
 
     full: bool
     scan: bool
     ids: frozenset[str]
     noticed_at: float | None
+    known: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +148,8 @@ class LeaseReconciler:
         full = self._full or now >= self._full_at or not named
         self._full = False
         scan = full and self.listings % SCAN_EVERY == 0
-        self._reading = LeaseRead(full, scan, frozenset(named), self._noticed_at)
+        known = frozenset(self.leases) if full else frozenset()
+        self._reading = LeaseRead(full, scan, frozenset(named), self._noticed_at, known)
         self._noticed_at = None
         return self._reading
 

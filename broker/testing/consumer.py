@@ -52,8 +52,10 @@ async def main():
             async for item in client.messages():
                 if isinstance(item, Gap):
                     emit(k="gap", t=now_ms(), **item.to_dict())
-                else:
+                elif item.kind == "data":
                     emit(k="m", t=now_ms(), ch=item.channel, raw=item.raw.decode())
+                else:  # a lease notice (or any later kind): recorded, never fatal
+                    emit(k=item.kind, t=now_ms(), text=repr(item))
 
         async def stats():
             while True:
