@@ -127,20 +127,23 @@ async def test_client_queue_overflow_reports_fell_behind(
 
 
 def test_consumers_import_only_their_allowed_layers() -> None:
-    import subprocess
-    import sys
+    from tests.support.imports import modules_loaded_by
 
-    code = (
-        "import sys, consumers, consumers.examples.ticker_board, consumers.examples.ohlcv_bars\n"
-        "allowed = {'broker', 'broker.upbit', 'broker.leases', 'broker.keys', 'broker.errors',"
-        " 'broker.settings', 'broker.redis_client', 'broker.clock', 'broker.contract',"
-        " 'broker.core', 'broker.core.lease'}\n"
-        "bad = sorted(m for m in sys.modules if (m.startswith('broker.') or m == 'broker')"
-        " and m not in allowed and not m.startswith('broker.upbit.'))\n"
-        "bad += sorted(m for m in sys.modules if m.split('.')[0] in ('simulator', 'cli'))\n"
-        "print(','.join(bad))\n"
+    loaded = modules_loaded_by(
+        "import consumers, consumers.examples.ticker_board, consumers.examples.ohlcv_bars"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    allowed = {
+        "broker", "broker.upbit", "broker.leases", "broker.keys", "broker.errors",
+        "broker.settings", "broker.redis_client", "broker.clock", "broker.contract",
+        "broker.core", "broker.core.lease",
+    }  # fmt: skip
+    bad = sorted(
+        m
+        for m in loaded
+        if (m.startswith("broker.") or m == "broker")
+        and m not in allowed
+        and not m.startswith("broker.upbit.")
+    )
+    bad += sorted(m for m in loaded if m.split(".")[0] in ("simulator", "cli"))
+    out = ",".join(bad)
     assert out == "", f"consumers imported modules outside their layer: {out}"

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from tests.support.imports import IO_AND_OUTER_LAYERS, imported_names, modules_loaded_by
 
 
 def test_protocol_core_imports_no_io() -> None:
-    code = (
-        "import sys, broker.upbit.types, broker.upbit.requests, broker.upbit.router, "
+    loaded = modules_loaded_by(
+        "import broker.upbit.types, broker.upbit.requests, broker.upbit.router, "
         "broker.upbit.codes, broker.upbit.ratelimit, broker.keys\n"
         "import importlib, pkgutil, broker.upbit\n"
         "for m in pkgutil.iter_modules(broker.upbit.__path__):\n"
-        "    importlib.import_module('broker.upbit.' + m.name)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('asyncio', 'websockets', 'redis', 'simulator', 'consumers', 'cli'))\n"
-        "print(','.join(bad))\n"
+        "    importlib.import_module('broker.upbit.' + m.name)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    out = ",".join(sorted(m for m in loaded if m.split(".")[0] in IO_AND_OUTER_LAYERS))
     assert out == "", f"protocol core imported I/O modules: {out}"
 
 
@@ -48,24 +42,20 @@ def test_protocol_core_and_simulator_import_nothing_else_of_broker() -> None:
     """``broker/upbit/`` and ``simulator/`` stand on their own: the protocol's errors live in
     ``broker/upbit/errors.py``, so importing every module of both loads no ``broker`` module
     outside ``broker.upbit`` (``broker/__init__`` itself excepted: it is import-light)."""
-    code = (
-        "import importlib, pkgutil, sys, broker.upbit, simulator\n"
+    loaded = modules_loaded_by(
+        "import importlib, pkgutil, broker.upbit, simulator\n"
         "for pkg in (broker.upbit, simulator):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
-        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
-        "bad = sorted(m for m in sys.modules if m.startswith('broker.')\n"
-        "             and m.split('.')[1] != 'upbit')\n"
-        "print(','.join(bad))\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    out = ",".join(
+        sorted(m for m in loaded if m.startswith("broker.") and m.split(".")[1] != "upbit")
+    )
     assert out == "", f"the protocol core or the simulator imported: {out}"
 
 
 def test_no_source_of_the_core_or_simulator_names_the_rest_of_broker() -> None:
     """The same rule on the sources, so an import inside a function cannot slip past."""
-    import ast
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -73,18 +63,12 @@ def test_no_source_of_the_core_or_simulator_names_the_rest_of_broker() -> None:
     for path in sorted(
         [*(root / "broker" / "upbit").glob("*.py"), *(root / "simulator").glob("*.py")]
     ):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [
-                f"{path.relative_to(root)}: {name}"
-                for name in names
-                if name == "broker"
-                or (name.startswith("broker.") and not name.startswith("broker.upbit"))
-            ]
+        offenders += [
+            f"{path.relative_to(root)}: {name}"
+            for name in imported_names(path)
+            if name == "broker"
+            or (name.startswith("broker.") and not name.startswith("broker.upbit"))
+        ]
     assert offenders == []
 
 
@@ -104,7 +88,6 @@ def test_protocol_errors_keep_the_one_root() -> None:
 def test_benchmarks_and_production_code_never_import_the_tests() -> None:
     """Benchmarks share the harness through ``broker.testing``, never ``tests``; production code
     never imports ``broker.testing`` (only the demo, a developer's tool, and tests do)."""
-    import ast
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -112,26 +95,19 @@ def test_benchmarks_and_production_code_never_import_the_tests() -> None:
     for folder in ("benchmarks", "broker", "consumers", "cli", "simulator"):
         for path in sorted((root / folder).rglob("*.py")):
             rel = path.relative_to(root)
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names: list[str] = []
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module]
-                for name in names:
-                    if name.split(".")[0] == "tests":
-                        offenders.append(f"{rel}: {name}")
-                    testing = name == "broker.testing" or name.startswith("broker.testing.")
-                    exempt = folder == "benchmarks" or rel.parts[:2] == ("broker", "testing")
-                    if testing and not exempt and str(rel) != "cli/demo.py":
-                        offenders.append(f"{rel}: {name}")
+            for name in imported_names(path):
+                if name.split(".")[0] == "tests":
+                    offenders.append(f"{rel}: {name}")
+                testing = name == "broker.testing" or name.startswith("broker.testing.")
+                exempt = folder == "benchmarks" or rel.parts[:2] == ("broker", "testing")
+                if testing and not exempt and str(rel) != "cli/demo.py":
+                    offenders.append(f"{rel}: {name}")
     assert offenders == []
 
 
 def test_the_leader_core_imports_no_io() -> None:
     """``broker/core/`` is pure: no source of it imports asyncio, redis, websockets or an I/O
     module of the broker, and importing all of it loads none of them."""
-    import ast
     from pathlib import Path
 
     io_libraries = ("asyncio", "redis", "websockets", "hiredis")
@@ -150,34 +126,18 @@ def test_the_leader_core_imports_no_io() -> None:
     root = Path(__file__).resolve().parents[1]
     offenders = []
     for path in sorted((root / "broker" / "core").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [
-                f"{path.relative_to(root)}: {name}"
-                for name in names
-                if name.split(".")[0] in io_libraries
-                or any(name == m or name.startswith(m + ".") for m in io_modules)
-            ]
+        offenders += [
+            f"{path.relative_to(root)}: {name}"
+            for name in imported_names(path)
+            if name.split(".")[0] in io_libraries
+            or any(name == m or name.startswith(m + ".") for m in io_modules)
+        ]
     assert offenders == []
 
-    def io_loaded(imports: str) -> set[str]:
-        wanted = repr(io_libraries)
-        code = (
-            f"import sys\n{imports}\n"
-            f"print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {wanted})))"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return set(filter(None, out.split(",")))
-
-    core = io_loaded(
+    loaded = modules_loaded_by(
         "import importlib, pkgutil, broker.core\n"
         "for m in pkgutil.iter_modules(broker.core.__path__):\n"
         "    importlib.import_module('broker.core.' + m.name)"
     )
+    core = {m for m in loaded if m.split(".")[0] in io_libraries}
     assert core == set(), sorted(core)
