@@ -44,7 +44,7 @@ from broker.upbit.codes import is_valid_code
 #: ``gap`` event reasons (the broker's; consumers add their own local ones)
 GAP_REASONS: Final = ("reconnect", "takeover", "stall", "error", "redis")
 #: ``lease`` event states
-LEASE_STATES: Final = ("ok", "partial", "invalid", "expired")
+LEASE_STATES: Final = ("ok", "partial", "invalid", "refused", "expired")
 #: most codes one snapshot command may name
 MAX_SNAPSHOT_CODES: Final = 100
 #: a status older than this many of its writer's intervals was not written by a running leader
@@ -154,6 +154,22 @@ class Status(msgspec.Struct, kw_only=True, frozen=True):
     status_interval_ms: int = 0
     upstream_url: str = ""
     quiet_codes: list[str] = []
+    upstream_unconfirmed: int = 0
+    refused_leases: int = 0
+    refused: dict[str, str] = {}
+    unknown_codes: list[str] = []
+    markets: int = 0
+    request_bytes: int = 0
+    request_bytes_cap: int = 0
+    upstream_refusals: int = 0
+    control_messages: int = 0
+    control_ignored: int = 0
+    redis_oom_since_ms: int = 0
+    redis_oom_refusals: int = 0
+    redis_used_memory: int = 0
+    redis_maxmemory: int = 0
+    redis_maxmemory_policy: str = ""
+    cache_stale_since_ms: int = 0
 
     def __post_init__(self) -> None:
         dropped = self.frames_dropped_by_reason

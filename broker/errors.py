@@ -12,7 +12,8 @@ BrokerError                     (defined in broker.upbit.errors)
 │   └── InvalidCodeError        a market code that is not of Upbit's shape
 │       └── InvalidDepthSuffixError   an orderbook depth suffix that is not 1-4 digits
 ├── UpstreamError               (broker.upbit.errors) the upstream connection failed
-│   └── UpbitErrorFrame         Upbit sent an error frame ({"error": {...}})
+│   ├── UpbitErrorFrame         Upbit sent an error frame ({"error": {...}})
+│   └── MarketListError         Upbit's market list (REST) could not be read
 ├── LeaseError                  a lease that cannot be read or written
 ├── SnapshotError               a snapshot request got no (complete) answer
 ├── NotLeaderError              this broker lost (or never had) the leader lock
@@ -36,6 +37,10 @@ from broker.upbit.errors import (
     UpbitErrorFrame,
     UpstreamError,
 )
+
+
+class MarketListError(UpstreamError):
+    """Upbit's market list (``GET /v1/market/all``) could not be read or made no sense."""
 
 
 class LeaseError(BrokerError):
@@ -76,6 +81,7 @@ __all__ = [
     "InvalidCodeError",
     "InvalidDepthSuffixError",
     "LeaseError",
+    "MarketListError",
     "NotLeaderError",
     "ProtocolError",
     "RequestError",

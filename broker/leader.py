@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from broker.errors import ConfigError
 from broker.keys import Keys, validate_name
+from broker.redis_oom import AllowOomScript
 
 #: Fraction of the TTL, counted from before the round trip, during which we act as leader.
 VALIDITY_RATIO = 0.9
@@ -53,6 +53,10 @@ VALIDITY_RATIO = 0.9
 # KEYS: leader key. ARGV: lock value ("{broker_id} {token}"), ttl_ms. Idempotent, so
 # redis-py's retry of a command whose reply was lost cannot make us refuse a lock we just took:
 # SET NX, or refresh if already ours (this process's value, not merely our broker id).
+# Run with allow-oom (broker.redis_oom): SET is refused at maxmemory, and a standby that cannot
+# take the lock after the leader died leaves nobody leading. The key is one short string per
+# namespace, so the flag cannot grow memory by more than that. Renew (GET, PEXPIRE) and release
+# (DEL) are not refused at maxmemory and need no flag.
 _ACQUIRE_LUA = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -142,7 +146,7 @@ class LeaderLock:
         self.ttl_ms = ttl_ms
         self._clock = clock
         self._valid_until = 0.0
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
+        self._acquire = AllowOomScript(redis, _ACQUIRE_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
 
@@ -184,7 +188,7 @@ class LeaderLock:
         """Whether ``holder`` (from :meth:`read`) is this process."""
         return holder is not None and holder == (self.broker_id, self.token)
 
-    async def _run(self, script: AsyncScript) -> bool:
+    async def _run(self, script: Callable[..., Awaitable[Any]]) -> bool:
         t0 = self._clock()  # before the round trip: Redis starts the TTL later than this
         reply = await script(keys=[self.key], args=[self.value, self.ttl_ms])
         if reply:

@@ -4,7 +4,8 @@ The tasks run in one TaskGroup; each feeds the core (:class:`broker.core.leader.
 what it read and writes what the core asks for:
 
     lock       renew the leader lock every third of its TTL (at once after a publish error)
-    control    the ``{ns}:control`` channel: which leases changed, when commands wait
+    control    the ``{ns}:control`` channel: which leases changed, when commands wait (read in
+               bursts, fed to the core once per ``CONTROL_TICK`` at most)
     leases     read the leases the core asks for (``LeaseStore``), when it asks
     commands   pop ``{ns}:requests`` in batches; look up the cache values snapshots need
     upstream   the websocket (``broker.upstream``)
@@ -15,6 +16,7 @@ what it read and writes what the core asks for:
                losses on the way to Redis (each becomes a ``redis`` gap)
     outbox     events and replies: one pipeline per batch, on one connection
     status     the status hash, every ``status_interval``
+    markets    Upbit's market list (REST), at the start and every ``markets_refresh``
 
 After every feed, :meth:`LeaderPhase._forward` hands the core's outputs on (the one place that
 does): it wakes the upstream send loop when the desired set or the controller changed, tells
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,16 +41,19 @@ from redis.exceptions import RedisError
 
 from broker.clock import now_ms
 from broker.contract import encode_status
+from broker.control_channel import ControlSubscription, subscribe_control
 from broker.core.leader import LeaderCore, OutEvent, OutReply, Wake
 from broker.core.snapshots import CacheQuery
 from broker.core.stats import Counters
-from broker.errors import NotLeaderError
+from broker.errors import MarketListError, NotLeaderError
 from broker.keys import Keys
 from broker.leader import LeaderLock
 from broker.leases import LeaseStore
+from broker.markets import fetch_market_codes
 from broker.publisher import Publisher
+from broker.redis_oom import AllowOomScript, is_oom, read_memory
 from broker.settings import BrokerSettings
-from broker.upstream import Confirmed, Connected, Lost, Upstream
+from broker.upstream import Confirmed, Connected, Lost, Upstream, Verified
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,20 @@ OUTBOX_BATCH = 500
 STATUS_TTL_MS = 24 * 3600 * 1000
 #: replies live this long in Redis if nobody picks them up
 REPLY_TTL_MS = 60_000
+#: KEYS: the status hash. ARGV: its TTL in ms, then field, value, field, value ... Run with
+#: allow-oom (broker.redis_oom): at maxmemory a MULTI queueing an HSET is refused, the status
+#: went stale and ``check`` blamed the leader instead of the memory. Bounded: a fixed set of
+#: fields, overwritten in place every interval.
+#: KEYS: the epoch key. Run with allow-oom (``_next_epoch``).
+INCR_LUA = "return redis.call('INCR', KEYS[1])"
+STATUS_LUA = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+#: the control channel feeds the core at most once per tick (a flood folds into one feed)
+CONTROL_TICK = 0.01
+#: the first retry after the market list could not be read (doubling, up to markets_refresh)
+MARKETS_RETRY = 5.0
 
 
 class LeaderPhase:
@@ -102,6 +122,10 @@ class LeaderPhase:
         self._renew_now = asyncio.Event()
         self._clock_at: float | None = None  # when the clock task wakes by itself
         self._errors_at_renewal = 0
+        #: the lock's local deadline ran out with no publish error: (the last publish before,
+        #: ``dropped_not_leader`` then); what is dropped meanwhile is announced (_may_publish)
+        self._fenced: tuple[int, int] | None = None
+        self._incr_epoch = AllowOomScript(redis, INCR_LUA, whole=True)
         self.publisher = Publisher(
             pub_redis,
             last_value_cache=settings.last_value_cache,
@@ -128,6 +152,9 @@ class LeaderPhase:
             tg.create_task(self._run_clock(), name="clock")
             tg.create_task(self._write_outbox(), name="outbox")
             tg.create_task(self._write_status(), name="status")
+            markets_url = self.settings.market_list_url()
+            if markets_url is not None:
+                tg.create_task(self._refresh_markets(markets_url), name="markets")
 
     def _forward(self) -> None:
         """Hand the core's outputs to whoever acts on them (called after every feed)."""
@@ -145,13 +172,38 @@ class LeaderPhase:
         """Checked before every burst: the lock is valid locally, and Redis has not failed us
         since the last renewal. A failed publish may mean Redis restarted empty and lost the
         lock, so a standby may already lead: publish nothing until a renewal proves otherwise.
+
+        What is held back is announced. After a publish error the publisher's loss counts it.
+        Without one (the lock's local deadline ran out: a pause, a starved event loop) the
+        frames dropped as ``not_leader`` meanwhile become one ``redis`` gap when publishing is
+        allowed again; they were lost silently before (issue 12, item 12). If it never is, the
+        successor's takeover gap covers them (it starts at our last frame).
         """
+        published = self.counters.publish
+        errors = published.redis_errors != self._errors_at_renewal
+        if errors and self._fenced is not None:
+            self._end_fence()  # the publisher's loss counts what is held back from here on
         if not self.lock.is_valid():
+            if self._fenced is None and not errors:
+                self._fenced = (published.last_publish_ms or now_ms(), published.dropped_not_leader)
             return False
-        if self.counters.publish.redis_errors != self._errors_at_renewal:
+        if errors:
             self._renew_now.set()
             return False
+        if self._fenced is not None:
+            self._end_fence()
         return True
+
+    def _end_fence(self) -> None:
+        """Announce the frames dropped as ``not_leader`` since the lock's local deadline ran out
+        (the lock is confirmed again, or a publish error took the counting over)."""
+        assert self._fenced is not None
+        since_ms, dropped_before = self._fenced
+        self._fenced = None
+        frames = self.counters.publish.dropped_not_leader - dropped_before
+        if frames > 0:
+            self.core.publish_lost(since_ms, now_ms(), frames)
+            self._forward()
 
     async def _hold_lock(self) -> None:
         """Renew every third of the TTL (at once after a Redis error); a lock that vanished
@@ -199,35 +251,36 @@ class LeaderPhase:
     # -- the control channel and the leases -----------------------------------------------------
 
     async def _watch_control(self) -> None:
-        """Our own pub/sub loop on the control channel: a reconnect is noticed, never silent."""
+        """Our own subscription to the control channel (``broker.control_channel``), read in
+        bursts and fed to the core once per ``CONTROL_TICK`` at most: any consumer may publish
+        there, and a flood must cost one feed (one wake-up of each task) a tick, not one a
+        message. A lone message is fed at once; a reconnect is noticed, never silent."""
         core = self.core
         while True:
-            pubsub = self.redis.pubsub()
+            channel: ControlSubscription | None = None
             try:
-                await pubsub.subscribe(self.keys.control)
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    channel = await subscribe_control(self.redis, self.keys.control)
                 core.control_subscribed(time.monotonic())  # messages may have been missed
                 self._wake_leases.set()
                 self._wake_commands.set()
+                fed_at = 0.0
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None:
-                        continue
-                    data = message.get("data", b"")
-                    wake = core.control_message(
-                        data if isinstance(data, bytes) else b"", time.monotonic()
-                    )
-                    if wake is Wake.COMMANDS:
+                    batch = await channel.take(not_before=fed_at + CONTROL_TICK)
+                    fed_at = time.monotonic()
+                    wake = core.control_messages(batch, fed_at)
+                    if Wake.COMMANDS in wake:
                         self._wake_commands.set()
-                    else:
+                    if Wake.LEASES in wake:
                         self._wake_leases.set()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
-                core.control_lost(str(exc), time.monotonic())
+                core.control_lost(str(exc) or type(exc).__name__, time.monotonic())
                 self._forward()
                 await asyncio.sleep(0.5)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if channel is not None:
+                    await channel.aclose()
 
     async def _read_leases(self) -> None:
         """Read the leases the core asks for, when it asks (``broker.core.reconcile``)."""
@@ -286,8 +339,13 @@ class LeaderPhase:
                     await self._wake_commands.wait()
 
     async def _cached_values(self, query: CacheQuery) -> list[Any]:
-        """``HMGET`` of the last-value cache for a snapshot; nothing when Redis fails (the
-        codes are then fetched upstream)."""
+        """``HMGET`` of the last-value cache for a snapshot; nothing when Redis fails, or while
+        the cache is stale (Redis refused its writes for memory: it lacks frames published
+        since ``cache_stale_since_ms``), so the codes are fetched upstream."""
+        stale_since = self.counters.publish.cache_stale_since_ms
+        if stale_since:
+            logger.debug("last-value cache stale since %d: snapshot fetched upstream", stale_since)
+            return []
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
                 key = self.keys.last_values(query.type, query.level)
@@ -313,18 +371,42 @@ class LeaderPhase:
                     await self._flush_outbox()  # the gap and connected events, before data
                     announced.set()
                     self.ready.set()
-                case Lost(loss=loss, at_ms=at_ms, last_frame_ms=last_frame_ms):
+                case Lost(loss=loss, at_ms=at_ms, last_frame_ms=last_frame_ms, refusal=refusal):
                     self.ready.clear()
-                    core.upstream_lost(loss, at_ms, last_frame_ms)
+                    core.upstream_lost(loss, at_ms, last_frame_ms, refusal, time.monotonic())
+                case Verified(verdict=verdict):
+                    core.upstream_verified(verdict, time.monotonic(), now_ms())
                 case Confirmed(request_ids=request_ids):
                     core.resubscribes_confirmed(request_ids)
             self._forward()
 
+    async def _refresh_markets(self, url: str) -> None:
+        """Read Upbit's market list now and every ``markets_refresh`` (sooner after a failure:
+        until one read succeeds, every well-formed code is trusted)."""
+        failures = 0
+        while True:
+            try:
+                codes = await fetch_market_codes(url)
+            except MarketListError as exc:
+                failures += 1
+                self.stats.market_list_errors += 1
+                wait = min(self.settings.markets_refresh, MARKETS_RETRY * 2 ** min(failures, 6))
+                log = logger.warning if failures == 1 else logger.debug
+                log("market list unavailable (%s); retry in %.0fs", exc, wait)
+            else:
+                failures = 0
+                self.core.markets_listed(codes, time.monotonic(), now_ms())
+                self._forward()
+                wait = self.settings.markets_refresh
+            await asyncio.sleep(wait)
+
     async def _next_epoch(self) -> int | None:
-        """``INCR {ns}:epoch``: the epoch counts connections across leaders (None: no answer)."""
+        """``INCR {ns}:epoch``: the epoch counts connections across leaders (None: no answer).
+        Allowed at maxmemory (one integer key): a refused INCR would reuse an epoch, and two of
+        them would make the epoch go back once Redis takes writes again."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                return int(await self.redis.incr(self.keys.epoch))
+                return int(await self._incr_epoch(keys=[self.keys.epoch], args=[]))
         except (RedisError, OSError, TimeoutError):
             self.stats.redis_errors += 1
             return None
@@ -343,7 +425,7 @@ class LeaderPhase:
                 core.published(frames, now)
             for loss in publisher.take_losses():  # once per loss, never per frame
                 core.publish_lost(loss.since_ms, loss.until_ms, loss.frames)
-            core.tick(now)
+            core.tick(now, now_ms())
             self._clock_at = core.next_wakeup(now)
             self._forward()
             timeout = None if self._clock_at is None else max(0.0, self._clock_at - now)
@@ -398,22 +480,32 @@ class LeaderPhase:
         return True
 
     async def _write_status(self) -> None:
-        core = self.core
+        """The status every ``status_interval``. Each write first feeds the OOM watch
+        (``broker.core.oom``: one WARNING when Redis starts refusing writes for memory, one
+        when it takes them again) with the refusals counted so far and the ``INFO memory``
+        read after the previous write; the status carries its figures."""
+        core, counters = self.core, self.counters
         interval = self.settings.status_interval
+        write = AllowOomScript(self.redis, STATUS_LUA, whole=True)
+        memory = None  # read after each write, for the next one: the first write goes at once
         while True:
+            refusals = counters.publish.oom_refusals + self.stats.oom_refusals
+            line = counters.oom.observe(now_ms(), refusals, memory)
+            if line is not None:
+                logger.warning(line)
             fields = encode_status(core.status(time.monotonic(), now_ms()))
+            # Kept after the leader dies: a successor reads when data stopped (gap event);
+            # freshness is judged by updated_ms, not by the key's existence.
+            args = [STATUS_TTL_MS, *itertools.chain.from_iterable(fields.items())]
+            memory = None
             try:
-                async with (
-                    asyncio.timeout(REDIS_TIMEOUT),
-                    self.redis.pipeline(transaction=True) as pipe,
-                ):
-                    pipe.hset(self.keys.status, mapping=fields)  # type: ignore[arg-type]
-                    # Kept after the leader dies: a successor reads when data stopped (gap event);
-                    # freshness is judged by updated_ms, not by the key's existence.
-                    pipe.pexpire(self.keys.status, STATUS_TTL_MS)
-                    await pipe.execute()
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    await write(keys=[self.keys.status], args=args)
+                    memory = await read_memory(self.redis)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
+                if is_oom(exc):  # a Redis without script flags (< 7) refuses it at maxmemory
+                    self.stats.oom_refusals += 1
                 logger.debug("status write failed: %s", exc)
             await asyncio.sleep(interval)
 

@@ -133,6 +133,35 @@ class BrokerCollector:
         yield gauge(
             "rejected_streams", "Lease entries refused (unknown or bad)", st.rejected_streams
         )
+        yield gauge(
+            "refused_leases",
+            "Valid leases not served for now (over the union's bounds, or quarantined)",
+            st.refused_leases,
+        )
+        yield gauge(
+            "unknown_codes",
+            "type:code leases ask for that Upbit does not know",
+            len(st.unknown_codes),
+        )
+        yield counter(
+            "upstream_refusals",
+            "Subscribe requests Upbit refused (close 1009, or an error frame)",
+            st.upstream_refusals,
+        )
+        yield gauge(
+            "request_bytes", "Size bound of the union's subscribe request", st.request_bytes
+        )
+        yield gauge(
+            "request_bytes_cap", "Largest subscribe request the broker sends", st.request_bytes_cap
+        )
+        yield counter(
+            "control_messages", "Messages read on the control channel", own.control_messages
+        )
+        yield counter(
+            "control_ignored",
+            "Control messages that named nothing readable (garbage, or past a tick's bound)",
+            own.control_ignored,
+        )
         yield counter("lease_events", "Lease events sent to holders", own.lease_events)
         union = GaugeMetricFamily(
             f"{PREFIX}_union_streams", "Streams in the desired union, by type", labels=["type"]
@@ -156,6 +185,21 @@ class BrokerCollector:
         snaps.add_metric(["upstream"], own.snapshots_from_upstream)
         yield snaps
         yield counter("redis_errors", "Redis errors", st.redis_errors)
+        # Redis at maxmemory (broker.core.oom): the cause named, not only counted as errors
+        yield gauge(
+            "redis_oom",
+            "1 while Redis refuses writes for memory (used memory over maxmemory)",
+            1 if st.redis_oom_since_ms else 0,
+        )
+        yield counter(
+            "redis_oom_refusals", "Writes Redis refused for memory", st.redis_oom_refusals
+        )
+        stale = st.cache_stale_since_ms
+        yield gauge(
+            "cache_stale_seconds",
+            "Seconds the last-value cache has lacked published frames (0: current)",
+            max(0.0, time.time() - stale / 1000) if stale else 0,
+        )
 
     def _batches(self) -> tuple[Sequence[int], int]:
         """Publish batches per size bucket, and the sum of their sizes, since the start (the

@@ -25,6 +25,18 @@ by ``not_leader``.
 A client raw RESP cannot speak for (a fake or exotic client) gets the same commands in the same
 order through redis-py pipelines, from the publisher's task, one pipeline in flight at a time.
 
+Redis at maxmemory (``noeviction``) refuses the cache's HSETs (``-OOM``) and still takes every
+PUBLISH: frames flow, the cache freezes. The refusals are counted (``oom_refusals``; the leader's
+:class:`broker.core.oom.OomWatch` names the episode), and the cache is marked stale
+(``cache_stale_since_ms``: the write time of the first refused burst) instead of silently
+falling behind; the leader then fetches snapshots upstream instead of serving them from it.
+The cache is not written with allow-oom on purpose: it is the broker's largest key set, written
+at every burst, and exempting it from the limit would let the broker itself keep Redis over the
+maxmemory its operator set. While stale, bursts stop carrying cache writes except one probe per
+:data:`CACHE_PROBE_INTERVAL`; once a probe is accepted, the next burst rewrites the newest frame
+of every stream seen (:attr:`Publisher._newest`, one per stream), and its acceptance makes the
+cache current again, without a restart.
+
 Snapshot requests wait for the next frame of some streams: :meth:`Publisher.watch` names them,
 and the frames of a burst that belong to them are kept for :meth:`Publisher.take_watched` (one
 set lookup per frame of a burst, only while something is watched), and ``watch_wake`` is set.
@@ -48,6 +60,7 @@ from broker import resp
 from broker.clock import now_ms
 from broker.core.stats import PublishStats
 from broker.keys import Keys
+from broker.redis_oom import is_oom
 from broker.upbit.types import StreamKey
 
 logger = logging.getLogger(__name__)
@@ -56,6 +69,16 @@ logger = logging.getLogger(__name__)
 MAX_PIPELINE = 2048
 #: one pipeline must complete within this, or Redis is considered unreachable
 PIPELINE_TIMEOUT = 5.0
+#: while the cache is stale (writes refused for memory), one burst per this many seconds
+#: carries its cache write, to learn when Redis accepts writes again
+CACHE_PROBE_INTERVAL = 0.5
+
+# What a burst's cache write is (the third item of its token): none, the burst's own newest
+# frames, or the newest frame of every stream seen (the rewrite that ends a staleness).
+_NO_CACHE, _BURST_CACHE, _FULL_CACHE = 0, 1, 2
+
+#: a burst in flight: (write wall clock ms, its frames, which cache write it carries)
+_Token = tuple[int, list[tuple["Target", bytes]], int]
 
 
 # eq=False: a Target is made once per stream and reused for every frame, so identity is its
@@ -147,6 +170,13 @@ class Publisher:
         #: an open loss: (since_ms, frames dropped before it); closed by the next confirmation
         self._loss: tuple[int, int] | None = None
         self._losses: list[RedisLoss] = []
+        #: the newest frame of every stream published this phase (with the cache on): what a
+        #: rewrite of a stale cache writes (one entry per stream, like the cache itself)
+        self._newest: dict[Target, bytes] = {}
+        #: a probe was accepted while the cache is stale: the next burst rewrites it in full
+        self._rewrite_due = bool(self.stats.cache_stale_since_ms)
+        self._rewrites_in_flight = 0
+        self._probe_at = 0.0
 
     def enqueue(self, target: Target, frame: bytes) -> None:
         """Queue one frame (the hot path: one per frame received); it is written once the
@@ -292,7 +322,10 @@ class Publisher:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
                 if conn is None or conn.closed:
                     conn = self._conn = await resp.RespConnection.connect(
-                        self._address, on_answered=self._answered, on_lost=self._connection_lost
+                        self._address,
+                        on_answered=self._answered,
+                        on_lost=self._connection_lost,
+                        on_refused=self._refused,
                     )
                     if self._watchdog is not None:
                         self._watchdog.cancel()  # one watchdog, for the newest connection
@@ -331,27 +364,39 @@ class Publisher:
         count as published when Redis has answered every command (:meth:`_answered`)."""
         parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
         commands = len(batch)
+        cache = _NO_CACHE
         if self._cache:
             # Only the newest frame of each stream goes to the cache: dict() keeps the last.
-            for key, fields in self._cache_mappings(dict(batch)).items():
+            cache, newest = self._plan_cache(dict(batch))
+            for key, fields in self._cache_mappings(newest).items():
                 parts.append(resp.encode_command(b"HSET", key, *fields))
                 commands += 1
         try:
-            conn.send(b"".join(parts), commands, token=(now_ms(), batch))
+            conn.send(b"".join(parts), commands, token=(now_ms(), batch, cache))
         except RedisError:
             self._lost(len(batch))  # closed under us (the error is counted)
+            self._cache_lost([cache])
             return
         self._sent(batch)
 
-    def _answered(self, token: tuple[int, list[tuple[Target, bytes]]], errors: int) -> None:
-        self._confirmed(token[1])
-        if errors:
-            self._reply_errors(errors)
+    def _answered(self, token: _Token, errors: int) -> None:
+        written_ms, batch, cache = token
+        self._confirmed(batch)
+        if not errors:
+            self._cache_answered(cache, written_ms, refused=False)
+
+    def _refused(self, token: _Token, replies: list[Exception]) -> None:
+        """Redis answered some commands of a burst with errors (before :meth:`_answered`)."""
+        written_ms, _, cache = token
+        oom = sum(1 for reply in replies if is_oom(reply))
+        self._reply_errors(len(replies), oom)
+        self._cache_answered(cache, written_ms, refused=oom > 0)
 
     def _connection_lost(self, why: Exception, unanswered: list[Any]) -> None:
         self.stats.redis_errors += 1
-        lost = sum(len(batch) for _, batch in unanswered)
-        self._lost(lost, min((written for written, _ in unanswered), default=0))
+        lost = sum(len(batch) for _, batch, _ in unanswered)
+        self._lost(lost, min((written for written, _, _ in unanswered), default=0))
+        self._cache_lost([cache for _, _, cache in unanswered])
         logger.warning("publish connection lost with %d frames unconfirmed: %s", lost, why)
         if self._pending:
             self.wake.set()  # the task reconnects for them
@@ -420,17 +465,22 @@ class Publisher:
     # -- the redis-py road ----------------------------------------------------------------------
 
     async def _publish(self, batch: list[tuple[Target, bytes]]) -> None:
-        newest: dict[Target, bytes] = dict(batch) if self._cache else {}
+        cache, newest = self._plan_cache(dict(batch)) if self._cache else (_NO_CACHE, {})
+        written_ms = now_ms()
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
-                await self._send_pipeline(batch, newest)
+                errors, oom = await self._send_pipeline(batch, newest)
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
             self._lost(len(batch))
+            self._cache_lost([cache])
             logger.warning("publish of %d frames failed: %s", len(batch), exc)
             return
         self._confirmed(batch)
         self._sent(batch)
+        if errors:
+            self._reply_errors(errors, oom)
+        self._cache_answered(cache, written_ms, refused=oom > 0)
 
     @staticmethod
     def _cache_mappings(newest: dict[Target, bytes]) -> dict[bytes, list[bytes]]:
@@ -445,8 +495,9 @@ class Publisher:
 
     async def _send_pipeline(
         self, batch: list[tuple[Target, bytes]], newest: dict[Target, bytes]
-    ) -> None:
-        """The burst as a redis-py pipeline (clients raw RESP cannot speak for)."""
+    ) -> tuple[int, int]:
+        """The burst as a redis-py pipeline (clients raw RESP cannot speak for); returns the
+        commands Redis refused, and how many of them for memory."""
         pipe = self._redis.pipeline(transaction=False)
         command = pipe.execute_command
         for target, frame in batch:
@@ -454,13 +505,80 @@ class Publisher:
         for cache_key, fields in self._cache_mappings(newest).items():
             command("HSET", cache_key, *fields)
         replies = await pipe.execute(raise_on_error=False)
-        errors = sum(1 for reply in replies if isinstance(reply, Exception))
-        if errors:
-            self._reply_errors(errors)
+        refused = [reply for reply in replies if isinstance(reply, Exception)]
+        return len(refused), sum(1 for reply in refused if is_oom(reply))
 
-    def _reply_errors(self, errors: int) -> None:
-        self.stats.reply_errors += errors
-        if self.stats.reply_errors == errors or self.stats.reply_errors % 1000 < errors:
-            logger.warning(
-                "redis refused %d commands of a burst (%d so far)", errors, self.stats.reply_errors
+    def _reply_errors(self, errors: int, oom: int = 0) -> None:
+        """Redis refused ``errors`` commands of a burst, ``oom`` of them for memory: those are
+        counted here and named once per episode by the leader (``broker.core.oom``); the others
+        are logged, at the first and then every 1000th."""
+        stats = self.stats
+        stats.reply_errors += errors
+        stats.oom_refusals += oom
+        others = errors - oom
+        so_far = stats.reply_errors - stats.oom_refusals
+        if others and (so_far == others or so_far % 1000 < others):
+            logger.warning("redis refused %d commands of a burst (%d so far)", others, so_far)
+
+    # -- the last-value cache while Redis refuses its writes ------------------------------------
+
+    def _plan_cache(self, newest: dict[Target, bytes]) -> tuple[int, dict[Target, bytes]]:
+        """Which cache write this burst carries, and its frames (``newest``: the burst's newest
+        frame per stream). A current cache: the burst's own. A stale one: nothing, a probe
+        (the burst's own) once per :data:`CACHE_PROBE_INTERVAL`, or, once a probe got through,
+        the newest frame of every stream seen; bursts written after that rewrite carry their
+        own again, so that its acceptance means every frame is in the cache."""
+        self._newest.update(newest)
+        if not self.stats.cache_stale_since_ms:
+            return _BURST_CACHE, newest
+        if self._rewrite_due:
+            self._rewrite_due = False
+            self._rewrites_in_flight += 1
+            return _FULL_CACHE, self._newest
+        if self._rewrites_in_flight:
+            return _BURST_CACHE, newest
+        now = time.monotonic()
+        if now >= self._probe_at:
+            self._probe_at = now + CACHE_PROBE_INTERVAL
+            return _BURST_CACHE, newest
+        return _NO_CACHE, {}
+
+    def _cache_answered(self, cache: int, written_ms: int, *, refused: bool) -> None:
+        """Redis answered a burst's cache write (``refused``: for memory)."""
+        if cache == _NO_CACHE:
+            return
+        stats = self.stats
+        if cache == _FULL_CACHE:
+            self._rewrites_in_flight -= 1
+        if refused:
+            self._rewrite_due = False
+            self._probe_at = time.monotonic() + CACHE_PROBE_INTERVAL
+            if not stats.cache_stale_since_ms:
+                stats.cache_stale_since_ms = written_ms
+                logger.info(
+                    "last-value cache write refused by redis (out of memory): the cache lacks "
+                    "frames since %d; snapshots are fetched upstream until it is rewritten",
+                    written_ms,
+                )
+            return
+        if not stats.cache_stale_since_ms:
+            return
+        if cache == _FULL_CACHE:
+            # Every burst written before it was answered before it: this rewrite holds the
+            # newest frame of each of their streams, and later bursts carry their own.
+            logger.info(
+                "last-value cache rewritten (%d streams): current again after %.1f s stale",
+                len(self._newest),
+                (now_ms() - stats.cache_stale_since_ms) / 1000,
             )
+            stats.cache_stale_since_ms = 0
+        elif not self._rewrites_in_flight:
+            self._rewrite_due = True  # a probe got through: Redis takes writes again
+
+    def _cache_lost(self, caches: list[int]) -> None:
+        """Bursts whose cache writes never got an answer (the connection broke)."""
+        rewrites = caches.count(_FULL_CACHE)
+        if rewrites:
+            self._rewrites_in_flight -= rewrites
+        if self.stats.cache_stale_since_ms and not self._rewrites_in_flight:
+            self._rewrite_due = True  # unknown now: try the rewrite with the next burst

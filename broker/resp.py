@@ -144,7 +144,7 @@ class RespAddress:
 class _InFlight:
     """One buffer of commands written and not yet fully answered."""
 
-    __slots__ = ("errors", "remaining", "replies", "sent_at", "token", "waiter")
+    __slots__ = ("errors", "refusals", "remaining", "replies", "sent_at", "token", "waiter")
 
     def __init__(
         self,
@@ -155,6 +155,8 @@ class _InFlight:
     ) -> None:
         self.remaining = remaining
         self.errors = 0
+        #: the error replies themselves (None: none), for ``on_refused``
+        self.refusals: list[Exception] | None = None
         self.token = token
         self.replies = replies
         self.waiter = waiter
@@ -166,6 +168,9 @@ class _InFlight:
 OnAnswered = Callable[[Any, int], None]
 #: called with (why, tokens of unanswered buffers) when the connection broke (never for close())
 OnLost = Callable[[Exception, list[Any]], None]
+#: called with (token, its error replies) before ``on_answered`` when a buffer given to
+#: :meth:`RespConnection.send` got error replies (which command refused what: ``-OOM`` ...)
+OnRefused = Callable[[Any, list[Exception]], None]
 
 
 class RespConnection(asyncio.Protocol):
@@ -173,20 +178,25 @@ class RespConnection(asyncio.Protocol):
 
     Replies are parsed where they arrive (``data_received``), so a writer need not wait for
     them: :meth:`send` writes a buffer and returns at once, and the buffer's replies are
-    counted later, in order, and reported through ``on_answered``. That is the publisher's
+    counted later, in order, and reported through ``on_answered`` (its error replies first
+    through ``on_refused``: an ``-OOM`` is not a ``-NOPERM``). That is the publisher's
     road: one write per receive burst, no task switch waiting for Redis. :meth:`execute` and
     :meth:`count_errors` are the awaiting variants (handshake, tests, benchmarks). Buffers are
     answered in the order they were written, whichever way they were sent.
     """
 
     def __init__(
-        self, on_answered: OnAnswered | None = None, on_lost: OnLost | None = None
+        self,
+        on_answered: OnAnswered | None = None,
+        on_lost: OnLost | None = None,
+        on_refused: OnRefused | None = None,
     ) -> None:
         self._parser = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self._inflight: deque[_InFlight] = deque()
         self._on_answered = on_answered
         self._on_lost = on_lost
+        self._on_refused = on_refused
         self._writable: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._report_loss = True
@@ -202,6 +212,7 @@ class RespConnection(asyncio.Protocol):
         *,
         on_answered: OnAnswered | None = None,
         on_lost: OnLost | None = None,
+        on_refused: OnRefused | None = None,
     ) -> RespConnection:
         """Open, authenticate and select the database.
 
@@ -213,7 +224,7 @@ class RespConnection(asyncio.Protocol):
         if not AVAILABLE:  # pragma: no cover
             raise RedisConnectionError("raw RESP needs hiredis")
         loop = asyncio.get_running_loop()
-        conn = cls(on_answered, on_lost)
+        conn = cls(on_answered, on_lost, on_refused)
         try:
             async with asyncio.timeout(address.connect_timeout):
                 if address.path is not None:
@@ -365,6 +376,10 @@ class RespConnection(asyncio.Protocol):
                 entry.remaining -= 1
                 if type(reply) is reply_error:
                     entry.errors += 1
+                    if entry.refusals is None:
+                        entry.refusals = [reply]
+                    else:
+                        entry.refusals.append(reply)
                 if entry.replies is not None:
                     entry.replies.append(reply)
                 if entry.remaining == 0:
@@ -379,8 +394,11 @@ class RespConnection(asyncio.Protocol):
         if entry.waiter is not None:
             if not entry.waiter.done():
                 entry.waiter.set_result(entry)
-        elif self._on_answered is not None:
-            self._on_answered(entry.token, entry.errors)
+        else:
+            if entry.refusals is not None and self._on_refused is not None:
+                self._on_refused(entry.token, entry.refusals)
+            if self._on_answered is not None:
+                self._on_answered(entry.token, entry.errors)
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows

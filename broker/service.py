@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -108,8 +109,10 @@ class Broker:
         # Publishing gets its own connection pool so pipelines never queue behind commands.
         self._pub_redis = redis_client(s.redis_url, name=f"{name}:pub", connect_timeout=None)
         self._lock = LeaderLock(self._redis, s.namespace, s.broker_id, int(s.leader_ttl * 1000))
+        started = counted = False
         try:
             await self._first_contact()
+            started = True
             logger.info(
                 "broker %s starting: redis=%s upstream=%s namespace=%s",
                 s.broker_id,
@@ -138,10 +141,15 @@ class Broker:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(1.0):
                                 await asyncio.shield(stopper)
+                if stop.is_set():  # the phase is over: its counts are final
+                    self._log_final_counts()
+                    counted = True
                 await self._step_down()
             stopper.cancel()
         finally:
             await self._shutdown()
+            if started and not counted:
+                self._log_final_counts()
 
     async def _first_contact(self) -> None:
         """PING Redis once before anything else: a wrong URL, password or TLS option is a
@@ -206,6 +214,23 @@ class Broker:
                 with contextlib.suppress(Exception):
                     await client.aclose()
 
+    def _log_final_counts(self) -> None:
+        """One line as the broker stops (before "stepped down", the last word): its frame
+        counts, so an operator, or a test, sees what a stopped broker received and dropped;
+        the status hash no longer does (its successor rewrites it)."""
+        status = self.status()
+        dropped = status.frames_dropped_by_reason
+        logger.info(
+            "broker %s stopping: frames_in=%d frames_published=%d frames_dropped=%d "
+            "frames_dropped_by_reason=%s",
+            self.settings.broker_id,
+            status.frames_in,
+            status.frames_published,
+            dropped.total(),
+            msgspec.json.encode(dropped).decode(),
+            extra={"event": "stopping"},
+        )
+
     # -- the leader phase -----------------------------------------------------------------------
 
     async def _lead(self) -> None:
@@ -238,6 +263,10 @@ class Broker:
             await phase.run()
         finally:
             core.phase_ended()
+            # Frames the publisher had not written when the phase ended (a stop, a lost lock)
+            # never reach Redis: counted, so frames_dropped says what the phase lost. The gap
+            # that covers them is the successor's takeover gap (from our last frame).
+            self.counters.publish.dropped_not_leader += phase.publisher.pending
 
     async def _previous_leader(self) -> tuple[str, int]:
         """The lock token of the process that wrote the status hash last, and the wall clock

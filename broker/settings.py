@@ -97,6 +97,23 @@ SETTING_BOUNDS: dict[str, Bound] = {
         100, 10_000_000, "frames", True, "memory held when Redis is slower than upstream"
     ),
     "max_lease_streams": Bound(1, 100_000, "streams", True, "largest lease served"),
+    "max_union_streams": Bound(
+        1,
+        1_000_000,
+        "streams",
+        True,
+        "streams upstream at most; newest leases past it are refused (whole market ~855 codes)",
+    ),
+    "max_request_bytes": Bound(
+        4_096,
+        16 * 2**20,
+        "bytes",
+        True,
+        "largest subscribe request (Upbit's own limit is unknown); a 1009 close halves it",
+    ),
+    "markets_refresh": Bound(
+        10, 86_400, why="re-read Upbit's market list (new listings, delistings)"
+    ),
     "quiet_after": Bound(
         1, 86_400, why="a quiet stream costs one full resubscribe at most this often"
     ),
@@ -221,6 +238,14 @@ class BrokerSettings:
     max_pending_frames: int = 100_000
     #: largest number of streams one lease may ask for; a larger lease is skipped
     max_lease_streams: int = 5_000
+    #: the union's bounds: streams, and bytes of the subscribe request (broker.core.admission)
+    max_union_streams: int = 10_000
+    max_request_bytes: int = 262_144
+    #: Upbit's market list (``GET /v1/market/all``); unknown codes are kept out of the union.
+    #: "" derives it from ``upstream_url`` (same host, http(s)); "off" trusts every code.
+    markets_url: str = ""
+    #: re-read the market list this often
+    markets_refresh: float = 600.0
     #: verify resubscribes with LIST_SUBSCRIPTIONS
     verify_subscriptions: bool = True
     #: keep the latest frame per stream in Redis (``{ns}:last:{stream}``)
@@ -235,6 +260,12 @@ class BrokerSettings:
         validate_name(self.broker_id, "broker id")
         if not self.upstream_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"upstream url must be ws:// or wss://, got {self.upstream_url!r}")
+        if self.markets_url not in ("", "off") and not self.markets_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"markets url must be http://, https://, empty or off, got {self.markets_url!r}"
+            )
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"redis url must start with redis://, rediss:// or unix://, "
@@ -263,6 +294,16 @@ class BrokerSettings:
                 values[f.name] = _convert(f.name, f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def market_list_url(self) -> str | None:
+        """Where to read Upbit's market list (None: "off", every code is trusted)."""
+        if self.markets_url == "off":
+            return None
+        if self.markets_url:
+            return self.markets_url
+        scheme, _, rest = self.upstream_url.partition("://")
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        return f"{'https' if scheme == 'wss' else 'http'}://{host}/v1/market/all"
 
     def with_(self, **changes: Any) -> BrokerSettings:
         return replace(self, **changes)

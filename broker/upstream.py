@@ -28,7 +28,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from broker.clock import now_ms
-from broker.core.control import SubscriptionController
+from broker.core.admission import Refusal
+from broker.core.control import SubscriptionController, Verdict
 from broker.core.gaps import Loss
 from broker.core.stats import UpstreamStats
 from broker.errors import FrameError, UpbitErrorFrame, UpstreamError
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 #: how long a new connection waits for its gap/connected events to reach Redis before
 #: subscribing anyway (Redis calls are bounded by 5 s each; a dead Redis must not stop data)
 ANNOUNCE_TIMEOUT = 6.0
+#: the close code of a message larger than the peer accepts (RFC 6455)
+CLOSE_TOO_BIG = 1009
 
 
 class StallError(UpstreamError):
@@ -79,6 +82,15 @@ class Lost:
     loss: Loss
     at_ms: int
     last_frame_ms: int
+    #: Upbit ended it refusing the last subscribe request (close 1009, an error frame)
+    refusal: Refusal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """LIST_SUBSCRIPTIONS settled the last subscribe request (``controller.take_verdict``)."""
+
+    verdict: Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +100,7 @@ class Confirmed:
     request_ids: tuple[str, ...]
 
 
-UpstreamEvent = Connected | Lost | Confirmed
+UpstreamEvent = Connected | Lost | Verified | Confirmed
 
 
 def parse_list_reply(frame: bytes) -> SubscriptionSet:
@@ -204,6 +216,7 @@ class Upstream:
             self.stats.connects += 1
             reason = "closed"
             loss = Loss.CLOSED
+            refusal: Refusal | None = None
             try:
                 await self._serve(ws, fresh=fresh)
             except _Switch as switch:
@@ -220,8 +233,16 @@ class Upstream:
                 loss = Loss.ERROR_FRAME
                 if exc.is_rate_limit:
                     attempt = max(attempt, 2)  # be gentler after a refusal
+                elif exc.refuses_the_request and self.controller.request_unverified:
+                    # Our request was refused: sending it again would be refused again.
+                    refusal = Refusal(False, self.controller.last_request_bytes, reason)
+                    attempt = max(attempt, 2)
             except ConnectionClosed as exc:
-                reason = f"connection closed ({exc.rcvd.code if exc.rcvd else 1006})"
+                code = exc.rcvd.code if exc.rcvd else 1006
+                reason = f"connection closed ({code})"
+                if code == CLOSE_TOO_BIG and self.controller.request_unverified:
+                    refusal = Refusal(True, self.controller.last_request_bytes, reason)
+                    attempt = max(attempt, 2)
             except OSError as exc:
                 reason = f"connection error: {exc}"
             finally:
@@ -234,7 +255,7 @@ class Upstream:
                     await _close_quietly(ws)
             healthy = self._healthy_since
             self._healthy_since = None
-            self.events.put_nowait(Lost(loss, now_ms(), self.publisher.last_publish_ms))
+            self.events.put_nowait(Lost(loss, now_ms(), self.publisher.last_publish_ms, refusal))
             if next_ws is not None:
                 continue  # a planned switch is not a gap: nothing was wanted
             self.stats.last_error = reason
@@ -368,7 +389,10 @@ class Upstream:
             self.stats.malformed += 1
             return
         if not self.controller.list_reply(listed, time.monotonic()):
-            logger.info("LIST_SUBSCRIPTIONS does not match (yet): %s", listed.by_type())
+            logger.info("LIST_SUBSCRIPTIONS does not match (yet): %d streams", len(listed))
+        verdict = self.controller.take_verdict()
+        if verdict is not None:
+            self.events.put_nowait(Verified(verdict))
         self.changed.set()
 
 

@@ -19,8 +19,10 @@ from rich.table import Table
 
 from broker.clock import server_time_ms
 from broker.contract import ContractError, Status, check_health, decode_status
+from broker.core.oom import MemoryInfo
 from broker.keys import DEFAULT_NAMESPACE, Keys
 from broker.leases import LeaseListing, LeaseStore
+from broker.redis_oom import read_memory
 from cli import bounds
 from cli.common import (
     DEFAULT_REDIS_URL,
@@ -49,6 +51,8 @@ class StatusRead(NamedTuple):
     status: Status | None
     server_now_ms: int
     error: str = ""
+    #: ``INFO memory`` read by this command (None: not read, or INFO is not allowed)
+    memory: MemoryInfo | None = None
 
 
 def parse_status(raw: Mapping[bytes, bytes], server_now_ms: int) -> StatusRead:
@@ -59,14 +63,66 @@ def parse_status(raw: Mapping[bytes, bytes], server_now_ms: int) -> StatusRead:
         return StatusRead(None, server_now_ms, str(exc))
 
 
-def check_status(read: StatusRead | None, status_interval: float) -> tuple[bool, str]:
+def check_status(
+    read: StatusRead | None, status_interval: float, memory: MemoryInfo | None = None
+) -> tuple[bool, str]:
     """(healthy, the one line saying why) by ``broker.contract.check_health`` (``None``: no
-    status at all); ``status_interval`` is assumed for a status that does not carry its own."""
+    status at all); ``status_interval`` is assumed for a status that does not carry its own.
+
+    A Redis that refuses writes for memory (``memory``: INFO read by the command, or the
+    status's own figures) is named first: "redis is out of memory (maxmemory N, used M, policy
+    noeviction): ..." and never healthy, whatever the leader's state; a stale status or a
+    missing leader is then its consequence, not the cause."""
     if read is None:
-        return check_health(None, 0, status_interval)
-    if read.status is None:
-        return False, f"unreadable status: {read.error}"
-    return check_health(read.status, read.server_now_ms, status_interval)
+        healthy, line = check_health(None, 0, status_interval)
+        trouble = out_of_memory(None, 0, status_interval, memory)
+    elif read.status is None:
+        healthy, line = False, f"unreadable status: {read.error}"
+        trouble = out_of_memory(None, 0, status_interval, memory or read.memory)
+    else:
+        healthy, line = check_health(read.status, read.server_now_ms, status_interval)
+        trouble = out_of_memory(
+            read.status, read.server_now_ms, status_interval, memory or read.memory
+        )
+    if trouble is None:
+        return healthy, line
+    return False, f"{trouble}; {line.removeprefix('ok: ')}"
+
+
+def out_of_memory(
+    status: Status | None, server_now_ms: int, status_interval: float, memory: MemoryInfo | None
+) -> str | None:
+    """The line naming Redis's memory as the trouble, ``redis is out of memory (maxmemory N,
+    used M, policy P): ...``, when ``INFO memory`` (``memory``, read now) or a fresh status (its
+    leader counted refusals) says it refuses writes; None when neither does. A stale status
+    that recorded an episode is mentioned only when INFO cannot be read."""
+    fresh = status is not None and not status.is_stale(server_now_ms, status_interval)
+    recorded = status is not None and status.redis_oom_since_ms > 0
+    if memory is not None and not memory.refuses_writes and not (fresh and recorded):
+        return None
+    if memory is None and not recorded:
+        return None
+    measured = memory is not None and memory.refuses_writes  # by this command, now
+    if memory is None and status is not None:
+        memory = MemoryInfo(
+            status.redis_used_memory, status.redis_maxmemory, status.redis_maxmemory_policy
+        )
+    figures = memory.describe() if memory and memory.maxmemory else "memory figures unknown"
+    if status is not None and recorded and not fresh and not measured:
+        return (
+            f"redis was out of memory ({figures}) when leader {status.leader or '?'} last "
+            "wrote its status"
+        )
+    parts = [f"redis is out of memory ({figures}): it refuses writes"]
+    if status is None or not fresh:  # the leader's own account is history: say no more
+        return parts[0]
+    if recorded:
+        since = (server_now_ms - status.redis_oom_since_ms) / 1000
+        parts[0] += f" since {since:.1f} s ({status.redis_oom_refusals} refused)"
+    if status.cache_stale_since_ms:
+        stale = (server_now_ms - status.cache_stale_since_ms) / 1000
+        parts.append(f"last-value cache stale for {stale:.1f} s")
+    return ", ".join(parts)
 
 
 def status_json(status: Status, server_now_ms: int, status_interval: float) -> dict[str, Any]:
@@ -83,11 +139,30 @@ async def _server_now_ms(redis: Any) -> int:
     return server_time_ms(await redis.time())
 
 
-async def _read_status(settings: Any, keys: Keys) -> tuple[dict[bytes, bytes], int]:
-    """The status hash and the Redis server's clock (freshness is judged on its clock)."""
+async def _read_status(
+    settings: Any, keys: Keys
+) -> tuple[dict[bytes, bytes], int, MemoryInfo | None]:
+    """The status hash, the Redis server's clock (freshness is judged on its clock) and, when
+    the status does not show a healthy leader with Redis taking writes, ``INFO memory`` (None:
+    not needed, or this user may not run INFO: the operator ACL lacks it, and a healthy check
+    must not leave a denial in ``ACL LOG`` at every run)."""
     async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
         raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
-        return raw, await _server_now_ms(redis)
+        now = await _server_now_ms(redis)
+        memory = None
+        if _memory_matters(raw, now, settings.status_interval):
+            memory = await read_memory(redis)
+        return raw, now, memory
+
+
+def _memory_matters(raw: Mapping[bytes, bytes], server_now_ms: int, interval: float) -> bool:
+    """Whether Redis's memory may explain what the status shows: no status, an unreadable or
+    unhealthy one, or one whose leader counted writes refused for memory."""
+    status = parse_status(raw, server_now_ms).status if raw else None
+    if status is None:
+        return True
+    healthy, _ = check_health(status, server_now_ms, interval)
+    return not healthy or status.redis_oom_since_ms > 0
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -111,11 +186,12 @@ def status(
     keys = Keys(settings.namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        raw, now = await _read_status(settings, keys)
+        raw, now, memory = await _read_status(settings, keys)
         if not raw:
+            trouble = out_of_memory(None, now, settings.status_interval, memory)
             typer.echo(
                 f"error: no status at {keys.status}: no broker is leading namespace "
-                f"{settings.namespace!r}",
+                f"{settings.namespace!r}" + (f" ({trouble})" if trouble else ""),
                 err=True,
             )
             return EXIT_FAILED
@@ -126,6 +202,8 @@ def status(
         interval = read.status.interval_s(settings.status_interval)
         info = status_json(read.status, now, settings.status_interval)
         stale = info["stale"]
+        trouble = out_of_memory(read.status, now, settings.status_interval, memory)
+        info["redis_out_of_memory"] = trouble is not None
         if as_json:
             typer.echo(json.dumps(info, sort_keys=True))
             return EXIT_OK
@@ -143,6 +221,8 @@ def status(
             table.add_row(name, f"[red]{text}[/]" if name == "stale" and stale else text)
         console = Console()
         console.print(table)
+        if trouble is not None:
+            console.print(f"[red]{escape(trouble)}[/]", highlight=False, soft_wrap=True)
         if stale:
             age = info.get("age_ms")
             when = f"{age / 1000:.1f} s old" if isinstance(age, int) else "undated"
@@ -161,22 +241,34 @@ def status(
 # -- leases ---------------------------------------------------------------------------------
 
 
-def lease_rows(listing: LeaseListing) -> list[dict[str, Any]]:
-    """Every lease as a JSON object; invalid ones carry ``invalid`` (the reason) instead."""
+def lease_rows(listing: LeaseListing, served: Status | None = None) -> list[dict[str, Any]]:
+    """Every lease as a JSON object; invalid ones carry ``invalid`` (the reason) instead.
+
+    ``served``: the leader's status, which says what the broker does with valid leases: a
+    refused one carries ``refused`` (why), and codes Upbit does not know join ``rejected``.
+    """
+    refused = served.refused if served is not None else {}
+    unknown = set(served.unknown_codes) if served is not None else set()
     rows: list[dict[str, Any]] = []
     for lease in listing.leases:
-        rows.append(
-            {
-                "client_id": lease.client_id,
-                "subscriptions": lease.subs_by_type(),
-                "expires_in_ms": lease.expires_in_ms(listing.server_now_ms),
-                "ttl_ms": lease.ttl_ms,
-                "host": lease.host,
-                "pid": lease.pid,
-                "valid": True,
-                "rejected": lease.rejected_by_type(),
-            }
-        )
+        rejected = lease.rejected_by_type()
+        for stream, codes in lease.subs_by_type().items():
+            for code in codes:
+                if f"{stream}:{code.split('.', 1)[0]}" in unknown:
+                    rejected.setdefault(stream, []).append(code)
+        row: dict[str, Any] = {
+            "client_id": lease.client_id,
+            "subscriptions": lease.subs_by_type(),
+            "expires_in_ms": lease.expires_in_ms(listing.server_now_ms),
+            "ttl_ms": lease.ttl_ms,
+            "host": lease.host,
+            "pid": lease.pid,
+            "valid": True,
+            "rejected": rejected,
+        }
+        if lease.client_id in refused:
+            row["refused"] = refused[lease.client_id]
+        rows.append(row)
     for client_id, reason in listing.invalid:
         rows.append({"client_id": client_id, "valid": False, "invalid": reason})
     for client_id in listing.expired:
@@ -199,7 +291,9 @@ def leases(
     async def main(stop: asyncio.Event) -> int:
         async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
             listing = await LeaseStore(redis, settings.namespace).list_all(scan=True)
-        rows = lease_rows(listing)
+            status_key = Keys(settings.namespace).status
+            raw: dict[bytes, bytes] = await redis.hgetall(status_key)  # type: ignore[assignment]
+        rows = lease_rows(listing, parse_status(raw, listing.server_now_ms).status)
         if as_json:
             typer.echo(json.dumps(rows))
             return EXIT_OK
@@ -224,8 +318,10 @@ def lease_table(rows: list[dict[str, Any]], title: str = "leases") -> Table:
             continue
         subs = escape("; ".join(f"{t}: {','.join(c)}" for t, c in row["subscriptions"].items()))
         if row.get("rejected"):
-            refused = "; ".join(f"{t}: {','.join(c)}" for t, c in row["rejected"].items())
-            subs = f"{subs or '-'} [yellow]rejected: {escape(refused)}[/]"
+            rejected = "; ".join(f"{t}: {','.join(c)}" for t, c in row["rejected"].items())
+            subs = f"{subs or '-'} [yellow]rejected: {escape(rejected)}[/]"
+        if row.get("refused"):
+            subs = f"[red]refused: {escape(row['refused'])}[/] ({subs or '-'})"
         table.add_row(
             row["client_id"],
             subs or "-",
@@ -291,9 +387,9 @@ def check(
     keys = Keys(settings.namespace)
 
     async def main(stop: asyncio.Event) -> int:
-        raw, now = await _read_status(settings, keys)
+        raw, now, memory = await _read_status(settings, keys)
         healthy, line = check_status(
-            parse_status(raw, now) if raw else None, settings.status_interval
+            parse_status(raw, now) if raw else None, settings.status_interval, memory
         )
         typer.echo(line, err=not healthy)
         return EXIT_OK if healthy else EXIT_FAILED

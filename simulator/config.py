@@ -37,6 +37,11 @@ class SimulatorConfig:
         compression: offer permessage-deflate (used only when the client asks for it).
         max_outbox: frames queued for one connection before it is dropped as too slow.
         close_timeout: seconds to wait for the client's close frame after ours.
+        max_request_bytes: the largest client message accepted; a larger one closes the
+            connection with 1009 (Upbit's own limit is UNCONFIRMED; websockets' default).
+        refuse_codes: fault injection: a subscribe request naming any of these codes is
+            answered with an ``INVALID_PARAM`` error frame, then closed (real Upbit ignores
+            unknown codes; this stands for whatever it may refuse).
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +61,8 @@ class SimulatorConfig:
     compression: bool = True
     max_outbox: int = 200_000
     close_timeout: float = 2.0
+    max_request_bytes: int = 2**20
+    refuse_codes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rate < 0:
@@ -71,6 +78,8 @@ class SimulatorConfig:
             raise ValueError("rate limits need at least one message or connection")
         if self.max_outbox < 1:
             raise ValueError("max_outbox must be >= 1")
+        if self.max_request_bytes < 64:
+            raise ValueError("max_request_bytes must be >= 64")
 
     @classmethod
     def build(cls, config: SimulatorConfig | None = None, **overrides: Any) -> SimulatorConfig:
@@ -79,8 +88,9 @@ class SimulatorConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown simulator option(s): {', '.join(unknown)}")
-        if "message_rate" in overrides:
-            overrides["message_rate"] = tuple(overrides["message_rate"])
+        for name in ("message_rate", "refuse_codes"):
+            if name in overrides:
+                overrides[name] = tuple(overrides[name])
         return replace(config or cls(), **overrides)
 
 

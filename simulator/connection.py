@@ -89,7 +89,9 @@ class Peer:
         self.sim = sim
         self.ws = ws
         self.id = peer_id
-        self.session = Session(sim.listings, sim.config.message_rate)
+        self.session = Session(
+            sim.listings, sim.config.message_rate, refuse_codes=sim.config.refuse_codes
+        )
         self.outbox: deque[bytes] = deque()
         self.wake = asyncio.Event()
         self.drained = asyncio.Event()  # set whenever the sender emptied the outbox

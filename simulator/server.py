@@ -105,6 +105,7 @@ class Simulator:
             ping_interval=None,  # Upbit never pings; it only answers the client's pings
             close_timeout=self.config.close_timeout,
             write_limit=WRITE_LIMIT,
+            max_size=self.config.max_request_bytes,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         for clock in (self._market_clock(), self._candle_clock(), self._up_clock()):

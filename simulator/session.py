@@ -96,8 +96,15 @@ Outcome = Refused | Subscribed | Listed | Pinged
 class Session:
     """Subscription set, format, message budget and PING state of one connection."""
 
-    def __init__(self, listings: Mapping[str, Listing], message_rate: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        listings: Mapping[str, Listing],
+        message_rate: tuple[int, int],
+        *,
+        refuse_codes: tuple[str, ...] = (),
+    ) -> None:
         self._listings = listings
+        self._refuse_codes = frozenset(refuse_codes)
         self._budget = RateBudget(per_second=message_rate[0], per_minute=message_rate[1])
         self.format = Format.DEFAULT
         self.streams: tuple[Stream, ...] = ()  # what REALTIME frames go to
@@ -123,8 +130,20 @@ class Session:
             if request.format is not None:
                 self.format = request.format
             return Listed(self._list_frame(request.ticket))
+        refused = self._refused_code(request.subscriptions)
+        if refused is not None:  # fault injection (SimulatorConfig.refuse_codes)
+            return Refused(error_frame("INVALID_PARAM", f"{refused} is not supported."))
         self.format = request.format or Format.DEFAULT
         return Subscribed(self._replace(request.subscriptions))
+
+    def _refused_code(self, subs: tuple[Subscription, ...]) -> str | None:
+        if not self._refuse_codes:
+            return None
+        for sub in subs:
+            for raw in sub.codes:
+                if raw.split(".", 1)[0] in self._refuse_codes:
+                    return raw
+        return None
 
     # -- subscriptions ------------------------------------------------------------------------
 

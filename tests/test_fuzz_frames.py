@@ -183,9 +183,12 @@ async def test_an_error_frame_ends_the_connection_and_the_broker_reconnects(
 
         async def recovered() -> dict[str, str] | None:
             st = await redis_status(redis_client)
-            return st if st.get("connected") == "1" and st.get("epoch") == "2" else None
+            confirmed = json.loads(st.get("upstream", "{}")) == {"ticker": ["KRW-BTC"]}
+            return (
+                st if st.get("connected") == "1" and st.get("epoch") == "2" and confirmed else None
+            )
 
-        status = await wait_for(recovered, 10, message="connected on epoch 2")
+        status = await wait_for(recovered, 10, message="connected on epoch 2, the set confirmed")
         gap = events.of("gap")[0]
         assert broker.alive
         log = broker.output()

@@ -13,7 +13,14 @@ import pytest
 from broker.contract import GAP_REASONS, encode_status
 from broker.core.gaps import GapReason, Loss
 from broker.core.leader import MAX_SNAPSHOT_WAITERS, LeaderCore, Wake
-from broker.core.reconcile import AFTER_DEADLINE, OVERDUE_RETRY, SCAN_EVERY, LeaseReconciler
+from broker.core.oom import MemoryInfo
+from broker.core.reconcile import (
+    AFTER_DEADLINE,
+    LISTING_GAP,
+    OVERDUE_RETRY,
+    SCAN_EVERY,
+    LeaseReconciler,
+)
 from broker.core.snapshots import MAX_SNAPSHOT_TIMEOUT
 from broker.core.stats import Counters
 from broker.leases import Lease, LeaseListing, LeaseReads, ParsedSubs, parse_lease
@@ -389,7 +396,10 @@ def test_a_resubscribe_is_answered_once_upstream_confirms_it() -> None:
     assert core.take_controller_changed()  # the send loop must resend the full set
     assert core.stats.resubscribes_forced == 1 and core.replies_to_send() == []
     assert core.controller.data_to_send(1.0 + COALESCE)  # the full set goes out
-    core.resubscribes_confirmed(["r9"])
+    *_, list_request = core.controller.data_to_send(2.0)  # (after the keepalive PING)
+    assert b"LIST_SUBSCRIPTIONS" in bytes(list_request)
+    assert core.controller.list_reply(SubscriptionSet.of({"ticker": ["KRW-BTC"]}), 2.1)
+    core.resubscribes_confirmed(core.controller.confirmations())
     assert replies(core) == {
         "r9": {"id": "r9", "ok": True, "epoch": 3, "upstream": {"ticker": ["KRW-BTC"]}}
     }
@@ -657,14 +667,22 @@ def test_a_burst_of_messages_is_read_once_a_window_after_the_first() -> None:
     assert r.due() == INTERVAL  # nothing pending but the periodic listing
 
 
-def test_an_id_that_cannot_be_read_makes_the_next_read_a_full_listing_now() -> None:
+def test_an_id_that_cannot_be_read_asks_for_a_full_listing() -> None:
+    # "lease not an id" names no lease hash: a full listing covers it (no sooner than
+    # LISTING_GAP after the last one: a flood of them is one listing per gap), never a read
     r = reconciler()
     r.begin(0.0)
     r.listed(listing(), 0.0)
-    r.named("not an id", 0.2)
-    r.begin(0.25)
-    r.read(LeaseReads([], [], [], T0_MS, ignored=["not an id"]), 0.25)
-    assert r.due() == 0.25 and r.begin(0.25).full
+    assert not r.named("not an id", 0.2)
+    assert r.due() == pytest.approx(max(0.2 + COALESCE, LISTING_GAP))
+    read = r.begin(0.25)
+    assert read.full and read.ids == frozenset() and read.noticed_at == 0.2
+    r.listed(listing(), 0.25)
+    # a read that could not pin an id (``ignored``) asks for one the same way
+    r.named("a", 0.3)
+    r.begin(0.35)
+    r.read(LeaseReads([], [], [], T0_MS, ignored=["a"]), 0.35)
+    assert r.due() == pytest.approx(0.25 + LISTING_GAP) and r.begin(0.5).full
 
 
 def test_a_failed_read_keeps_its_ids_and_lists_everything_next() -> None:
@@ -748,6 +766,8 @@ def test_the_status_names_every_field_with_the_counters() -> None:
     counters.publish.redis_errors = 1
     counters.publish.last_publish_ms = T0_MS + 5
     counters.broker.redis_errors = 2
+    counters.publish.cache_stale_since_ms = T0_MS + 3
+    counters.oom.observe(T0_MS + 4, 2, MemoryInfo(used=9, maxmemory=8, policy="noeviction"))
     status = encode_status(core.status(1.0, T0_MS + 1_000))
     assert status == {
         "leader": "b1",
@@ -760,7 +780,7 @@ def test_the_status_names_every_field_with_the_counters() -> None:
         "verify_mismatches": "0",
         "deferred_sends": "0",
         "desired": '{"ticker":["KRW-BTC"]}',
-        "upstream": '{"ticker":["KRW-BTC"]}',
+        "upstream": "{}",  # sent, not yet confirmed by LIST_SUBSCRIPTIONS
         "last_error": "connection closed (1006)",
         "frames_in": "10",
         "frames_published": "7",
@@ -780,6 +800,22 @@ def test_the_status_names_every_field_with_the_counters() -> None:
         "upstream_url": "wss://user:***@upbit.example/websocket/v1",
         "quiet_codes": "[]",
         "redis_errors": "3",
+        "upstream_unconfirmed": "1",
+        "refused_leases": "0",
+        "refused": "{}",
+        "unknown_codes": "[]",
+        "markets": "0",
+        "request_bytes": "569",
+        "request_bytes_cap": "262144",
+        "upstream_refusals": "0",
+        "control_messages": "0",
+        "control_ignored": "0",
+        "redis_oom_since_ms": str(T0_MS + 4),
+        "redis_oom_refusals": "2",
+        "redis_used_memory": "9",
+        "redis_maxmemory": "8",
+        "redis_maxmemory_policy": "noeviction",
+        "cache_stale_since_ms": str(T0_MS + 3),
     }
     core.phase_ended()
     ended = core.status(2.0, T0_MS)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import msgspec
 
 from broker.core.lease_feedback import MAX_REJECTED_IN_EVENT, LeaseChange, LeaseFeedback
-from broker.leases import Lease, LeaseListing, Rejected, parse_lease
+from broker.core.reconcile import LeaseSnapshot
+from broker.leases import Lease, Rejected, parse_lease
 
 
 def lease(client_id: str, subs: object) -> Lease:
@@ -30,8 +31,9 @@ def listing(
     leases: Sequence[Lease] = (),
     invalid: Sequence[tuple[str, str]] = (),
     expired: Sequence[str] = (),
-) -> LeaseListing:
-    return LeaseListing(list(leases), list(invalid), list(expired), server_now_ms=0)
+    refused: dict[str, str] | None = None,
+) -> LeaseSnapshot:
+    return LeaseSnapshot(list(leases), list(invalid), list(expired), refused or {})
 
 
 def states(changes: list[LeaseChange]) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ what they return:
     lease.py            what a lease is: parse_lease, encode_lease_fields, Lease, listings
     lease_feedback.py   LeaseFeedback: what each lease holder is told
     stats.py            the counters the I/O adapters bump and the status and metrics read
+    oom.py              OomWatch: Redis at maxmemory, episodes of refused writes, INFO figures
 
 Every rule here is table-tested on virtual time without sockets (``tests/test_leader_core.py``,
 ``tests/test_control.py``, ``tests/test_lease_feedback.py``); ``tests/test_layers.py`` checks

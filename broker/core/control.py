@@ -10,7 +10,9 @@ drains its output, like a sans-I/O protocol:
             list_reply(listed_set, now)
     drain:  data_to_send(now) -> [bytes]      (within the rate budget)
             confirmations() -> [request ids]  (resubscribes verified by LIST_SUBSCRIPTIONS)
-    ask:    next_wakeup(now), wants_fresh_connection, routable, upstream
+    drain:  take_verdict() -> Verdict | None  (what the last LIST_SUBSCRIPTIONS settled)
+    ask:    next_wakeup(now), wants_fresh_connection, routable, upstream, held,
+            last_request_bytes, request_unverified
 
 Rules it enforces:
 - every subscribe request carries the full desired set; the latest desired set always wins, and
@@ -22,17 +24,30 @@ Rules it enforces:
   a snapshot request never breaks anyone's realtime stream;
 - an empty desired set cannot be expressed (Upbit refuses empty codes and has no unsubscribe),
   so shrinking to nothing asks the adapter for a fresh connection (make before break);
-- after a subscribe, LIST_SUBSCRIPTIONS confirms what upstream holds; a mismatch is resent.
+- after a subscribe, LIST_SUBSCRIPTIONS confirms what upstream holds (:attr:`held`); a
+  mismatch is resent, at most ``MAX_RESENDS`` times for the same set: then what Upbit keeps
+  leaving out is reported (:meth:`take_verdict`) instead of resent forever (Upbit ignores codes
+  it does not know without a word, so such a set never verifies);
+- a request is never larger than ``max_request_bytes``: the union is admitted under a smaller
+  cap (``broker.core.admission``) and snapshot-only fetches ride along only in the room left,
+  the rest in the next request.
 """
 
 from __future__ import annotations
 
 import itertools
 import uuid
+from dataclasses import dataclass
 
 from broker.core.stats import ControllerStats
 from broker.upbit.ratelimit import Pacer, RateBudget
-from broker.upbit.requests import build_list_subscriptions_request, build_subscribe_request
+from broker.upbit.requests import (
+    GROUP_BYTES,
+    build_list_subscriptions_request,
+    build_subscribe_request,
+    code_bytes,
+    request_size_bound,
+)
 from broker.upbit.types import (
     EMPTY,
     Format,
@@ -49,6 +64,22 @@ VERIFY_DELAY = 0.5
 VERIFY_TIMEOUT = 5.0
 #: keepalive: the text PING that starts Upbit's 10-s {"status":"UP"} cycle
 TEXT_PING = "PING"
+#: a set LIST_SUBSCRIPTIONS does not match is resent at most this many times
+MAX_RESENDS = 2
+#: the request size allowed when no cap is given
+DEFAULT_MAX_REQUEST_BYTES = 131_072
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a LIST_SUBSCRIPTIONS reply settled about the last subscribe request.
+
+    ``accepted``: Upbit holds what was sent (the request is safe). ``unlisted``: after
+    ``MAX_RESENDS`` resends, the streams Upbit still leaves out (given up on, not resent).
+    """
+
+    accepted: bool
+    unlisted: frozenset[StreamKey] = frozenset()
 
 
 class SubscriptionController:
@@ -64,8 +95,11 @@ class SubscriptionController:
         verify: bool = True,
         ticket_prefix: str = "upbit-broker",
         stats: ControllerStats | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self.fmt = fmt
+        #: no request is larger (the leader core lowers it after Upbit refused a big one)
+        self.max_request_bytes = max_request_bytes
         self.per_second = per_second
         self.per_minute = per_minute
         self.coalesce_delay = coalesce_delay
@@ -75,12 +109,18 @@ class SubscriptionController:
         self._tickets = itertools.count(1)
         self._desired: SubscriptionSet = EMPTY
         self._connected = False
+        self._verdict: Verdict | None = None
+        #: the size of the last subscribe request, and whether Upbit has not verified it yet
+        self.last_request_bytes = 0
+        self.request_unverified = False
         self._reset_connection_state()
 
     def _reset_connection_state(self) -> None:
         self.budget = RateBudget(self.per_second, self.per_minute)
         self.pacer = Pacer(self.per_minute)  # subscribes only: spread them over the minute
-        self._upstream: SubscriptionSet = EMPTY  # realtime streams the connection holds
+        self._upstream: SubscriptionSet = EMPTY  # realtime streams last sent
+        self._held: SubscriptionSet = EMPTY  # ... of which LIST_SUBSCRIPTIONS confirmed these
+        self._resends = 0  # resends of the same set after a mismatch
         self._snapshot_only: SubscriptionSet = EMPTY  # is_only_snapshot streams last sent
         self._snapshot_routable: frozenset[StreamKey] = frozenset()  # ... not yet delivered
         self._pending_snapshots: SubscriptionSet = EMPTY  # waiting to be sent
@@ -111,6 +151,7 @@ class SubscriptionController:
     def connection_closed(self, now: float) -> None:
         self._connected = False
         self._upstream = EMPTY
+        self._held = EMPTY
         self._snapshot_only = EMPTY
         self._snapshot_routable = frozenset()
         self._verify_at = None
@@ -128,6 +169,7 @@ class SubscriptionController:
         if desired == self._desired:
             return
         self._desired = desired
+        self._resends = 0
         if self._dirty_at is None:
             self._dirty_at = now if noticed_at is None else min(now, noticed_at)
 
@@ -167,10 +209,25 @@ class SubscriptionController:
         extra = listed_keys - wanted - self._snapshot_only.keys()
         if wanted <= listed_keys and not extra:
             self.stats.verified += 1
+            self._held = self._upstream
+            self._resends = 0
+            self.request_unverified = False
+            self._verdict = Verdict(accepted=True)
             self._confirmed.extend(self._awaiting_confirmation)
             self._awaiting_confirmation.clear()
             return True
         self.stats.verify_mismatches += 1
+        self._held = restrict(self._upstream, wanted & listed_keys)
+        if self._resends >= MAX_RESENDS:
+            # Give up on this set: Upbit keeps leaving these out (unknown codes are ignored
+            # without a word). Reported, not resent: the budget belongs to real changes.
+            self.stats.verify_given_up += 1
+            self.request_unverified = False
+            self._verdict = Verdict(accepted=True, unlisted=frozenset(wanted - listed_keys))
+            self._confirmed.extend(self._awaiting_confirmation)
+            self._awaiting_confirmation.clear()
+            return False
+        self._resends += 1
         self._force = True
         if self._dirty_at is None:
             self._dirty_at = now
@@ -190,6 +247,17 @@ class SubscriptionController:
     def upstream(self) -> SubscriptionSet:
         """The realtime set the connection holds (as last sent)."""
         return self._upstream
+
+    @property
+    def held(self) -> SubscriptionSet:
+        """What Upbit confirmed it holds (LIST_SUBSCRIPTIONS) of :attr:`upstream`; the set as
+        sent when verification is off."""
+        return self._held if self.verify else self._upstream
+
+    def take_verdict(self) -> Verdict | None:
+        """The verdict of the last LIST_SUBSCRIPTIONS reply, once."""
+        verdict, self._verdict = self._verdict, None
+        return verdict
 
     @property
     def routable(self) -> frozenset[StreamKey]:
@@ -250,8 +318,9 @@ class SubscriptionController:
         fresh = desired.keys() - self._upstream.keys() | self._refresh
         flowing = restrict(desired, desired.keys() - fresh)
         new = restrict(desired, fresh & desired.keys())
-        snapshot_only = restrict(
-            self._pending_snapshots, self._pending_snapshots.keys() - desired.keys()
+        snapshot_only = self._snapshots_that_fit(
+            restrict(self._pending_snapshots, self._pending_snapshots.keys() - desired.keys()),
+            self.max_request_bytes - request_size_bound(desired),
         )
         subs: list[Subscription] = []
         subs += flowing.to_subscriptions(is_only_realtime=True)
@@ -280,9 +349,17 @@ class SubscriptionController:
                     self._upstream = sent
                     self._snapshot_only = snapshot_only
                     self._snapshot_routable = snapshot_only.keys()
-                    self._pending_snapshots = EMPTY
+                    # What did not fit waits for the next request (it is still pending);
+                    # if nothing fit, there is no room at all: drop rather than resend forever.
+                    left = self._pending_snapshots.keys() - sent.keys() - snapshot_only.keys()
+                    if left and not snapshot_only:
+                        self.stats.snapshot_fetches_dropped += len(left)
+                        left = frozenset()
+                    self._pending_snapshots = restrict(self._pending_snapshots, left)
+                    self.last_request_bytes = len(request)
+                    self.request_unverified = True
                     self._refresh.clear()
-                    self._dirty_at = None
+                    self._dirty_at = now if self._pending_snapshots else None
                     self._force = False
                     self._sends_since_verify += 1
                     if self.verify:
@@ -319,6 +396,25 @@ class SubscriptionController:
             self._awaiting_confirmation.clear()
         return out
 
+    @staticmethod
+    def _snapshots_that_fit(streams: SubscriptionSet, room: int) -> SubscriptionSet:
+        """The first of ``streams`` (sorted) whose request share fits in ``room`` bytes."""
+        if request_size_bound(streams) <= room:
+            return streams
+        keep: list[StreamKey] = []
+        groups: set[tuple[str, float]] = set()
+        used = 0
+        for key in streams:
+            cost = code_bytes(key.code)
+            if (key.type, key.level) not in groups:
+                cost += GROUP_BYTES
+            if used + cost > room:
+                break
+            used += cost
+            groups.add((key.type, key.level))
+            keep.append(key)
+        return restrict(streams, keep)
+
     def confirmations(self) -> list[str]:
         """Resubscribe request ids confirmed since the last call."""
         out, self._confirmed = self._confirmed, []
@@ -329,4 +425,12 @@ class SubscriptionController:
         self._snapshot_routable = self._snapshot_routable - keys
 
 
-__all__ = ["TEXT_PING", "VERIFY_DELAY", "VERIFY_TIMEOUT", "SubscriptionController"]
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "MAX_RESENDS",
+    "TEXT_PING",
+    "VERIFY_DELAY",
+    "VERIFY_TIMEOUT",
+    "SubscriptionController",
+    "Verdict",
+]

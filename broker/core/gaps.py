@@ -11,11 +11,14 @@ connection, :meth:`GapTracker.connected` gives the ``gap`` event to publish, if 
 - the planned switch to a fresh connection (the set shrank to nothing) loses nothing: no gap;
 - the first connection of a leader that took over from another broker announces a ``takeover``
   gap from the previous leader's last frame (as its status hash says); it wins over a loss.
+  So the status must always say when data stopped: until this phase publishes a frame of its
+  own, it names the last frame the phase inherited (:meth:`GapTracker.last_frame_ms`).
 
 Frames can also be lost on the way to Redis while upstream stays connected (the publish
-connection broke: a reset, ``CLIENT KILL``, a timeout). The publisher reports each such loss
-once, when publishing is confirmed again (:meth:`GapTracker.redis_loss`): a ``redis`` gap from
-the last confirmed publish to the first confirmed one after it, if any frame was lost.
+connection broke: a reset, ``CLIENT KILL``, a timeout; or the leader held them back while its
+lock was unconfirmed). Each such loss is reported once, when publishing is confirmed (or
+allowed) again (:meth:`GapTracker.redis_loss`): a ``redis`` gap from the last confirmed publish
+to the first one after it, if any frame was lost.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class GapTracker:
         self._started_ms = 0
         self._pending: tuple[GapReason, int] | None = None
         self._takeover_since_ms = 0
+        #: the last frame published before this phase (by the leader before it, or by this
+        #: process before a lapse): the status names it until this phase publishes one
+        self._inherited_last_frame_ms = 0
         #: frames announced by ``redis`` gaps so far (each loss's dropped frames)
         self.redis_frames = 0
 
@@ -77,6 +83,7 @@ class GapTracker:
         """The phase started; the status hash was written by ``another_process`` (not this
         one, whatever its ``broker_id``), whose last frame was ``previous_last_frame_ms``."""
         self._started_ms = now_ms
+        self._inherited_last_frame_ms = max(previous_last_frame_ms, 0)
         if previous_last_frame_ms <= 0:
             return
         if another_process:
@@ -86,6 +93,14 @@ class GapTracker:
             # long): its connection was torn down, so frames may have been missed since its
             # last one; an earlier loss waiting for its connection is covered by this too.
             self._pending = (GapReason.RECONNECT, previous_last_frame_ms)
+
+    def last_frame_ms(self, published_ms: int) -> int:
+        """What the status names as the last frame (a successor's takeover gap starts there):
+        ``published_ms``, this process's last publish, or, until this phase has published
+        anything, the last frame it inherited. A leader stopped before its first publish (a
+        restart right after a restart) must not erase when data stopped: its successor read
+        0 and announced no gap at all, and the frames lost in between went unannounced."""
+        return max(published_ms, self._inherited_last_frame_ms)
 
     def lost(self, loss: Loss, at_ms: int, last_frame_ms: int) -> None:
         """The connection ended at ``at_ms``; ``last_frame_ms``: the last frame published by

@@ -12,7 +12,8 @@ lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet st
 (``quiet``), all in ``broker.core``:
 
     feed   took_lead(now_ms, previous_token, previous_last_frame_ms) / phase_ended()
-           control_message(data, now) -> Wake / control_subscribed(now) / control_lost(why, now)
+           control_messages(batch, now) -> {Wake} / control_message(data, now) -> Wake
+           control_subscribed(now) / control_lost(why, now)
            redis_emptied(now) / begin_lease_read(now) -> LeaseRead
            leases_listed(listing, now, now_ms) / leases_read(reads, now, now_ms)
            lease_read_failed(now)
@@ -70,11 +71,13 @@ from broker.contract import (
     encode_event,
     encode_reply,
 )
-from broker.core.control import SubscriptionController
+from broker.core.admission import UNKNOWN_MARKET, UNLISTED, Admitted, Refusal, UnionAdmission
+from broker.core.control import MAX_RESENDS, SubscriptionController, Verdict
+from broker.core.control_messages import ControlBatch
 from broker.core.gaps import GapTracker, Loss
 from broker.core.lease_feedback import LeaseFeedback, log_changes
 from broker.core.quiet import QuietStreams
-from broker.core.reconcile import LeaseRead, LeaseReconciler
+from broker.core.reconcile import LeaseRead, LeaseReconciler, LeaseSnapshot
 from broker.core.snapshots import SNAPSHOT_DEPTH, CacheQuery, SnapshotDesk
 from broker.core.stats import Counters
 from broker.settings import BrokerSettings, redact_url
@@ -88,6 +91,8 @@ _json = msgspec.json.Encoder()
 #: snapshot requests in progress at most (waiting for the cache or upstream); past it a
 #: snapshot command is refused at once, so a flood of them never holds unbounded frames
 MAX_SNAPSHOT_WAITERS = 1_000
+#: entries the status lists at most in ``refused`` and ``unknown_codes`` (counts have them all)
+STATUS_LIST_MAX = 100
 
 
 class Wake(enum.Enum):
@@ -95,6 +100,12 @@ class Wake(enum.Enum):
 
     LEASES = "leases"
     COMMANDS = "commands"
+
+
+_WAKE_NONE: frozenset[Wake] = frozenset()
+_WAKE_LEASES = frozenset({Wake.LEASES})
+_WAKE_COMMANDS = frozenset({Wake.COMMANDS})
+_WAKE_BOTH = frozenset(Wake)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +160,15 @@ class LeaderCore:
             verify=s.verify_subscriptions,
             ticket_prefix=s.broker_id,
             stats=self.counters.control,
+            max_request_bytes=s.max_request_bytes,
         )
+        self.admission = UnionAdmission(
+            max_streams=s.max_union_streams, max_bytes=s.max_request_bytes
+        )
+        #: the leases as served (unknown codes rejected, refusals named) after the last admission
+        self.served = LeaseSnapshot([], [], [])
+        self.admission_result: Admitted | None = None
+        self._admitted_key: tuple[object, ...] = ()
         self.leases = LeaseReconciler(
             interval=s.reconcile_interval, coalesce_delay=s.coalesce_delay
         )
@@ -199,17 +218,29 @@ class LeaderCore:
 
     # -- the control channel and the leases ---------------------------------------------------
 
-    def control_message(self, data: bytes, now: float) -> Wake:
-        """A message on ``{ns}:control``: ``request`` (commands wait), ``lease <id>`` or
-        ``release <id>`` (read that lease), anything else (read every lease)."""
-        if data.startswith(b"request"):
-            return Wake.COMMANDS
-        kind, _, client_id = data.partition(b" ")
-        if kind in (b"lease", b"release") and client_id:
-            self.leases.named(client_id.decode(errors="replace"), now)
-        else:
+    def control_messages(self, batch: ControlBatch, now: float) -> frozenset[Wake]:
+        """One tick's messages on ``{ns}:control``, folded (``broker.core.control_messages``):
+        ``request`` (commands wait), ``lease <id>`` or ``release <id>`` (read that lease),
+        anything else (read every lease). Returns the tasks to wake, once for the batch; what
+        a flood can cost the lease reads is bounded by the reconciler."""
+        ignored = batch.ignored
+        for raw in batch.ids:
+            if not self.leases.named(raw.decode(errors="replace"), now):
+                ignored += 1  # not a client id, or one unknown id too many
+        if batch.read_all:
             self.leases.read_all_soon(now)
-        return Wake.LEASES
+        self.stats.control_messages += batch.messages
+        self.stats.control_ignored += ignored
+        if batch.commands:
+            return _WAKE_BOTH if batch.ids or batch.read_all else _WAKE_COMMANDS
+        return _WAKE_LEASES if batch.ids or batch.read_all else _WAKE_NONE
+
+    def control_message(self, data: bytes, now: float) -> Wake:
+        """One message on ``{ns}:control`` (a batch of one: :meth:`control_messages`)."""
+        batch = ControlBatch()
+        batch.add(data)
+        self.control_messages(batch, now)
+        return Wake.COMMANDS if batch.commands else Wake.LEASES
 
     def control_subscribed(self, now: float) -> None:
         """(Re)subscribed to the control channel: messages may have been missed."""
@@ -309,11 +340,69 @@ class LeaderCore:
             extra={"event": "connected", "epoch": self.epoch},
         )
 
-    def upstream_lost(self, loss: Loss, at_ms: int, last_frame_ms: int) -> None:
+    def upstream_lost(
+        self,
+        loss: Loss,
+        at_ms: int,
+        last_frame_ms: int,
+        refusal: Refusal | None = None,
+        now: float = 0.0,
+    ) -> None:
         """The connection ended at ``at_ms`` (``last_frame_ms``: the wall clock of the last
-        frame published, 0: none); the next connection announces the gap (``broker.core.gaps``)."""
+        frame published, 0: none); the next connection announces the gap (``broker.core.gaps``).
+        ``refusal``: Upbit ended it refusing the last subscribe request: the union is admitted
+        again under what that taught (``broker.core.admission``), so the next connection does
+        not send the same request."""
         self.connected = False
         self.gaps.lost(loss, at_ms, last_frame_ms)
+        if refusal is None:
+            return
+        if refusal.too_big:
+            self.admission.too_big(refusal.request_bytes)
+            self.log.warning(
+                "upstream refused a %d-byte subscribe request (%s): requests now capped at %d "
+                "bytes; the newest leases past it are refused",
+                refusal.request_bytes,
+                refusal.why,
+                self.admission.byte_cap,
+            )
+        else:
+            suspects = self.admission.error_frame(refusal.why, now)
+            self.log.warning(
+                "upstream refused the subscribe request (%s): quarantined the leases it added: %s",
+                refusal.why,
+                ", ".join(suspects) or "none (the request held nothing new)",
+            )
+        self._leases_changed(None, now, at_ms)
+
+    def upstream_verified(self, verdict: Verdict, now: float, now_ms: int) -> None:
+        """LIST_SUBSCRIPTIONS settled the last request (``SubscriptionController.take_verdict``):
+        what was admitted is safe; streams Upbit keeps leaving out are kept out of the union and
+        reported to their holders, so verification converges."""
+        self.admission.accepted()
+        if verdict.unlisted:
+            shown = sorted(f"{key.type}:{key.code}" for key in verdict.unlisted)
+            self.log.warning(
+                "upbit does not list %d streams after %d requests: kept out of the union: %s",
+                len(shown),
+                1 + MAX_RESENDS,
+                ", ".join(shown[:20]),
+            )
+            self.admission.not_listed(verdict.unlisted)
+        self._leases_changed(None, now, now_ms)
+
+    def markets_listed(self, codes: Iterable[str], now: float, now_ms: int) -> None:
+        """Upbit's market list was read (``GET /v1/market/all``): codes not on it are kept out
+        of the union and reported to their holders (streams it left out get another chance)."""
+        version = self.admission.version
+        self.admission.markets_listed(codes)
+        if self.admission.version != version:
+            self.log.info(
+                "market list: %d codes",
+                len(self.admission.markets or ()),
+                extra={"event": "markets", "codes": len(self.admission.markets or ())},
+            )
+            self._leases_changed(None, now, now_ms)
 
     def publish_lost(self, since_ms: int, until_ms: int, frames: int) -> None:
         """Publishing to Redis broke at ``since_ms`` (the publisher's word, once per loss) and
@@ -323,7 +412,8 @@ class LeaderCore:
         if gap is None:
             return
         self.log.warning(
-            "%d frames never reached redis (publish connection lost): gap %d..%d announced",
+            "%d frames never reached redis (publish connection lost, or held back while the "
+            "lock was unconfirmed): gap %d..%d announced",
             frames,
             gap.since_ms,
             gap.until_ms,
@@ -332,7 +422,7 @@ class LeaderCore:
 
     def resubscribes_confirmed(self, request_ids: Iterable[str]) -> None:
         """LIST_SUBSCRIPTIONS confirmed the full set these resubscribe commands asked for."""
-        upstream = self.controller.upstream.by_type()
+        upstream = self.controller.held.by_type()
         for request_id in request_ids:
             self._reply(ResubscribeReply(id=request_id, epoch=self.epoch, upstream=upstream))
 
@@ -396,19 +486,27 @@ class LeaderCore:
 
     # -- time ---------------------------------------------------------------------------------
 
-    def tick(self, now: float) -> None:
-        """Timers: a grace that ended, snapshot requests past their deadline, quiet streams."""
+    def tick(self, now: float, now_ms: int = 0) -> None:
+        """Timers: a grace that ended, a quarantine that ended, snapshot requests past their
+        deadline, quiet streams."""
         if self._grace_until is not None and now >= self._grace_until:
             self._grace_until = None
             self._grace_set = EMPTY
             self._apply_union(now, None)
+        if self.admission.expire(now):
+            self._leases_changed(None, now, now_ms)
         self._finish_snapshots(now)
         if self.connected:
             self._refresh_quiet(now)
 
     def next_wakeup(self, now: float) -> float | None:
         """When :meth:`tick` next has something to do (None: only on new input)."""
-        times = [t for t in (self._grace_until, self.snapshots.next_deadline()) if t is not None]
+        timers = (
+            self._grace_until,
+            self.snapshots.next_deadline(),
+            self.admission.next_expiry(now),
+        )
+        times = [t for t in timers if t is not None]
         if self.connected:
             times.append(self.quiet.next_check())
         return min(times, default=None)
@@ -463,6 +561,9 @@ class LeaderCore:
         """
         up, pub = self.counters.upstream, self.counters.publish
         ctl, b = self.counters.control, self.stats
+        admitted = self.admission_result
+        oom = self.counters.oom  # Redis at maxmemory (broker.core.oom)
+        memory = oom.memory
         return Status(
             leader=self.broker_id if self.leading else "",
             leader_token=self.token,
@@ -474,7 +575,7 @@ class LeaderCore:
             verify_mismatches=ctl.verify_mismatches,
             deferred_sends=ctl.deferred,
             desired=self.desired.by_type(),
-            upstream=self.controller.upstream.by_type(),
+            upstream=self.controller.held.by_type(),
             last_error=up.last_error,
             frames_in=up.frames_in,
             frames_published=pub.published,
@@ -490,12 +591,38 @@ class LeaderCore:
             partial_leases=b.partial_leases,
             rejected_streams=b.rejected_streams,
             redis_errors=b.redis_errors + pub.redis_errors,
-            last_frame_ms=pub.last_publish_ms,
+            last_frame_ms=self.gaps.last_frame_ms(pub.last_publish_ms),
             updated_ms=now_ms,
             status_interval_ms=round(self.settings.status_interval * 1000),
             upstream_url=redact_url(self.settings.upstream_url),
             quiet_codes=self.quiet_codes(now),
+            upstream_unconfirmed=len(self.controller.upstream.keys() - self.controller.held.keys()),
+            refused_leases=b.refused_leases,
+            refused=dict(list(self.served.refused.items())[:STATUS_LIST_MAX]),
+            unknown_codes=self._unknown_codes(),
+            markets=len(self.admission.markets or ()),
+            request_bytes=admitted.request_bytes if admitted is not None else 0,
+            request_bytes_cap=self.admission.byte_cap,
+            upstream_refusals=self.admission.refusals,
+            control_messages=b.control_messages,
+            control_ignored=b.control_ignored,
+            redis_oom_since_ms=oom.since_ms,
+            redis_oom_refusals=oom.refusals,
+            redis_used_memory=memory.used if memory is not None else 0,
+            redis_maxmemory=memory.maxmemory if memory is not None else 0,
+            redis_maxmemory_policy=memory.policy if memory is not None else "",
+            cache_stale_since_ms=pub.cache_stale_since_ms,
         )
+
+    def _unknown_codes(self) -> list[str]:
+        """``type:code`` the served leases ask for that Upbit does not know (at most
+        ``STATUS_LIST_MAX``)."""
+        found: set[str] = set()
+        for lease in self.served.leases:
+            for entry in lease.rejected:
+                if entry.reason in (UNKNOWN_MARKET, UNLISTED):
+                    found.add(f"{entry.stream}:{entry.code}")
+        return sorted(found)[:STATUS_LIST_MAX]
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -517,17 +644,28 @@ class LeaderCore:
         )
 
     def _leases_changed(self, read: LeaseRead | None, now: float, now_ms: int) -> None:
+        self._apply_union(now, read.noticed_at if read is not None else None)
         view = self.leases.snapshot()
+        admitted = self.admission_result
+        refused = admitted.refused if admitted is not None else {}
+        served = LeaseSnapshot(
+            admitted.leases if admitted is not None else view.leases,
+            view.invalid,
+            view.expired,
+            refused,
+        )
+        self.served = served
         named = read.ids if read is not None else frozenset()
         # Redis lost its data (or may have): leases vanish until their holders re-assert
         # them within a heartbeat; that is no expiry to announce.
-        changes = self.feedback.update(view, named=named, quiet=self.in_grace(now))
+        changes = self.feedback.update(served, named=named, quiet=self.in_grace(now))
         b = self.stats
         b.leases = len(view.leases)
         b.invalid_leases = len(view.invalid)
-        b.partial_leases = sum(1 for lease in view.leases if lease.rejected)
-        b.rejected_streams = sum(len(lease.rejected) for lease in view.leases)
-        self._apply_union(now, read.noticed_at if read is not None else None)
+        b.refused_leases = len(refused)
+        partial = [x for x in served.leases if x.rejected and x.client_id not in refused]
+        b.partial_leases = len(partial)
+        b.rejected_streams = sum(len(lease.rejected) for lease in partial)
         if changes:
             self.stats.lease_expiries += log_changes(changes, self.log)
             for change in changes:
@@ -535,9 +673,19 @@ class LeaderCore:
                     self._event(change.event(self.broker_id, now_ms))
 
     def _apply_union(self, now: float, noticed_at: float | None) -> None:
-        wanted = self.leases.union or EMPTY
-        if self.in_grace(now):
-            wanted = union(wanted, self._grace_set)
+        """Admit the leases (and a held union during a grace) under the union's bounds."""
+        base = self._grace_set if self.in_grace(now) else EMPTY
+        leases_union = self.leases.union
+        key = self._admitted_key
+        if not (
+            key and key[0] is leases_union and key[1] is base and key[2] == self.admission.version
+        ):
+            # Only when something changed: a heartbeat re-read of the same lease costs nothing.
+            self.admission_result = self.admission.admit(self.leases.snapshot().leases, now, base)
+            self._admitted_key = (leases_union, base, self.admission.version)
+        self.controller.max_request_bytes = self.admission.byte_cap
+        assert self.admission_result is not None
+        wanted = self.admission_result.union
         if wanted == self.desired:
             return
         self.stats.union_recomputes += 1

@@ -5,11 +5,13 @@ leader keeps the last state it announced for each client id and, after every lea
 publishes one ``lease`` event on ``{ns}:events`` per change (design.md, "Events"; the states
 are ``broker.contract.LEASE_STATES``):
 
-    {"event":"lease","client_id":ID,"state":"invalid|partial|expired|ok","why":TEXT,
+    {"event":"lease","client_id":ID,"state":"invalid|partial|refused|expired|ok","why":TEXT,
      "rejected":{stream:[codes]},"rejected_count":N,"broker":BROKER,"ts_ms":T}
 
 * ``partial``: some entries of ``subs`` are served, the others (``rejected``) are not.
 * ``invalid``: nothing of the lease is served (``why`` says what is wrong with it).
+* ``refused``: a valid lease not served for now: it would push the union over its bounds, or
+  Upbit refused the request that added it (``broker.core.admission``; ``why`` says which).
 * ``expired``: the lease was not renewed before its deadline (or vanished without a release).
 * ``ok``: a lease that was announced in one of the states above is fully served again.
 
@@ -20,7 +22,7 @@ with no memory, so it announces every partial or invalid lease once when it take
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 OK = "ok"
 PARTIAL = "partial"
 INVALID = "invalid"
+REFUSED = "refused"
 EXPIRED = "expired"
 #: rejected entries one event lists (``rejected_count`` has them all)
 MAX_REJECTED_IN_EVENT = 50
@@ -59,6 +62,9 @@ class LeaseView(Protocol):
 
     @property
     def expired(self) -> Sequence[str]: ...
+
+    @property
+    def refused(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +152,12 @@ class LeaseFeedback:
                 holder re-asserts its lease within a heartbeat).
         """
         current: dict[str, LeaseState] = {}
+        refused = listing.refused
         for lease in listing.leases:
-            if lease.rejected:
+            why = refused.get(lease.client_id)
+            if why is not None:
+                current[lease.client_id] = LeaseState(REFUSED, why)
+            elif lease.rejected:
                 why = _partial_why(len(lease.subscriptions), lease.rejected)
                 current[lease.client_id] = LeaseState(PARTIAL, why, lease.rejected)
             else:
@@ -185,6 +195,8 @@ def log_changes(changes: Sequence[LeaseChange], log: logging.Logger) -> int:
             log.warning("skipped invalid lease %s: %s", change.client_id, change.why)
         elif change.state == PARTIAL:
             log.warning("lease %s served in part: %s", change.client_id, change.why)
+        elif change.state == REFUSED:
+            log.warning("lease %s refused: %s", change.client_id, change.why)
         elif change.state != EXPIRED:
             log.info("lease %s is fully served again", change.client_id)
     if expired:
@@ -202,6 +214,7 @@ __all__ = [
     "MAX_REJECTED_IN_EVENT",
     "OK",
     "PARTIAL",
+    "REFUSED",
     "LeaseChange",
     "LeaseFeedback",
     "LeaseState",

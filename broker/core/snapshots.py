@@ -9,6 +9,10 @@ cannot give is fetched upstream (a snapshot-only request riding along the full s
 realtime stream breaks), and the frames published for it are fed back
 (:meth:`SnapshotDesk.published`). A request is answered once every code arrived, or at its
 deadline with the rest ``missing``.
+
+A cache Redis stopped taking writes (at maxmemory: ``cache_stale_since_ms`` in the status) is
+not trusted either: the service answers the lookup with nothing while it is stale, so every
+code is fetched upstream (``broker.publisher`` says when it is current again).
 """
 
 from __future__ import annotations

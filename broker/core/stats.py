@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from broker.core.oom import OomWatch
 from broker.upbit.types import StreamKey
 
 #: upper bounds of the burst-size histogram's buckets (``publish_batch_size``; then +Inf)
@@ -55,6 +56,11 @@ class PublishStats:
     redis_errors: int = 0
     #: commands Redis answered with an error (their frames still count in ``published``)
     reply_errors: int = 0
+    #: the part of ``reply_errors`` Redis refused for memory (maxmemory: ``broker.core.oom``)
+    oom_refusals: int = 0
+    #: wall clock (ms) of the first burst whose cache write Redis refused, while the
+    #: last-value cache lacks frames published since (0: the cache has every frame)
+    cache_stale_since_ms: int = 0
     #: bursts per size bucket (:func:`batch_bucket`; the last one: above every bound)
     batch_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     #: frames in all bursts (the histogram's sum)
@@ -82,6 +88,10 @@ class ControllerStats:
     deferred: int = 0  # times a wanted send waited for the rate budget
     verify_mismatches: int = 0
     verified: int = 0
+    #: sets LIST_SUBSCRIPTIONS kept not matching after MAX_RESENDS: reported, not resent
+    verify_given_up: int = 0
+    #: snapshot fetches that found no room in a request (answered by the desk's timeout)
+    snapshot_fetches_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -94,6 +104,10 @@ class BrokerStats:
     #: leases served only in part (some entries of ``subs`` rejected), and those entries
     partial_leases: int = 0
     rejected_streams: int = 0
+    #: valid leases not served for now (``broker.core.admission``)
+    refused_leases: int = 0
+    #: reads of Upbit's market list that failed
+    market_list_errors: int = 0
     lease_expiries: int = 0
     #: ``lease`` events published to holders (invalid, partial, expired, ok again)
     lease_events: int = 0
@@ -101,6 +115,11 @@ class BrokerStats:
     lease_listings: int = 0
     #: single leases read because a control message named them (heartbeats, changes)
     lease_reads: int = 0
+    #: messages read on ``{ns}:control`` (a flood shows here first)
+    control_messages: int = 0
+    #: control messages naming no lease and no command, or one id too many for a read:
+    #: together they cost at most one full listing per gap (``broker.core.reconcile``)
+    control_ignored: int = 0
     union_recomputes: int = 0
     commands: int = 0
     bad_commands: int = 0
@@ -111,6 +130,8 @@ class BrokerStats:
     leadership_changes: int = 0
     redis_errors: int = 0
     quiet_refreshes: int = 0
+    #: writes of the leader phase Redis refused for memory (the publisher counts its own)
+    oom_refusals: int = 0
 
 
 @dataclass(slots=True)
@@ -121,6 +142,8 @@ class Counters:
     upstream: UpstreamStats = field(default_factory=UpstreamStats)
     publish: PublishStats = field(default_factory=PublishStats)
     control: ControllerStats = field(default_factory=ControllerStats)
+    #: Redis at maxmemory: episodes, refusals, the last INFO memory reading
+    oom: OomWatch = field(default_factory=OomWatch)
 
 
 __all__ = [

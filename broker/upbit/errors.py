@@ -64,6 +64,15 @@ class UpbitErrorFrame(UpstreamError):
     def is_rate_limit(self) -> bool:
         return self.name in ("Too Many Requests", "I'm a teapot")
 
+    @property
+    def refuses_the_request(self) -> bool:
+        """Upbit refused what the request asked for (not who asked, nor how often)."""
+        return self.name in REQUEST_REFUSALS
+
+
+#: error names that refuse a request's content (PROTOCOL.md 7.2); INVALID_AUTH, NO_TICKET
+#: and the rate limits are about the connection, not about what the union asks for
+REQUEST_REFUSALS = frozenset({"INVALID_PARAM", "WRONG_FORMAT", "NO_TYPE", "NO_CODES"})
 
 __all__ = [
     "BrokerError",

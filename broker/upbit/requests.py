@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from broker.upbit.errors import RequestError
-from broker.upbit.types import PRIVATE_TYPES, PUBLIC_TYPES, Format, Subscription
+from broker.upbit.types import PRIVATE_TYPES, PUBLIC_TYPES, Format, Subscription, SubscriptionSet
 
 LIST_SUBSCRIPTIONS = "LIST_SUBSCRIPTIONS"
 
@@ -81,6 +81,31 @@ def build_subscribe_request(
     body.extend(_type_object(s) for s in subscriptions)
     body.append({"format": fmt.value})
     return _encoder.encode(body)
+
+
+#: the request's frame: ``[{"ticket":...}, ..., {"format":"SIMPLE_LIST"}]`` with a ticket of up
+#: to 128 + 30 characters (the broker id, a counter, 8 hex digits)
+BASE_BYTES = 256
+#: one (type, level) group: up to three objects (flowing, new, snapshot-only), each at most
+#: ``{"type":"candle.240m","codes":[],"level":<up to 24 chars>,"is_only_realtime":true},``
+GROUP_BYTES = 3 * 100
+
+
+def code_bytes(code: str) -> int:
+    """A code's share of a request: ``"KRW-BTC.15",`` (quotes, a depth suffix, the comma)."""
+    return len(code.encode()) + 6
+
+
+def request_size_bound(streams: SubscriptionSet) -> int:
+    """An upper bound on the bytes of :func:`build_subscribe_request` for ``streams`` (any
+    split into flowing, new and snapshot-only objects): cheap, and never below the real size,
+    so a cap checked against it holds for the request sent."""
+    size = BASE_BYTES
+    groups: set[tuple[str, float]] = set()
+    for key in streams.depths:
+        size += code_bytes(key.code)
+        groups.add((key.type, key.level))
+    return size + GROUP_BYTES * len(groups)
 
 
 def build_list_subscriptions_request(*, ticket: str, fmt: Format | None = None) -> bytes:
@@ -198,10 +223,14 @@ def build_error_frame(name: str, message: str) -> bytes:
 
 
 __all__ = [
+    "BASE_BYTES",
+    "GROUP_BYTES",
     "LIST_SUBSCRIPTIONS",
     "ParsedRequest",
     "build_error_frame",
     "build_list_subscriptions_request",
     "build_subscribe_request",
+    "code_bytes",
     "parse_request",
+    "request_size_bound",
 ]

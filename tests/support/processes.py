@@ -14,6 +14,8 @@ this project's own guarantees:
         audit_consumer(log, c, {("trade", "KRW-BTC")}, gap_windows(c), ...)
 
 :func:`audit_consumer` (every frame a consumer got, against the simulator's send log),
+:func:`unannounced_connections` (new upstream connections a consumer was told no gap for),
+:func:`stopped_counts` (the frame counts a broker process logs as it stops),
 :class:`MonitorTap` (every command Redis executes, checked against the key contract),
 :func:`churn_process` (tasks flipping leases) and :class:`FakeUpstream`, a scripted websocket
 server standing in for the simulator where it cannot misbehave on purpose (bad frames) or show
@@ -243,6 +245,56 @@ def gap_windows(
     return windows
 
 
+def unannounced_connections(
+    consumer: ConsumerProcess, connected: list[dict[str, Any]], *, slack_ms: int = 150
+) -> list[dict[str, Any]]:
+    """The ``connected`` events (``{"epoch", "ts_ms", ...}`` from an :class:`EventTap`) that
+    follow data ``consumer`` received, and that it got no gap for: a gap of that epoch from no
+    later than its last frame before the connection (``slack_ms`` for two processes' clocks)
+    to the connection itself. Such a connection follows a break (a reconnect, a takeover, a
+    restart) in which frames may have been missed, whether or not the simulator sent any
+    meanwhile: Upbit does not stop trading while no broker listens, so the send log alone
+    cannot tell a gap nobody announced."""
+    received = sorted(int(m["t"]) for m in consumer.messages())
+    gaps = consumer.gaps()
+    missing: list[dict[str, Any]] = []
+    for event in sorted(connected, key=lambda e: int(e["epoch"])):
+        ts = int(event["ts_ms"])
+        before = [t for t in received if t < ts]
+        if not before:
+            continue  # nothing flowed before it: nothing to miss
+        if not any(
+            g.get("epoch") == event["epoch"]
+            and int(g["since_ms"]) <= before[-1] + slack_ms
+            and int(g["until_ms"]) >= ts
+            for g in gaps
+        ):
+            missing.append(event)
+    return missing
+
+
+_STOPPED = re.compile(
+    r"broker (?P<id>\S+) stopping: frames_in=(?P<frames_in>\d+) "
+    r"frames_published=(?P<published>\d+) frames_dropped=(?P<dropped>\d+) "
+    r"frames_dropped_by_reason=(?P<by_reason>\{[^}]*\})"
+)
+
+
+def stopped_counts(output: str) -> dict[str, Any] | None:
+    """The frame counts a broker process logged as it stopped (``Broker`` logs one line):
+    ``{"frames_in", "frames_published", "frames_dropped", "frames_dropped_by_reason"}``; None
+    when its output has no such line (killed, or still running)."""
+    found = _STOPPED.search(output)
+    if found is None:
+        return None
+    return {
+        "frames_in": int(found["frames_in"]),
+        "frames_published": int(found["published"]),
+        "frames_dropped": int(found["dropped"]),
+        "frames_dropped_by_reason": json.loads(found["by_reason"]),
+    }
+
+
 def sim_upstream(sim: Any) -> dict[str, set[str]] | None:
     """An in-process simulator's one connection's set (None: not exactly one connection)."""
     return upstream_of(sim.state())
@@ -461,6 +513,8 @@ __all__ = [
     "gap_windows",
     "record_data_sends",
     "sim_upstream",
+    "stopped_counts",
+    "unannounced_connections",
     "union_of",
     "upstream_of",
 ]
