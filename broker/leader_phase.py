@@ -45,7 +45,7 @@ from broker.control_channel import ControlSubscription, subscribe_control
 from broker.core.leader import LeaderCore, OutEvent, OutReply, Wake
 from broker.core.snapshots import CacheQuery
 from broker.core.stats import Counters
-from broker.errors import MarketListError, NotLeaderError
+from broker.errors import NotLeaderError, describe
 from broker.keys import Keys
 from broker.leader import LeaderLock
 from broker.leases import LeaseStore
@@ -81,6 +81,8 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[1])
 CONTROL_TICK = 0.01
 #: the first retry after the market list could not be read (doubling, up to markets_refresh)
 MARKETS_RETRY = 5.0
+#: an early re-read of the market list (a lease names a code it lacks) comes no sooner
+MARKETS_EARLY = 60.0
 
 
 class LeaderPhase:
@@ -119,6 +121,7 @@ class LeaderPhase:
         self._wake_commands = asyncio.Event()
         self._wake_clock = asyncio.Event()
         self._wake_outbox = asyncio.Event()
+        self._markets_now = asyncio.Event()
         self._renew_now = asyncio.Event()
         self._clock_at: float | None = None  # when the clock task wakes by itself
         self._errors_at_renewal = 0
@@ -164,6 +167,8 @@ class LeaderPhase:
         self.publisher.watch(core.awaited_streams)
         if core.has_output:
             self._wake_outbox.set()
+        if core.take_market_refresh():
+            self._markets_now.set()
         wakeup = core.next_wakeup(time.monotonic())
         if wakeup is not None and (self._clock_at is None or wakeup < self._clock_at):
             self._wake_clock.set()
@@ -381,24 +386,32 @@ class LeaderPhase:
             self._forward()
 
     async def _refresh_markets(self, url: str) -> None:
-        """Read Upbit's market list now and every ``markets_refresh`` (sooner after a failure:
-        until one read succeeds, every well-formed code is trusted)."""
+        """Read Upbit's market list now and every ``markets_refresh``: sooner after a failure
+        (until one read succeeds, every well-formed code is trusted), and sooner when a lease
+        names a code the list lacks (a new listing?), at most every ``MARKETS_EARLY`` s. The
+        list is advisory: nothing that goes wrong here may end the leader phase."""
         failures = 0
         while True:
+            read_at = time.monotonic()
             try:
                 codes = await fetch_market_codes(url)
-            except MarketListError as exc:
+            except Exception as exc:  # advisory: MarketListError is the usual one
                 failures += 1
                 self.stats.market_list_errors += 1
                 wait = min(self.settings.markets_refresh, MARKETS_RETRY * 2 ** min(failures, 6))
                 log = logger.warning if failures == 1 else logger.debug
-                log("market list unavailable (%s); retry in %.0fs", exc, wait)
+                log("market list unavailable (%s); retry in %.0fs", describe(exc), wait)
             else:
                 failures = 0
                 self.core.markets_listed(codes, time.monotonic(), now_ms())
                 self._forward()
                 wait = self.settings.markets_refresh
-            await asyncio.sleep(wait)
+            self._markets_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._markets_now.wait()
+            # Woken early (an unknown code): not sooner than MARKETS_EARLY after the last read.
+            await asyncio.sleep(max(0.0, read_at + MARKETS_EARLY - time.monotonic()))
 
     async def _next_epoch(self) -> int | None:
         """``INCR {ns}:epoch``: the epoch counts connections across leaders (None: no answer).

@@ -13,6 +13,7 @@ A list that cannot be read, or reads as nothing, changes nothing: the last good 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import urllib.request
 
 import msgspec
@@ -67,7 +68,9 @@ async def fetch_market_codes(url: str, timeout: float = FETCH_TIMEOUT) -> frozen
     """
     try:
         body = await asyncio.to_thread(_get, url, timeout)
-    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+    # URLError and HTTPError are OSErrors; a broken answer (BadStatusLine, IncompleteRead) is
+    # an HTTPException.
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         raise MarketListError(f"cannot read {url}: {exc}") from None
     if len(body) > MAX_BYTES:
         raise MarketListError(f"the market list at {url} is larger than {MAX_BYTES} bytes")

@@ -37,6 +37,16 @@ maxmemory its operator set. While stale, bursts stop carrying cache writes excep
 of every stream seen (:attr:`Publisher._newest`, one per stream), and its acceptance makes the
 cache current again, without a restart.
 
+A publisher only knows the streams of its own phase, and the cache may hold entries frozen
+earlier: by an earlier phase of this process that ended with the cache stale (the mark outlives
+it in ``stats``), or by a previous leader process that Redis refused (it says so in its status:
+:meth:`Publisher.inherit_stale_mark`). So the first time a phase would clear a mark, it first
+purges the cache (``SCAN {ns}:last:*`` and DEL, both allowed at maxmemory; a phase that starts
+with the mark set purges at its first burst, which also frees the memory the frozen entries
+hold): after that every entry was written by this phase, and the rewrite holds the newest frame
+of each. A stream quiet since then has no entry, and its snapshot is fetched upstream, instead of
+served from a frame it replaced long ago.
+
 Snapshot requests wait for the next frame of some streams: :meth:`Publisher.watch` names them,
 and the frames of a burst that belong to them are kept for :meth:`Publisher.take_watched` (one
 set lookup per frame of a burst, only while something is watched), and ``watch_wake`` is set.
@@ -58,6 +68,7 @@ from redis.exceptions import RedisError
 
 from broker import resp
 from broker.clock import now_ms
+from broker.core.oom import inherited_cache_stale_since
 from broker.core.stats import PublishStats
 from broker.keys import Keys
 from broker.redis_oom import is_oom
@@ -174,9 +185,17 @@ class Publisher:
         #: rewrite of a stale cache writes (one entry per stream, like the cache itself)
         self._newest: dict[Target, bytes] = {}
         #: a probe was accepted while the cache is stale: the next burst rewrites it in full
-        self._rewrite_due = bool(self.stats.cache_stale_since_ms)
+        #: (only once this phase purged the cache: see :meth:`_purge_cache`)
+        self._rewrite_due = False
         self._rewrites_in_flight = 0
         self._probe_at = 0.0
+        #: the cache was purged this phase: every entry in it was written by this phase
+        self._purged = False
+        #: the cache must be purged before its mark may clear; set at once when the mark is
+        #: inherited (an earlier phase ended stale: its streams are unknown here)
+        self._purge_due = last_value_cache and bool(self.stats.cache_stale_since_ms)
+        self._purge_task: asyncio.Task[None] | None = None
+        self._purge_at = 0.0
 
     def enqueue(self, target: Target, frame: bytes) -> None:
         """Queue one frame (the hot path: one per frame received); it is written once the
@@ -280,7 +299,14 @@ class Publisher:
             await self.aclose()
 
     async def flush(self) -> None:
-        """Publish whatever is pending now and wait for Redis to answer (tests and shutdown)."""
+        """Publish whatever is pending now and wait for Redis to answer (tests and shutdown),
+        and for a purge of the cache started meanwhile."""
+        await self._flush_pending()
+        purge = self._purge_task
+        if purge is not None:
+            await asyncio.wait([purge])
+
+    async def _flush_pending(self) -> None:
         if self._address is None:
             await self._publish_all(self._take_batch())
             return
@@ -304,6 +330,8 @@ class Publisher:
     async def aclose(self) -> None:
         """Close the raw connection (``run`` does this when it ends); the next burst reopens."""
         conn, self._conn = self._conn, None
+        if self._purge_task is not None:
+            self._purge_task.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -527,10 +555,14 @@ class Publisher:
         frame per stream). A current cache: the burst's own. A stale one: nothing, a probe
         (the burst's own) once per :data:`CACHE_PROBE_INTERVAL`, or, once a probe got through,
         the newest frame of every stream seen; bursts written after that rewrite carry their
-        own again, so that its acceptance means every frame is in the cache."""
+        own again, so that its acceptance means every frame is in the cache. While a purge
+        is due (:meth:`_purge_cache`), none: it would delete them."""
         self._newest.update(newest)
         if not self.stats.cache_stale_since_ms:
             return _BURST_CACHE, newest
+        if self._purge_due:
+            self._start_purge()
+            return _NO_CACHE, {}
         if self._rewrite_due:
             self._rewrite_due = False
             self._rewrites_in_flight += 1
@@ -573,7 +605,7 @@ class Publisher:
             )
             stats.cache_stale_since_ms = 0
         elif not self._rewrites_in_flight:
-            self._rewrite_due = True  # a probe got through: Redis takes writes again
+            self._rewrite_when_purged()  # a probe got through: Redis takes writes again
 
     def _cache_lost(self, caches: list[int]) -> None:
         """Bursts whose cache writes never got an answer (the connection broke)."""
@@ -581,4 +613,91 @@ class Publisher:
         if rewrites:
             self._rewrites_in_flight -= rewrites
         if self.stats.cache_stale_since_ms and not self._rewrites_in_flight:
-            self._rewrite_due = True  # unknown now: try the rewrite with the next burst
+            self._rewrite_when_purged()  # unknown now: try the rewrite with the next burst
+
+    def _rewrite_when_purged(self) -> None:
+        """The next burst rewrites the cache, once this phase has purged it (a rewrite only
+        holds this phase's streams: entries it did not write may be frozen)."""
+        if self._purged:
+            self._rewrite_due = True
+        else:
+            self._purge_due = True
+            self._start_purge()
+
+    def _start_purge(self) -> None:
+        """Purge the cache in the background (frames do not wait for it), unless a purge runs,
+        or failed less than :data:`CACHE_PROBE_INTERVAL` ago, or no stream names the namespace
+        yet (the first burst does)."""
+        if self._purge_task is not None or not self._newest:
+            return
+        if time.monotonic() < self._purge_at:
+            return
+        pattern = _cache_pattern(next(iter(self._newest)))
+        self._purge_task = asyncio.get_running_loop().create_task(
+            self._purge_cache(pattern), name="cache-purge"
+        )
+
+    async def _purge_cache(self, pattern: bytes) -> None:
+        """DEL every cache hash (``pattern``: ``{ns}:last:*``; SCAN and DEL are allowed at
+        maxmemory). Until it is done bursts carry no cache write, so that none is deleted; the
+        next burst after it rewrites the newest frame of every stream of this phase."""
+        deleted = 0
+        try:
+            if self._may_publish is not None and not self._may_publish():
+                self._purge_at = time.monotonic() + CACHE_PROBE_INTERVAL
+                return  # not leader (now): a successor may be writing the cache
+            async with asyncio.timeout(PIPELINE_TIMEOUT):
+                hashes = [key async for key in self._redis.scan_iter(match=pattern, count=1000)]
+                for start in range(0, len(hashes), MAX_PIPELINE):
+                    deleted += await self._redis.delete(*hashes[start : start + MAX_PIPELINE])
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.redis_errors += 1
+            self._purge_at = time.monotonic() + CACHE_PROBE_INTERVAL
+            logger.warning("last-value cache purge failed (%s): retried with a later burst", exc)
+            return
+        finally:
+            self._purge_task = None
+        self._purge_due = False
+        self._purged = True
+        if self.stats.cache_stale_since_ms and not self._rewrites_in_flight:
+            self._rewrite_due = True
+        logger.info(
+            "last-value cache purged (%d hashes deleted): it may have held frames refused "
+            "before this leader phase; the next burst rewrites this phase's %d streams",
+            deleted,
+            len(self._newest),
+        )
+
+    async def inherit_stale_mark(self, status_key: str) -> None:
+        """At the start of a phase, before its tasks run (the status still is the previous
+        leader's): mark the cache stale if that leader's status says Redis refused its writes
+        (:func:`broker.core.oom.inherited_cache_stale_since`), so that it is purged before it
+        serves snapshots again. Status unreadable: the same (nothing tells it is current)."""
+        if not self._cache:
+            return
+        fields = ["cache_stale_since_ms", "redis_oom_since_ms"]
+        try:
+            async with asyncio.timeout(PIPELINE_TIMEOUT):
+                stale, oom = await self._redis.hmget(status_key, fields)
+            since = inherited_cache_stale_since(stale, oom)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.redis_errors += 1
+            logger.warning("previous status unreadable (%s): last-value cache held stale", exc)
+            since = now_ms()
+        if not since:
+            return
+        if not self.stats.cache_stale_since_ms:
+            self.stats.cache_stale_since_ms = since
+            logger.info(
+                "the previous leader's last-value cache lacks frames since %d (redis refused "
+                "its writes): purged and rewritten before snapshots are served from it",
+                since,
+            )
+        if not self._purged:
+            self._purge_due = True
+
+
+def _cache_pattern(target: Target) -> bytes:
+    """``{ns}:last:*``, every cache hash of the namespace of ``target`` (whose cache hash is
+    ``{ns}:last:{stream}``, and a stream name has no ``:``)."""
+    return target.cache_key.rpartition(b":")[0] + b":*"

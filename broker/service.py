@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -248,7 +249,9 @@ class Broker:
         core = self.core = LeaderCore(
             s, self.counters, epoch=self.core.epoch, token=self._lock.token, logger=logger
         )
-        core.took_lead(now_ms(), *previous)
+        core.took_lead(now_ms(), previous.token, previous.last_frame_ms)
+        # What the predecessor refused queues behind the rest (created_ms is the holder's word).
+        core.admission.previously_refused(previous.refused)
         phase = LeaderPhase(
             s,
             core,
@@ -259,6 +262,8 @@ class Broker:
             ready=self.ready,
         )
         self.upstream, self.publisher = phase.upstream, phase.publisher
+        # Before the phase writes its own status: the previous leader's may say its cache froze.
+        await phase.publisher.inherit_stale_mark(self.keys.status)
         try:
             await phase.run()
         finally:
@@ -268,23 +273,43 @@ class Broker:
             # that covers them is the successor's takeover gap (from our last frame).
             self.counters.publish.dropped_not_leader += phase.publisher.pending
 
-    async def _previous_leader(self) -> tuple[str, int]:
-        """The lock token of the process that wrote the status hash last, and the wall clock
-        of its last frame (a takeover gap starts there)."""
+    async def _previous_leader(self) -> PreviousLeader:
+        """What the status hash says of the process that wrote it last (``PreviousLeader``)."""
         assert self._redis is not None
-        fields = ["leader_token", "last_frame_ms"]
+        fields = ["leader_token", "last_frame_ms", "refused"]
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                token, last = await self._redis.hmget(self.keys.status, fields)
+                token, last, refused = await self._redis.hmget(self.keys.status, fields)
         except (RedisError, OSError, TimeoutError):
-            return "", 0
+            return PreviousLeader()
         try:
             last_ms = int(last or 0)
         except ValueError:
             last_ms = 0
         if isinstance(token, bytes):
             token = token.decode(errors="replace")
-        return token or "", last_ms
+        try:
+            refused_ids = tuple(msgspec.json.decode(refused or b"{}", type=dict[str, str]))
+        except msgspec.DecodeError:
+            refused_ids = ()
+        return PreviousLeader(token or "", last_ms, refused_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousLeader:
+    """The status hash as the previous leader left it (all empty when unreadable).
+
+    Attributes:
+        token: its lock token ("" from a broker older than tokens): another process's token
+            means a takeover gap (``LeaderCore.took_lead``).
+        last_frame_ms: the wall clock of its last frame (0: none): the gap starts there.
+        refused: the client ids it refused (``broker.core.admission``): they queue behind the
+            others in the new leader's first admission.
+    """
+
+    token: str = ""
+    last_frame_ms: int = 0
+    refused: tuple[str, ...] = ()
 
 
 def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

@@ -109,7 +109,7 @@ SETTING_BOUNDS: dict[str, Bound] = {
         16 * 2**20,
         "bytes",
         True,
-        "largest subscribe request (Upbit's own limit is unknown); a 1009 close halves it",
+        "largest subscribe request (Upbit's own limit is unknown); a 1009 close lowers it",
     ),
     "markets_refresh": Bound(
         10, 86_400, why="re-read Upbit's market list (new listings, delistings)"

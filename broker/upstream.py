@@ -241,7 +241,7 @@ class Upstream:
                 code = exc.rcvd.code if exc.rcvd else 1006
                 reason = f"connection closed ({code})"
                 if code == CLOSE_TOO_BIG and self.controller.request_unverified:
-                    refusal = Refusal(True, self.controller.last_request_bytes, reason)
+                    refusal = Refusal(True, self.controller.last_request_bound, reason)
                     attempt = max(attempt, 2)
             except OSError as exc:
                 reason = f"connection error: {exc}"
@@ -330,6 +330,9 @@ class Upstream:
                 else:
                     await ws.send(message)
             self._refresh_routes()
+            verdict = controller.take_verdict()  # (verification off: a request went unrefused)
+            if verdict is not None:
+                self.events.put_nowait(Verified(verdict))
             confirmed = controller.confirmations()
             if confirmed:
                 self.events.put_nowait(Confirmed(tuple(confirmed)))

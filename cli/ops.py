@@ -252,13 +252,16 @@ def lease_rows(listing: LeaseListing, served: Status | None = None) -> list[dict
     rows: list[dict[str, Any]] = []
     for lease in listing.leases:
         rejected = lease.rejected_by_type()
+        subscriptions: dict[str, list[str]] = {}
         for stream, codes in lease.subs_by_type().items():
             for code in codes:
-                if f"{stream}:{code.split('.', 1)[0]}" in unknown:
+                if f"{stream}:{code.split('.', 1)[0]}" in unknown:  # Upbit does not know it
                     rejected.setdefault(stream, []).append(code)
+                else:
+                    subscriptions.setdefault(stream, []).append(code)
         row: dict[str, Any] = {
             "client_id": lease.client_id,
-            "subscriptions": lease.subs_by_type(),
+            "subscriptions": subscriptions,
             "expires_in_ms": lease.expires_in_ms(listing.server_now_ms),
             "ttl_ms": lease.ttl_ms,
             "host": lease.host,

@@ -25,7 +25,7 @@ from broker.core.stats import Counters
 from broker.leases import Lease, LeaseListing, parse_lease
 from broker.settings import BrokerSettings
 from broker.upbit.requests import build_subscribe_request, request_size_bound
-from broker.upbit.types import StreamKey, SubscriptionSet
+from broker.upbit.types import EMPTY, StreamKey, SubscriptionSet
 
 T0_MS = 1_700_000_000_000
 
@@ -108,12 +108,23 @@ def test_newest_leases_past_the_stream_cap_are_refused_and_served_when_room_free
 
 
 def test_the_byte_cap_counts_the_request_and_leaves_room_for_snapshots() -> None:
-    big = lease("big", {"ticker": codes("X", 600)}, created_ms=2)
-    small = lease("small", {"ticker": ["KRW-BTC"]}, created_ms=1)
-    adm = UnionAdmission(max_streams=10**6, max_bytes=8192)
-    out = adm.admit([big, small], 0.0)
-    assert set(out.refused) == {"big"} and "over the cap of" in out.refused["big"]
-    assert out.request_bytes <= 8192 * UNION_SHARE
+    first = lease("first", {"ticker": codes("X", 270)}, created_ms=1)
+    second = lease("second", {"trade": codes("Y", 270)}, created_ms=2)
+    adm = UnionAdmission(max_streams=10**6, max_bytes=10_000)
+    out = adm.admit([second, first], 0.0)
+    assert set(out.refused) == {"second"} and "over the cap of" in out.refused["second"]
+    assert out.request_bytes <= 10_000 * UNION_SHARE
+
+
+def test_no_single_lease_may_take_more_than_half_the_request() -> None:
+    """One lease of many orderbook levels (each its own request object) would fill the cap
+    and refuse every newer lease: it is refused itself instead."""
+    levels = lease("levels", {f"orderbook@{i}": ["KRW-BTC"] for i in range(1, 300)}, created_ms=1)
+    small = lease("small", {"ticker": ["KRW-BTC"]}, created_ms=2)
+    adm = UnionAdmission(max_streams=10**6, max_bytes=65536)
+    out = adm.admit([levels, small], 0.0)
+    assert set(out.refused) == {"levels"} and "more than half" in out.refused["levels"]
+    assert out.union == sset(ticker=["KRW-BTC"])
 
 
 def test_a_1009_cuts_the_byte_cap_and_the_newest_lease_goes() -> None:
@@ -123,10 +134,17 @@ def test_a_1009_cuts_the_byte_cap_and_the_newest_lease_goes() -> None:
     first = adm.admit([a, b], 0.0)
     assert first.refused == {}
     adm.too_big(first.request_bytes)  # Upbit closed with 1009 after that request
-    assert adm.learned_bytes == first.request_bytes * 3 // 4
+    assert adm.learned_bytes == first.request_bytes * 3 // 4  # nothing verified yet
     second = adm.admit([a, b], 1.0)
     assert set(second.refused) == {"b"} and "1009" in second.refused["b"]
     assert second.request_bytes <= adm.union_byte_cap
+
+
+def test_a_1009_never_cuts_below_halfway_to_the_largest_verified_request() -> None:
+    adm = UnionAdmission(max_streams=10**6, max_bytes=10**6)
+    adm.accepted(EMPTY, request_bytes=20_000)  # Upbit took a request of 20,000 (bound)
+    adm.too_big(40_000)
+    assert adm.learned_bytes == 30_000  # not 3/4 x 40,000: halfway to what Upbit took
 
 
 def test_an_error_frame_quarantines_only_what_the_refused_request_added() -> None:
@@ -135,7 +153,7 @@ def test_an_error_frame_quarantines_only_what_the_refused_request_added() -> Non
     good = lease("good", {"ticker": ["KRW-ETH"]}, created_ms=3)
     adm = UnionAdmission(max_streams=100, max_bytes=10**6)
     adm.admit([a], 0.0)
-    adm.accepted()  # Upbit verified {a}
+    adm.accepted(a.subscriptions)  # Upbit verified {a}
     adm.admit([a, bad, good], 1.0)
     assert adm.error_frame("INVALID_PARAM", 2.0) == ["bad", "good"]  # both arrived since
     out = adm.admit([a, bad, good], 2.0)
@@ -149,9 +167,62 @@ def test_an_error_frame_quarantines_only_what_the_refused_request_added() -> Non
     out = adm.admit([a, bad, good], 40.0)
     assert set(out.refused) == {"bad"}  # good is probed next (bad waits twice as long now)
     assert adm.next_expiry(40.0) == 40.0 + 2 * QUARANTINE_FIRST
-    adm.accepted()
+    adm.accepted(sset(ticker=["KRW-BTC", "KRW-ETH"]))
     out = adm.admit([a, bad, good], 41.0)
     assert set(out.refused) == {"bad"} and out.union == sset(ticker=["KRW-BTC", "KRW-ETH"])
+
+
+def test_an_older_requests_verification_does_not_clear_a_newer_suspect() -> None:
+    """Request N is verified after a lease was admitted for request N+1: Upbit's refusal of
+    N+1 must still find that lease (before: none was left to blame, and it looped)."""
+    a = lease("a", {"ticker": ["KRW-BTC"]}, created_ms=1)
+    hostile = lease("hostile", {"ticker": ["KRW-BAD"]}, created_ms=2)
+    adm = UnionAdmission(max_streams=100, max_bytes=10**6)
+    adm.admit([a], 0.0)
+    adm.admit([a, hostile], 0.3)  # admitted before N's LIST_SUBSCRIPTIONS reply
+    adm.accepted(a.subscriptions)  # N's reply: Upbit holds {a} only
+    assert adm.error_frame("INVALID_PARAM", 1.0) == ["hostile"]
+
+
+def test_a_refusal_with_no_new_lease_still_isolates_the_newest() -> None:
+    a = lease("a", {"ticker": ["KRW-BTC"]}, created_ms=1)
+    b = lease("b", {"ticker": ["KRW-ETH"]}, created_ms=2)
+    adm = UnionAdmission(max_streams=100, max_bytes=10**6)
+    adm.admit([a, b], 0.0)
+    adm.accepted(sset(ticker=["KRW-BTC", "KRW-ETH"]))
+    assert adm.error_frame("INVALID_PARAM", 1.0) == ["b"]
+
+
+def test_a_forged_created_ms_does_not_jump_the_queue() -> None:
+    """``created_ms`` is the holder's word: the queue is the order this broker saw leases, and
+    an incumbent stays one however its set object was re-parsed."""
+    a = lease("a", {"ticker": codes("A", 3)}, created_ms=5)
+    late = lease("late", {"ticker": codes("L", 3)}, created_ms=0)  # forged: "oldest"
+    adm = UnionAdmission(max_streams=4, max_bytes=10**6)
+    assert adm.admit([a], 0.0).refused == {}
+    again = lease("a", {"ticker": codes("A", 3)}, created_ms=5)  # re-parsed: another object
+    assert again.subscriptions is not a.subscriptions
+    assert set(adm.admit([again, late], 1.0).refused) == {"late"}
+    waiting = lease("waiting", {"ticker": codes("W", 3)}, created_ms=9)
+    adm.admit([again, waiting], 2.0)  # "waiting" is refused (full) but queued
+    out = adm.admit([waiting, late], 3.0)  # "a" left: the first to queue comes in
+    assert set(out.refused) == {"late"}
+
+
+def test_a_new_leader_queues_what_its_predecessor_refused_behind_the_rest() -> None:
+    old = lease("old", {"ticker": codes("A", 3)}, created_ms=5)
+    forged = lease("forged", {"ticker": codes("F", 3)}, created_ms=0)
+    adm = UnionAdmission(max_streams=4, max_bytes=10**6)
+    adm.previously_refused(["forged"])
+    assert set(adm.admit([old, forged], 0.0).refused) == {"forged"}
+
+
+def test_the_memo_holds_only_live_leases() -> None:
+    adm = UnionAdmission(max_streams=10**6, max_bytes=10**6)
+    adm.markets_listed(["KRW-BTC"])
+    for i in range(500):  # one client rewriting its lease 500 times
+        adm.admit([lease("c", {"ticker": [f"KRW-X{i}", "KRW-BTC"]})], float(i))
+    assert len(adm._memo) <= 2
 
 
 # -- unknown codes --------------------------------------------------------------------------------
@@ -274,7 +345,7 @@ def test_a_refused_request_is_not_sent_again(too_big: bool) -> None:
     a = lease("a", {"ticker": codes("A", 200)}, created_ms=1)
     b = lease("b", {"ticker": codes("B", 200)}, created_ms=2)
     listed(core, 0.0, a)
-    core.admission.accepted()
+    core.admission.accepted(core.desired)
     listed(core, 1.0, a, b)
     sent = core.desired
     refusal = Refusal(too_big, request_size_bound(sent), "connection closed (1009)")
@@ -282,3 +353,15 @@ def test_a_refused_request_is_not_sent_again(too_big: bool) -> None:
     assert core.desired != sent and core.desired == SubscriptionSet.of({"ticker": codes("A", 200)})
     assert lease_events(core)["b"]["state"] == "refused"
     assert core.status(2.0, T0_MS).upstream_refusals == 1
+
+
+def test_a_code_the_market_list_lacks_asks_for_an_early_reread_once() -> None:
+    core = core_with()
+    core.markets_listed(["KRW-BTC"], 0.0, T0_MS)
+    assert not core.take_market_refresh()
+    listed(core, 1.0, lease("new", {"ticker": ["KRW-NEWCOIN"]}))
+    assert core.take_market_refresh()  # a new listing, perhaps
+    listed(
+        core, 2.0, lease("new", {"ticker": ["KRW-NEWCOIN"]}), lease("b", {"ticker": ["KRW-BTC"]})
+    )
+    assert not core.take_market_refresh()  # the same unknown code: asked once

@@ -25,7 +25,12 @@ from redis.exceptions import OutOfMemoryError
 
 from broker import publisher as publisher_module
 from broker.contract import SnapshotCommand, Status, encode_command
-from broker.core.oom import OOM_CLEAR_AFTER_MS, MemoryInfo, OomWatch
+from broker.core.oom import (
+    OOM_CLEAR_AFTER_MS,
+    MemoryInfo,
+    OomWatch,
+    inherited_cache_stale_since,
+)
 from broker.keys import Keys
 from broker.leader import LeaderLock
 from broker.publisher import Publisher, Target, make_target
@@ -426,6 +431,93 @@ async def test_the_cache_goes_stale_at_maxmemory_and_is_rewritten_once_memory_fr
         finally:
             await publisher.aclose()
             await client.aclose()
+
+
+async def publish_until_current(publisher: Publisher, *frames: tuple[Target, bytes]) -> bytes:
+    """Publish ``frames`` one burst each until the cache's mark clears; the last one published
+    (each ``flush`` also waits for a purge of the cache it started)."""
+    for target, frame in frames:
+        publisher.enqueue(target, frame)
+        await publisher.flush()
+        if not publisher.stats.cache_stale_since_ms:
+            return frame
+    raise AssertionError(f"the cache is still stale after {len(frames)} bursts")
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-resp", "redis-py"])
+async def test_a_stale_mark_outlives_its_phase_until_the_cache_is_purged(
+    raw: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The phase ends with the cache stale (``KRW-BTC``'s ``a2`` refused); the next phase
+    (a new publisher, the same counters) never sees ``KRW-BTC``. Before the fix its first
+    accepted burst cleared the mark with ``a1`` still in the cache, and snapshots were served
+    from it; now the mark clears once the cache is purged and holds only current frames."""
+    monkeypatch.setattr(publisher_module, "CACHE_PROBE_INTERVAL", 0.0)
+    a = make_target(KEYS, StreamKey("ticker", "KRW-BTC"))
+    b = make_target(KEYS, StreamKey("ticker", "KRW-ETH"))
+    book = make_target(KEYS, StreamKey("orderbook", "KRW-BTC"))
+    cache_key = KEYS.last_values("ticker")
+    async with RedisServer(maxmemory_args(4 * 1024 * 1024)) as redis:
+        client = aioredis.Redis.from_url(redis.url)
+        first = Publisher(client, raw_resp=raw)
+        stats = first.stats
+        try:
+            for target, frame in ((a, b"a1"), (b, b"b1"), (book, b"o1")):
+                first.enqueue(target, frame)
+            await first.flush()
+            fillers = await fill(client, chunk=512 * 1024)
+            first.enqueue(a, b"a2")
+            await first.flush()
+            assert stats.cache_stale_since_ms > 0 and stats.published == 4
+        finally:
+            await first.aclose()  # the phase ends while the cache is stale
+        second = Publisher(client, raw_resp=raw, stats=stats)
+        try:
+            await free(client, fillers)
+            last = await publish_until_current(second, *((b, b"b%d" % i) for i in range(2, 6)))
+            # KRW-BTC's a1 (and the orderbook hash no stream of this phase writes) are gone:
+            # a snapshot of them is fetched upstream, not served a frame replaced long ago.
+            assert await client.hgetall(cache_key) == {b"KRW-ETH": last}
+            assert not await client.exists(KEYS.last_values("orderbook"))
+        finally:
+            await second.aclose()
+            await client.aclose()
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-resp", "redis-py"])
+async def test_a_new_leader_inherits_the_stale_mark_of_the_previous_ones_status(
+    raw: bool,
+) -> None:
+    """A new leader process finds the cache as the previous leader left it (``a1``, though it
+    published ``a2`` with Redis refusing the write); the previous status says so."""
+    b = make_target(KEYS, StreamKey("ticker", "KRW-ETH"))
+    cache_key = KEYS.last_values("ticker")
+    async with RedisServer() as redis:
+        client = aioredis.Redis.from_url(redis.url)
+        current = Publisher(client, raw_resp=raw)  # the previous status: a current cache
+        publisher = Publisher(client, raw_resp=raw)
+        try:
+            await client.hset(cache_key, mapping={"KRW-BTC": "a1"})
+            await client.hset(KEYS.status, mapping={"cache_stale_since_ms": 0})
+            await current.inherit_stale_mark(KEYS.status)
+            assert current.stats.cache_stale_since_ms == 0
+            await client.hset(KEYS.status, mapping={"cache_stale_since_ms": 1_234})
+            await publisher.inherit_stale_mark(KEYS.status)
+            assert publisher.stats.cache_stale_since_ms == 1_234
+            last = await publish_until_current(publisher, (b, b"b1"), (b, b"b2"), (b, b"b3"))
+            assert await client.hgetall(cache_key) == {b"KRW-ETH": last}
+        finally:
+            await current.aclose()
+            await publisher.aclose()
+            await client.aclose()
+
+
+def test_the_stale_mark_a_previous_status_hands_on() -> None:
+    assert inherited_cache_stale_since(None, None) == 0
+    assert inherited_cache_stale_since(b"0", b"0") == 0
+    assert inherited_cache_stale_since(b"12", b"0") == 12
+    assert inherited_cache_stale_since(b"0", "34") == 34  # refusing writes: maybe refused
+    assert inherited_cache_stale_since(b"x", None) == 0
 
 
 @pytest.mark.skipif(unavailable() is not None, reason="fakeredis with Lua is not installed")

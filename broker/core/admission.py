@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from broker.core.lease import Rejected
-from broker.upbit.requests import GROUP_BYTES, code_bytes, request_size_bound
+from broker.upbit.requests import BASE_BYTES, GROUP_BYTES, code_bytes, request_size_bound
 from broker.upbit.types import EMPTY, StreamKey, SubscriptionSet, restrict
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ class Refusal:
     """Upbit ended the connection refusing the last subscribe request.
 
     ``too_big``: closed with 1009 (message too big); else an error frame (not a rate limit).
+    ``request_bytes``: the refused request's size bound (``request_size_bound``), the unit of
+    every byte cap here.
     """
 
     too_big: bool
@@ -86,6 +88,16 @@ class _Strikes:
     why: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Filtered:
+    """One lease's streams as admitted: without unknown codes, and its own request share."""
+
+    subs: SubscriptionSet  # as parsed (the memo's key object, kept alive with it)
+    kept: SubscriptionSet
+    rejected: tuple[Rejected, ...]
+    own_bytes: int
+
+
 @dataclass(slots=True)
 class UnionAdmission:
     """The bounds, what upstream taught us, and the leases served last time."""
@@ -98,18 +110,25 @@ class UnionAdmission:
     learned_bytes: int | None = None
     #: streams Upbit did not list after resends (kept out until the market list is re-read)
     unlisted: set[StreamKey] = field(default_factory=set)
-    _served: dict[str, SubscriptionSet] = field(default_factory=dict)
-    _strikes: dict[str, _Strikes] = field(default_factory=dict)
-    #: client ids admitted (or probing) since the last request Upbit accepted
-    _unverified: set[str] = field(default_factory=set)
-    _probing: str | None = None
-    _filtered: dict[int, tuple[SubscriptionSet, SubscriptionSet, tuple[Rejected, ...]]] = field(
-        default_factory=dict
-    )
     #: requests Upbit refused (1009 or an error frame)
     refusals: int = 0
     #: bumped by every change of the bounds: an admission with the same leases may differ
     version: int = 0
+    _served: dict[str, SubscriptionSet] = field(default_factory=dict)
+    #: when this broker first saw each live client id (its place in the queue; ``created_ms``
+    #: is the holder's word and would let a lease jump ahead of those waiting)
+    _seen: dict[str, int] = field(default_factory=dict)
+    _seen_count: int = 0
+    #: ids the previous leader refused (its status): they queue behind the others at first
+    _demoted: frozenset[str] = frozenset()
+    _strikes: dict[str, _Strikes] = field(default_factory=dict)
+    #: client ids admitted whose streams Upbit has not verified yet (suspects of a refusal)
+    _unverified: set[str] = field(default_factory=set)
+    _verified: frozenset[StreamKey] = frozenset()
+    #: the size bound of the largest request Upbit verified
+    _largest_verified: int = 0
+    _probing: str | None = None
+    _memo: dict[int, _Filtered] = field(default_factory=dict)
 
     @property
     def byte_cap(self) -> int:
@@ -130,13 +149,18 @@ class UnionAdmission:
 
     def expire(self, now: float) -> bool:
         """True (once) when a quarantine ended since the last call: admit again."""
-        due = any(0 < s.until <= now for s in self._strikes.values())
+        due = False
         for strikes in self._strikes.values():
             if 0 < strikes.until <= now:
                 strikes.until = 0.0  # the strike count stays: the next one waits longer
+                due = True
         if due:
             self.version += 1
         return due
+
+    def previously_refused(self, client_ids: Iterable[str]) -> None:
+        """A new leader: the leases its predecessor refused queue behind the others."""
+        self._demoted = frozenset(client_ids)
 
     # -- what upstream says -------------------------------------------------------------------
 
@@ -147,7 +171,7 @@ class UnionAdmission:
             return
         self.markets = markets
         self.unlisted.clear()
-        self._filtered.clear()
+        self._memo.clear()
         self.version += 1
 
     def not_listed(self, keys: Iterable[StreamKey]) -> None:
@@ -155,21 +179,36 @@ class UnionAdmission:
         before = len(self.unlisted)
         self.unlisted.update(keys)
         if len(self.unlisted) != before:
-            self._filtered.clear()
+            self._memo.clear()
             self.version += 1
 
-    def accepted(self) -> None:
-        """Upbit verified the last request: what was admitted is safe."""
-        if self._probing is not None:
+    def accepted(self, held: SubscriptionSet, request_bytes: int = 0) -> None:
+        """Upbit verified a request: it holds ``held`` (the request's size bound was
+        ``request_bytes``). The leases whose streams it holds are no suspects any more; a lease
+        admitted after that request was sent stays one until a later request is verified."""
+        self._verified = held.keys()
+        self._largest_verified = max(self._largest_verified, request_bytes)
+        cleared = {
+            client_id
+            for client_id in self._unverified
+            if (subs := self._served.get(client_id)) is None or subs.keys() <= self._verified
+        }
+        if not cleared:
+            return
+        self._unverified -= cleared
+        if self._probing in cleared:
+            self._probing = None
+        if self._strikes:
             self.version += 1  # the next quarantined lease may be probed
-        self._unverified.clear()
-        self._probing = None
 
     def too_big(self, request_bytes: int) -> None:
-        """Upbit closed with 1009 after a request of ``request_bytes``: allow three quarters
-        of it (again after each refusal: the cap converges on what Upbit takes)."""
+        """Upbit closed with 1009 after a request whose size bound was ``request_bytes``: allow
+        three quarters of it, or halfway down to the largest request Upbit verified (again
+        after each refusal: the cap converges on what Upbit takes)."""
         self.refusals += 1
         learned = max(MIN_LEARNED_BYTES, request_bytes * 3 // 4)
+        if 0 < self._largest_verified < request_bytes:
+            learned = max(learned, (self._largest_verified + request_bytes) // 2)
         self.learned_bytes = (
             learned if self.learned_bytes is None else min(self.learned_bytes, learned)
         )
@@ -177,11 +216,16 @@ class UnionAdmission:
 
     def error_frame(self, why: str, now: float) -> list[str]:
         """Upbit refused the last request with an error frame: quarantine the leases admitted
-        since the last accepted request (returns their ids, oldest first)."""
+        since the last verified request (returns their ids, in queue order). With none (the
+        request held nothing new), the newest served lease: a refusal always isolates someone,
+        so the same request is never sent again and again."""
         self.refusals += 1
-        suspects = [c for c in self._served if c in self._unverified]
         if self._probing is not None:
             suspects = [self._probing]
+        else:
+            suspects = [c for c in self._served if c in self._unverified]
+        if not suspects and self._served:
+            suspects = [max(self._served, key=lambda c: self._seen.get(c, 0))]
         for client_id in suspects:
             self._served.pop(client_id, None)  # no longer an incumbent: it waits its turn
             strikes = self._strikes.setdefault(client_id, _Strikes())
@@ -206,37 +250,53 @@ class UnionAdmission:
         """
         cap_streams, cap_bytes = self.max_streams, self.union_byte_cap
         previous = self._served
-        filtered = [self._filter(lease) for lease in leases]
-        # Served with the very same streams first (the parse and filter memos keep the set
-        # object of an unchanged lease), then the oldest.
-        filtered.sort(
-            key=lambda lease: (
-                previous.get(lease.client_id) is not lease.subscriptions,
-                lease.created_ms,
-                lease.client_id,
+        memo, self._memo = self._memo, {}
+        filtered = [self._filter(lease, memo) for lease in leases]
+        self._queue(filtered)
+        seen, demoted = self._seen, self._demoted
+
+        def rank(lease: Lease) -> tuple[bool, bool, int, str]:
+            before = previous.get(lease.client_id)
+            incumbent = before is not None and (
+                before is lease.subscriptions or before == lease.subscriptions
             )
-        )
+            # Served with the same streams first; then in the order this broker saw them.
+            cid = lease.client_id
+            return (not incumbent, cid in demoted, seen[cid], cid)
+
+        filtered.sort(key=rank)
         depths: dict[StreamKey, int] = dict(base.depths)
         groups = {(key.type, key.level) for key in depths}
         size = request_size_bound(base)
         served: dict[str, SubscriptionSet] = {}
         refused: dict[str, str] = {}
         probe_taken = False
+        # One lease may use half of the configured room (not of a cap a 1009 taught: then the
+        # union as a whole is what Upbit refused), so no single lease shuts out every newer one.
+        lease_cap = int(self.max_bytes * UNION_SHARE) // 2
         for lease in filtered:
             wanted = lease.subscriptions
             client_id = lease.client_id
             before = previous.get(client_id)
             was_served = before is wanted or (before is not None and before == wanted)
+            own = self._memo[id(lease.subscriptions)].own_bytes
+            if own > lease_cap:
+                refused[client_id] = (
+                    f"this lease alone needs ~{own} bytes of the subscribe request, more than "
+                    f"half of the room for the union ({lease_cap * 2} of max_request_bytes)"
+                )
+                continue
             strikes = self._strikes.get(client_id)
+            probing = False
             if strikes is not None and strikes.count and not was_served:
                 if now < strikes.until:
                     refused[client_id] = strikes.why
                     continue
                 # Past its quarantine: probe it alone, after the previous request verified.
-                if probe_taken or (self._unverified and self._probing != client_id):
+                if probe_taken or self._unverified - {client_id}:
                     refused[client_id] = strikes.why + " (waiting for its turn to be retried)"
                     continue
-                probe_taken = True
+                probe_taken = probing = True
             added = extra = 0
             new_groups: set[tuple[str, float]] = set()
             new: list[tuple[StreamKey, int]] = []
@@ -268,22 +328,48 @@ class UnionAdmission:
             groups |= new_groups
             size += extra
             served[client_id] = wanted
-            if not was_served:
-                self._unverified.add(client_id)
-                if strikes is not None and strikes.count:
-                    self._probing = client_id
+            if was_served or wanted.keys() <= self._verified:
+                continue  # nothing Upbit has not taken already: no suspect, no probe to wait for
+            self._unverified.add(client_id)
+            if probing:
+                self._probing = client_id
         self._served = served
+        self._unverified &= served.keys()
+        if self._probing is not None and self._probing not in served:
+            self._probing = None
+        self._prune(now)
         return Admitted(SubscriptionSet(depths), filtered, refused, size)
 
     # -- rules --------------------------------------------------------------------------------
 
-    def _filter(self, lease: Lease) -> Lease:
-        """``lease`` without the codes Upbit does not know (moved to ``rejected``)."""
-        if self.markets is None and not self.unlisted:
-            return lease
+    def _queue(self, leases: list[Lease]) -> None:
+        """Give each client id seen for the first time its place (by ``created_ms`` among those
+        that arrive together, e.g. every lease when a new leader starts); forget the others."""
+        live = {lease.client_id for lease in leases}
+        seen = {cid: n for cid, n in self._seen.items() if cid in live}
+        for lease in sorted(leases, key=lambda lease: (lease.created_ms, lease.client_id)):
+            if lease.client_id not in seen:
+                self._seen_count += 1
+                seen[lease.client_id] = self._seen_count
+        self._seen = seen
+
+    def _prune(self, now: float) -> None:
+        """Forget the strikes of leases gone for longer than any quarantine (bounded memory;
+        a lease that comes back sooner keeps its count)."""
+        if len(self._strikes) <= len(self._seen):
+            return
+        self._strikes = {
+            cid: s
+            for cid, s in self._strikes.items()
+            if cid in self._seen or s.until > now - QUARANTINE_MAX
+        }
+
+    def _filter(self, lease: Lease, memo: dict[int, _Filtered]) -> Lease:
+        """``lease`` without the codes Upbit does not know (moved to ``rejected``). The memo
+        keeps only the live leases' entries (rebuilt every admission from the last one)."""
         subs = lease.subscriptions
-        memo = self._filtered.get(id(subs))
-        if memo is None or memo[0] is not subs:
+        entry = memo.get(id(subs))
+        if entry is None or entry.subs is not subs:
             markets, unlisted = self.markets, self.unlisted
             keep: list[StreamKey] = []
             rejected: list[Rejected] = []
@@ -295,12 +381,18 @@ class UnionAdmission:
                 else:
                     keep.append(key)
             kept = subs if not rejected else restrict(subs, keep)
-            memo = (subs, kept, tuple(sorted(rejected, key=lambda r: (r.stream, r.code))))
-            self._filtered[id(subs)] = memo
-        _, kept, rejected_entries = memo
-        if not rejected_entries:
+            entry = _Filtered(
+                subs,
+                kept,
+                tuple(sorted(rejected, key=lambda r: (r.stream, r.code))),
+                request_size_bound(kept) - BASE_BYTES,
+            )
+        self._memo[id(subs)] = entry
+        if entry.kept is not subs:
+            self._memo[id(entry.kept)] = entry
+        if not entry.rejected:
             return lease
-        return replace(lease, subscriptions=kept, rejected=lease.rejected + rejected_entries)
+        return replace(lease, subscriptions=entry.kept, rejected=lease.rejected + entry.rejected)
 
     def _bytes_cap_source(self) -> str:
         if self.learned_bytes is not None and self.learned_bytes < self.max_bytes:

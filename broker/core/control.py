@@ -80,6 +80,9 @@ class Verdict:
 
     accepted: bool
     unlisted: frozenset[StreamKey] = frozenset()
+    #: what Upbit holds of the request, and the request's size bound
+    held: SubscriptionSet = EMPTY
+    request_bytes: int = 0
 
 
 class SubscriptionController:
@@ -110,8 +113,10 @@ class SubscriptionController:
         self._desired: SubscriptionSet = EMPTY
         self._connected = False
         self._verdict: Verdict | None = None
-        #: the size of the last subscribe request, and whether Upbit has not verified it yet
+        #: the size of the last subscribe request (and its bound: ``request_size_bound`` of what
+        #: it carried), and whether Upbit has not verified it yet
         self.last_request_bytes = 0
+        self.last_request_bound = 0
         self.request_unverified = False
         self._reset_connection_state()
 
@@ -212,7 +217,7 @@ class SubscriptionController:
             self._held = self._upstream
             self._resends = 0
             self.request_unverified = False
-            self._verdict = Verdict(accepted=True)
+            self._verdict = Verdict(True, held=self._held, request_bytes=self.last_request_bound)
             self._confirmed.extend(self._awaiting_confirmation)
             self._awaiting_confirmation.clear()
             return True
@@ -223,7 +228,9 @@ class SubscriptionController:
             # without a word). Reported, not resent: the budget belongs to real changes.
             self.stats.verify_given_up += 1
             self.request_unverified = False
-            self._verdict = Verdict(accepted=True, unlisted=frozenset(wanted - listed_keys))
+            self._verdict = Verdict(
+                True, frozenset(wanted - listed_keys), self._held, self.last_request_bound
+            )
             self._confirmed.extend(self._awaiting_confirmation)
             self._awaiting_confirmation.clear()
             return False
@@ -357,13 +364,17 @@ class SubscriptionController:
                         left = frozenset()
                     self._pending_snapshots = restrict(self._pending_snapshots, left)
                     self.last_request_bytes = len(request)
+                    self.last_request_bound = request_size_bound(sent) + request_size_bound(
+                        snapshot_only
+                    )
                     self.request_unverified = True
                     self._refresh.clear()
                     self._dirty_at = now if self._pending_snapshots else None
                     self._force = False
                     self._sends_since_verify += 1
-                    if self.verify:
-                        self._verify_at = now + VERIFY_DELAY
+                    # Verification off: the request counts as taken once it went unrefused
+                    # this long (an error frame or a 1009 comes within milliseconds).
+                    self._verify_at = now + VERIFY_DELAY
                 else:
                     self.stats.deferred += 1
             return out  # the keepalive and verification wait until the set is out
@@ -375,6 +386,12 @@ class SubscriptionController:
         if self._verify_sent_at is not None and now >= self._verify_sent_at + VERIFY_TIMEOUT:
             self._verify_sent_at = None  # lost reply: ask again
             self._verify_at = now
+        if not self.verify and self._verify_at is not None and now >= self._verify_at:
+            self._verify_at = None
+            self.request_unverified = False
+            self._verdict = Verdict(
+                True, held=self._upstream, request_bytes=self.last_request_bound
+            )
         if (
             self._verify_at is not None
             and now >= self._verify_at

@@ -91,6 +91,8 @@ _json = msgspec.json.Encoder()
 #: snapshot requests in progress at most (waiting for the cache or upstream); past it a
 #: snapshot command is refused at once, so a flood of them never holds unbounded frames
 MAX_SNAPSHOT_WAITERS = 1_000
+#: a market list with fewer than this share of the last one's codes is not believed
+MIN_MARKETS_KEPT = 0.5
 #: entries the status lists at most in ``refused`` and ``unknown_codes`` (counts have them all)
 STATUS_LIST_MAX = 100
 
@@ -168,6 +170,8 @@ class LeaderCore:
         #: the leases as served (unknown codes rejected, refusals named) after the last admission
         self.served = LeaseSnapshot([], [], [])
         self.admission_result: Admitted | None = None
+        self._unknown_reported: frozenset[str] = frozenset()
+        self._unknown_checked: LeaseSnapshot | None = None
         self._admitted_key: tuple[object, ...] = ()
         self.leases = LeaseReconciler(
             interval=s.reconcile_interval, coalesce_delay=s.coalesce_delay
@@ -379,7 +383,7 @@ class LeaderCore:
         """LIST_SUBSCRIPTIONS settled the last request (``SubscriptionController.take_verdict``):
         what was admitted is safe; streams Upbit keeps leaving out are kept out of the union and
         reported to their holders, so verification converges."""
-        self.admission.accepted()
+        self.admission.accepted(verdict.held, verdict.request_bytes)
         if verdict.unlisted:
             shown = sorted(f"{key.type}:{key.code}" for key in verdict.unlisted)
             self.log.warning(
@@ -391,11 +395,27 @@ class LeaderCore:
             self.admission.not_listed(verdict.unlisted)
         self._leases_changed(None, now, now_ms)
 
-    def markets_listed(self, codes: Iterable[str], now: float, now_ms: int) -> None:
+    def markets_listed(self, codes: Iterable[str], now: float, now_ms: int) -> bool:
         """Upbit's market list was read (``GET /v1/market/all``): codes not on it are kept out
-        of the union and reported to their holders (streams it left out get another chance)."""
+        of the union and reported to their holders (streams it left out get another chance).
+
+        Returns False for a list not believed: one that lost more than half of the last list's
+        codes (a truncated answer, a proxy's page) would take most streams offline at once; the
+        last list stays, and the next read decides.
+        """
+        fresh = frozenset(codes)
+        known = self.admission.markets
+        if known is not None and len(fresh) < len(known) * MIN_MARKETS_KEPT:
+            self.stats.market_list_errors += 1
+            self.log.warning(
+                "market list not believed: %d codes, the last one had %d; keeping the last",
+                len(fresh),
+                len(known),
+            )
+            return False
+        self._unknown_reported = frozenset()
         version = self.admission.version
-        self.admission.markets_listed(codes)
+        self.admission.markets_listed(fresh)
         if self.admission.version != version:
             self.log.info(
                 "market list: %d codes",
@@ -403,6 +423,19 @@ class LeaderCore:
                 extra={"event": "markets", "codes": len(self.admission.markets or ())},
             )
             self._leases_changed(None, now, now_ms)
+        return True
+
+    def take_market_refresh(self) -> bool:
+        """True once when a lease names a well-formed code the market list lacks that was not
+        seen before: perhaps a new listing, so the list is worth reading again early (the
+        markets task rate-limits it)."""
+        if self.served is self._unknown_checked:
+            return False  # nothing admitted since the last look (this runs after every feed)
+        self._unknown_checked = self.served
+        unknown = frozenset(self._unknown_codes())
+        fresh = unknown - self._unknown_reported
+        self._unknown_reported |= unknown
+        return bool(fresh) and self.admission.markets is not None
 
     def publish_lost(self, since_ms: int, until_ms: int, frames: int) -> None:
         """Publishing to Redis broke at ``since_ms`` (the publisher's word, once per loss) and

@@ -139,4 +139,23 @@ class OomWatch:
         )
 
 
-__all__ = ["OOM_CLEAR_AFTER_MS", "MemoryInfo", "OomWatch"]
+def inherited_cache_stale_since(cache_stale_since_ms: object, redis_oom_since_ms: object) -> int:
+    """Since when the last-value cache may hold entries a previous leader could not update,
+    from that leader's last status (its ``cache_stale_since_ms`` and ``redis_oom_since_ms``, as
+    Redis returns them: bytes, str or None); 0: it held the newest frame of every stream.
+
+    Redis refusing writes (``redis_oom_since_ms``) counts even with the cache current at that
+    status write: the leader's bursts after it may have been refused before it wrote another."""
+    for value in (cache_stale_since_ms, redis_oom_since_ms):
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        try:
+            since = int(str(value or 0))
+        except ValueError:
+            continue
+        if since > 0:
+            return since
+    return 0
+
+
+__all__ = ["OOM_CLEAR_AFTER_MS", "MemoryInfo", "OomWatch", "inherited_cache_stale_since"]
