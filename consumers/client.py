@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from broker.clock import now_ms
 from broker.contract import (
     ConnectedEvent,
     Event,
@@ -573,9 +572,15 @@ class BrokerClient:
         closes. Dispatch on ``item.kind``: ``data``, ``gap`` or ``lease``."""
         self._queue_used = True
         while True:
-            item = await self._next(None)
-            if item is None:
+            # what is queued already is taken without a coroutine or a wait per item
+            try:
+                item = self._take()
+            except QueueClosed:
                 return
+            if item is None:
+                item = await self._next(None)
+                if item is None:
+                    return
             yield item
 
     async def next_message(self, timeout: float | None = None) -> Item | None:
@@ -583,21 +588,45 @@ class BrokerClient:
         self._queue_used = True
         return await self._next(timeout)
 
+    def _take(self) -> Item | None:
+        """The next queued item for the application, ``None`` when none is queued.
+
+        Raises:
+            QueueClosed: the client closed.
+        """
+        queue = self._queue
+        while (item := queue.get_nowait()) is not None:
+            if self._wanted(item):
+                return item
+        return None
+
+    def _wanted(self, item: Item) -> bool:
+        if not isinstance(item, StreamMessage):
+            return True  # a gap or a lease notice
+        route = self._routes.get(item.channel)
+        return route is not None and route.to_queue  # not unsubscribed since it was queued
+
     async def _next(self, timeout: float | None) -> Item | None:
+        # A burst arrives in one socket chunk and is queued at once: what is queued is taken
+        # without a timeout context; only an empty queue is waited on.
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                while True:
+            while True:
+                item = self._take()
+                if item is not None:
+                    return item
+                if deadline is None:  # messages(): no timeout context per wake-up
                     item = await self._queue.get()
-                    if not isinstance(item, StreamMessage):
-                        return item  # a gap or a lease notice
-                    route = self._routes.get(item.channel)
-                    if route is not None and route.to_queue:
-                        return item
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        item = await self._queue.get()
+                if self._wanted(item):
+                    return item
         except (QueueClosed, TimeoutError):
             return None
 
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        # the reader task: only enqueue, never wait
+    def _on_message(self, channel: bytes, data: bytes, received_ms: int) -> None:
+        # the reader (on the raw road: the protocol's data_received): only enqueue, never wait
         name = channel.decode()
         route = self._routes.get(name)
         if route is None:
@@ -612,7 +641,7 @@ class BrokerClient:
             code=route.code,
             level=route.level,
             raw=data,
-            received_ms=now_ms(),
+            received_ms=received_ms,
         )
         if route.callbacks:
             self._put(self._cb_queue, item, "callback")

@@ -8,6 +8,12 @@ SUBSCRIBE itself and reads replies in one loop. Any error ends that connection; 
 one line, reports the break, reconnects with backoff, resubscribes every channel and then
 reports the incident (a :class:`Break`) so the client can emit a gap for the lost interval.
 
+Two roads, one behaviour: the raw road (``consumers.raw_link``: an ``asyncio.Protocol`` with
+``hiredis.Reader`` parsing whole socket chunks, each message handed on where it is parsed, no
+``await`` per message) whenever ``consumers.raw_link.raw_address`` can express the URL and
+hiredis is installed; otherwise redis-py's connection, read one reply at a time. Both connect,
+classify, resubscribe and report exactly as described here.
+
 Why the break is classified by the server's ``run_id``: Redis 7.0 does not say why it closed a
 connection. If the same server (same ``run_id``) is there after the reconnect and it closed the
 connection on us, it dropped this client on purpose, and the pub/sub output-buffer limit (a
@@ -31,11 +37,14 @@ from broker.errors import describe
 from broker.redis_client import connection_pool
 from broker.settings import redact_url
 from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms
+from consumers.raw_link import RawAddress, RawLink, ServerClosed, raw_address
 
 logger = logging.getLogger(__name__)
 
 #: SUBSCRIBE at most this many channels per command (keeps one command's size sane).
 _CHUNK = 500
+#: Take the raw road where it can be taken (False: always redis-py's; the fallback's tests).
+RAW_ROAD = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +58,15 @@ class Break:
     attempts: int  # connection attempts it took
 
 
-class _ServerClosed(Exception):
-    """Redis closed the connection (EOF/reset), as opposed to our own PING timeout."""
-
-
 class Subscriber:
     """SUBSCRIBE to a changing set of channels and hand each message to ``on_message``.
 
     Args:
         redis_url: where to connect.
         name: ``CLIENT SETNAME`` of the connection (shows in ``CLIENT LIST``).
-        on_message: called with ``(channel, data)`` for each message, in the reader task; it
-            must be quick (it only enqueues), the reader must keep reading.
+        on_message: called with ``(channel, data, received_ms)`` for each message, in the
+            reader (or, on the raw road, the protocol's ``data_received``); it must be quick
+            (it only enqueues), the reader must keep reading.
         on_break: called when a connection is lost (before reconnecting).
         on_restored: awaited once a new connection has every channel subscribed again.
         ping_interval: with nothing received for this long, PING; no answer within another
@@ -72,7 +78,7 @@ class Subscriber:
         redis_url: str,
         *,
         name: str,
-        on_message: Callable[[bytes, bytes], None],
+        on_message: Callable[[bytes, bytes, int], None],
         on_break: Callable[[str], None] | None = None,
         on_restored: Callable[[Break], Awaitable[None]] | None = None,
         connect_timeout: float = 5.0,
@@ -84,6 +90,8 @@ class Subscriber:
         # no retries and no socket timeout (broker.redis_client): every wait here has its own
         # asyncio.timeout, and a failed connection must surface here, never be replaced silently
         self._pool = connection_pool(redis_url, name=name, connect_timeout=connect_timeout)
+        self._address = raw_address(redis_url) if RAW_ROAD else None
+        self._name = name[:128]
         self._url = redact_url(redis_url)
         self._on_message = on_message
         self._on_break = on_break
@@ -96,7 +104,7 @@ class Subscriber:
         self._desired: set[bytes] = set()
         self._confirmed: set[bytes] = set()
         self._waiters: dict[bytes, list[asyncio.Future[bool]]] = {}
-        self._conn: AbstractConnection | None = None
+        self._conn: AbstractConnection | RawLink | None = None
         self._live = False
         self._run_id: str | None = None
         self._last_rx_ms = 0
@@ -110,6 +118,11 @@ class Subscriber:
     def live(self) -> bool:
         """True while a connection is up with every desired channel subscribed."""
         return self._live
+
+    @property
+    def raw(self) -> bool:
+        """True when this subscriber takes the raw road (``consumers.raw_link``)."""
+        return self._address is not None
 
     @property
     def channels(self) -> frozenset[bytes]:
@@ -136,9 +149,7 @@ class Subscriber:
             self._waiters.setdefault(channel, []).append(fut)
             futures.append(fut)
         try:
-            async with asyncio.timeout(self._confirm_timeout):
-                for i in range(0, len(new), _CHUNK):
-                    await self._conn.send_command("SUBSCRIBE", *new[i : i + _CHUNK])
+            await self._send_chunked(self._conn, b"SUBSCRIBE", new)
         except (RedisError, OSError, TimeoutError):
             # the reader sees the same failure and reconnects; the reconnect subscribes these
             return
@@ -157,9 +168,7 @@ class Subscriber:
         if not gone or not self._live or self._conn is None:
             return
         try:
-            async with asyncio.timeout(self._confirm_timeout):
-                for i in range(0, len(gone), _CHUNK):
-                    await self._conn.send_command("UNSUBSCRIBE", *gone[i : i + _CHUNK])
+            await self._send_chunked(self._conn, b"UNSUBSCRIBE", gone)
         except (RedisError, OSError, TimeoutError):
             return
 
@@ -206,24 +215,29 @@ class Subscriber:
                 await self._read_loop(conn)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError, _ServerClosed) as exc:
+            except (RedisError, OSError, TimeoutError, ServerClosed) as exc:
                 error = describe(exc)
-                broken = (self._break_since_ms(), error, isinstance(exc, _ServerClosed))
+                broken = (self._break_since_ms(), error, isinstance(exc, ServerClosed))
                 logger.warning("pubsub connection to %s lost: %s; reconnecting", self._url, error)
                 if self._on_break is not None:
                     self._on_break(error)
             finally:
                 self._drop_connection()
-                await conn.disconnect(nowait=True)
+                await _disconnect(conn)
 
     async def aclose(self) -> None:
         """Release the connection pool (call after cancelling :meth:`run`)."""
+        conn = self._conn
         self._drop_connection()
+        if conn is not None:
+            await _disconnect(conn)
         await self._pool.disconnect(inuse_connections=True)
 
     # -- internals --------------------------------------------------------------------------
 
-    async def _connect(self) -> tuple[AbstractConnection, str | None]:
+    async def _connect(self) -> tuple[AbstractConnection | RawLink, str | None]:
+        if self._address is not None:
+            return await self._connect_raw(self._address)
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             async with asyncio.timeout(self._connect_timeout * 2):
@@ -254,19 +268,60 @@ class Subscriber:
                             pending.discard(reply[1])
                             subscribed.add(reply[1])
                         elif kind == b"message":
-                            self._deliver(reply[1], reply[2])
-            self._conn = conn
-            self._confirmed = subscribed
-            self._live = True
-            self._last_rx_ms = now_ms()
-            self._last_data = None
-            self._connected.set()
+                            self._deliver(reply[1], reply[2], now_ms())
+            self._went_live(conn, subscribed)
             return conn, run_id
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
 
-    async def _read_loop(self, conn: AbstractConnection) -> None:
+    async def _connect_raw(self, address: RawAddress) -> tuple[RawLink, str | None]:
+        async with asyncio.timeout(self._connect_timeout * 2):
+            link, info = await RawLink.open(
+                address,
+                self._name,
+                info=self._has_info,
+                deliver=self._deliver,
+                confirm=self._on_confirm,
+            )
+        try:
+            if isinstance(info, ResponseError):
+                logger.debug("no INFO on this server (%s)", info)  # as on redis-py's road
+                self._has_info = False
+            run_id = _run_id(info)
+            # as on redis-py's road: until what is subscribed covers what is desired
+            while missing := sorted(self._desired - link.subscribed):
+                async with asyncio.timeout(self._confirm_timeout):
+                    link.send_chunked(b"SUBSCRIBE", missing, _CHUNK)
+                    await link.wait_subscribed(missing)
+            self._went_live(link, set(link.subscribed))
+            return link, run_id
+        except BaseException:
+            link.close()
+            raise
+
+    def _went_live(self, conn: AbstractConnection | RawLink, subscribed: set[bytes]) -> None:
+        self._conn = conn
+        self._confirmed = subscribed
+        self._live = True
+        self._last_rx_ms = now_ms()
+        self._last_data = None
+        self._connected.set()
+
+    async def _send_chunked(
+        self, conn: AbstractConnection | RawLink, command: bytes, channels: list[bytes]
+    ) -> None:
+        if isinstance(conn, RawLink):
+            conn.send_chunked(command, channels, _CHUNK)  # buffered by the transport
+            return
+        async with asyncio.timeout(self._confirm_timeout):
+            for i in range(0, len(channels), _CHUNK):
+                await conn.send_command(command, *channels[i : i + _CHUNK])
+
+    async def _read_loop(self, conn: AbstractConnection | RawLink) -> None:
+        if isinstance(conn, RawLink):
+            await conn.watch(self._ping_interval)  # messages go by data_received
+            return
         ping_sent: float | None = None
         while True:
             try:
@@ -274,7 +329,7 @@ class Subscriber:
                     timeout=self._ping_interval, disconnect_on_error=False
                 )
             except (RedisConnectionError, OSError) as exc:
-                raise _ServerClosed(str(exc) or "connection closed by server") from exc
+                raise ServerClosed(str(exc) or "connection closed by server") from exc
             if reply is None:  # nothing within ping_interval
                 if ping_sent is not None and time.monotonic() - ping_sent >= self._ping_interval:
                     raise TimeoutError(f"no answer to PING within {self._ping_interval}s")
@@ -285,17 +340,22 @@ class Subscriber:
                 continue
             kind = reply[0]
             if kind == b"message":
-                self._deliver(reply[1], reply[2])
+                self._deliver(reply[1], reply[2], now_ms())
             elif kind == b"pong":
                 ping_sent = None
             elif kind == b"subscribe":
-                channel = reply[1]
-                self._confirmed.add(channel)
-                for fut in self._waiters.pop(channel, ()):
-                    if not fut.done():
-                        fut.set_result(True)
+                self._on_confirm(reply[1], True)
             elif kind == b"unsubscribe":
-                self._confirmed.discard(reply[1])
+                self._on_confirm(reply[1], False)
+
+    def _on_confirm(self, channel: bytes, subscribed: bool) -> None:
+        if not subscribed:
+            self._confirmed.discard(channel)
+            return
+        self._confirmed.add(channel)
+        for fut in self._waiters.pop(channel, ()):
+            if not fut.done():
+                fut.set_result(True)
 
     def _break_since_ms(self) -> int:
         # Lost messages were published after the last one received. Its receive time can be
@@ -304,12 +364,12 @@ class Subscriber:
         stamp = frame_time_ms(self._last_data)
         return self._last_rx_ms if stamp is None else min(self._last_rx_ms, stamp)
 
-    def _deliver(self, channel: bytes, data: bytes) -> None:
-        self._last_rx_ms = now_ms()
+    def _deliver(self, channel: bytes, data: bytes, received_ms: int) -> None:
+        self._last_rx_ms = received_ms
         self._last_data = data
         if channel in self._desired:
             try:
-                self._on_message(channel, data)
+                self._on_message(channel, data, received_ms)
             except Exception:  # a bug downstream must not stop the reader
                 logger.exception("message handler failed on %r", channel)
 
@@ -323,6 +383,13 @@ class Subscriber:
                 if not fut.done():
                     fut.set_result(False)
         self._waiters.clear()
+
+
+async def _disconnect(conn: AbstractConnection | RawLink) -> None:
+    if isinstance(conn, RawLink):
+        conn.close()
+    else:
+        await conn.disconnect(nowait=True)
 
 
 def _run_id(info: object) -> str | None:

@@ -1,0 +1,360 @@
+"""The consumer's pub/sub connection read as raw RESP, a whole socket chunk at a time (I/O).
+
+redis-py reads a subscription one reply per ``await``: a task switch, a timeout context and a
+dict per message. Measured beside a bare ``hiredis.Reader`` on an ``asyncio.Protocol``, that
+loop costs a consumer 3x (800 frames/s) to 5x (4,000 frames/s) the CPU per frame (issue 16).
+This link is the road ``broker.control_channel`` took for the leader's control channel: its own
+connection as an ``asyncio.Protocol``, every chunk the socket delivers fed to ``hiredis.Reader``
+in ``data_received`` and each message handed to ``deliver`` right there, so a burst of frames
+costs one wake-up of the loop and no ``await`` per message. The application's bounded queue
+(``consumers.queue``) is filled from this callback; nothing here waits on it.
+
+It only carries bytes: what to subscribe, how a break is classified and reported, and the
+reconnect belong to :class:`consumers.subscriber.Subscriber`, which takes this road whenever
+:func:`raw_address` can express the URL and hiredis is installed, and keeps redis-py's
+connection otherwise. (:func:`raw_address` reads the URL the way ``broker.resp.RespAddress``
+does, with redis-py's own parser; it is not imported from there because the consumer library
+depends on no broker I/O module: ``tests/test_consumer_queue.py`` holds it to that.)
+
+Every break is raised from :meth:`RawLink.watch`: :class:`ServerClosed` when Redis closed the
+connection (EOF, reset: the output-buffer limit looks like this), ``TimeoutError`` when a PING
+went unanswered. Liveness costs nothing per chunk: a flag is set, and a timer every
+``ping_interval`` looks at it (PING after an interval of silence, dead after one more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio.connection import (
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+try:
+    import hiredis
+
+    #: whether the raw road is open at all (it needs hiredis to parse replies)
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
+    AVAILABLE = False
+
+logger = logging.getLogger(__name__)
+
+_MESSAGE = b"message"
+_SUBSCRIBE = b"subscribe"
+_UNSUBSCRIBE = b"unsubscribe"
+
+#: called with (channel, data, received_ms) for each message, in ``data_received``
+Deliver = Callable[[bytes, bytes, int], None]
+#: called with (channel, subscribed) for each SUBSCRIBE / UNSUBSCRIBE confirmation
+Confirm = Callable[[bytes, bool], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RawAddress:
+    """Where and as whom to connect. ``path`` set means a unix socket."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None
+    tls: ssl.SSLContext | None = None
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+    def describe(self) -> str:
+        """Where, without credentials (for logs)."""
+        if self.path is not None:
+            return f"unix://{self.path}?db={self.db}"
+        return (
+            f"{'rediss' if self.tls is not None else 'redis'}://{self.host}:{self.port}/{self.db}"
+        )
+
+
+def raw_address(url: str) -> RawAddress | None:
+    """``url`` as redis-py reads it (``redis.asyncio.connection.parse_url``), or ``None`` when
+    the raw road cannot honour it: no hiredis, a malformed URL, a user without a password (whose
+    AUTH redis-py spells its own way), TLS options redis-py cannot build a context from."""
+    if not AVAILABLE:
+        return None
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(url))
+    except ValueError:
+        return None
+    connection_class = kwargs.pop("connection_class", Connection)
+    password = kwargs.get("password")
+    username = kwargs.get("username")
+    if username and password is None:
+        return None
+    common: dict[str, Any] = {
+        "username": username,
+        "password": password,
+        "db": int(kwargs.get("db") or 0),
+    }
+    if connection_class is UnixDomainSocketConnection:
+        return RawAddress(path=str(kwargs["path"]), **common) if kwargs.get("path") else None
+    host = str(kwargs.get("host") or "localhost")
+    port = int(kwargs.get("port") or 6379)
+    if connection_class is SSLConnection:
+        try:
+            # redis-py builds the context from the same ssl_* options it would use itself
+            context = SSLConnection(**kwargs).ssl_context.get()
+        except Exception:
+            return None
+        return RawAddress(host=host, port=port, tls=context, **common)
+    if connection_class is Connection:
+        return RawAddress(host=host, port=port, **common)
+    return None
+
+
+def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
+
+
+class ServerClosed(Exception):
+    """Redis closed the connection (EOF/reset), as opposed to our own PING timeout."""
+
+
+class RawLink(asyncio.Protocol):
+    """One pub/sub connection, parsed where its bytes arrive.
+
+    Use :meth:`open` (connect, AUTH, SELECT, CLIENT SETNAME, INFO), then :meth:`send_chunked`
+    SUBSCRIBE and :meth:`wait_subscribed` until every channel is confirmed, then :meth:`watch`
+    until it raises. Messages go to ``deliver`` from ``data_received`` all along.
+    """
+
+    def __init__(self, deliver: Deliver, confirm: Confirm) -> None:
+        self._reader = hiredis.Reader()
+        self._deliver = deliver
+        self._confirm = confirm
+        self._transport: asyncio.Transport | None = None
+        self._lost: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        #: replies of the handshake's commands still to come, oldest first
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        #: channels this connection has confirmed
+        self.subscribed: set[bytes] = set()
+        self._confirmed = asyncio.Event()  # a SUBSCRIBE confirmation arrived
+        self._active = False  # bytes arrived since the watcher last looked
+
+    @classmethod
+    async def open(
+        cls,
+        address: RawAddress,
+        name: str,
+        *,
+        info: bool,
+        deliver: Deliver,
+        confirm: Confirm,
+    ) -> tuple[RawLink, Any]:
+        """Connect and authenticate; returns the link and, with ``info``, the reply to ``INFO
+        server`` (a ``ResponseError`` instance when the server has no INFO, e.g. fakeredis;
+        ``b""`` without ``info``).
+
+        Raises:
+            redis.exceptions.ConnectionError: unreachable, or the connection broke.
+            redis.exceptions.AuthenticationError: AUTH was refused.
+            redis.exceptions.ResponseError: SELECT or CLIENT SETNAME was refused.
+        """
+        loop = asyncio.get_running_loop()
+        link = cls(deliver, confirm)
+        try:
+            if address.path is not None:
+                await loop.create_unix_connection(lambda: link, address.path)
+            else:
+                await loop.create_connection(
+                    lambda: link,
+                    address.host,
+                    address.port,
+                    ssl=address.tls,
+                    server_hostname=address.host if address.tls is not None else None,
+                )
+        except OSError as exc:
+            link.close()
+            raise RedisConnectionError(f"cannot connect to {address.describe()}: {exc}") from exc
+        try:
+            commands: list[tuple[bytes | str | int, ...]] = []
+            if address.password is not None:
+                if address.username:
+                    commands.append((b"AUTH", address.username, address.password))
+                else:
+                    commands.append((b"AUTH", address.password))
+            if address.db:
+                commands.append((b"SELECT", address.db))
+            commands.append((b"CLIENT", b"SETNAME", name))
+            if info:
+                commands.append((b"INFO", b"server"))
+            replies = await link._call(commands)
+            for command, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, Exception) and command[0] != b"INFO":
+                    kind = AuthenticationError if command[0] == b"AUTH" else ResponseError
+                    raise kind(str(reply))
+            answer = replies[-1] if info else b""
+            if isinstance(answer, Exception):
+                answer = ResponseError(str(answer))
+        except BaseException:
+            link.close()
+            raise
+        return link, answer
+
+    def send(self, *args: bytes | str | int) -> None:
+        """Write one command (its reply is read like every other).
+
+        Raises:
+            redis.exceptions.ConnectionError: the connection is closed.
+        """
+        self._write(_pack(args))
+
+    def send_chunked(self, command: bytes, channels: Iterable[bytes], chunk: int) -> None:
+        """``command`` (SUBSCRIBE, UNSUBSCRIBE) over ``channels``, ``chunk`` per command, in one
+        write."""
+        names = list(channels)
+        self._write(
+            b"".join(_pack((command, *names[i : i + chunk])) for i in range(0, len(names), chunk))
+        )
+
+    async def wait_subscribed(self, channels: Iterable[bytes]) -> None:
+        """Return once every channel of ``channels`` is confirmed on this connection.
+
+        Raises:
+            redis.exceptions.ConnectionError (or what broke it): the connection broke first.
+        """
+        wanted = set(channels)
+        while not wanted <= self.subscribed:
+            self._raise_if_lost()
+            self._confirmed.clear()
+            confirmed: asyncio.Future[Any] = asyncio.ensure_future(self._confirmed.wait())
+            either: set[asyncio.Future[Any]] = {confirmed, self._lost}
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                confirmed.cancel()
+        self._raise_if_lost()
+
+    async def watch(self, ping_interval: float) -> None:
+        """Keep the connection proven alive until it breaks; never returns.
+
+        Raises:
+            ServerClosed: Redis closed the connection (or it failed: reset, protocol error).
+            TimeoutError: nothing arrived within ``ping_interval`` of a PING.
+        """
+        pinged_at: float | None = None
+        while True:
+            done, _ = await asyncio.wait({self._lost}, timeout=ping_interval)
+            if done:
+                raise ServerClosed(str(self._lost.result()))
+            if self._active:  # traffic proves it alive: look again an interval later
+                self._active = False
+                pinged_at = None
+                continue
+            if pinged_at is not None and time.monotonic() - pinged_at >= ping_interval:
+                raise TimeoutError(f"no answer to PING within {ping_interval:g}s")
+            if pinged_at is None:
+                self.send(b"PING")
+                pinged_at = time.monotonic()
+
+    def close(self) -> None:
+        """Drop the connection now (never raises)."""
+        if self._transport is not None:
+            self._transport.abort()
+        self._lose(RedisConnectionError("closed by this client"))
+
+    # -- protocol callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        # the hot path: one call per socket chunk, no await, no allocation beyond the replies
+        self._active = True
+        reader = self._reader
+        reader.feed(data)
+        deliver = self._deliver
+        received_ms = 0
+        try:
+            while (reply := reader.gets()) is not False:
+                if type(reply) is list and len(reply) == 3 and reply[0] == _MESSAGE:
+                    if not received_ms:
+                        received_ms = time.time_ns() // 1_000_000  # broker.clock.now_ms
+                    deliver(reply[1], reply[2], received_ms)
+                else:
+                    self._other(reply)
+        except hiredis.ProtocolError as exc:
+            self._lose(RedisConnectionError(f"redis protocol error: {exc}"))
+            self.close()
+
+    def _other(self, reply: Any) -> None:
+        """A reply that is no message: a confirmation, a pong, or a handshake reply."""
+        if type(reply) is list and len(reply) == 3 and reply[0] in (_SUBSCRIBE, _UNSUBSCRIBE):
+            subscribed = reply[0] == _SUBSCRIBE
+            channel = reply[1]
+            if subscribed:
+                self.subscribed.add(channel)
+                self._confirmed.set()
+            else:
+                self.subscribed.discard(channel)
+            self._confirm(channel, subscribed)
+        elif self._pending:
+            waiter = self._pending.popleft()
+            if not waiter.done():
+                waiter.set_result(reply)
+        elif isinstance(reply, hiredis.ReplyError):
+            # e.g. -NOPERM for a channel the ACL denies: its SUBSCRIBE is never confirmed,
+            # and subscribe() says so when its wait runs out
+            logger.warning("redis refused a pub/sub command: %s", reply)
+        # else: a pong (["pong", ""] once subscribed): its arrival set _active already
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(RedisConnectionError(f"{exc}" if exc else "connection closed by server"))
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _call(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Any]:
+        """Write ``commands`` in one buffer; their replies (error replies as instances)."""
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in commands]
+        self._pending.extend(waiters)
+        self._write(b"".join(_pack(c) for c in commands))
+        replies: asyncio.Future[list[Any]] = asyncio.gather(*waiters)
+        either: set[asyncio.Future[Any]] = {replies, self._lost}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if self._lost.done():
+            replies.cancel()
+            raise self._lost.result()
+        return replies.result()
+
+    def _write(self, data: bytes) -> None:
+        self._raise_if_lost()
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def _raise_if_lost(self) -> None:
+        if self._lost.done():
+            raise self._lost.result()
+
+    def _lose(self, why: Exception) -> None:
+        if not self._lost.done():
+            self._lost.set_result(why)
+        for waiter in self._pending:
+            if not waiter.done():
+                waiter.cancel()
+        self._pending.clear()
+
+
+__all__ = ["AVAILABLE", "RawAddress", "RawLink", "ServerClosed", "raw_address"]
