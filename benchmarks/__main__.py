@@ -3,7 +3,8 @@
 Each benchmark starts its own processes on free ports (redis-server, ``upbit-broker
 simulate``, ``upbit-broker run``, consumer processes) and stops them; this prints one table
 and writes one JSON record (machine, versions, settings, figures) to
-``benchmarks/results/latest.json`` (or ``--output``).
+``benchmarks/results/latest.json`` (or ``--output``). ``--plot`` then draws the record's SVG
+charts into ``docs/`` (``--plot-only``: from the record at ``--output``, without running).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ SECTIONS = (
     "ceilings",
     "cryptofeed",
     "redis_py",
+    "wholemarket",
 )
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
+DEFAULT_PLOT_DIR = Path(__file__).resolve().parents[1] / "docs"
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,12 +45,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         bench_resubscribe,
         bench_scale,
         bench_throughput,
+        bench_wholemarket,
     )
 
     quick = args.quick
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if quick:
         only.discard("redis_py")
+        if not args.only:  # minutes of long windows; --quick --only wholemarket: a smoke run
+            only.discard("wholemarket")
     record: dict[str, Any] = {
         "benchmark": "upbit-broker",
         "mode": "quick" if quick else "full",
@@ -131,7 +137,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if "cryptofeed" in only:
             print("cryptofeed side by side ...", flush=True)
             await section("cryptofeed", lambda: bench_cryptofeed.run(server, quick))
+        if "wholemarket" in only:
+            print("whole market ...", flush=True)
+            await section("wholemarket", lambda: bench_wholemarket.run(server, quick))
     record["errors"] = errors
+    git, dirty = h.git_state()
+    record["git_at_end"] = {"git": git, "dirty": dirty}
     record["summary"] = report.summary(record)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return record
@@ -154,7 +165,25 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds a measured window may wait for other load on the machine to drop "
         "(default 30, 0 with --quick)",
     )
+    parser.add_argument(
+        "--plot", action="store_true", help="also write the SVG charts of the record (docs/)"
+    )
+    parser.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="only write the SVG charts, from the JSON record at --output (runs nothing)",
+    )
+    parser.add_argument(
+        "--plot-dir", default=str(DEFAULT_PLOT_DIR), help="where the charts go (docs/)"
+    )
     args = parser.parse_args(argv)
+    if args.only:
+        unknown = set(args.only.split(",")) - set(SECTIONS)
+        if unknown:
+            parser.error(f"unknown sections: {','.join(sorted(unknown))}")
+    if args.plot_only:
+        _plot(json.loads(Path(args.output).read_text()), Path(args.plot_dir))
+        return
     h.configure_broker(args.broker_root, "resp")
     wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 30.0)
     h.QUIET["max_wait"] = wait
@@ -167,9 +196,18 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report.table(record))
     print(f"\nrecord: {out}  ({record['elapsed_s']} s)")
+    if args.plot:
+        _plot(record, Path(args.plot_dir))
     if record["errors"]:
         print(f"FAILED sections: {', '.join(record['errors'])}")
         raise SystemExit(1)
+
+
+def _plot(record: dict[str, Any], directory: Path) -> None:
+    from benchmarks import plot
+
+    for path in plot.write_charts(record, directory):
+        print(f"chart: {path}")
 
 
 if __name__ == "__main__":

@@ -69,12 +69,20 @@ async def _raw_publish(server: Any, payload_bytes: int, n: int) -> dict[str, Any
     }
 
 
-async def websocket_receive(quick: bool, target_fps: float | None = None) -> dict[str, Any]:
-    """A bare websockets client subscribed to the throughput benchmark's 600 streams, directly
-    on the simulator: flat out (the ceiling), or at ``target_fps`` (the baseline the broker's
-    CPU per frame is compared with at that rate: receiving alone costs this much)."""
+async def websocket_receive(
+    quick: bool,
+    target_fps: float | None = None,
+    *,
+    codes_total: int = 200,
+    duration: float | None = None,
+    warmup: float = 1.0,
+) -> dict[str, Any]:
+    """A bare websockets client subscribed to the throughput benchmark's 600 streams (or the
+    three types of ``codes_total`` codes), directly on the simulator: flat out (the ceiling),
+    or at ``target_fps`` (the baseline the broker's CPU per frame is compared with at that
+    rate: receiving alone costs this much)."""
     seed = 7
-    markets, codes = h.universe_codes(200, seed)
+    markets, codes = h.universe_codes(codes_total, seed)
     request = json.dumps(
         [
             {"ticket": "bench-ceiling"},
@@ -82,7 +90,7 @@ async def websocket_receive(quick: bool, target_fps: float | None = None) -> dic
             {"format": "DEFAULT"},
         ]
     )
-    duration = 2.0 if quick else 6.0
+    duration = duration or (2.0 if quick else 6.0)
     rate = (target_fps or CEILING_FPS) / h.frames_per_event(markets, seed)
     async with h.simulator(rate=rate, markets=markets, seed=seed) as sim:
         # Wait for a calm machine before the client subscribes: the market only starts then,
@@ -90,13 +98,14 @@ async def websocket_receive(quick: bool, target_fps: float | None = None) -> dic
         others = await h.quiet_moment([sim.pid])
         try:
             with h.consumers(1, "ws", url=sim.url, request=request) as cons:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(warmup)
                 c0 = cons[0].count()
                 s0 = await sim.state()
                 window = h.CpuWindow.begin({"client": cons[0].pid, "simulator": sim.pid})
                 await asyncio.sleep(duration)
                 elapsed, cpu = window.end()
                 busy = window.machine_cores
+                precise = window.precise.get("client")
                 c1 = cons[0].count()
                 s1 = await sim.state()
                 cons[0].finish()
@@ -116,6 +125,13 @@ async def websocket_receive(quick: bool, target_fps: float | None = None) -> dic
         ),
         "client_cpu_us_per_frame": round(cpu["client"] / frames * 1e6, 2) if frames else None,
         "client_cpu_cores": round(cpu["client"] / elapsed, 3),
+        # the same from schedstat (ns; None without it): what low-rate figures should use
+        "client_cpu_us_per_frame_ns": (
+            round(precise / frames * 1e6, 2) if frames and precise is not None else None
+        ),
+        "client_cpu_cores_ns": round(precise / elapsed, 4) if precise is not None else None,
+        "codes": codes_total,
+        "window_s": round(elapsed, 3),
         "simulator_cpu_cores": round(cpu["simulator"] / elapsed, 3),
         "machine_cpu_cores_busy_all_processes": round(busy, 3),
         "other_load_cores": h.others_in(window, elapsed, cpu),

@@ -23,6 +23,9 @@ from benchmarks.bench_throughput import wait_subscribed
 from broker.redis_client import redis_client
 from broker.testing import SimulatorProcess, wait_for
 
+#: percentiles kept in the record as the latency distribution (``--plot`` draws the CDF)
+CDF_PERCENTILES = (*range(0, 90, 5), *range(90, 100), 99.5, 99.9, 99.99, 100)
+
 
 def _match(sends: list[list[int]], recv: list[list[int]]) -> dict[str, Any]:
     sent: dict[int, int] = {}
@@ -44,6 +47,8 @@ def _match(sends: list[list[int]], recv: list[list[int]]) -> dict[str, Any]:
         "p999_us": round(h.percentile(lat, 99.9), 1),
         "max_us": round(max(lat), 1) if lat else float("nan"),
         "mean_us": round(sum(lat) / len(lat), 1) if lat else float("nan"),
+        # [percentile, us] pairs: the distribution, small enough for the record
+        "cdf_us": ([[p, round(h.percentile(lat, p), 1)] for p in CDF_PERCENTILES] if lat else []),
     }
 
 

@@ -6,6 +6,11 @@ broker. Modes:
 * ``hiredis``: a plain Redis subscriber on a blocking socket, replies parsed by
   ``hiredis.Reader`` (the leanest Python subscriber: it leaves the CPU to the broker);
 * ``redis-py``: the same with redis-py's ``PubSub.listen()`` (what most applications use);
+* ``redis-py-async``: redis-py's asyncio ``PubSub.listen()`` on the default event loop (the
+  bare asyncio loop the consumer library is compared with);
+* ``library``: this project's consumer library, ``BrokerClient.messages()`` on the same loop
+  (it writes its own lease for the channels it is given, and heartbeats it, as any consumer
+  does: that is part of what it costs);
 * ``ws``: a bare websockets client on the simulator (the no-broker latency baseline, and the
   raw receive ceiling).
 
@@ -35,6 +40,7 @@ from array import array
 from typing import Any
 
 _blake2b = hashlib.blake2b
+MODES = ("hiredis", "redis-py", "redis-py-async", "library", "ws")
 
 
 class Recorder:
@@ -206,12 +212,8 @@ def run_redis_py(args: argparse.Namespace, channels: list[bytes]) -> None:
             rec.data(msg["data"], t)
 
 
-async def _run_ws(args: argparse.Namespace, request: str) -> None:
-    from websockets.asyncio.client import connect
-
-    rec = Recorder(args.record, None)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+def _stdin_reader(rec: Recorder, stop: asyncio.Event) -> Any:
+    """The stdin handler of the asyncio modes: ``count`` answers, ``stop`` or EOF sets ``stop``."""
     control = bytearray()
 
     def on_stdin() -> None:
@@ -226,13 +228,120 @@ async def _run_ws(args: argparse.Namespace, request: str) -> None:
             elif line == "stop":
                 stop.set()
 
+    return on_stdin
+
+
+async def _serve(rec: Recorder, pump: Any) -> None:
+    """Print ``ready``, run ``pump()`` until ``stop`` (or until it ends), then stop it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    loop.add_reader(sys.stdin.fileno(), _stdin_reader(rec, stop))
+    task = asyncio.create_task(pump())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    stopper.cancel()
+    loop.remove_reader(sys.stdin.fileno())
+
+
+async def _run_redis_py_async(args: argparse.Namespace, channels: list[bytes]) -> None:
+    from broker.redis_client import redis_client  # redis.asyncio.Redis: no retries, no pings
+
+    events = args.events.encode() if args.events else None
+    rec = Recorder(args.record, events)
+    client = redis_client(f"redis://{args.host}:{args.port}/0")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    wanted = [*channels, *([events] if events else [])]
+    for start in range(0, len(wanted), 500):
+        await pubsub.subscribe(*wanted[start : start + 500])
+    confirmed = 0
+    while confirmed < len(wanted):
+        msg = await pubsub.parse_response(block=True)
+        if msg and msg[0] == b"subscribe":
+            confirmed += 1
+
+    async def pump() -> None:
+        data = rec.data
+        async for msg in pubsub.listen():
+            t = time.time_ns()
+            if msg["type"] != "message":
+                continue
+            if msg["channel"] == events:
+                rec.event(msg["data"], t)
+            else:
+                data(msg["data"], t)
+
+    await _serve(rec, pump)
+    await pubsub.aclose()
+    await client.aclose()
+    _finish(rec, args.out)
+
+
+def _source_digest(directory: str) -> str:
+    """12 hex digits of SHA-256 over the package's sources as this process loaded them: which
+    consumer library was measured, even when the tree changes during a run."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".py"):
+            with open(os.path.join(directory, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:12]
+
+
+async def _run_library(args: argparse.Namespace, channels: list[bytes]) -> None:
+    import consumers
+    from consumers.client import BrokerClient
+
+    library = os.path.dirname(consumers.__file__)  # this tree, or --broker-root's
+    digest = _source_digest(library)  # now: the sources just imported
+
+    rec = Recorder(args.record, None)
+    # channels are {namespace}:{stream}:{code}; the library subscribes by stream and codes
+    by_stream: dict[str, list[str]] = {}
+    namespace = ""
+    for channel in channels:
+        namespace, stream, code = channel.decode().split(":")
+        by_stream.setdefault(stream, []).append(code)
+    kinds = {"gap": 0, "lease": 0}
+    async with BrokerClient(
+        f"redis://{args.host}:{args.port}/0",
+        client_id=f"bench-library-{os.getpid()}",
+        namespace=namespace,
+    ) as client:
+        for stream, codes in by_stream.items():
+            await client.subscribe(stream, codes)
+
+        async def pump() -> None:
+            data = rec.data
+            async for item in client.messages():
+                t = time.time_ns()
+                if item.kind == "data":
+                    data(item.raw, t)
+                else:
+                    kinds[item.kind] += 1
+
+        await _serve(rec, pump)
+        stats = client.stats
+        extra = {
+            "gaps": kinds["gap"],
+            "lease_notices": kinds["lease"],
+            "dropped": stats.dropped,
+            "library_from": library,
+            "library_digest": digest,
+        }
+    _finish(rec, args.out, **extra)
+
+
+async def _run_ws(args: argparse.Namespace, request: str) -> None:
+    from websockets.asyncio.client import connect
+
+    rec = Recorder(args.record, None)
     async with connect(
         args.url, max_size=None, max_queue=None, compression=None, ping_interval=None
     ) as ws:
         await ws.send(request)
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
-        loop.add_reader(sys.stdin.fileno(), on_stdin)
 
         async def pump() -> None:
             data = rec.data
@@ -240,18 +349,13 @@ async def _run_ws(args: argparse.Namespace, request: str) -> None:
                 t = time.time_ns()
                 data(frame if isinstance(frame, bytes) else frame.encode(), t)
 
-        task = asyncio.create_task(pump())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        task.cancel()
-        stopper.cancel()
-        loop.remove_reader(sys.stdin.fileno())
+        await _serve(rec, pump)
     _finish(rec, args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="benchmark consumer")
-    parser.add_argument("mode", choices=("hiredis", "redis-py", "ws"))
+    parser.add_argument("mode", choices=MODES)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=6379)
     parser.add_argument("--channels-file", help="one channel per line (redis modes)")
@@ -270,8 +374,12 @@ def main(argv: list[str] | None = None) -> None:
         channels = [line.strip() for line in f if line.strip()]
     if args.mode == "hiredis":
         run_hiredis(args, channels)
-    else:
+    elif args.mode == "redis-py":
         run_redis_py(args, channels)
+    elif args.mode == "redis-py-async":
+        asyncio.run(_run_redis_py_async(args, channels))
+    else:
+        asyncio.run(_run_library(args, channels))
 
 
 if __name__ == "__main__":

@@ -68,22 +68,7 @@ def machine() -> dict[str, Any]:
             ["redis-server", "--version"], capture_output=True, text=True, timeout=5
         ).stdout
         versions["redis-server"] = out.split("v=")[1].split()[0]
-    git = ""
-    with contextlib.suppress(Exception):
-        git = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "broker"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        if dirty:
-            git += "+dirty"
+    git, dirty = git_state()
     return {
         "hostname": platform.node(),
         "cpu_model": model,
@@ -92,8 +77,34 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "platform": platform.platform(),
         "git": git,
+        "dirty": dirty,
         "versions": versions,
     }
+
+
+def git_state() -> tuple[str, list[str]]:
+    """(short commit, ``+dirty`` when the broker or the consumer library has uncommitted
+    changes; which of the two). Read at the start and the end of a run: another engineer's
+    edit of the tree in between shows as a difference."""
+    git = ""
+    dirty: list[str] = []
+    with contextlib.suppress(Exception):
+        git = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "broker", "consumers"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        dirty = sorted({line[3:].split("/")[0] for line in status.splitlines() if line.strip()})
+        if dirty:
+            git += "+dirty"
+    return git, dirty
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -252,7 +263,7 @@ def consumers(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
-                cwd=ROOT,
+                **_consumer_place(mode),
             )
             procs.append(ConsumerProc(popen, out))
         for proc in procs:
@@ -262,6 +273,18 @@ def consumers(
         for proc in procs:
             proc.terminate(5.0)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _consumer_place(mode: str) -> dict[str, Any]:
+    """Where a consumer process runs: here, except the consumer library under
+    ``--broker-root``, which then comes from that checkout (its cwd is first on sys.path; this
+    tree's ``benchmarks`` package stays reachable through PYTHONPATH)."""
+    root = BROKER_COMMAND["root"]
+    if mode != "library" or root is None:
+        return {"cwd": ROOT}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return {"cwd": Path(root), "env": env}
 
 
 @contextmanager
@@ -339,27 +362,56 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
+def cpu_ns(pid: int) -> int | None:
+    """CPU time of ``pid``'s live threads in ns (``/proc/PID/task/*/schedstat``), or None where
+    the kernel has no schedstat. ``/proc/PID/stat`` counts 10-ms ticks, which quantises a
+    process using a few % of a core over a short window; schedstat counts nanoseconds. (A
+    thread that exits inside a window takes its time with it here, not in ``/proc/PID/stat``:
+    the readers below keep both.)"""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if tasks else None
+
+
 @dataclass
 class CpuWindow:
     """CPU seconds of several processes (and of the whole machine) between two instants.
 
     ``machine`` counts every process, ours and anyone else's: on a shared machine the gap
-    between it and the sum of ours is load the benchmark did not make."""
+    between it and the sum of ours is load the benchmark did not make. ``end`` returns the
+    ``/proc/PID/stat`` figures (10-ms ticks); ``precise`` then holds the same from schedstat
+    (ns), where the kernel has it."""
 
     procs: dict[str, int]
     start: dict[str, float]
     t0: float
     machine0: float = 0.0
+    start_ns: dict[str, int | None] | None = None
 
     @classmethod
     def begin(cls, procs: dict[str, int]) -> CpuWindow:
+        start_ns = {n: cpu_ns(p) for n, p in procs.items()}
         start = {n: _safe_cpu(p) for n, p in procs.items()}
-        return cls(procs, start, time.monotonic(), machine_busy_seconds())
+        return cls(procs, start, time.monotonic(), machine_busy_seconds(), start_ns)
 
     def end(self) -> tuple[float, dict[str, float]]:
         elapsed = time.monotonic() - self.t0
         used = {n: _safe_cpu(p) - self.start[n] for n, p in self.procs.items()}
         self.machine_cores = (machine_busy_seconds() - self.machine0) / elapsed
+        #: CPU seconds by schedstat (None for a process the kernel gives no schedstat for)
+        self.precise: dict[str, float | None] = {}
+        for n, p in self.procs.items():
+            before, after = (self.start_ns or {}).get(n), cpu_ns(p)
+            self.precise[n] = (after - before) / 1e9 if before is not None and after else None
         return elapsed, used
 
 

@@ -7,6 +7,10 @@ from typing import Any
 #: the issue's goals
 GOAL_CPU_US = 25.0
 GOAL_ADDED_P99_US = 1000.0
+#: issue 16: the whole market for at most 2% of one core; the consumer library within 1.2x of a
+#: bare redis-py pub/sub loop per frame
+GOAL_WHOLE_MARKET_PCT_CORE = 2.0
+GOAL_LIBRARY_VS_REDIS_PY = 1.2
 
 
 def _mb(n: Any) -> str:
@@ -79,6 +83,29 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             low = min(ceilings)
             out["fraction_of_lower_ceiling"] = round(best["delivered_fps"] / low, 3)
             out["lower_ceiling_fps"] = low
+    wm = record.get("wholemarket", {}).get("runs", [])
+    if wm:
+        real = min(wm, key=lambda r: r["target_fps"])  # the real rate (~800 frames/s)
+        ratios = {_load(r["target_fps"]): r.get("library_vs_redis_py") for r in wm}
+        out["whole_market"] = {
+            "goal_broker_pct_core": GOAL_WHOLE_MARKET_PCT_CORE,
+            "broker_pct_core": {_load(r["target_fps"]): r["broker"]["cpu_pct_core"] for r in wm},
+            "met_pct_core": real["broker"]["cpu_pct_core"] <= GOAL_WHOLE_MARKET_PCT_CORE,
+            "goal_us_per_frame": GOAL_CPU_US,
+            "broker_us_per_frame": {
+                _load(r["target_fps"]): r["broker"]["cpu_us_per_frame"] for r in wm
+            },
+            "met_us_per_frame_at": [
+                _load(r["target_fps"])
+                for r in wm
+                if (r["broker"]["cpu_us_per_frame"] or float("inf")) <= GOAL_CPU_US
+            ],
+            "goal_library_vs_redis_py": GOAL_LIBRARY_VS_REDIS_PY,
+            "library_vs_redis_py": ratios,
+            "met_library": all(
+                v is not None and v <= GOAL_LIBRARY_VS_REDIS_PY for v in ratios.values()
+            ),
+        }
     lat = [r for r in record.get("latency", {}).get("runs", []) if r["target_fps"] == 1000]
     if lat:
         added = lat[0]["added_p99_us"]
@@ -260,6 +287,9 @@ def table(record: dict[str, Any]) -> str:
                     f"{r['cpu_cores']:>6.3f} {_mb(r['rss_bytes']):>7} "
                     f"{_mb(r['peak_rss_bytes']):>7} {'yes' if r.get('keeps_up') else 'no':>8}"
                 )
+    wm = record.get("wholemarket")
+    if wm:
+        lines += ["", *_whole_market_lines(wm)]
     s = record.get("summary", {})
     if s:
         lines += ["", "Goals"]
@@ -286,6 +316,23 @@ def table(record: dict[str, Any]) -> str:
                 f"  zero loss below saturation: {'met' if z['met'] else 'NOT met'} "
                 f"({z['runs_below_saturation']} runs below saturation)"
             )
+        if "whole_market" in s:
+            w = s["whole_market"]
+            pct = ", ".join(f"{k} {v:g}%" for k, v in w["broker_pct_core"].items())
+            lines.append(
+                f"  whole market, broker <= {w['goal_broker_pct_core']:g}% of a core at the real "
+                f"rate: {'met' if w['met_pct_core'] else 'NOT met'} ({pct})"
+            )
+            us = ", ".join(f"{k} {_f(v)}" for k, v in w["broker_us_per_frame"].items())
+            lines.append(
+                f"  whole market, broker <= {w['goal_us_per_frame']:g} us/frame: met at "
+                f"{', '.join(w['met_us_per_frame_at']) or 'no rate'} ({us})"
+            )
+            ratio = ", ".join(f"{k} {_f(v, '.2f')}x" for k, v in w["library_vs_redis_py"].items())
+            lines.append(
+                f"  consumer library within {w['goal_library_vs_redis_py']:g}x of bare redis-py: "
+                f"{'met' if w['met_library'] else 'NOT met'} ({ratio})"
+            )
         if "added_p99_us_at_1k" in s:
             a = s["added_p99_us_at_1k"]
             verdict = "met" if a["met"] else "NOT met"
@@ -293,3 +340,39 @@ def table(record: dict[str, Any]) -> str:
                 verdict = f"inconclusive, {a['other_load_cores']:.2f} cores of other load"
             lines.append(f"  added p99 < 1 ms at 1k frames/s: {verdict} ({a['value']:.0f} us)")
     return "\n".join(lines)
+
+
+def _whole_market_lines(wm: dict[str, Any]) -> list[str]:
+    runs = wm.get("runs", [])
+    streams = runs[0]["streams"] if runs else len(wm.get("types", ())) * wm.get("codes", 0)
+    clock = runs[0]["broker"].get("clock", "stat") if runs else "stat"
+    lines = [
+        f"9. Whole market ({wm['codes']} codes x ticker/trade/orderbook = {streams} streams, "
+        f"DEFAULT; window {wm['duration_s']:g} s, CPU from {clock})",
+        f"  {'offered':>8} {'offered/s':>10} {'delivered/s':>11} {'loss':>5} "
+        f"{'broker %core':>12} {'us/frame':>8} {'bare ws %core':>13} {'us/frame':>8} "
+        f"{'own':>5} {'others':>6} sat",
+    ]
+    for r in runs:
+        b, bare = r["broker"], r.get("bare_client", {})
+        lines.append(
+            f"  {_load(r['target_fps']):>8} {r['offered_fps']:>10.0f} {r['delivered_fps']:>11.0f} "
+            f"{r['loss']:>5} {_f(b['cpu_pct_core'], '.2f'):>12} {_f(b['cpu_us_per_frame']):>8} "
+            f"{_f(bare.get('cpu_pct_core'), '.2f'):>13} {_f(bare.get('cpu_us_per_frame')):>8} "
+            f"{_f(r.get('broker_own_us_per_frame')):>5} {r.get('other_load_cores', 0):>6.2f} "
+            f"{'yes' if r['saturated'] else 'no'}"
+        )
+    lines.append("  consumer process CPU, us/frame (same channels, same window, side by side):")
+    lines.append(
+        f"  {'offered':>8} {'library':>8} {'redis-py asyncio':>16} {'ratio':>6} "
+        f"{'hiredis':>8} {'library gaps':>12}"
+    )
+    for r in runs:
+        c = r["consumers"]
+        lines.append(
+            f"  {_load(r['target_fps']):>8} {_f(c['library']['cpu_us_per_frame']):>8} "
+            f"{_f(c['redis-py-async']['cpu_us_per_frame']):>16} "
+            f"{_f(r.get('library_vs_redis_py'), '.2f'):>6} "
+            f"{_f(c['hiredis']['cpu_us_per_frame']):>8} {c['library'].get('gaps', '-'):>12}"
+        )
+    return lines

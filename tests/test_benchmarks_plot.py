@@ -1,0 +1,237 @@
+"""``python -m benchmarks --plot-only``: SVG charts drawn from a JSON record, nothing run.
+
+A small fixture record (the shape ``python -m benchmarks`` writes, figures made up) becomes
+valid SVG that ``xml.etree`` parses, with labelled axes, every series of the record and no
+coordinate that is not a number. Also the whole-market lines of the text report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from benchmarks import plot, report
+
+ROOT = Path(__file__).resolve().parents[1]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _throughput(target: float, broker_us: float, bare_us: float) -> dict[str, Any]:
+    return {
+        "target_fps": target,
+        "consumers": 1,
+        "consumer_mode": "hiredis",
+        "codes": 200,
+        "offered_fps": target * 0.99,
+        "delivered_fps": target * 0.99,
+        "loss": 0,
+        "saturated": False,
+        "broker_cpu_us_per_frame": broker_us,
+        "broker_cpu_cores": broker_us * target / 1e6,
+        "broker_rss_bytes": 50 << 20,
+        "machine_cpu_cores_used": 0.2,
+        "other_load_cores": 0.0,
+        "bare_client_cpu_us_per_frame": bare_us,
+        "broker_own_cpu_us_per_frame": broker_us - bare_us,
+    }
+
+
+def _latency_path(p50: float, with_cdf: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "frames": 8000,
+        "p50_us": p50,
+        "p99_us": p50 * 3,
+        "p999_us": p50 * 8,
+        "max_us": p50 * 10,
+    }
+    if with_cdf:
+        out["cdf_us"] = [[p, p50 * (1 + p / 20)] for p in (0, 25, 50, 75, 90, 99, 99.9, 100)]
+    return out
+
+
+def _consumer(us: float) -> dict[str, Any]:
+    return {"cpu_us_per_frame": us, "cpu_cores": us * 800 / 1e6, "loss": 0, "gaps": 0}
+
+
+def _whole_market(target: float, broker_us: float) -> dict[str, Any]:
+    return {
+        "target_fps": target,
+        "streams": 2586,
+        "offered_fps": target * 0.99,
+        "delivered_fps": target * 0.99,
+        "loss": 0,
+        "saturated": False,
+        "other_load_cores": 0.01,
+        "broker": {
+            "cpu_us_per_frame": broker_us,
+            "cpu_pct_core": broker_us * target / 1e4,
+            "clock": "schedstat",
+        },
+        "bare_client": {"cpu_us_per_frame": 30.0, "cpu_pct_core": 2.4},
+        "broker_own_us_per_frame": broker_us - 30.0,
+        "consumers": {
+            "library": _consumer(44.3),
+            "redis-py-async": _consumer(32.7),
+            "hiredis": _consumer(18.1),
+        },
+        "library_vs_redis_py": 1.35,
+    }
+
+
+RECORD: dict[str, Any] = {
+    "benchmark": "upbit-broker",
+    "mode": "full",
+    "started": "2026-12-05T00:10:00+0000",
+    "machine": {
+        "cpu_model": "AMD EPYC",
+        "cpus": 2,
+        "memory_bytes": 24 << 30,
+        "git": "abc1234",
+        "versions": {"python": "3.11.7", "redis": "8.2.0"},
+    },
+    "throughput": {
+        "duration_s": 6.0,
+        "runs": [
+            _throughput(1000, 41.4, 23.3),
+            _throughput(5000, 16.0, 8.0),
+            _throughput(20000, 10.8, 7.8),
+        ],
+    },
+    "latency": {
+        "runs": [
+            {
+                "target_fps": 1000,
+                "direct": _latency_path(344, True),
+                "broker": _latency_path(544, True),
+                "added_p50_us": 200,
+                "added_p99_us": 600,
+                "added_p999_us": 1600,
+            },
+            {  # an older record: percentiles only
+                "target_fps": 10000,
+                "direct": _latency_path(1448, False),
+                "broker": _latency_path(2570, False),
+                "added_p50_us": 1122,
+                "added_p99_us": 3366,
+                "added_p999_us": 8976,
+            },
+        ]
+    },
+    "cryptofeed": {
+        "runs": [
+            {
+                "target_fps": 1000,
+                "broker": {"offered_fps": 1001, "cpu_us_per_frame": 48.6},
+                "cryptofeed": {"offered_fps": 1003, "cpu_us_per_frame": 194.2},
+            }
+        ]
+    },
+    "wholemarket": {
+        "codes": 862,
+        "types": ["ticker", "trade", "orderbook"],
+        "duration_s": 25.0,
+        "runs": [_whole_market(800, 72.3), _whole_market(4000, 27.5)],
+    },
+}
+
+
+def _numbers(svg: ET.Element) -> list[float]:
+    """Every coordinate of the drawing (attributes and point lists)."""
+    out = []
+    for el in svg.iter():
+        for name in ("x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "width", "height"):
+            if name in el.attrib:
+                out.append(float(el.attrib[name]))
+        for pair in el.attrib.get("points", "").split():
+            out += [float(v) for v in pair.split(",")]
+    return out
+
+
+def _texts(svg: ET.Element) -> list[str]:
+    return [t.text or "" for t in svg.iter(f"{SVG}text")]
+
+
+def test_plot_only_turns_a_record_into_valid_svg_charts(tmp_path: Path) -> None:
+    record_path = tmp_path / "record.json"
+    record_path.write_text(json.dumps(RECORD))
+    out = tmp_path / "charts"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks", "--plot-only"),
+            *("--output", str(record_path), "--plot-dir", str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["bench-cpu-per-frame.svg", "bench-latency-cdf.svg", "bench-whole-market.svg"]
+    for name in names:
+        root = ET.parse(out / name).getroot()
+        assert root.tag == f"{SVG}svg", name
+        assert root.find(f"{SVG}title") is not None, name
+        width, height = float(root.attrib["width"]), float(root.attrib["height"])
+        numbers = _numbers(root)
+        assert numbers and all(math.isfinite(v) for v in numbers), name
+        # everything drawn lies on the canvas
+        assert all(-1 <= v <= max(width, height) + 1 for v in numbers), name
+        assert "run of 2026-12-05 00:10 (full), git abc1234" in " ".join(_texts(root)), name
+
+    cpu = ET.parse(out / "bench-cpu-per-frame.svg").getroot()
+    texts = _texts(cpu)
+    assert "offered frames/s (log scale)" in texts and "CPU µs per frame (log scale)" in texts
+    for label in ("upbit-broker (200 codes x 3 types)", "bare websockets client, same load"):
+        assert label in texts
+    assert "cryptofeed (trade+orderbook, SIMPLE)" in texts
+    assert "upbit-broker, whole market (862 codes)" in texts
+    assert {"1k", "5k", "20k"} <= set(texts)  # the x axis' ticks
+    # one line per series with more than one point (cryptofeed has one run here)
+    assert len(list(cpu.iter(f"{SVG}polyline"))) == 4
+
+    cdf = ET.parse(out / "bench-latency-cdf.svg").getroot()
+    texts = _texts(cdf)
+    assert {"50%", "99%", "99.9%", "max"} <= set(texts)
+    assert {"1k frames/s, broker", "1k frames/s, direct", "10k frames/s, broker"} <= set(texts)
+    assert any("percentiles" in t or "p50/p99" in t for t in texts)  # the older run is flagged
+    assert len(list(cdf.iter(f"{SVG}polyline"))) == 4
+
+    wm = ET.parse(out / "bench-whole-market.svg").getroot()
+    texts = _texts(wm)
+    assert "CPU µs per frame" in texts and "% of one core" in texts
+    assert {"72.3", "27.5", "44.3", "32.7", "18.1"} <= set(texts)  # the bars' values
+    assert {"792 frames/s", "3,960 frames/s"} <= set(texts)
+    assert {"goal 25", "goal 2%"} <= set(texts)
+
+
+def test_a_record_without_a_section_gets_the_other_charts(tmp_path: Path) -> None:
+    record = copy.deepcopy(RECORD)
+    del record["wholemarket"], record["cryptofeed"]
+    written = plot.write_charts(record, tmp_path)
+    assert sorted(p.name for p in written) == ["bench-cpu-per-frame.svg", "bench-latency-cdf.svg"]
+    assert "cryptofeed" not in (tmp_path / "bench-cpu-per-frame.svg").read_text()
+    assert plot.write_charts({"machine": {}}, tmp_path / "none") == []
+
+
+def test_the_report_has_the_whole_market_rows_and_goals() -> None:
+    record = copy.deepcopy(RECORD)
+    del record["cryptofeed"]  # the fixture has only what the charts read of it
+    record["summary"] = report.summary(record)
+    w = record["summary"]["whole_market"]
+    assert w["broker_pct_core"] == {"0.8k": 5.784, "4k": 11.0}
+    assert not w["met_pct_core"] and w["met_us_per_frame_at"] == []
+    assert not w["met_library"]
+    text = report.table(record)
+    assert "9. Whole market (862 codes x ticker/trade/orderbook = 2586 streams" in text
+    row = next(line for line in text.splitlines() if re.match(r"\s+0\.8k\s+792\s", line))
+    assert "72.3" in row and "30.0" in row and "42.3" in row
+    assert re.search(r"0\.8k\s+44\.3\s+32\.7\s+1\.35\s+18\.1", text)
+    assert "consumer library within 1.2x of bare redis-py: NOT met (0.8k 1.35x, 4k 1.35x)" in text
