@@ -12,9 +12,8 @@ costs one wake-up of the loop and no ``await`` per message. The application's bo
 It only carries bytes: what to subscribe, how a break is classified and reported, and the
 reconnect belong to :class:`consumers.subscriber.Subscriber`, which takes this road whenever
 :func:`raw_address` can express the URL and hiredis is installed, and keeps redis-py's
-connection otherwise. (:func:`raw_address` reads the URL the way ``broker.resp.RespAddress``
-does, with redis-py's own parser; it is not imported from there because the consumer library
-depends on no broker I/O module: ``tests/test_consumer_queue.py`` holds it to that.)
+connection otherwise. (:func:`raw_address` is ``broker.resp.RespAddress``, the RESP wire layer
+the broker's own raw connections use: it imports only redis-py and the standard library.)
 
 Every break is raised from :meth:`RawLink.watch`: :class:`ServerClosed` when Redis closed the
 connection (EOF, reset: the output-buffer limit looks like this), ``TimeoutError`` when a PING
@@ -26,29 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio.connection import (
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-    parse_url,
-)
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-try:
-    import hiredis
+from broker.resp import AVAILABLE, RespAddress, encode_command
 
-    #: whether the raw road is open at all (it needs hiredis to parse replies)
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
-    AVAILABLE = False
+if AVAILABLE:
+    import hiredis
 
 logger = logging.getLogger(__name__)
 
@@ -62,66 +50,23 @@ Deliver = Callable[[bytes, bytes, int], None]
 Confirm = Callable[[bytes, bool], None]
 
 
-@dataclass(frozen=True, slots=True)
-class RawAddress:
-    """Where and as whom to connect. ``path`` set means a unix socket."""
-
-    host: str = "127.0.0.1"
-    port: int = 6379
-    path: str | None = None
-    tls: ssl.SSLContext | None = None
-    username: str | None = None
-    password: str | None = None
-    db: int = 0
-
-    def describe(self) -> str:
-        """Where, without credentials (for logs)."""
-        if self.path is not None:
-            return f"unix://{self.path}?db={self.db}"
-        return (
-            f"{'rediss' if self.tls is not None else 'redis'}://{self.host}:{self.port}/{self.db}"
-        )
+#: where and as whom the link connects (the broker's raw connections read URLs the same way)
+RawAddress = RespAddress
 
 
 def raw_address(url: str) -> RawAddress | None:
-    """``url`` as redis-py reads it (``redis.asyncio.connection.parse_url``), or ``None`` when
-    the raw road cannot honour it: no hiredis, a malformed URL, a user without a password (whose
-    AUTH redis-py spells its own way), TLS options redis-py cannot build a context from."""
+    """``url`` as redis-py reads it (``broker.resp.RespAddress.from_url``), or ``None`` when
+    the raw road cannot honour it: no hiredis, a malformed URL or options it cannot express, a
+    user without a password (whose AUTH redis-py spells its own way)."""
     if not AVAILABLE:
         return None
     try:
-        kwargs: dict[str, Any] = dict(parse_url(url))
+        address = RespAddress.from_url(url)
     except ValueError:
         return None
-    connection_class = kwargs.pop("connection_class", Connection)
-    password = kwargs.get("password")
-    username = kwargs.get("username")
-    if username and password is None:
+    if address.username and address.password is None:
         return None
-    common: dict[str, Any] = {
-        "username": username,
-        "password": password,
-        "db": int(kwargs.get("db") or 0),
-    }
-    if connection_class is UnixDomainSocketConnection:
-        return RawAddress(path=str(kwargs["path"]), **common) if kwargs.get("path") else None
-    host = str(kwargs.get("host") or "localhost")
-    port = int(kwargs.get("port") or 6379)
-    if connection_class is SSLConnection:
-        try:
-            # redis-py builds the context from the same ssl_* options it would use itself
-            context = SSLConnection(**kwargs).ssl_context.get()
-        except Exception:
-            return None
-        return RawAddress(host=host, port=port, tls=context, **common)
-    if connection_class is Connection:
-        return RawAddress(host=host, port=port, **common)
-    return None
-
-
-def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
-    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
-    return packed
+    return address
 
 
 class ServerClosed(Exception):
@@ -215,14 +160,16 @@ class RawLink(asyncio.Protocol):
         Raises:
             redis.exceptions.ConnectionError: the connection is closed.
         """
-        self._write(_pack(args))
+        self._write(encode_command(*args))
 
     def send_chunked(self, command: bytes, channels: Iterable[bytes], chunk: int) -> None:
         """``command`` (SUBSCRIBE, UNSUBSCRIBE) over ``channels``, ``chunk`` per command, in one
         write."""
         names = list(channels)
         self._write(
-            b"".join(_pack((command, *names[i : i + chunk])) for i in range(0, len(names), chunk))
+            b"".join(
+                encode_command(command, *names[i : i + chunk]) for i in range(0, len(names), chunk)
+            )
         )
 
     async def wait_subscribed(self, channels: Iterable[bytes]) -> None:
@@ -330,7 +277,7 @@ class RawLink(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiters = [loop.create_future() for _ in commands]
         self._pending.extend(waiters)
-        self._write(b"".join(_pack(c) for c in commands))
+        self._write(b"".join(encode_command(*c) for c in commands))
         replies: asyncio.Future[list[Any]] = asyncio.gather(*waiters)
         either: set[asyncio.Future[Any]] = {replies, self._lost}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
