@@ -100,19 +100,9 @@ class _RawControl(asyncio.Protocol):
             commands.append(resp.encode_command(b"SELECT", address.db))
         protocol = cls(len(commands))
         commands.append(resp.encode_command(b"SUBSCRIBE", channel))
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(address.connect_timeout):
-                if address.path is not None:
-                    await loop.create_unix_connection(lambda: protocol, address.path)
-                else:
-                    await loop.create_connection(
-                        lambda: protocol,
-                        address.host,
-                        address.port,
-                        ssl=address.tls,
-                        server_hostname=address.host if address.tls is not None else None,
-                    )
+                await address.connect(protocol)
                 protocol._write(b"".join(commands))
                 await protocol._subscribed
         except BaseException as exc:

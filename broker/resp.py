@@ -133,6 +133,21 @@ class RespAddress:
             return cls(host=host, port=port, **common)
         return None
 
+    async def connect(self, protocol: asyncio.Protocol) -> None:
+        """Open a TCP, TLS or unix-socket connection to this address driven by ``protocol``
+        (no timeout of its own: the callers bound it). Raises ``OSError`` when it cannot."""
+        loop = asyncio.get_running_loop()
+        if self.path is not None:
+            await loop.create_unix_connection(lambda: protocol, self.path)
+        else:
+            await loop.create_connection(
+                lambda: protocol,
+                self.host,
+                self.port,
+                ssl=self.tls,
+                server_hostname=self.host if self.tls is not None else None,
+            )
+
     def describe(self) -> str:
         """Where, without credentials (for logs)."""
         if self.path is not None:
@@ -223,20 +238,10 @@ class RespConnection(asyncio.Protocol):
         """
         if not AVAILABLE:  # pragma: no cover
             raise RedisConnectionError("raw RESP needs hiredis")
-        loop = asyncio.get_running_loop()
         conn = cls(on_answered, on_lost, on_refused)
         try:
             async with asyncio.timeout(address.connect_timeout):
-                if address.path is not None:
-                    await loop.create_unix_connection(lambda: conn, address.path)
-                else:
-                    await loop.create_connection(
-                        lambda: conn,
-                        address.host,
-                        address.port,
-                        ssl=address.tls,
-                        server_hostname=address.host if address.tls is not None else None,
-                    )
+                await address.connect(conn)
         except (OSError, TimeoutError) as exc:
             conn.close()
             raise RedisConnectionError(

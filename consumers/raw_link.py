@@ -113,19 +113,9 @@ class RawLink(asyncio.Protocol):
             redis.exceptions.AuthenticationError: AUTH was refused.
             redis.exceptions.ResponseError: SELECT or CLIENT SETNAME was refused.
         """
-        loop = asyncio.get_running_loop()
         link = cls(deliver, confirm)
         try:
-            if address.path is not None:
-                await loop.create_unix_connection(lambda: link, address.path)
-            else:
-                await loop.create_connection(
-                    lambda: link,
-                    address.host,
-                    address.port,
-                    ssl=address.tls,
-                    server_hostname=address.host if address.tls is not None else None,
-                )
+            await address.connect(link)
         except OSError as exc:
             link.close()
             raise RedisConnectionError(f"cannot connect to {address.describe()}: {exc}") from exc
