@@ -361,35 +361,47 @@ class Upstream:
 
     def _route(self, frames: list[bytes]) -> None:
         """The messages of one socket read (binary from Upbit, text from some servers: bytes
-        either way), in order. Raises :class:`UpbitErrorFrame` on an error frame: the
-        connection ends there."""
+        either way), in order; the data frames go to the publisher as one burst. Raises
+        :class:`UpbitErrorFrame` on an error frame: the connection ends there (the frames
+        before it are published)."""
         stats = self.stats
-        enqueue = self.publisher.enqueue
+        burst: list[tuple[Target, bytes]] = []
+        add = burst.append
         route = route_frame
         data = FrameKind.DATA
         targets = self._table.get  # (swapped only between reads: by the send loop)
-        for frame in frames:
-            stats.frames_in += 1
-            r = route(frame)
-            if r.kind is data:
-                target = targets((r.type, r.code, r.level))
-                if target is None:
-                    stats.dropped_unleased += 1
-                    continue
-                enqueue(target, frame)
-            elif r.kind is FrameKind.STATUS:
-                stats.status_frames += 1
-            elif r.kind is FrameKind.LIST_REPLY:
-                self._list_reply(frame)
-            elif r.kind is FrameKind.ERROR:
-                stats.error_frames += 1
-                error = parse_error_frame(frame)
-                logger.error("upbit error frame: %s: %s", error.name, error.message)
-                raise error  # Upbit closes the socket after an error frame anyway
-            else:
-                stats.malformed += 1
-                if stats.malformed <= 10 or stats.malformed % 1000 == 0:
-                    logger.warning("dropped malformed frame #%d: %r", stats.malformed, frame[:120])
+        try:
+            for frame in frames:
+                stats.frames_in += 1
+                r = route(frame)
+                if r.kind is data:
+                    target = targets((r.type, r.code, r.level))
+                    if target is None:
+                        stats.dropped_unleased += 1
+                    else:
+                        add((target, frame))
+                else:
+                    self._other(r.kind, frame)
+        finally:
+            self.publisher.enqueue_burst(burst)
+
+    def _other(self, kind: FrameKind, frame: bytes) -> None:
+        """A frame that is no data: Upbit's status, a LIST_SUBSCRIPTIONS answer, an error
+        frame (raised), or one we cannot route."""
+        stats = self.stats
+        if kind is FrameKind.STATUS:
+            stats.status_frames += 1
+        elif kind is FrameKind.LIST_REPLY:
+            self._list_reply(frame)
+        elif kind is FrameKind.ERROR:
+            stats.error_frames += 1
+            error = parse_error_frame(frame)
+            logger.error("upbit error frame: %s: %s", error.name, error.message)
+            raise error  # Upbit closes the socket after an error frame anyway
+        else:
+            stats.malformed += 1
+            if stats.malformed <= 10 or stats.malformed % 1000 == 0:
+                logger.warning("dropped malformed frame #%d: %r", stats.malformed, frame[:120])
 
     def _list_reply(self, frame: bytes) -> None:
         try:
