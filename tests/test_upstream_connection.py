@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,9 +24,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import OPEN
+from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
 from broker.testing import RedisServer, broker_process, clean_env, wait_for, write_lease
@@ -299,6 +303,134 @@ async def test_a_message_over_max_size_fails_the_connection_with_1009() -> None:
         exc = await ended(conn)
     assert isinstance(exc, ConnectionClosed) and exc.sent is not None
     assert exc.sent.code == 1009
+
+
+# -- the hot path against websockets' own parser ----------------------------------------------
+
+
+class FakeTransport:
+    """Enough of a transport for :class:`UpstreamConnection` driven by hand."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def random_stream(rng: random.Random) -> bytes:
+    """Server frames as they may come: whole messages of every length class (7-, 16- and
+    64-bit), pings and pongs between them, fragmented messages with control frames inside,
+    and sometimes an ending: a close frame, or a frame the protocol must refuse."""
+    frames: list[bytes] = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        size = rng.choice([0, 1, 125, 126, 127, 1000, 65535, 65536, 70_000])
+        payload = bytes(rng.getrandbits(8) for _ in range(min(size, 64))) * (size // 64 + 1)
+        payload = payload[:size]
+        if kind < 0.6:
+            frames.append(server_frame(rng.choice([Opcode.BINARY, Opcode.TEXT]), payload))
+        elif kind < 0.75:
+            frames.append(server_frame(rng.choice([Opcode.PING, Opcode.PONG]), payload[:20]))
+        else:  # a fragmented message, a ping inside it
+            cuts = sorted(rng.sample(range(size + 1), 2)) if size else [0, 0]
+            parts = [payload[: cuts[0]], payload[cuts[0] : cuts[1]], payload[cuts[1] :]]
+            frames.append(server_frame(Opcode.BINARY, parts[0], fin=False))
+            frames.append(server_frame(Opcode.PING, b"in between"))
+            frames.append(server_frame(Opcode.CONT, parts[1], fin=False))
+            frames.append(server_frame(Opcode.CONT, parts[2], fin=True))
+    ending = rng.random()
+    if ending < 0.15:
+        frames.append(server_frame(Opcode.CLOSE, b"\x03\xe9going away"))  # 1001
+        frames.append(server_frame(Opcode.BINARY, b"after the close"))
+    elif ending < 0.2:
+        frames.append(bytes([0xC2, 3]) + b"rsv")  # RSV1 set: no extension was agreed
+    elif ending < 0.25:
+        frames.append(bytes([0x82, 0x83, 1, 2, 3, 4]) + b"abc")  # masked by the server
+    elif ending < 0.3:
+        frames.append(server_frame(Opcode.BINARY, b"x", fin=False))
+        frames.append(server_frame(Opcode.TEXT, b"not a continuation"))
+    elif ending < 0.35:
+        frames.append(bytes([0x82, 127]) + (1 << 40).to_bytes(8, "big"))  # over max_size
+    return b"".join(frames)
+
+
+def read_like_websockets(stream: bytes, max_size: int) -> tuple[list[bytes], Any]:
+    """The oracle: websockets' own protocol given the whole stream at once."""
+    protocol = ClientProtocol(parse_uri("ws://upbit/websocket/v1"), state=OPEN, max_size=max_size)
+    protocol.receive_data(stream)
+    messages: list[bytes] = []
+    fragments: list[bytes] = []
+    for frame in protocol.events_received():
+        assert isinstance(frame, Frame)
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            fragments.append(bytes(frame.data))
+            if frame.fin:
+                messages.append(b"".join(fragments))
+                fragments = []
+    return messages, protocol
+
+
+async def test_the_hot_path_reads_what_websockets_reads_however_the_bytes_are_cut() -> None:
+    """Whole data frames are cut out of the bytes without the protocol's parser: for any
+    stream and any way TCP cuts it, the messages, the order, and how the protocol ends
+    (state, close frames) are what websockets' own parser makes of it."""
+    rng = random.Random(16)
+    max_size = 1 << 20
+    cases = 0
+    for _ in range(150):
+        stream = random_stream(rng)
+        want, oracle = read_like_websockets(stream, max_size)
+        protocol = ClientProtocol(parse_uri("ws://upbit/websocket/v1"), max_size=max_size)
+        conn = UpstreamConnection(
+            protocol, max_size=max_size, ping_interval=None, ping_timeout=None, close_timeout=1
+        )
+        conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+        protocol.send_request(protocol.connect())
+        answer = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+            % accept_key(protocol.key).encode()
+        )
+        whole = answer + stream
+        got: list[bytes] = []
+        conn.start(got.extend)
+        # cut the bytes at random places (single bytes included), the answer's end too
+        pos = 0
+        while pos < len(whole):
+            step = rng.choice([1, 2, 3, 7, 100, 4096, 65536, len(whole)])
+            conn.data_received(whole[pos : pos + step])
+            pos += step
+        cases += 1
+        assert got == want, f"case {cases}: {len(got)} messages, want {len(want)}"
+        assert protocol.state is oracle.state
+        assert protocol.close_rcvd == oracle.close_rcvd
+        assert protocol.close_sent == oracle.close_sent
+        assert type(protocol.parser_exc) is type(oracle.parser_exc)
+        conn.connection_lost(None)
+    print(f"\n[figures] hot path vs websockets' parser: {cases} random streams, random cuts")
 
 
 # -- pings, pongs, closing --------------------------------------------------------------------
