@@ -1,8 +1,9 @@
 """The one upstream connection: connect, receive, route, send what the controller says
-(I/O adapter over ``websockets``).
+(I/O adapter over :mod:`broker.upstream_connection`).
 
-Receiving never awaits per frame beyond the websocket read itself: each data frame is routed
-(msgspec, only type/code/stream_type/level) and handed to :meth:`Publisher.enqueue`.
+Receiving never awaits per frame: the connection hands over the messages of each socket read
+inside its read callback, and each data frame is routed there (msgspec, only
+type/code/stream_type/level) and handed to :meth:`Publisher.enqueue`.
 Everything about *what* to send lives in :class:`broker.core.control.SubscriptionController`.
 
 What happens to the connection is reported, in order, on :attr:`Upstream.events` (the service
@@ -24,7 +25,6 @@ import random
 import time
 from dataclasses import dataclass
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from broker.clock import now_ms
@@ -39,6 +39,7 @@ from broker.settings import BrokerSettings
 from broker.upbit.messages import ErrorFrame, ListSubscriptionsReply, decode_message
 from broker.upbit.router import FrameKind, route_frame
 from broker.upbit.types import StreamKey, SubscriptionSet
+from broker.upstream_connection import UpstreamConnection, open_connection
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class StallError(UpstreamError):
 class _Switch(Exception):
     """Make-before-break: carry on with this new connection."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: UpstreamConnection) -> None:
         super().__init__("switching to a fresh connection")
         self.ws = ws
 
@@ -172,25 +173,24 @@ class Upstream:
 
     # -- connection loop ------------------------------------------------------------------------
 
-    async def _connect(self) -> ClientConnection:
+    async def _connect(self) -> UpstreamConnection:
         s = self.settings
-        # No Origin header: Upbit puts clients that send one on a far stricter limit.
-        return await connect(
+        # No Origin header (open_connection sends none): Upbit puts clients that send one on a
+        # far stricter limit. No compression either.
+        return await open_connection(
             s.upstream_url,
+            user_agent="upbit-broker",
+            max_size=16 * 2**20,
+            open_timeout=10,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_interval,
-            open_timeout=10,
             close_timeout=2,
-            max_size=16 * 2**20,
-            max_queue=4096,
-            compression=None,
-            user_agent_header="upbit-broker",
         )
 
     async def run(self) -> None:
         """Connect and serve until cancelled; reconnect with backoff on every failure."""
         attempt = 0
-        next_ws: ClientConnection | None = None
+        next_ws: UpstreamConnection | None = None
         while True:
             ws = next_ws
             next_ws = None
@@ -250,7 +250,7 @@ class Upstream:
                 self.controller.connection_closed(time.monotonic())
                 self._refresh_routes()
                 if next_ws is None:
-                    ws.transport.abort()  # it failed: no close handshake to wait for
+                    ws.abort()  # it failed: no close handshake to wait for
                 else:
                     await _close_quietly(ws)
             healthy = self._healthy_since
@@ -283,7 +283,7 @@ class Upstream:
             )
             await asyncio.sleep(delay)
 
-    async def _serve(self, ws: ClientConnection, *, fresh: bool = False) -> None:
+    async def _serve(self, ws: UpstreamConnection, *, fresh: bool = False) -> None:
         self.controller.connection_opened(time.monotonic())
         self.connected = True
         announced = asyncio.Event()
@@ -306,7 +306,7 @@ class Upstream:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _send_loop(self, ws: ClientConnection) -> None:
+    async def _send_loop(self, ws: UpstreamConnection) -> None:
         controller = self.controller
         stall = self.settings.stall_timeout
         last_count = self.stats.frames_in
@@ -354,36 +354,54 @@ class Upstream:
                 async with asyncio.timeout(timeout):
                     await self.changed.wait()
 
-    async def _receive(self, ws: ClientConnection) -> None:
+    async def _receive(self, ws: UpstreamConnection) -> None:
+        """Route what ``ws`` reads (in its read callback) until it ends; raises why it did."""
+        ws.start(self._route)
+        await ws.wait_closed()
+
+    def _route(self, frames: list[bytes]) -> None:
+        """The messages of one socket read (binary from Upbit, text from some servers: bytes
+        either way), in order; the data frames go to the publisher as one burst. Raises
+        :class:`UpbitErrorFrame` on an error frame: the connection ends there (the frames
+        before it are published)."""
         stats = self.stats
-        enqueue = self.publisher.enqueue
+        burst: list[tuple[Target, bytes]] = []
+        add = burst.append
         route = route_frame
         data = FrameKind.DATA
-        async for message in ws:
-            stats.frames_in += 1
-            # Binary from Upbit, text from some servers. No assert for the type checker here:
-            # on the per-frame path it costs more than the enqueue does.
-            frame: bytes = message.encode() if type(message) is str else message  # type: ignore[assignment]
-            r = route(frame)
-            if r.kind is data:
-                target = self._table.get((r.type, r.code, r.level))
-                if target is None:
-                    stats.dropped_unleased += 1
-                    continue
-                enqueue(target, frame)
-            elif r.kind is FrameKind.STATUS:
-                stats.status_frames += 1
-            elif r.kind is FrameKind.LIST_REPLY:
-                self._list_reply(frame)
-            elif r.kind is FrameKind.ERROR:
-                stats.error_frames += 1
-                error = parse_error_frame(frame)
-                logger.error("upbit error frame: %s: %s", error.name, error.message)
-                raise error  # Upbit closes the socket after an error frame anyway
-            else:
-                stats.malformed += 1
-                if stats.malformed <= 10 or stats.malformed % 1000 == 0:
-                    logger.warning("dropped malformed frame #%d: %r", stats.malformed, frame[:120])
+        targets = self._table.get  # (swapped only between reads: by the send loop)
+        try:
+            for frame in frames:
+                stats.frames_in += 1
+                r = route(frame)
+                if r.kind is data:
+                    target = targets((r.type, r.code, r.level))
+                    if target is None:
+                        stats.dropped_unleased += 1
+                    else:
+                        add((target, frame))
+                else:
+                    self._other(r.kind, frame)
+        finally:
+            self.publisher.enqueue_burst(burst)
+
+    def _other(self, kind: FrameKind, frame: bytes) -> None:
+        """A frame that is no data: Upbit's status, a LIST_SUBSCRIPTIONS answer, an error
+        frame (raised), or one we cannot route."""
+        stats = self.stats
+        if kind is FrameKind.STATUS:
+            stats.status_frames += 1
+        elif kind is FrameKind.LIST_REPLY:
+            self._list_reply(frame)
+        elif kind is FrameKind.ERROR:
+            stats.error_frames += 1
+            error = parse_error_frame(frame)
+            logger.error("upbit error frame: %s: %s", error.name, error.message)
+            raise error  # Upbit closes the socket after an error frame anyway
+        else:
+            stats.malformed += 1
+            if stats.malformed <= 10 or stats.malformed % 1000 == 0:
+                logger.warning("dropped malformed frame #%d: %r", stats.malformed, frame[:120])
 
     def _list_reply(self, frame: bytes) -> None:
         try:
@@ -399,7 +417,6 @@ class Upstream:
         self.changed.set()
 
 
-async def _close_quietly(ws: ClientConnection) -> None:
+async def _close_quietly(ws: UpstreamConnection) -> None:
     with contextlib.suppress(Exception):
-        async with asyncio.timeout(2):
-            await ws.close()
+        await ws.close()  # (bounded by its close_timeout)
