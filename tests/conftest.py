@@ -1,7 +1,9 @@
-"""Shared fixtures: a real redis-server per test on a free port, and its client."""
+"""Shared fixtures: a real redis-server per test on a free port, and its client; one with the
+documented least-privilege ACL users (``acl_redis``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -32,3 +34,16 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def acl_redis() -> AsyncIterator[RedisServer]:
+    """A redis-server with the broker and consumer ACL users of ``test_security_auth``."""
+    from tests.test_security_auth import ACL_BROKER, ACL_CONSUMER, acl_args
+
+    server = RedisServer(acl_args(ACL_BROKER, ACL_CONSUMER))
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        server.stop()

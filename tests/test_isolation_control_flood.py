@@ -19,12 +19,11 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -56,12 +55,9 @@ from broker.upbit.types import SubscriptionSet
 from tests.support.broker_env import fast_settings, started_broker
 from tests.support.sim import running_simulator
 from tests.test_security_auth import (
-    ACL_BROKER,
-    ACL_CONSUMER,
     ADMIN,
     BROKER_PW,
     CONSUMER_PW,
-    acl_args,
 )
 
 COALESCE = 0.05
@@ -349,16 +345,6 @@ CHANGES = ("KRW-ETH", "KRW-XRP", "KRW-SOL")
 MAX_LISTINGS_PER_S = 1 / 0.25 + 1 / 0.5 + 2  # asked + periodic + slack (old: one per window)
 MAX_HGETALL_PER_S = (64 + 8) / 0.02  # unknown + known ids per window (old: one per made-up id)
 MAX_LPOP_PER_S = 1 / 0.01 + 5  # one per tick, the 1 s timer, slack (old: one per message)
-
-
-@pytest_asyncio.fixture
-async def acl_redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(acl_args(ACL_BROKER, ACL_CONSUMER))
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def command_calls(admin: aioredis.Redis) -> dict[str, int]:

@@ -13,22 +13,17 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from broker.testing import RedisServer, wait_for, write_lease
 from tests.support.broker_env import fast_settings, sim_connections, started_broker
 from tests.support.sim import running_simulator
 from tests.test_security_auth import (
-    ACL_BROKER,
-    ACL_CONSUMER,
     ADMIN,
     BROKER_PW,
     CONSUMER_PW,
-    acl_args,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,16 +32,6 @@ VICTIM = {"ticker": ["KRW-BTC", "KRW-ETH"]}
 OTHER = {"ticker": ["KRW-XRP"]}
 ATTACK_S = 3.0  # six periodic listings (reconcile_interval 0.5 s), at least one with SCAN
 ZREM_EVERY = 0.2  # the attack's cadence, as in the probe
-
-
-@pytest_asyncio.fixture
-async def acl_redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(acl_args(ACL_BROKER, ACL_CONSUMER))
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def upstream_ticker(sim: object) -> set[str]:
