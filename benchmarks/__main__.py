@@ -30,6 +30,7 @@ SECTIONS = (
     "cryptofeed",
     "redis_py",
     "wholemarket",
+    "history",
 )
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 DEFAULT_PLOT_DIR = Path(__file__).resolve().parents[1] / "docs"
@@ -39,6 +40,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import (
         bench_ceilings,
         bench_cryptofeed,
+        bench_history,
         bench_hotpath,
         bench_latency,
         bench_recovery,
@@ -140,6 +142,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if "wholemarket" in only:
             print("whole market ...", flush=True)
             await section("wholemarket", lambda: bench_wholemarket.run(server, quick))
+        if "history" in only:
+            print("history on/off ...", flush=True)
+            await section("history", lambda: bench_history.run(server, quick))
     record["errors"] = errors
     git, dirty = h.git_state()
     record["git_at_end"] = {"git": git, "dirty": dirty}

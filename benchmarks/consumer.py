@@ -11,6 +11,8 @@ broker. Modes:
 * ``library``: this project's consumer library, ``BrokerClient.messages()`` on the same loop
   (it writes its own lease for the channels it is given, and heartbeats it, as any consumer
   does: that is part of what it costs);
+* ``library-durable``: the same with ``durable=True``: it reads the history (``XREAD``) instead
+  of the channels (issue 13's durable vs pub/sub latency);
 * ``ws``: a bare websockets client on the simulator (the no-broker latency baseline, and the
   raw receive ceiling).
 
@@ -40,7 +42,7 @@ from array import array
 from typing import Any
 
 _blake2b = hashlib.blake2b
-MODES = ("hiredis", "redis-py", "redis-py-async", "library", "ws")
+MODES = ("hiredis", "redis-py", "redis-py-async", "library", "library-durable", "ws")
 
 
 class Recorder:
@@ -309,6 +311,7 @@ async def _run_library(args: argparse.Namespace, channels: list[bytes]) -> None:
         f"redis://{args.host}:{args.port}/0",
         client_id=f"bench-library-{os.getpid()}",
         namespace=namespace,
+        **({"durable": True} if args.mode == "library-durable" else {}),
     ) as client:
         for stream, codes in by_stream.items():
             await client.subscribe(stream, codes)

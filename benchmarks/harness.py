@@ -280,7 +280,7 @@ def _consumer_place(mode: str) -> dict[str, Any]:
     ``--broker-root``, which then comes from that checkout (its cwd is first on sys.path; this
     tree's ``benchmarks`` package stays reachable through PYTHONPATH)."""
     root = BROKER_COMMAND["root"]
-    if mode != "library" or root is None:
+    if not mode.startswith("library") or root is None:
         return {"cwd": ROOT}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

@@ -290,6 +290,9 @@ def table(record: dict[str, Any]) -> str:
     wm = record.get("wholemarket")
     if wm:
         lines += ["", *_whole_market_lines(wm)]
+    hist = record.get("history")
+    if hist:
+        lines += ["", *_history_lines(hist)]
     s = record.get("summary", {})
     if s:
         lines += ["", "Goals"]
@@ -375,4 +378,35 @@ def _whole_market_lines(wm: dict[str, Any]) -> list[str]:
             f"{_f(r.get('library_vs_redis_py'), '.2f'):>6} "
             f"{_f(c['hiredis']['cpu_us_per_frame']):>8} {c['library'].get('gaps', '-'):>12}"
         )
+    return lines
+
+
+def _history_lines(hist: dict[str, Any]) -> list[str]:
+    """The history section: CPU per frame on/off, memory per retained frame, latency."""
+    lines = ["History (XADD beside every PUBLISH)"]
+    cpu = hist.get("cpu", {})
+    if cpu.get("runs"):
+        lines.append("     load  off us/frame  on us/frame  ratio  goal")
+        for r in cpu["runs"]:
+            lines.append(
+                f"  {_load(r['target_fps']):>7} {_f(r['off']['broker_cpu_us_per_frame']):>13} "
+                f"{_f(r['on']['broker_cpu_us_per_frame']):>12} {_f(r['ratio'], '.2f'):>6}  "
+                f"<= {cpu['goal_ratio']:g}x {'met' if r['met'] else 'NOT met'}"
+            )
+    for type_, m in hist.get("memory", {}).items():
+        lines.append(
+            f"  memory, {type_}: {_mb(m['memory_usage_bytes'])} MB per 10k retained frames of "
+            f"{m['frame_bytes']} B ({m['overhead_per_entry']:+.0f} B an entry; default cap "
+            f"{m['default_cap']:,} per code)"
+        )
+    lat = hist.get("latency")
+    if lat:
+        for path in ("pubsub", "durable"):
+            if path in lat:
+                p = lat[path]
+                lines.append(
+                    f"  latency, {path}: p50 {_f(p['p50_us'], '.0f')} us, "
+                    f"p99 {_f(p['p99_us'], '.0f')} us ({p['frames']} frames, "
+                    f"{p['missing']} missing)"
+                )
     return lines

@@ -43,6 +43,8 @@ from broker.upbit.codes import is_valid_code
 
 #: ``gap`` event reasons (the broker's; consumers add their own local ones)
 GAP_REASONS: Final = ("reconnect", "takeover", "stall", "error", "redis")
+#: the ``state`` of a gap's follow-up event (after the back-fill)
+GAP_STATES: Final = ("filled", "partial", "lost")
 #: ``lease`` event states
 LEASE_STATES: Final = ("ok", "partial", "invalid", "refused", "expired")
 #: most codes one snapshot command may name
@@ -170,6 +172,17 @@ class Status(msgspec.Struct, kw_only=True, frozen=True):
     redis_maxmemory: int = 0
     redis_maxmemory_policy: str = ""
     cache_stale_since_ms: int = 0
+    history: str = ""
+    history_written: int = 0
+    history_refused: int = 0
+    backfill_pending: int = 0
+    backfill_appended: int = 0
+    backfill_streams_failed: int = 0
+    backfill_requests: int = 0
+    backfill_rate_limited: int = 0
+    gaps_filled: int = 0
+    gaps_partial: int = 0
+    gaps_lost: int = 0
 
     def __post_init__(self) -> None:
         dropped = self.frames_dropped_by_reason
@@ -348,6 +361,18 @@ class GapEvent(msgspec.Struct, tag="gap", tag_field="event", kw_only=True, froze
     #: one of :data:`GAP_REASONS` (an unknown one is kept, not refused)
     reason: str = "unknown"
     broker: str | None = None
+    #: absent on the announcement; the follow-up, once the broker back-filled the gap's
+    #: trade and candle streams into the history (``{ns}:hist:...``) over REST, says one of
+    #: :data:`GAP_STATES`: ``filled`` (every missed trade/candle is in the history now),
+    #: ``partial`` (some streams could not be fetched), ``lost`` (none could)
+    state: str | msgspec.UnsetType = msgspec.UNSET
+    #: on the follow-up: the stream types whose state the new connection's SNAPSHOT frames
+    #: restored (ticker, orderbook: each frame supersedes the last, nothing to back-fill)
+    restored: list[str] | msgspec.UnsetType = msgspec.UNSET
+    #: on the follow-up: counts, ``streams`` (back-filled), ``appended`` (entries added to the
+    #: history), ``failed`` (streams not completely back-filled: the fetch failed, the page
+    #: limit, the deadline)
+    backfill: dict[str, int] | msgspec.UnsetType = msgspec.UNSET
 
 
 _NonEmpty = msgspec.Meta(min_length=1)
@@ -624,6 +649,7 @@ __all__ = [
     "DROP_REASONS",
     "EVENT_TYPES",
     "GAP_REASONS",
+    "GAP_STATES",
     "LEASE_FIELDS",
     "LEASE_STATES",
     "MAX_SNAPSHOT_CODES",

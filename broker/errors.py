@@ -13,7 +13,10 @@ BrokerError                     (defined in broker.upbit.errors)
 │       └── InvalidDepthSuffixError   an orderbook depth suffix that is not 1-4 digits
 ├── UpstreamError               (broker.upbit.errors) the upstream connection failed
 │   ├── UpbitErrorFrame         Upbit sent an error frame ({"error": {...}})
-│   └── MarketListError         Upbit's market list (REST) could not be read
+│   ├── MarketListError         Upbit's market list (REST) could not be read
+│   └── RestError               Upbit's REST API (the back-fill's trades and candles) could
+│       │                       not be read, or answered what we cannot use
+│       └── RestRateLimitError  Upbit refused us for the rate (429, 418) past our retries
 ├── LeaseError                  a lease that cannot be read or written
 ├── SnapshotError               a snapshot request got no (complete) answer
 ├── NotLeaderError              this broker lost (or never had) the leader lock
@@ -41,6 +44,20 @@ from broker.upbit.errors import (
 
 class MarketListError(UpstreamError):
     """Upbit's market list (``GET /v1/market/all``) could not be read or made no sense."""
+
+
+class RestError(UpstreamError):
+    """Upbit's REST API could not be read (unreachable, a timeout, an HTTP error) or answered
+    what we cannot use; ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RestRateLimitError(RestError):
+    """Upbit refused our REST requests for their rate (429 Too Many Requests, or 418 while it
+    blocks us), or we would have to wait past the deadline for our own limiter."""
 
 
 class LeaseError(BrokerError):
@@ -85,6 +102,8 @@ __all__ = [
     "NotLeaderError",
     "ProtocolError",
     "RequestError",
+    "RestError",
+    "RestRateLimitError",
     "SnapshotError",
     "UpbitErrorFrame",
     "UpstreamError",

@@ -14,6 +14,10 @@ This is the contract with consumers in any language (README, "Redis schema"):
     {ns}:last:{stream}             HASH    code -> the latest frame of that stream (exact bytes)
     {ns}:events                    CHANNEL JSON events: gap, connected, leader, lease
     {ns}:{stream}:{code}           CHANNEL every frame of one stream, exact upstream bytes
+    {ns}:hist:{stream}:{code}      STREAM  the same frames, replayable: one entry per frame, the
+                                           exact bytes in field ``f``; capped (XADD MAXLEN ~);
+                                           frames fetched over REST after a gap (backfill) also
+                                           carry ``origin`` = ``rest``
 
 ``{stream}`` is the data type (``ticker``, ``trade``, ``orderbook``, ``candle.1m`` ...), or
 ``orderbook@{level}`` for an orderbook grouped by a non-zero ``level``.
@@ -70,6 +74,14 @@ def parse_stream_name(name: str) -> tuple[str, float]:
     return type_, value
 
 
+#: the field of a history entry that holds the frame (exact upstream bytes)
+HISTORY_FRAME_FIELD = "f"
+#: a history entry appended by the backfill (fetched over REST after a gap) carries this field
+#: with value :data:`HISTORY_ORIGIN_REST`; live frames do not carry it
+HISTORY_ORIGIN_FIELD = "origin"
+HISTORY_ORIGIN_REST = "rest"
+
+
 class Keys:
     """Key and channel names of one namespace."""
 
@@ -110,6 +122,10 @@ class Keys:
 
     def channel(self, type_: str, code: str, level: float = 0.0) -> str:
         return f"{self.namespace}:{stream_name(type_, level)}:{validate_code(code)}"
+
+    def history(self, type_: str, code: str, level: float = 0.0) -> str:
+        """The capped Redis Stream holding every frame of one stream (``XREAD``/``XRANGE``)."""
+        return f"{self.namespace}:hist:{stream_name(type_, level)}:{validate_code(code)}"
 
     def channel_pattern_all(self) -> str:
         """A PSUBSCRIBE pattern for every data channel of this namespace (tools only)."""

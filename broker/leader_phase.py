@@ -17,10 +17,13 @@ what it read and writes what the core asks for:
     outbox     events and replies: one pipeline per batch, on one connection
     status     the status hash, every ``status_interval``
     markets    Upbit's market list (REST), at the start and every ``markets_refresh``
+    backfill   the back-fill jobs the core queues after each gap (``broker.backfill``: missed
+               trades and candles from Upbit's REST API into the history), one at a time
 
 After every feed, :meth:`LeaderPhase._forward` hands the core's outputs on (the one place that
 does): it wakes the upstream send loop when the desired set or the controller changed, tells
-the publisher which streams snapshot requests wait for, and wakes the outbox and the clock.
+the publisher which streams snapshot requests wait for, and wakes the outbox, the clock and the
+back-fill.
 
 Losing the lock (or failing to renew it before its local deadline) ends the TaskGroup at once,
 and the publisher checks the lock before every burst, so a deposed leader never publishes.
@@ -39,9 +42,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker.backfill import Backfiller
 from broker.clock import now_ms
 from broker.contract import encode_status
 from broker.control_channel import ControlSubscription, subscribe_control
+from broker.core.backfill import Outcome, StreamResult
 from broker.core.leader import LeaderCore, OutEvent, OutReply, Wake
 from broker.core.snapshots import CacheQuery
 from broker.core.stats import Counters
@@ -52,6 +57,7 @@ from broker.leases import LeaseStore
 from broker.markets import fetch_market_codes
 from broker.publisher import Publisher
 from broker.redis_oom import AllowOomScript, is_oom, read_memory
+from broker.rest import RestClient
 from broker.settings import BrokerSettings
 from broker.upstream import Confirmed, Connected, Lost, Upstream, Verified
 
@@ -83,6 +89,8 @@ CONTROL_TICK = 0.01
 MARKETS_RETRY = 5.0
 #: an early re-read of the market list (a lease names a code it lacks) comes no sooner
 MARKETS_EARLY = 60.0
+#: a wait for a wall-clock time looks at the clock again at least this often (seconds)
+WALL_CLOCK_RECHECK = 5.0
 
 
 class LeaderPhase:
@@ -122,6 +130,7 @@ class LeaderPhase:
         self._wake_clock = asyncio.Event()
         self._wake_outbox = asyncio.Event()
         self._markets_now = asyncio.Event()
+        self._wake_backfill = asyncio.Event()
         self._renew_now = asyncio.Event()
         self._clock_at: float | None = None  # when the clock task wakes by itself
         self._errors_at_renewal = 0
@@ -132,12 +141,20 @@ class LeaderPhase:
         self.publisher = Publisher(
             pub_redis,
             last_value_cache=settings.last_value_cache,
+            history_caps=settings.history_caps(),
             max_pending=settings.max_pending_frames,
             stats=counters.publish,
             watch_wake=self._wake_clock,
         )
         self.upstream = Upstream(
             settings, core.controller, self.publisher, self.keys, stats=counters.upstream
+        )
+        rest_url = settings.rest_base_url()
+        rest = None
+        if settings.backfill and rest_url is not None:
+            rest = RestClient(rest_url, stats=counters.backfill)
+        self.backfiller = Backfiller(
+            redis, self.keys, rest, fmt=settings.upstream_format, stats=counters.backfill
         )
 
     async def run(self) -> None:
@@ -155,6 +172,7 @@ class LeaderPhase:
             tg.create_task(self._run_clock(), name="clock")
             tg.create_task(self._write_outbox(), name="outbox")
             tg.create_task(self._write_status(), name="status")
+            tg.create_task(self._run_backfill(), name="backfill")
             markets_url = self.settings.market_list_url()
             if markets_url is not None:
                 tg.create_task(self._refresh_markets(markets_url), name="markets")
@@ -169,6 +187,8 @@ class LeaderPhase:
             self._wake_outbox.set()
         if core.take_market_refresh():
             self._markets_now.set()
+        if core.take_backfill_queued():
+            self._wake_backfill.set()
         wakeup = core.next_wakeup(time.monotonic())
         if wakeup is not None and (self._clock_at is None or wakeup < self._clock_at):
             self._wake_clock.set()
@@ -413,6 +433,27 @@ class LeaderPhase:
             # Woken early (an unknown code): not sooner than MARKETS_EARLY after the last read.
             await asyncio.sleep(max(0.0, read_at + MARKETS_EARLY - time.monotonic()))
 
+    async def _run_backfill(self) -> None:
+        """Run each back-fill job the core queues, once due (``broker.core.backfill``), and
+        feed it the results: the follow-up events go out through the outbox. One job at a
+        time; nothing a job meets ends the phase (``Backfiller.run`` only raises
+        ``CancelledError``, and a bug in it costs that job, not the phase)."""
+        core = self.core
+        while True:
+            job = core.take_backfill(now_ms())
+            self._forward()  # a job with nothing to fetch was answered at once
+            if job is None:
+                self._wake_backfill.clear()
+                await _wait_once_ms(self._wake_backfill, core.next_backfill_ms())
+                continue
+            try:
+                results = await self.backfiller.run(job)
+            except Exception as exc:  # CancelledError is no Exception: the phase ends
+                logger.warning("back-fill job failed: %s", describe(exc))
+                results = [StreamResult(fill.key, Outcome.FAILED) for fill in job.streams]
+            core.backfill_done(job, results)
+            self._forward()
+
     async def _next_epoch(self) -> int | None:
         """``INCR {ns}:epoch``: the epoch counts connections across leaders (None: no answer).
         Allowed at maxmemory (one integer key): a refused INCR would reuse an epoch, and two of
@@ -521,6 +562,18 @@ class LeaderPhase:
                     self.stats.oom_refusals += 1
                 logger.debug("status write failed: %s", exc)
             await asyncio.sleep(interval)
+
+
+async def _wait_once_ms(wake: asyncio.Event, due_ms: int | None) -> None:
+    """Wait until ``due_ms`` (wall clock ms; None: no time known), ``wake`` is set, or
+    ``WALL_CLOCK_RECHECK`` passed, whichever comes first: the caller looks again (a wall clock
+    set back must not hold it for as long as the clock jumped)."""
+    wait = WALL_CLOCK_RECHECK if due_ms is None else (due_ms - now_ms()) / 1000
+    if wait <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(min(wait, WALL_CLOCK_RECHECK)):
+            await wake.wait()
 
 
 async def _wait_until(wake: asyncio.Event, due: Callable[[], float]) -> None:

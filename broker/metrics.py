@@ -194,6 +194,41 @@ class BrokerCollector:
         yield counter(
             "redis_oom_refusals", "Writes Redis refused for memory", st.redis_oom_refusals
         )
+        yield counter("history_written", "History entries written (XADD)", st.history_written)
+        yield counter(
+            "history_refused",
+            "History entries Redis refused (announced as redis gaps)",
+            st.history_refused,
+        )
+        yield gauge("backfill_pending", "Gaps waiting for their back-fill", st.backfill_pending)
+        yield counter(
+            "backfill_appended",
+            "Entries the back-fill appended to the history over REST",
+            st.backfill_appended,
+        )
+        yield counter(
+            "backfill_streams_failed",
+            "Streams a back-fill could not complete",
+            st.backfill_streams_failed,
+        )
+        yield counter("backfill_requests", "REST requests of the back-fill", st.backfill_requests)
+        yield counter(
+            "backfill_rate_limited",
+            "REST requests Upbit refused for the rate (429, 418)",
+            st.backfill_rate_limited,
+        )
+        follow_ups = CounterMetricFamily(
+            f"{PREFIX}_gap_follow_ups",
+            "Gap follow-ups after the back-fill, by state",
+            labels=["state"],
+        )
+        for state, n in (
+            ("filled", st.gaps_filled),
+            ("partial", st.gaps_partial),
+            ("lost", st.gaps_lost),
+        ):
+            follow_ups.add_metric([state], n)
+        yield follow_ups
         stale = st.cache_stale_since_ms
         yield gauge(
             "cache_stale_seconds",

@@ -3,8 +3,16 @@
 The upstream receive loop calls :meth:`Publisher.enqueue` per frame (an append, no await). The
 first frame of a burst schedules one callback for when the receive loop next yields, i.e. once
 everything that arrived together has been routed; that callback swaps the list out and writes
-the whole burst as ONE buffer of PUBLISH commands, plus one HSET per cache hash for the
-last-value cache (only the newest frame per code in the burst is written).
+the whole burst as ONE buffer of PUBLISH commands (each after the XADD that appends the same
+frame to the stream's history, ``{ns}:hist:{stream}:{code}``, capped with ``MAXLEN ~``, for the
+types whose history is on), plus one HSET per cache hash for the last-value cache (only the
+newest frame per code in the burst is written).
+
+The history is what durable consumers read (``XREAD`` from an offset), so a history entry Redis
+refused (at maxmemory: ``-OOM``; any error reply in a burst that carried XADDs counts, since
+replies are not told apart) is a frame they will never see: it is counted
+(``history_refused``) and announced like a frame that never reached Redis, as a ``redis`` gap
+(a :class:`RedisLoss` that stays open until a burst's history is accepted again).
 
 On the raw RESP road (:mod:`broker.resp`: one packed buffer, replies counted by hiredis where
 they arrive) the write does not wait for Redis: replies are counted as they come, so a burst
@@ -68,6 +76,7 @@ from redis.exceptions import RedisError
 
 from broker import resp
 from broker.clock import now_ms
+from broker.core.history import history_cap
 from broker.core.oom import inherited_cache_stale_since
 from broker.core.stats import PublishStats
 from broker.keys import Keys
@@ -88,8 +97,9 @@ CACHE_PROBE_INTERVAL = 0.5
 # frames, or the newest frame of every stream seen (the rewrite that ends a staleness).
 _NO_CACHE, _BURST_CACHE, _FULL_CACHE = 0, 1, 2
 
-#: a burst in flight: (write wall clock ms, its frames, which cache write it carries)
-_Token = tuple[int, list[tuple["Target", bytes]], int]
+#: a burst in flight: (write wall clock ms, its frames, which cache write it carries, how many
+#: history entries it appends)
+_Token = tuple[int, list[tuple["Target", bytes]], int, int]
 
 
 # eq=False: a Target is made once per stream and reused for every frame, so identity is its
@@ -104,18 +114,35 @@ class Target:
     code: bytes
     #: ``PUBLISH channel`` in RESP, up to the message (see :func:`broker.resp.publish_prefix`)
     publish_prefix: bytes = b""
+    #: the history stream (empty: this type keeps no history) and its cap (entries)
+    history_key: bytes = b""
+    history_cap: int = 0
+    #: ``XADD key MAXLEN ~ cap * f`` in RESP, up to the frame (empty: no history)
+    history_prefix: bytes = b""
+    #: commands per frame: the PUBLISH, and the XADD when the history is on
+    commands: int = 1
 
     def __post_init__(self) -> None:
         if not self.publish_prefix:
             object.__setattr__(self, "publish_prefix", resp.publish_prefix(self.channel))
+        if self.history_key and self.history_cap > 0:
+            object.__setattr__(
+                self, "history_prefix", resp.xadd_prefix(self.history_key, self.history_cap)
+            )
+            object.__setattr__(self, "commands", 2)
 
 
-def make_target(keys: Keys, key: StreamKey) -> Target:
+def make_target(keys: Keys, key: StreamKey, history_caps: dict[str, int] | None = None) -> Target:
+    """The target of one stream; ``history_caps`` (``BrokerSettings.history_caps``): the
+    history's cap per type (None or a type left out: no history)."""
+    cap = history_cap(history_caps, key.type) if history_caps else 0
     return Target(
         key=key,
         channel=keys.channel(key.type, key.code, key.level).encode(),
         cache_key=keys.last_values(key.type, key.level).encode(),
         code=key.code.encode(),
+        history_key=keys.history(key.type, key.code, key.level).encode() if cap else b"",
+        history_cap=cap,
     )
 
 
@@ -143,6 +170,7 @@ class Publisher:
         redis: aioredis.Redis,
         *,
         last_value_cache: bool = True,
+        history_caps: dict[str, int] | None = None,
         max_pending: int = 100_000,
         raw_resp: bool = True,
         stats: PublishStats | None = None,
@@ -154,6 +182,8 @@ class Publisher:
             redis: the client whose address the raw road connects to (or whose pipelines the
                 redis-py road uses).
             last_value_cache: also HSET the newest frame of each stream in its cache hash.
+            history_caps: the history's cap per type (``BrokerSettings.history_caps``); the
+                targets are made with them (:meth:`target`); None: no history.
             max_pending: frames held before the oldest are dropped (and counted).
             raw_resp: take the raw RESP road when the client allows it.
             stats: the counters to bump (the broker's, which outlive this publisher).
@@ -166,6 +196,12 @@ class Publisher:
         #: which road the bursts take: "resp" or "redis-py"
         self.transport = "resp" if self._address is not None else "redis-py"
         self._cache = last_value_cache
+        self.history_caps = dict(history_caps or {})
+        #: the token of the last burst whose history Redis refused (its answer must not end the
+        #: loss it opened)
+        self._history_refused_token: _Token | None = None
+        #: the open loss holds refused history: only a burst whose history Redis takes ends it
+        self._history_loss = False
         self._max_pending = max_pending
         self._pending: list[tuple[Target, bytes]] = []
         #: wakes the publisher's task: the fast road cannot take this burst (no connection
@@ -196,6 +232,10 @@ class Publisher:
         self._purge_due = last_value_cache and bool(self.stats.cache_stale_since_ms)
         self._purge_task: asyncio.Task[None] | None = None
         self._purge_at = 0.0
+
+    def target(self, keys: Keys, key: StreamKey) -> Target:
+        """The target of one stream, with this publisher's history caps."""
+        return make_target(keys, key, self.history_caps)
 
     def enqueue(self, target: Target, frame: bytes) -> None:
         """Queue one frame (the hot path: one per frame received); it is written once the
@@ -254,7 +294,8 @@ class Publisher:
         return losses
 
     def _dropped(self) -> int:
-        return self.stats.dropped_redis + self.stats.dropped_not_leader
+        stats = self.stats
+        return stats.dropped_redis + stats.dropped_not_leader + stats.history_refused
 
     def _lost(self, frames: int, oldest_write_ms: int = 0) -> None:
         """``frames`` never reached Redis (counted as ``dropped_redis``): open a loss, or add
@@ -403,8 +444,19 @@ class Publisher:
     def _write_raw(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
         """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash. Its frames
         count as published when Redis has answered every command (:meth:`_answered`)."""
-        parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
-        commands = len(batch)
+        if self.history_caps:
+            parts = [
+                b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n"
+                % (t.history_prefix, len(f), f, t.publish_prefix, len(f), f)
+                if t.history_prefix
+                else b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f)
+                for t, f in batch
+            ]
+            commands = sum(t.commands for t, _ in batch)
+        else:
+            parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
+            commands = len(batch)
+        history = commands - len(batch)
         cache = _NO_CACHE
         if self._cache:
             # Only the newest frame of each stream goes to the cache: dict() keeps the last.
@@ -413,7 +465,7 @@ class Publisher:
                 parts.append(resp.encode_command(b"HSET", key, *fields))
                 commands += 1
         try:
-            conn.send(b"".join(parts), commands, token=(now_ms(), batch, cache))
+            conn.send(b"".join(parts), commands, token=(now_ms(), batch, cache, history))
         except RedisError:
             self._lost(len(batch))  # closed under us (the error is counted)
             self._cache_lost([cache])
@@ -421,23 +473,39 @@ class Publisher:
         self._sent(batch)
 
     def _answered(self, token: _Token, errors: int) -> None:
-        written_ms, batch, cache = token
-        self._confirmed(batch)
+        written_ms, batch, cache, history = token
+        refused = self._history_refused_token is token
+        if refused:
+            self._history_refused_token = None
+        self._confirmed(batch, history_written=(0 if refused else history) if history else -1)
         if not errors:
             self._cache_answered(cache, written_ms, refused=False)
 
     def _refused(self, token: _Token, replies: list[Exception]) -> None:
         """Redis answered some commands of a burst with errors (before :meth:`_answered`)."""
-        written_ms, _, cache = token
+        written_ms, _, cache, history = token
         oom = sum(1 for reply in replies if is_oom(reply))
         self._reply_errors(len(replies), oom)
         self._cache_answered(cache, written_ms, refused=oom > 0)
+        if history:
+            self._history_refused_token = token
+            self._history_lost(history, written_ms)
+
+    def _history_lost(self, entries: int, written_ms: int) -> None:
+        """Redis refused a burst carrying ``entries`` history entries (which of its commands
+        failed is not known: all of them count): a loss for durable consumers, open until a
+        burst's history is accepted (:meth:`_confirmed`)."""
+        if self._loss is None:
+            times = [t for t in (self.stats.last_publish_ms, written_ms) if t > 0]
+            self._loss = (min(times) if times else now_ms(), self._dropped())
+        self.stats.history_refused += entries
+        self._history_loss = True
 
     def _connection_lost(self, why: Exception, unanswered: list[Any]) -> None:
         self.stats.redis_errors += 1
-        lost = sum(len(batch) for _, batch, _ in unanswered)
-        self._lost(lost, min((written for written, _, _ in unanswered), default=0))
-        self._cache_lost([cache for _, _, cache in unanswered])
+        lost = sum(len(batch) for _, batch, _, _ in unanswered)
+        self._lost(lost, min((written for written, _, _, _ in unanswered), default=0))
+        self._cache_lost([cache for _, _, cache, _ in unanswered])
         logger.warning("publish connection lost with %d frames unconfirmed: %s", lost, why)
         if self._pending:
             self.wake.set()  # the task reconnects for them
@@ -458,8 +526,10 @@ class Publisher:
 
     # -- shared by both roads -------------------------------------------------------------------
 
-    def _confirmed(self, batch: list[tuple[Target, bytes]]) -> None:
-        """Redis answered every command of ``batch``: its frames are published."""
+    def _confirmed(self, batch: list[tuple[Target, bytes]], history_written: int = -1) -> None:
+        """Redis answered every command of ``batch``: its frames are published, and
+        ``history_written`` history entries were accepted (0: refused, the loss stays open;
+        -1: the burst carried none)."""
         now = time.monotonic()
         stats = self.stats
         by_type = stats.published_by_type
@@ -467,8 +537,16 @@ class Publisher:
         for target, n_frames in Counter(map(_first, batch)).items():
             last_seen[target.key] = now
             by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
-        stats.last_publish_ms = now_ms()
         stats.published += len(batch)
+        if history_written == 0 or (history_written < 0 and self._history_loss):
+            # The history refused them, or took none since it refused some: the loss stays
+            # open, and the last publish stays the last whole one (the status names it: a
+            # successor's takeover gap starts there).
+            return
+        if history_written > 0:
+            stats.history_written += history_written
+            self._history_loss = False
+        stats.last_publish_ms = now_ms()
         if self._loss is not None:
             self._close_loss(stats.last_publish_ms)
 
@@ -508,6 +586,7 @@ class Publisher:
     async def _publish(self, batch: list[tuple[Target, bytes]]) -> None:
         cache, newest = self._plan_cache(dict(batch)) if self._cache else (_NO_CACHE, {})
         written_ms = now_ms()
+        history = sum(1 for target, _ in batch if target.history_prefix)
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
                 errors, oom = await self._send_pipeline(batch, newest)
@@ -517,7 +596,9 @@ class Publisher:
             self._cache_lost([cache])
             logger.warning("publish of %d frames failed: %s", len(batch), exc)
             return
-        self._confirmed(batch)
+        if errors and history:
+            self._history_lost(history, written_ms)
+        self._confirmed(batch, history_written=(0 if errors else history) if history else -1)
         self._sent(batch)
         if errors:
             self._reply_errors(errors, oom)
@@ -542,6 +623,10 @@ class Publisher:
         pipe = self._redis.pipeline(transaction=False)
         command = pipe.execute_command
         for target, frame in batch:
+            if target.history_prefix:
+                command(
+                    "XADD", target.history_key, "MAXLEN", "~", target.history_cap, "*", "f", frame
+                )
             command("PUBLISH", target.channel, frame)
         for cache_key, fields in self._cache_mappings(newest).items():
             command("HSET", cache_key, *fields)

@@ -65,6 +65,13 @@ def publish_prefix(channel: bytes) -> bytes:
     return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
 
 
+def xadd_prefix(key: bytes, cap: int) -> bytes:
+    """``XADD key MAXLEN ~ cap * f`` up to the value: append ``$len\r\n`` + frame + ``\r\n``
+    (the history entry's one field, ``broker.keys.HISTORY_FRAME_FIELD``)."""
+    head = encode_command(b"XADD", key, b"MAXLEN", b"~", cap, b"*", b"f", b"")
+    return head[: -len(b"$0\r\n\r\n")]  # the empty value, which the frame replaces
+
+
 @dataclass(frozen=True, slots=True)
 class RespAddress:
     """Where and as whom to connect. ``path`` set means a unix socket."""

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from broker.core.history import parse_history_caps
 from broker.errors import ConfigError
 from broker.keys import DEFAULT_NAMESPACE, validate_name
 from broker.upbit.types import Format
@@ -246,6 +247,14 @@ class BrokerSettings:
     markets_url: str = ""
     #: re-read the market list this often
     markets_refresh: float = 600.0
+    #: the history (``{ns}:hist:{stream}:{code}``, capped Redis Streams): entries kept per
+    #: stream and code, by type (``candle`` covers every candle unit); ``off``: no history;
+    #: a type at 0 or left out is not kept (``broker.core.history.parse_history_caps``)
+    history: str = "trade=10000,candle=1000,ticker=100,orderbook=100"
+    #: after a gap, fetch the missed trades and candles over Upbit's REST API into the history
+    backfill: bool = True
+    #: Upbit's REST API base; "" derives it from ``upstream_url`` (same host, http(s)); "off"
+    rest_url: str = ""
     #: verify resubscribes with LIST_SUBSCRIPTIONS
     verify_subscriptions: bool = True
     #: keep the latest frame per stream in Redis (``{ns}:last:{stream}``)
@@ -266,6 +275,13 @@ class BrokerSettings:
             raise ConfigError(
                 f"markets url must be http://, https://, empty or off, got {self.markets_url!r}"
             )
+        if self.rest_url not in ("", "off") and not self.rest_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"rest url must be http://, https://, empty or off, got {self.rest_url!r}"
+            )
+        parse_history_caps(self.history)  # a ConfigError naming the bad part
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"redis url must start with redis://, rediss:// or unix://, "
@@ -304,6 +320,20 @@ class BrokerSettings:
         scheme, _, rest = self.upstream_url.partition("://")
         host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
         return f"{'https' if scheme == 'wss' else 'http'}://{host}/v1/market/all"
+
+    def rest_base_url(self) -> str | None:
+        """Upbit's REST API base, ``https://api.upbit.com`` (None: "off", no back-fill)."""
+        if self.rest_url == "off":
+            return None
+        if self.rest_url:
+            return self.rest_url.rstrip("/")
+        scheme, _, rest = self.upstream_url.partition("://")
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        return f"{'https' if scheme == 'wss' else 'http'}://{host}"
+
+    def history_caps(self) -> dict[str, int]:
+        """Entries kept per stream and code, by type (``candle`` for every candle unit)."""
+        return parse_history_caps(self.history)
 
     def with_(self, **changes: Any) -> BrokerSettings:
         return replace(self, **changes)

@@ -34,7 +34,7 @@ from broker.core.gaps import Loss
 from broker.core.stats import UpstreamStats
 from broker.errors import FrameError, UpbitErrorFrame, UpstreamError
 from broker.keys import Keys
-from broker.publisher import Publisher, Target, make_target
+from broker.publisher import Publisher, Target
 from broker.settings import BrokerSettings
 from broker.upbit.messages import ErrorFrame, ListSubscriptionsReply, decode_message
 from broker.upbit.router import FrameKind, route_frame
@@ -167,7 +167,7 @@ class Upstream:
         for key in routable:
             target = self._targets.get(key)
             if target is None:
-                target = self._targets[key] = make_target(self.keys, key)
+                target = self._targets[key] = self.publisher.target(self.keys, key)
             table[(key.type, key.code, key.level)] = target
         self._table = table  # swap whole: the receive loop never sees a half-built table
 

@@ -150,6 +150,14 @@ def register(app: typer.Typer) -> None:
                 parser=bounds.setting("metrics_port", "--metrics-port"),
             ),
         ] = _default("metrics_port"),
+        history: Annotated[
+            str,
+            typer.Option(
+                envvar=ENV + "HISTORY",
+                show_envvar=True,
+                help="History entries kept per stream, by type; 'off': none.",
+            ),
+        ] = _default("history"),
         event_loop: Annotated[
             str,
             typer.Option(
@@ -197,6 +205,7 @@ def register(app: typer.Typer) -> None:
             broker_id=broker_id,
             stall_timeout=stall_timeout,
             metrics_port=metrics_port,
+            history=history,
         )
         if log_format not in ("text", "json"):
             typer.echo(f"error: --log-format must be text or json, got {log_format!r}", err=True)

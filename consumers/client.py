@@ -16,6 +16,13 @@ Delivery and back-pressure:
   connection at its output-buffer limit, the reader notices, reconnects, and reports a
   ``fell-behind`` gap. Either way the application is told, and the broker never waits.
 
+Durable streams (``durable=True``, for the client or one subscription) take another road: the
+broker's history of each stream, read with XREAD from the last offset delivered
+(``consumers.history_reader``). Their messages are never discarded: that reader waits for room
+in the queues instead, Redis keeps the backlog, and a reconnect or a pause resumes where it
+left off; a consumer pushed off the retained window gets a ``trimmed`` gap. Events still come
+over pub/sub. ``latest_only`` streams keep one message per stream in each queue, the newest.
+
 (Over 500 lines on purpose: this is the library's one public class, and most of its length is
 the documented API — subscribe, messages, callbacks, snapshots, lease notices — with its
 argument checks; the pub/sub reader, the queue, the commands and the items are modules of their
@@ -62,14 +69,25 @@ from broker.errors import (
 from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
 from broker.leases import Lease, LeaseStore
 from broker.redis_client import redis_client
-from broker.settings import CLIENT_BOUNDS, check_number, redact_url
+from broker.settings import CLIENT_BOUNDS, Bound, check_number, redact_url
 from broker.upbit.codes import normalize_depth, parse_code, validate_code
 from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
 from consumers import commands
 from consumers.errors import ClientClosedError, RedisUnavailableError
+from consumers.history_reader import DEFAULT_READ_COUNT, Cursor, HistoryReader
+from consumers.history_window import (
+    Lost,
+    StreamInfo,
+    check_start,
+    entry_frame,
+    offset_text,
+    resolve_start,
+)
 from consumers.items import (
+    CONSUMER_DISCONNECTED,
     FELL_BEHIND,
     LEASE_LAPSED,
+    TRIMMED,
     Gap,
     Item,
     LeaseNotice,
@@ -125,6 +143,12 @@ class ClientStats:
     #: not name as leader, naming none, or going back in epoch (design.md "Who may publish
     #: events")
     events_rejected: int = 0
+    #: the broker's follow-ups of its gaps (``Gap.state`` set), not counted in ``gaps``
+    gap_follow_ups: int = 0
+    #: history (durable) connections lost; each resumes from the offsets delivered
+    history_reconnects: int = 0
+    #: latest-only messages replaced in a queue by a newer one of their stream
+    conflated: int = 0
 
 
 #: How long an event naming a broker the status does not (yet) name waits for the status to
@@ -135,6 +159,11 @@ _VERIFY_POLL = 0.1
 _VERIFY_MAX_PENDING = 256
 
 _ACCEPT, _REJECT, _CHECK = "accept", "reject", "check"
+
+#: ``read_count``: XREAD COUNT per stream (durable streams); at most the broker's smallest cap
+_READ_COUNT_BOUND = Bound(1, 10_000, "entries", True, "XREAD COUNT per durable stream")
+#: Every trade is an event, not a state: conflating trades would drop some silently.
+_NOT_CONFLATED = frozenset({DataType.TRADE.value})
 
 
 class _EventGate:
@@ -170,6 +199,10 @@ class _EventGate:
         return self._epoch_rule(event)
 
     def _epoch_rule(self, event: Event) -> tuple[str, str]:
+        if isinstance(event, GapEvent) and isinstance(event.state, str):
+            # A gap's follow-up names the epoch of the gap it follows up, which may be older
+            # than connections announced since: it is accepted, and moves no floor.
+            return _ACCEPT, ""
         if isinstance(event, GapEvent | ConnectedEvent) and event.epoch is not None:
             if self.epoch is not None and event.epoch < self.epoch:
                 return _REJECT, f"epoch {event.epoch} is older than {self.epoch}, already seen"
@@ -199,6 +232,10 @@ class _Route:
     level: float
     callbacks: list[Callback] = field(default_factory=list)
     to_queue: bool = False
+    #: read from the stream's history (``{ns}:hist:...``), not SUBSCRIBEd
+    durable: bool = False
+    #: the queues keep only its newest message
+    latest_only: bool = False
 
 
 class BrokerClient:
@@ -212,14 +249,21 @@ class BrokerClient:
         on_gap: called with each :class:`Gap` (plain or ``async`` function).
         on_lease: called with each :class:`LeaseNotice`: the broker could not serve this
             client's lease (or part of it), or it expired, or it is served again.
-        queue_size: data messages each in-process queue holds before discarding the oldest.
+        queue_size: data messages each in-process queue holds before discarding the oldest
+            (for durable streams: before their reader waits).
         connect_timeout: seconds for connecting to Redis (and for each Redis command).
         ping_interval: the pub/sub connection is PINGed after this long without traffic.
+        durable: read streams from the broker's history (``{ns}:hist:{stream}:{code}``) with
+            XREAD instead of pub/sub, so a reconnect, a pause or a slow phase loses nothing
+            still retained (``subscribe(durable=...)`` decides per subscription).
+        read_count: entries per durable stream and read (XREAD COUNT); keep it at or below
+            the smallest history cap the broker keeps, the rule that finds a consumer pushed
+            off the window relies on it (``consumers.history_reader``).
 
     Raises:
         ConfigError: a bad URL, namespace or client id, or a number out of its range
             (``broker.settings.CLIENT_BOUNDS``: lease_ttl, queue_size, connect_timeout,
-            ping_interval).
+            ping_interval; read_count from 1 to 10000).
     """
 
     def __init__(
@@ -234,6 +278,8 @@ class BrokerClient:
         queue_size: int = 10_000,
         connect_timeout: float = 5.0,
         ping_interval: float = 5.0,
+        durable: bool = False,
+        read_count: int = DEFAULT_READ_COUNT,
     ) -> None:
         if not isinstance(redis_url, str) or not redis_url.startswith(
             ("redis://", "rediss://", "unix://")
@@ -249,6 +295,9 @@ class BrokerClient:
             "connect_timeout", connect_timeout, CLIENT_BOUNDS["connect_timeout"]
         )
         ping_interval = check_number("ping_interval", ping_interval, CLIENT_BOUNDS["ping_interval"])
+        read_count = check_number("read_count", read_count, _READ_COUNT_BOUND)
+        self.durable = bool(durable)
+        self._read_count = read_count
         self.redis_url = redis_url
         self.client_id = validate_name(client_id or default_client_id(), "client id")
         self.keys = Keys(namespace)
@@ -275,6 +324,7 @@ class BrokerClient:
         self._redis: Redis | None = None
         self._store: LeaseStore | None = None
         self._subscriber: Subscriber | None = None
+        self._history: HistoryReader | None = None
         self._started = False
         self._closed = False
         self._lease_failing = False
@@ -335,7 +385,21 @@ class BrokerClient:
             ping_interval=self._ping_interval,
         )
         await self._subscriber.subscribe([self.keys.events.encode()])
+        # connects once a durable stream is subscribed
+        self._history = HistoryReader(
+            self.redis_url,
+            name=f"{self.client_id}:hist"[:128],
+            on_entries=self._on_entries,
+            on_trimmed=self._on_trimmed,
+            on_restart=self._on_history_restart,
+            on_break=self._on_history_break,
+            room=self._room,
+            wait_room=self._wait_room,
+            read_count=self._read_count,
+            connect_timeout=self._connect_timeout,
+        )
         self._spawn(self._subscriber.run(), "reader")
+        self._spawn(self._history.run(), "history")
         self._spawn(self._heartbeat(), "heartbeat")
         self._spawn(self._dispatch(), "dispatcher")
         self._spawn(self._verify_events(), "events")
@@ -376,6 +440,8 @@ class BrokerClient:
         self._cb_queue.close()
         if self._subscriber is not None:
             await self._subscriber.aclose()
+        if self._history is not None:
+            await self._history.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         logger.debug("client %s closed", self.client_id)
@@ -413,29 +479,67 @@ class BrokerClient:
         callback: Callback | None = None,
         *,
         level: float = 0.0,
+        durable: bool | None = None,
+        start: str = "$",
+        latest_only: bool = False,
     ) -> None:
         """Add streams to the lease and start delivering them.
 
-        Returns once Redis confirmed the channel subscriptions and the lease is written, so
-        the first frame the broker publishes for them is received. Without ``callback`` the
-        messages go to :meth:`messages`.
+        Returns once Redis confirmed the channel subscriptions (durable streams: once their
+        start offsets are fixed) and the lease is written, so the first frame the broker
+        publishes for them is received. Without ``callback`` the messages go to
+        :meth:`messages`.
 
         Args:
             data_type: ``ticker``, ``trade``, ``orderbook``, ``candle.1s`` ... ``candle.240m``.
             codes: market codes (``KRW-BTC``); orderbook codes may carry a depth (``KRW-BTC.15``).
             callback: called with each :class:`StreamMessage` of these streams.
             level: orderbook grouping level (orderbook only).
+            durable: read these streams from the broker's history (default: the client's
+                ``durable``); their messages carry ``offset``.
+            start: where a durable stream starts: ``$`` (default) with what is appended from
+                now on; ``0`` with the oldest entry retained; an entry id (``item.offset`` of
+                the last message handled) after that entry; a bare ``ms`` from that time on.
+                A stream already subscribed keeps reading where it is.
+            latest_only: keep only the newest message of each of these streams in the queues
+                (state streams: ticker, orderbook, candles; not trade). A slow reader gets
+                fresh state, not a backlog; the messages it skips are no loss to announce.
 
         Raises:
-            ValueError: an unknown data type, no codes, or a level for a non-orderbook type.
+            ValueError: an unknown data type, no codes, a level for a non-orderbook type, a
+                bad ``start`` (or one without ``durable``), ``latest_only`` for trade, or a
+                stream already subscribed with other ``durable`` / ``latest_only`` settings.
             InvalidCodeError: a code not of Upbit's shape (nothing was written).
             LeaseError: the lease could not be written (the subscription is rolled back).
-            RedisUnavailableError: Redis did not confirm the SUBSCRIBE in time (rolled back).
+            RedisUnavailableError: Redis did not confirm the SUBSCRIBE in time, or did not
+                answer where a durable stream starts (rolled back).
         """
         wanted = _parse_streams(data_type, codes, level)
+        durable = self.durable if durable is None else bool(durable)
+        start = check_start(start)
+        if start != "$" and not durable:
+            raise ValueError(f"start={start!r} needs a durable subscription (durable=True)")
+        latest_only = bool(latest_only)
+        if latest_only and _data_type(data_type) in _NOT_CONFLATED:
+            raise ValueError(
+                f"latest_only does not apply to {data_type}: every trade counts, "
+                "conflating them would drop trades"
+            )
         self._check_running()
         assert self._store is not None and self._subscriber is not None
+        assert self._history is not None
         async with self._lock:
+            for key in wanted:
+                route = self._routes.get(self.keys.channel(key.type, key.code, key.level))
+                if route is not None and (route.durable, route.latest_only) != (
+                    durable,
+                    latest_only,
+                ):
+                    raise ValueError(
+                        f"{route.stream} {route.code} is subscribed with durable="
+                        f"{route.durable}, latest_only={route.latest_only}; unsubscribe it "
+                        "first to change that"
+                    )
             new_set = union(self._subs, SubscriptionSet(wanted))
             added: list[_Route] = []
             for key in sorted(wanted):
@@ -448,6 +552,8 @@ class BrokerClient:
                         stream=stream_name(key.type, key.level),
                         code=key.code,
                         level=key.level,
+                        durable=durable,
+                        latest_only=latest_only,
                     )
                     self._routes[channel] = route
                     added.append(route)
@@ -457,17 +563,25 @@ class BrokerClient:
                 elif callback not in route.callbacks:
                     route.callbacks.append(callback)
             try:
-                # channels before the lease: the broker starts streaming once the lease is in
+                # channels (and history offsets) before the lease: the broker starts
+                # streaming once the lease is in
                 try:
-                    await self._subscriber.subscribe(r.channel.encode() for r in added)
+                    await self._subscriber.subscribe(
+                        r.channel.encode() for r in added if not r.durable
+                    )
                 except TimeoutError as exc:
                     raise RedisUnavailableError(str(exc)) from None
+                await self._start_history([r for r in added if r.durable], start)
                 self._lease = await self._write_lease(new_set)
             except BaseException:
                 for route in added:
                     del self._routes[route.channel]
+                    if route.durable:
+                        self._history.remove(self._history_key(route))
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await self._subscriber.unsubscribe(r.channel.encode() for r in added)
+                    await self._subscriber.unsubscribe(
+                        r.channel.encode() for r in added if not r.durable
+                    )
                 raise
             self._subs = new_set
 
@@ -497,8 +611,52 @@ class BrokerClient:
                     await self._release_lease()
                 self._subs = remaining
             channels = [self.keys.channel(k.type, k.code, k.level) for k in removing]
-            gone = [c for c in channels if self._routes.pop(c, None) is not None]
-            await self._subscriber.unsubscribe(c.encode() for c in gone)
+            gone = [r for c in channels if (r := self._routes.pop(c, None)) is not None]
+            for route in gone:
+                if route.durable and self._history is not None:
+                    self._history.remove(self._history_key(route))
+            await self._subscriber.unsubscribe(r.channel.encode() for r in gone if not r.durable)
+
+    def _history_key(self, route: _Route) -> str:
+        return self.keys.history(route.type, route.code, route.level)
+
+    async def _start_history(self, routes: list[_Route], start: str) -> None:
+        """Fix where each new durable stream starts (``XINFO STREAM``: ``$`` is the newest
+        entry now, not when the reader first reads) and hand it to the history reader."""
+        if not routes:
+            return
+        assert self._redis is not None and self._history is not None
+        try:
+            async with (
+                asyncio.timeout(self._connect_timeout * 2),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                for route in routes:
+                    pipe.execute_command("XINFO", "STREAM", self._history_key(route))
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RedisUnavailableError(
+                f"cannot read where the durable streams start: {describe(exc)}"
+            ) from exc
+        cursors = []
+        for route, reply in zip(routes, replies, strict=True):
+            if isinstance(reply, Exception) and "no such key" not in str(reply).lower():
+                raise RedisUnavailableError(
+                    f"cannot read the history of {route.stream} {route.code}: {reply}"
+                )
+            info = None if isinstance(reply, Exception) else StreamInfo.parse(reply)
+            last, n = resolve_start(start, info)
+            cursors.append(
+                Cursor(
+                    key=self._history_key(route),
+                    channel=route.channel,
+                    last=last,
+                    n=n,
+                    latest_only=route.latest_only,
+                )
+            )
+        for cursor in cursors:
+            self._history.add(cursor)
 
     async def _write_lease(self, subs: SubscriptionSet) -> Lease:
         assert self._store is not None
@@ -644,13 +802,106 @@ class BrokerClient:
             received_ms=received_ms,
         )
         if route.callbacks:
-            self._put(self._cb_queue, item, "callback")
+            self._put(self._cb_queue, item, "callback", route.latest_only)
         if route.to_queue:
-            self._put(self._queue, item, "messages()")
+            self._put(self._queue, item, "messages()", route.latest_only)
 
-    def _put(self, queue: DropOldestQueue, item: Item, which: str) -> None:
+    def _on_entries(self, cursor: Cursor, entries: Any, received_ms: int) -> None:
+        # the history reader, with one stream's entries of one read, oldest first: only
+        # enqueue (held messages are never discarded; the reader waited for room before)
+        route = self._routes.get(cursor.channel)
+        if route is None:
+            return
+        self.stats.messages += len(entries)
+        to_cb = bool(route.callbacks)
+        to_queue = route.to_queue
+        latest = route.latest_only
+        # a held message is never discarded, so no overflow to account for: put it directly
+        put_cb, put_queue = self._cb_queue.put, self._queue.put
+        for entry_id, fields in entries:
+            raw, backfilled = entry_frame(fields)
+            item = StreamMessage(
+                channel=route.channel,
+                type=route.type,
+                stream=route.stream,
+                code=route.code,
+                level=route.level,
+                raw=raw,
+                received_ms=received_ms,
+                offset=entry_id.decode(),
+                backfilled=backfilled,
+            )
+            if latest:
+                if to_cb:
+                    self._put(self._cb_queue, item, "callback", latest)
+                if to_queue:
+                    self._put(self._queue, item, "messages()", latest)
+                continue
+            if to_cb:
+                put_cb(item)
+            if to_queue:
+                put_queue(item)
+
+    def _on_trimmed(self, cursor: Cursor, lost: Lost) -> None:
+        count = "entries" if lost.count is None else f"{lost.count} entries"
+        self._emit_gap(
+            Gap(
+                reason=TRIMMED,
+                source="local",
+                since_ms=cursor.since_ms,
+                until_ms=max(cursor.since_ms, lost.to[0]),
+                detail=(
+                    f"{cursor.key}: the {count} after {offset_text(cursor.last)} and before "
+                    f"{offset_text(lost.to)} were trimmed before this consumer read them (it "
+                    "fell off the retained window)"
+                ),
+                dropped=lost.count or 0,
+                channels=(cursor.channel,),
+                from_offset=offset_text(cursor.last),
+                to_offset=offset_text(lost.to),
+            )
+        )
+
+    def _on_history_restart(self, since_ms: int, until_ms: int) -> None:
+        assert self._history is not None
+        channels = tuple(sorted(c.channel for c in self._history.cursors.values()))
+        self._emit_gap(
+            Gap(
+                reason=CONSUMER_DISCONNECTED,
+                source="local",
+                since_ms=since_ms,
+                until_ms=until_ms,
+                detail="redis restarted: history this consumer had not read yet went with it",
+                channels=channels,
+            )
+        )
+
+    def _durable_queues(self) -> list[DropOldestQueue]:
+        queues = []
+        if self._queue_used:
+            queues.append(self._queue)
+        if any(r.callbacks for r in self._routes.values() if r.durable):
+            queues.append(self._cb_queue)
+        return queues
+
+    def _room(self) -> int:
+        return min((q.room() for q in self._durable_queues()), default=self._queue.maxsize)
+
+    async def _wait_room(self, need: int) -> bool:
+        waited = False
+        for queue in self._durable_queues():
+            waited = await queue.wait_room(need) or waited
+        return waited
+
+    def _put(self, queue: DropOldestQueue, item: Item, which: str, latest: bool = False) -> None:
         before = queue.overflows
-        if not queue.put(item):
+        if latest:
+            conflated = queue.conflated
+            kept = queue.put(item, latest=True)
+            self.stats.conflated += queue.conflated - conflated
+        else:
+            kept = queue.put(item)
+        if not kept:
             self.stats.dropped += 1
             if queue.overflows != before:
                 self.stats.fell_behind += 1
@@ -712,6 +963,15 @@ class BrokerClient:
         item = event_item(event)
         if isinstance(item, LeaseNotice):
             self._emit_lease_notice(item)
+        elif isinstance(item, Gap) and item.is_follow_up:
+            logger.info(
+                "broker gap (%s, epoch %s) followed up: %s, %s",
+                item.reason,
+                item.epoch,
+                item.state,
+                item.backfill,
+            )
+            self._emit_gap(item)
         elif isinstance(item, Gap):
             logger.info(
                 "broker gap (%s, epoch %s): %d ms",
@@ -783,7 +1043,10 @@ class BrokerClient:
             self._cb_queue.put(notice)
 
     def _emit_gap(self, gap: Gap) -> None:
-        self.stats.gaps += 1
+        if gap.is_follow_up:
+            self.stats.gap_follow_ups += 1
+        else:
+            self.stats.gaps += 1
         if self._queue_used:
             self._queue.put(gap)
         if self._on_gap is not None:
@@ -792,6 +1055,9 @@ class BrokerClient:
     def _on_break(self, error: str) -> None:
         self.stats.reconnects += 1
 
+    def _on_history_break(self, error: str) -> None:
+        self.stats.history_reconnects += 1
+
     async def _on_restored(self, incident: Break) -> None:
         self._gate.reconnected()
         if incident.reason == FELL_BEHIND:
@@ -799,6 +1065,16 @@ class BrokerClient:
             detail = "redis dropped this subscriber (output buffer limit: it fell behind)"
         else:
             detail = "the pub/sub connection to redis was lost"
+        # durable streams lost nothing (their reader resumes from its offsets): with any of
+        # them, the gap names what pub/sub carried, the other streams and the events (a gap
+        # or lease event of the broker may have been missed)
+        channels: tuple[str, ...] = ()
+        if any(r.durable for r in self._routes.values()):
+            channels = (
+                *sorted(r.channel for r in self._routes.values() if not r.durable),
+                self.keys.events,
+            )
+            detail += "; durable streams are not affected"
         self._emit_gap(
             Gap(
                 reason=incident.reason,
@@ -806,6 +1082,7 @@ class BrokerClient:
                 since_ms=incident.since_ms,
                 until_ms=incident.until_ms,
                 detail=f"{detail}: {incident.error}",
+                channels=channels,
             )
         )
         # Redis may have restarted empty: put the lease back now, not at the next heartbeat

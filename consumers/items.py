@@ -33,8 +33,12 @@ FELL_BEHIND = "fell-behind"
 #: SIGSTOP) and its next renewal had to re-create it: the broker stopped serving its streams
 #: from the old deadline until that renewal (design.md "Lease", "A lapsed lease").
 LEASE_LAPSED = "lease-lapsed"
+#: A durable consumer (``BrokerClient(durable=True)``) fell off the retained window of a
+#: stream's history: the entries after ``Gap.from_offset`` and before ``Gap.to_offset`` were
+#: trimmed before it read them (``consumers.history_reader``).
+TRIMMED = "trimmed"
 #: The reasons of the gaps a client produces itself (``Gap.source == "local"``).
-CONSUMER_GAP_REASONS = (CONSUMER_DISCONNECTED, FELL_BEHIND, LEASE_LAPSED)
+CONSUMER_GAP_REASONS = (CONSUMER_DISCONNECTED, FELL_BEHIND, LEASE_LAPSED, TRIMMED)
 
 
 class StreamMessage:
@@ -44,9 +48,26 @@ class StreamMessage:
     channel's stream name (``orderbook@10000`` for a grouped orderbook), ``level`` its orderbook
     level (0 otherwise). ``message`` is the typed model from ``broker.upbit.messages``; decoding
     is lazy so an application that only forwards bytes never pays for it.
+
+    A message of a durable stream (``BrokerClient(durable=True)``) carries ``offset``, the id
+    of its entry in the stream's history (``1700000000000-0``: increasing per stream; pass the
+    last one handled as ``start=`` to resume after it), and ``backfilled``, True when the broker
+    fetched the frame over REST after a gap instead of receiving it live. Over pub/sub
+    ``offset`` is ``None``.
     """
 
-    __slots__ = ("_decoded", "channel", "code", "level", "raw", "received_ms", "stream", "type")
+    __slots__ = (
+        "_decoded",
+        "backfilled",
+        "channel",
+        "code",
+        "level",
+        "offset",
+        "raw",
+        "received_ms",
+        "stream",
+        "type",
+    )
 
     kind: Literal["data"] = "data"
 
@@ -60,6 +81,8 @@ class StreamMessage:
         level: float,
         raw: bytes,
         received_ms: int,
+        offset: str | None = None,
+        backfilled: bool = False,
     ) -> None:
         self.channel = channel
         self.type = type
@@ -68,6 +91,8 @@ class StreamMessage:
         self.level = level
         self.raw = raw
         self.received_ms = received_ms
+        self.offset = offset
+        self.backfilled = backfilled
         self._decoded: Message | None = None
 
     @property
@@ -88,8 +113,11 @@ class StreamMessage:
         return msgspec.json.decode(self.raw)
 
     def __repr__(self) -> str:
+        offset = "" if self.offset is None else f"offset={self.offset!r}, "
+        backfilled = "backfilled=True, " if self.backfilled else ""
         return (
-            f"StreamMessage(channel={self.channel!r}, received_ms={self.received_ms}, "
+            f"StreamMessage(channel={self.channel!r}, {offset}{backfilled}"
+            f"received_ms={self.received_ms}, "
             f"raw={self.raw[:60]!r}{'...' if len(self.raw) > 60 else ''})"
         )
 
@@ -102,7 +130,19 @@ class Gap:
     stream is affected) or ``"local"`` for this client's own losses (its pub/sub connection broke,
     it fell behind, or its lease lapsed). ``channels`` names the affected channels, empty
     meaning all of them. ``dropped`` counts messages this client discarded itself (queue
-    overflow), when known.
+    overflow) or never got (trimmed from a stream's history), when known. A ``trimmed`` gap
+    (a durable stream's history) also names the entries lost, exclusive at both ends: those
+    after ``from_offset`` (the last one delivered) and before ``to_offset`` (the oldest one
+    retained, delivered next).
+
+    A gap with ``state`` set is not a new loss: it is the broker's follow-up of the gap it
+    announced earlier (the same ``epoch``, ``since_ms``, ``until_ms`` and ``reason``), once it
+    back-filled the missed trades and candles into the history over Upbit's REST API: ``filled``
+    (the history lacks nothing Upbit still returned), ``partial`` or ``lost``; ``restored``
+    names the types the new connection's SNAPSHOT frames restored (ticker, orderbook) and
+    ``backfill`` its counts (``streams``, ``appended``, ``failed``). A durable consumer reads the
+    back-filled entries from the history (``item.backfilled``); a pub/sub one can read them with
+    ``XRANGE``.
     """
 
     reason: str
@@ -114,8 +154,19 @@ class Gap:
     detail: str = ""
     dropped: int = 0
     channels: tuple[str, ...] = ()
+    from_offset: str | None = None
+    to_offset: str | None = None
+    #: None: the announcement of a loss; set: its follow-up after the back-fill
+    state: str | None = None
+    restored: tuple[str, ...] = ()
+    backfill: dict[str, int] | None = None
 
     kind: Literal["gap"] = "gap"
+
+    @property
+    def is_follow_up(self) -> bool:
+        """The broker's follow-up of an earlier gap (``state`` says what the back-fill did)."""
+        return self.state is not None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict in the shape of the broker's gap event, plus the local fields."""
@@ -130,6 +181,13 @@ class Gap:
             "detail": self.detail,
             "dropped": self.dropped,
             "channels": list(self.channels),
+            "from_offset": self.from_offset,
+            "to_offset": self.to_offset,
+            **(
+                {"state": self.state, "restored": list(self.restored), "backfill": self.backfill}
+                if self.state is not None
+                else {}
+            ),
         }
 
 
@@ -231,6 +289,7 @@ def event_item(event: Event) -> Gap | LeaseNotice | None:
     if not isinstance(event, GapEvent):
         return None
     until = event.until_ms if event.until_ms is not None else now_ms()
+    follow_up = isinstance(event.state, str)
     return Gap(
         reason=event.reason,
         source="broker",
@@ -238,4 +297,7 @@ def event_item(event: Event) -> Gap | LeaseNotice | None:
         until_ms=until,
         epoch=event.epoch,
         broker=event.broker,
+        state=event.state if isinstance(event.state, str) else None,
+        restored=tuple(event.restored) if follow_up and isinstance(event.restored, list) else (),
+        backfill=dict(event.backfill) if follow_up and isinstance(event.backfill, dict) else None,
     )

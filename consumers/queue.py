@@ -6,6 +6,16 @@ application falls behind, this queue discards the OLDEST data messages (the ones
 be stale anyway), counts them, and puts one :class:`~consumers.items.Gap` (reason
 ``fell-behind``) at the head, so the application learns what it missed before anything newer.
 Notices (gaps, lease notices) are never discarded.
+
+Two more kinds of data message:
+
+* **Held** (a durable stream's, ``StreamMessage.offset`` set): never discarded either. Redis
+  keeps the backlog in the stream's history, so its reader (``consumers.history_reader``)
+  waits for room here (:meth:`DropOldestQueue.wait_room`) instead of reading on: the queue
+  holds at most ``maxsize`` of them, give or take one read.
+* **Latest only** (``put(..., latest=True)``, a state stream subscribed ``latest_only``): a
+  newer message of the same channel replaces the one still queued, in its place, so a slow
+  reader gets fresh state instead of a backlog; replaced messages are counted, not announced.
 """
 
 from __future__ import annotations
@@ -35,8 +45,18 @@ class DropOldestQueue:
         self.dropped = 0
         #: overflow episodes (each produced one gap)
         self.overflows = 0
+        #: latest-only messages replaced by a newer one of their channel before being taken
+        self.conflated = 0
+        #: held (durable) messages in the queue
+        self.held = 0
         self._items: deque[Item] = deque()
+        # droppable data messages in _items (held ones are counted in `held`)
         self._data_count = 0
+        # latest-only channels with a message queued: channel -> (the message queued, in its
+        # place in the queue; the newest one, handed out instead when that place comes up)
+        self._latest: dict[str, tuple[StreamMessage, StreamMessage]] = {}
+        self._room_waiter: asyncio.Future[None] | None = None
+        self._room_low = 0  # wake the room waiter once `held` is down to this
         # notices that must come out before anything in _items: any gap or lease notice that
         # was older than the data discarded behind it (the overflow gap comes right after)
         self._head: deque[Item] = deque()
@@ -51,22 +71,44 @@ class DropOldestQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, item: Item) -> bool:
-        """Append ``item``; return False when doing so discarded an older message."""
+    def put(self, item: Item, latest: bool = False) -> bool:
+        """Append ``item``; return False when doing so discarded an older message.
+
+        With ``latest`` (a :class:`StreamMessage` of a latest-only stream), a message of the
+        same channel still queued is replaced by ``item`` in its place.
+        """
         if self._closed:
             return True
+        if latest and isinstance(item, StreamMessage):
+            queued = self._latest.get(item.channel)
+            if queued is not None:
+                self._latest[item.channel] = (queued[0], item)
+                self.conflated += 1
+                self._wake()
+                return True
+            self._latest[item.channel] = (item, item)
         self._items.append(item)
         if isinstance(item, StreamMessage):
+            if item.offset is not None:
+                self.held += 1
+                self._wake()
+                return True
             self._data_count += 1
         discarded = False
         while self._data_count > self.maxsize:
             old = self._items.popleft()
-            if not isinstance(old, StreamMessage):
-                self._head.append(old)  # a notice is never discarded
+            if not isinstance(old, StreamMessage) or old.offset is not None:
+                # a notice or a held message is never discarded; moving them ahead keeps
+                # their order among themselves (a held stream is never a droppable one)
+                self._head.append(old)
                 continue
             self._data_count -= 1
             self.dropped += 1
             discarded = True
+            if self._latest:
+                queued = self._latest.get(old.channel)
+                if queued is not None and queued[0] is old:
+                    del self._latest[old.channel]
             if self._overflow is None:
                 self.overflows += 1
                 self._overflow = _Overflow(old)
@@ -79,17 +121,58 @@ class DropOldestQueue:
         if self._closed:
             raise QueueClosed
         if self._head:
-            return self._head.popleft()
-        if self._overflow is not None:
+            item = self._head.popleft()
+        elif self._overflow is not None:
             gap = self._overflow.gap()
             self._overflow = None
             return gap
-        if self._items:
+        elif self._items:
             item = self._items.popleft()
-            if isinstance(item, StreamMessage):
+            if isinstance(item, StreamMessage) and item.offset is None:
                 self._data_count -= 1
-            return item
-        return None
+        else:
+            return None
+        if isinstance(item, StreamMessage):
+            if item.offset is not None:
+                self.held -= 1
+                waiter = self._room_waiter
+                if waiter is not None and self.held <= self._room_low and not waiter.done():
+                    waiter.set_result(None)
+            if self._latest:
+                queued = self._latest.get(item.channel)
+                if queued is not None and queued[0] is item:
+                    del self._latest[item.channel]
+                    return queued[1]
+        return item
+
+    def room(self) -> int:
+        """How many more held messages fit before :meth:`wait_room` would wait."""
+        return self.maxsize - self.held
+
+    async def wait_room(self, need: int = 1) -> bool:
+        """Wait until ``need`` more held messages fit (``need`` is capped at half the queue,
+        so a reader that waited reads a batch, not one message at a time). True when it
+        waited.
+
+        Raises:
+            QueueClosed: the queue was closed.
+        """
+        need = max(1, min(need, self.maxsize // 2))
+        waited = False
+        while self.maxsize - self.held < need:
+            if self._closed:
+                raise QueueClosed
+            waited = True
+            self._room_low = self.maxsize - need
+            self._room_waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._room_waiter is waiter:
+                    self._room_waiter = None
+        if self._closed:
+            raise QueueClosed
+        return waited
 
     async def get(self) -> Item:
         """Wait for the next item. Raises :class:`QueueClosed` once the queue is closed."""
@@ -110,9 +193,13 @@ class DropOldestQueue:
         self._closed = True
         self._items.clear()
         self._head.clear()
+        self._latest.clear()
         self._overflow = None
         self._data_count = 0
+        self.held = 0
         self._wake()
+        if self._room_waiter is not None and not self._room_waiter.done():
+            self._room_waiter.set_result(None)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from consumers.client import BrokerClient, Callback, ClientStats, GapCallback, LeaseCallback
 from consumers.errors import ClientClosedError
+from consumers.history_reader import DEFAULT_READ_COUNT
 from consumers.items import Item
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class SyncBrokerClient:
         on_lease: LeaseCallback | None = None,
         queue_size: int = 10_000,
         start_timeout: float = 20.0,
+        durable: bool = False,
+        read_count: int = DEFAULT_READ_COUNT,
     ) -> None:
         self._client = BrokerClient(
             redis_url=redis_url,
@@ -52,6 +55,8 @@ class SyncBrokerClient:
             on_gap=on_gap,
             on_lease=on_lease,
             queue_size=queue_size,
+            durable=durable,
+            read_count=read_count,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -93,11 +98,25 @@ class SyncBrokerClient:
         callback: Callback | None = None,
         *,
         level: float = 0.0,
+        durable: bool | None = None,
+        start: str = "$",
+        latest_only: bool = False,
         timeout: float | None = 30.0,
     ) -> None:
         """:meth:`BrokerClient.subscribe`; ``callback`` runs on the client's thread."""
         codes = codes if isinstance(codes, str) else list(codes)
-        self._call(self._client.subscribe(data_type, codes, callback, level=level), timeout)
+        self._call(
+            self._client.subscribe(
+                data_type,
+                codes,
+                callback,
+                level=level,
+                durable=durable,
+                start=start,
+                latest_only=latest_only,
+            ),
+            timeout,
+        )
 
     def unsubscribe(
         self,

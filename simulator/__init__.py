@@ -7,10 +7,13 @@ never the rest of ``broker`` (``tests/test_layers.py`` checks). Modules, one con
 * ``universe``   which codes exist (real KRW/BTC/USDT pairs plus synthetic ones), ticks, weights
 * ``book``       one code's order book in integer ticks and size units
 * ``market``     per-code state, the seeded event generator, frame values
+* ``tradelog``   every trade a code made (bounded), for REST trades and ``/_sim/trades``
+* ``candles``    candle periods, 1 s to a year
 * ``encode``     wire spelling: field order, DEFAULT/SIMPLE names, lists, Java-style numbers
 * ``session``    one connection's protocol state (requests, overwrite, LIST, PING, budget)
 * ``hub``        subscription index and fan-out of events into frames
 * ``connection`` websockets I/O of one connection (reader, sender, idle watchdog, stall)
+* ``rest``       Upbit's quotation REST API (trades, candles, tickers...) and its rate limit
 * ``http``       operator endpoints (/_sim/...) and REST (/v1/...) on the same port
 * ``sends``      the send log for latency measurement
 * ``server``     Simulator: lifecycle and clocks

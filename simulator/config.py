@@ -42,6 +42,15 @@ class SimulatorConfig:
         refuse_codes: fault injection: a subscribe request naming any of these codes is
             answered with an ``INVALID_PARAM`` error frame, then closed (real Upbit ignores
             unknown codes; this stands for whatever it may refuse).
+        trade_log_size: trades kept per code for ``GET /v1/trades/ticks`` and
+            ``/_sim/trades``: every trade the market made, sent to anyone or not, oldest
+            evicted first (48 bytes a trade: 20,000 x 42 busy codes is ~40 MB at most).
+        candle_history: closed candles kept per (code, unit) for ``GET /v1/candles/...``,
+            besides the open one (a candle exists only for a period with trades, so a quiet
+            code keeps few; ~0.4 kB a candle).
+        rest_rate: REST requests a second per client IP and group (``market``, ``ticker``,
+            ``orderbook``, ``trade``, ``candle``; Upbit: 10), sliding one-second window,
+            HTTP 429 beyond; 0 turns the limit off.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +72,9 @@ class SimulatorConfig:
     close_timeout: float = 2.0
     max_request_bytes: int = 2**20
     refuse_codes: tuple[str, ...] = ()
+    trade_log_size: int = 20_000
+    candle_history: int = 1_000
+    rest_rate: int = 10
 
     def __post_init__(self) -> None:
         if self.rate < 0:
@@ -80,6 +92,10 @@ class SimulatorConfig:
             raise ValueError("max_outbox must be >= 1")
         if self.max_request_bytes < 64:
             raise ValueError("max_request_bytes must be >= 64")
+        if self.trade_log_size < 1 or self.candle_history < 1:
+            raise ValueError("trade_log_size and candle_history must be >= 1")
+        if self.rest_rate < 0:
+            raise ValueError("rest_rate must be >= 0 (0: no limit)")
 
     @classmethod
     def build(cls, config: SimulatorConfig | None = None, **overrides: Any) -> SimulatorConfig:

@@ -1,7 +1,8 @@
-"""Plain HTTP on the simulator's port: operator endpoints and a slice of Upbit's REST API.
+"""Plain HTTP on the simulator's port: operator endpoints and Upbit's quotation REST API.
 
 Simulator layer, I/O adapter (websockets hands us the parsed request in ``process_request``;
-we return a ``Response`` instead of upgrading). All answers are JSON.
+we return a ``Response`` instead of upgrading). All answers are JSON. The REST answers and
+the rate limit's arithmetic are :mod:`simulator.rest` (endpoints, parameters, errors).
 
 Operator (GET):
     /_sim/state                       connections, subscriptions, counters
@@ -9,46 +10,36 @@ Operator (GET):
     /_sim/stall?seconds=S             freeze every connection for S seconds
     /_sim/mute?codes=A,B&seconds=S    silence some codes for S seconds
     /_sim/sends[?clear=1]             [[time_ns, frame_key], ...] (``record_sends``)
-REST, shaped like Upbit's answers:
-    /v1/market/all                    [{market, korean_name, english_name}]
-    /v1/ticker?markets=A,B            REST ticker: ``market`` not ``code``, no type/stream_type,
-                                      plus trade_date_kst/trade_time_kst
-    /v1/orderbook/instruments?markets=A,B   [{market, quote_currency, tick_size, supported_levels}]
-Anything else: 404 ``{"error":{"name":404,"message":"Code not found"}}``.
+    /_sim/trades?market=X[&full=1]    X's whole trade log, oldest first:
+                                      {market, capacity, evicted, count, sequential_ids,
+                                      trades (full=1: /v1/trades/ticks objects)}
+REST (``/v1/...``, see :mod:`simulator.rest`): every answer carries
+``Remaining-Req: group=<g>; min=600; sec=<left>``; over ``rest_rate`` a second per client IP
+and group: 429. Any other path: 404 ``{"error":{"name":404,"message":"Code not found"}}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import http
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from simulator.encode import TICKER_FIELDS, encode_json
-from simulator.market import kst_parts, ticker_values
+from simulator import rest
+from simulator.encode import encode_json
 
 if TYPE_CHECKING:
     from simulator.server import Simulator
 
-NOT_FOUND = {"error": {"name": 404, "message": "Code not found"}}
-BAD_PARAM = {"error": {"name": 400, "message": "Invalid parameter. Check the given value!"}}
-
-# The REST ticker's fields, in Upbit's order; values come from the WebSocket ticker.
-_REST_TICKER = (
-    "trade_date", "trade_time", "trade_date_kst", "trade_time_kst", "trade_timestamp",
-    "opening_price", "high_price", "low_price", "trade_price", "prev_closing_price", "change",
-    "change_price", "change_rate", "signed_change_price", "signed_change_rate", "trade_volume",
-    "acc_trade_price", "acc_trade_price_24h", "acc_trade_volume", "acc_trade_volume_24h",
-    "highest_52_week_price", "highest_52_week_date", "lowest_52_week_price",
-    "lowest_52_week_date", "timestamp",
-)  # fmt: skip
+NOT_FOUND = rest.NOT_FOUND
+BAD_PARAM = rest.BAD_PARAM
 
 
-def json_response(status: int, body: Any) -> Response:
+def json_response(status: int, body: Any, extra: tuple[tuple[str, str], ...] = ()) -> Response:
     data = encode_json(body)
     headers = Headers(
         [
@@ -56,6 +47,7 @@ def json_response(status: int, body: Any) -> Response:
             ("Connection", "close"),
             ("Content-Length", str(len(data))),
             ("Content-Type", "application/json; charset=utf-8"),
+            *extra,
         ]
     )
     return Response(status, http.HTTPStatus(status).phrase, headers, data)
@@ -75,22 +67,17 @@ def _number(query: dict[str, list[str]], name: str) -> float | None:
     return value if value >= 0 else None
 
 
-def _decimal(value: float) -> str:
-    """``1e-05`` -> ``"0.00001"``, ``10000.0`` -> ``"10000"`` (Upbit sends numeric strings)."""
-    return format(Decimal(repr(value)).normalize(), "f")
+def _flag(query: dict[str, list[str]], name: str) -> bool:
+    return query.get(name, ["0"])[0] not in ("0", "", "false")
 
 
-def _markets(query: dict[str, list[str]]) -> list[str] | None:
-    raw = ",".join(query.get("markets", []))
-    codes = [c.strip() for c in raw.split(",") if c.strip()]
-    return codes or None
-
-
-def handle(sim: Simulator, target: str) -> Response:
-    """Answer one plain HTTP GET for ``target`` (path and query)."""
+def handle(sim: Simulator, target: str, ip: str = "?") -> Response:
+    """Answer one plain HTTP GET for ``target`` (path and query) from client ``ip``."""
     parts = urlsplit(target)
     query = parse_qs(parts.query)
     path = parts.path.rstrip("/")
+    if path.startswith("/v1/"):
+        return _rest(sim, path, query, ip)
     if path == "/_sim/state":
         return json_response(200, sim.state())
     if path == "/_sim/drop":
@@ -108,56 +95,26 @@ def handle(sim: Simulator, target: str) -> Response:
             return json_response(400, BAD_PARAM)
         return json_response(200, {"muted": sim.mute(codes, seconds), "seconds": seconds})
     if path == "/_sim/sends":
-        clear = query.get("clear", ["0"])[0] not in ("0", "", "false")
-        return json_response(200, sim.take_sends() if clear else sim.sends)
-    if path == "/v1/market/all":
-        return json_response(
-            200,
-            [
-                {"market": x.code, "korean_name": x.korean_name, "english_name": x.english_name}
-                for x in sim.listings.values()
-            ],
-        )
-    if path == "/v1/ticker":
-        return _rest_ticker(sim, query)
-    if path == "/v1/orderbook/instruments":
-        return _instruments(sim, query)
+        return json_response(200, sim.take_sends() if _flag(query, "clear") else sim.sends)
+    if path == "/_sim/trades":
+        code = query.get("market", [""])[0]
+        st = sim.market.states.get(code)
+        if st is None:
+            return json_response(404, NOT_FOUND)
+        return json_response(200, rest.trade_log(st, _flag(query, "full")))
     return json_response(404, NOT_FOUND)
 
 
-def _rest_ticker(sim: Simulator, query: dict[str, list[str]]) -> Response:
-    codes = _markets(query)
-    if codes is None:
-        return json_response(400, BAD_PARAM)
-    if any(c not in sim.listings for c in codes):
+def _rest(sim: Simulator, path: str, query: dict[str, list[str]], ip: str) -> Response:
+    group = rest.group_of(path)
+    if group is None:
         return json_response(404, NOT_FOUND)
-    out = []
-    for code in codes:
-        st = sim.market.states[code]
-        ws = dict(zip(TICKER_FIELDS, ticker_values(st, "SNAPSHOT"), strict=True))
-        ws["trade_date_kst"], ws["trade_time_kst"] = kst_parts(st.trade_ms)
-        out.append({"market": code, **{k: ws[k] for k in _REST_TICKER}})
-    return json_response(200, out)
-
-
-def _instruments(sim: Simulator, query: dict[str, list[str]]) -> Response:
-    codes = _markets(query)
-    if codes is None:
-        return json_response(400, BAD_PARAM)
-    if any(c not in sim.listings for c in codes):
-        return json_response(404, NOT_FOUND)
-    out = []
-    for code in codes:
-        x = sim.listings[code]
-        out.append(
-            {
-                "market": code,
-                "quote_currency": x.quote,
-                "tick_size": _decimal(x.tick_size),
-                "supported_levels": [_decimal(v) for v in x.supported_levels()],
-            }
-        )
-    return json_response(200, out)
+    left = sim.rest_limiter.take(ip, group, asyncio.get_running_loop().time())
+    if left is None:
+        sim.totals["rate_limited_rest"] += 1
+        return json_response(429, rest.TOO_MANY, (("Remaining-Req", rest.remaining_req(group, 0)),))
+    status, body = rest.answer(path, query, sim.listings, sim.market)
+    return json_response(status, body, (("Remaining-Req", rest.remaining_req(group, left)),))
 
 
 __all__ = ["BAD_PARAM", "NOT_FOUND", "handle", "json_response", "too_many_requests"]

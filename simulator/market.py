@@ -9,11 +9,19 @@ Repeatability: two independent generators, both derived from the seed, pick the 
 events and draw their contents. Neither is consulted for anything that depends on time or on
 who is subscribed, so the same seed yields the same sequence of events however they are
 batched into ticks (only timestamps differ).
+
+Records: each trade goes to its code's :class:`~simulator.tradelog.TradeLog` as it is made,
+and each candle of the thirteen units (:mod:`simulator.candles`) that a new period closes is
+kept in a bounded history, so the REST API answers from what the market did, not from what
+anyone received. A candle's amount is an exact integer (size units x price ticks), turned
+into a price once, when read: the WebSocket push and the REST answer of one candle, and a
+sum over the logged trades, are the same double.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from itertools import accumulate
@@ -22,16 +30,20 @@ from typing import Any
 
 from broker.upbit.types import CANDLE_SECONDS
 from simulator.book import MAX_LEVELS, Book
+from simulator.candles import DAY_MS, PERIOD_STARTS, UNIT_MS
+from simulator.tradelog import LoggedTrade, TradeLog
 from simulator.universe import Listing
 
 SIZE_DIV = 100_000_000  # sizes are integer units of 1e-8
-DAY_MS = 86_400_000
 KST_OFFSET_S = 9 * 3600
 CANDLE_TYPES: tuple[str, ...] = tuple(t.value for t in CANDLE_SECONDS)
-_CANDLE_MS: tuple[int, ...] = tuple(s * 1000 for s in CANDLE_SECONDS.values())
-# Candle list slots: start_ms, open, high, low, close (ticks), volume (units), amount, last_ms.
-_START, _OPEN, _HIGH, _LOW, _CLOSE, _VOL, _AMT, _LAST = range(8)
+# Candle list slots: start_ms, open, high, low, close (ticks), volume (units), amount (units x
+# ticks, exact), last_ms (the latest trade's time), prev (ticks: prev_closing_price at the
+# first trade, which a day candle reports).
+_START, _OPEN, _HIGH, _LOW, _CLOSE, _VOL, _AMT, _LAST, _PREV = range(9)
 _SECOND_MS = 1000
+TRADE_LOG_SIZE = 20_000
+CANDLE_HISTORY = 1_000
 
 
 @lru_cache(maxsize=4096)
@@ -59,17 +71,39 @@ def kst_parts(ms: int) -> tuple[str, str]:
     return d, t
 
 
+def _merge(candle: list[Any], p: list[Any]) -> None:
+    """Add a later second of trades ``p`` to ``candle`` of the same period."""
+    if p[_HIGH] > candle[_HIGH]:
+        candle[_HIGH] = p[_HIGH]
+    if p[_LOW] < candle[_LOW]:
+        candle[_LOW] = p[_LOW]
+    candle[_CLOSE] = p[_CLOSE]
+    candle[_VOL] += p[_VOL]
+    candle[_AMT] += p[_AMT]
+    candle[_LAST] = p[_LAST]
+
+
 class CodeState:
     """Everything Upbit would know about one code: book, last trade, day stats, candles."""
 
     __slots__ = (
         "acc_amt", "acc_amt_24h", "acc_ask", "acc_bid", "acc_vol", "acc_vol_24h", "book",
         "book_ms", "candle_pushed_ms", "candles", "code", "day", "div", "h52_date", "h52_px",
-        "high_px", "l52_date", "l52_px", "listing", "low_px", "mul", "open_px", "pending",
-        "prev_close_px", "seq_id", "trade_best", "trade_buy", "trade_ms", "trade_px", "trade_vol",
+        "high_px", "history", "l52_date", "l52_px", "listing", "log", "low_px", "mul", "open_px",
+        "pending", "prev_close_px", "seq_id", "trade_best", "trade_buy", "trade_ms", "trade_px",
+        "trade_vol",
     )  # fmt: skip
 
-    def __init__(self, listing: Listing, rng: random.Random, now_ms: int, seq_id: int) -> None:
+    def __init__(
+        self,
+        listing: Listing,
+        rng: random.Random,
+        now_ms: int,
+        seq_id: int,
+        *,
+        log_size: int = TRADE_LOG_SIZE,
+        history: int = CANDLE_HISTORY,
+    ) -> None:
         self.listing = listing
         self.code = listing.code
         self.mul = listing.tick_mul
@@ -108,13 +142,18 @@ class CodeState:
         self.seq_id = seq_id
         self.trade_best = (self.book.best_ask, self.book.ask_sz[0], self.book.best_bid,
                            self.book.bid_sz[0])  # fmt: skip
-        amount = self.trade_vol / SIZE_DIV * self.price(self.trade_px)
+        # That trade is on record like any other: its snapshot frame names its sequential_id.
+        self.log = TradeLog(log_size)
+        self.log.append(seq_id, now_ms, self.trade_px, self.trade_vol, False, self.prev_close_px)
+        px, vol = self.trade_px, self.trade_vol
+        # The open candle of each unit (index as simulator.candles), and the closed ones.
         self.candles: list[list[Any]] = [
-            [now_ms - now_ms % u, mid, mid, mid, mid, self.trade_vol, amount, now_ms]
-            for u in _CANDLE_MS
+            [start(now_ms), px, px, px, px, vol, vol * px, now_ms, self.prev_close_px]
+            for start in PERIOD_STARTS
         ]
-        # Trades of the current second, folded into the nine candles when the second changes
-        # or a candle is read: one update per trade instead of nine.
+        self.history: list[deque[list[Any]]] = [deque(maxlen=history) for _ in PERIOD_STARTS]
+        # Trades of the current second, folded into the candles when the second changes or a
+        # candle is read: one update per trade instead of thirteen.
         self.pending: list[Any] | None = None
         self.candle_pushed_ms = now_ms  # the last trade a REALTIME candle push included
 
@@ -154,12 +193,13 @@ class CodeState:
             self.acc_bid += vol
         else:
             self.acc_ask += vol
+        self.log.append(seq_id, now_ms, px, vol, buy, self.prev_close_px)
         p = self.pending
         second = now_ms - now_ms % _SECOND_MS
         if p is None or p[_START] != second:
             if p is not None:
                 self.fold_candles()
-            self.pending = [second, px, px, px, px, vol, amount, now_ms]
+            self.pending = [second, px, px, px, px, vol, vol * px, now_ms, self.prev_close_px]
         else:
             if px > p[_HIGH]:
                 p[_HIGH] = px
@@ -167,27 +207,53 @@ class CodeState:
                 p[_LOW] = px
             p[_CLOSE] = px
             p[_VOL] += vol
-            p[_AMT] += amount
+            p[_AMT] += vol * px
             p[_LAST] = now_ms
 
     def fold_candles(self) -> None:
-        """Fold the pending second of trades into the nine candles (call before reading them)."""
+        """Fold the pending second of trades into the candles (call before reading them)."""
         p = self.pending
         if p is None:
             return
         self.pending = None
-        start_ms = p[_START]
-        for candle, unit in zip(self.candles, _CANDLE_MS, strict=True):
-            start = start_ms - start_ms % unit
+        second, _, high, low, close, vol, amount, last, _ = p  # the slots, in order
+        candles, history = self.candles, self.history
+        # Inlined (no call per unit): this runs once per code and second with trades.
+        for i, unit in enumerate(UNIT_MS):
+            start = second - second % unit if unit else PERIOD_STARTS[i](second)
+            candle = candles[i]
             if candle[_START] != start:
-                candle[:] = [start, *p[1:]]
+                history[i].append(candle)  # closed: kept for the REST API, never changed again
+                candles[i] = [start, *p[1:]]
+                continue
+            if high > candle[_HIGH]:
+                candle[_HIGH] = high
+            if low < candle[_LOW]:
+                candle[_LOW] = low
+            candle[_CLOSE] = close
+            candle[_VOL] += vol
+            candle[_AMT] += amount
+            candle[_LAST] = last
+
+    def candle_list(self, index: int) -> Iterator[list[Any]]:
+        """Candles of unit ``index`` (see :mod:`simulator.candles`), newest first: the open
+        one with this second's trades folded into a copy (the state is left as it is, so a
+        REST read never changes what the next WebSocket push holds), then the closed ones."""
+        current = self.candles[index]
+        p = self.pending
+        if p is not None:
+            start = PERIOD_STARTS[index](p[_START])
+            if start != current[_START]:
+                yield [start, *p[1:]]
+                yield list(current)
             else:
-                candle[_HIGH] = max(candle[_HIGH], p[_HIGH])
-                candle[_LOW] = min(candle[_LOW], p[_LOW])
-                candle[_CLOSE] = p[_CLOSE]
-                candle[_VOL] += p[_VOL]
-                candle[_AMT] += p[_AMT]
-                candle[_LAST] = p[_LAST]
+                merged = list(current)
+                _merge(merged, p)
+                yield merged
+        else:
+            yield list(current)
+        for candle in reversed(self.history[index]):
+            yield list(candle)
 
     def quote(self, rng: random.Random, now_ms: int) -> int:
         """One book change; returns the first orderbook unit index it touched."""
@@ -208,7 +274,14 @@ class Market:
     """All codes, and the generator of market events."""
 
     def __init__(
-        self, listings: Sequence[Listing], *, seed: int, trade_share: float, now_ms: int
+        self,
+        listings: Sequence[Listing],
+        *,
+        seed: int,
+        trade_share: float,
+        now_ms: int,
+        trade_log_size: int = TRADE_LOG_SIZE,
+        candle_history: int = CANDLE_HISTORY,
     ) -> None:
         init = random.Random(f"{seed}:init")
         self._pick = random.Random(f"{seed}:pick")
@@ -218,7 +291,9 @@ class Market:
         self.states: dict[str, CodeState] = {}
         for listing in listings:
             self.seq_id += 1
-            self.states[listing.code] = CodeState(listing, init, now_ms, self.seq_id)
+            self.states[listing.code] = CodeState(
+                listing, init, now_ms, self.seq_id, log_size=trade_log_size, history=candle_history
+            )
         self._order = list(self.states.values())
         self._cum = list(accumulate(s.listing.weight for s in self._order))
         self.events = 0
@@ -297,6 +372,28 @@ def trade_values(st: CodeState, stream_type: str) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def rest_trade(st: CodeState, t: LoggedTrade) -> dict[str, Any]:
+    """A logged trade in the shape of ``GET /v1/trades/ticks``, fields in Upbit's order.
+
+    ``timestamp`` is the trade's time (the WebSocket frame's ``trade_timestamp``);
+    ``change_price`` is signed here (trade_price - prev_closing_price: recorded answers show
+    ``-224000.0``), where the WebSocket frame gives it unsigned beside ``change``.
+    """
+    _, _, date, time_ = _utc_parts(t.timestamp // 1000)
+    return {
+        "market": st.code,
+        "trade_date_utc": date,
+        "trade_time_utc": time_,
+        "timestamp": t.timestamp,
+        "trade_price": st.price(t.price),
+        "trade_volume": t.volume / SIZE_DIV,
+        "prev_closing_price": st.price(t.prev_close),
+        "change_price": st.price(t.price - t.prev_close),
+        "ask_bid": "BID" if t.buy else "ASK",
+        "sequential_id": t.sequential_id,
+    }
+
+
 def ticker_values(st: CodeState, stream_type: str) -> tuple[Any, ...]:
     date, time_, _, _ = _utc_parts(st.trade_ms // 1000)
     change, change_price = _change(st, st.trade_px)
@@ -309,7 +406,8 @@ def ticker_values(st: CodeState, stream_type: str) -> tuple[Any, ...]:
         rate, sign * rate, "BID" if st.trade_buy else "ASK", st.trade_vol / SIZE_DIV,
         st.acc_vol / SIZE_DIV, date, time_, st.trade_ms, st.acc_ask / SIZE_DIV,
         st.acc_bid / SIZE_DIV, st.price(st.h52_px), st.h52_date, st.price(st.l52_px),
-        st.l52_date, "ACTIVE", False, None, "NONE", st.trade_ms, st.acc_amt_24h,
+        st.l52_date, "ACTIVE", False, None, "CAUTION" if st.listing.warning else "NONE",
+        st.trade_ms, st.acc_amt_24h,
         st.acc_vol_24h / SIZE_DIV, stream_type,
     )  # fmt: skip
 
@@ -342,27 +440,75 @@ def orderbook_units(st: CodeState, depth: int, level_ticks: int) -> tuple[list[U
     return units, sum(ask_sz[:na]) / SIZE_DIV, sum(bid_sz[:nb]) / SIZE_DIV
 
 
+def candle_amount(st: CodeState, units_ticks: int) -> float:
+    """An exact sum of size units x price ticks as a price (the correctly rounded double)."""
+    return units_ticks * st.mul / (st.div * SIZE_DIV)
+
+
 def candle_values(st: CodeState, index: int, stream_type: str) -> tuple[Any, ...]:
     """A candle as last folded (``fold_candles`` first for a snapshot of the latest state)."""
     c = st.candles[index]
     utc, kst = candle_times(c[_START] // 1000)
     return (
         CANDLE_TYPES[index], st.code, utc, kst, st.price(c[_OPEN]), st.price(c[_HIGH]),
-        st.price(c[_LOW]), st.price(c[_CLOSE]), c[_VOL] / SIZE_DIV, c[_AMT], c[_LAST],
-        stream_type,
+        st.price(c[_LOW]), st.price(c[_CLOSE]), c[_VOL] / SIZE_DIV, candle_amount(st, c[_AMT]),
+        c[_LAST], stream_type,
     )  # fmt: skip
 
 
+def rest_candle(st: CodeState, c: list[Any]) -> dict[str, Any]:
+    """One candle of :meth:`CodeState.candle_list` in the REST API's common fields, in
+    Upbit's order; the caller adds ``unit``, ``prev_closing_price``... per endpoint."""
+    utc, kst = candle_times(c[_START] // 1000)
+    return {
+        "market": st.code,
+        "candle_date_time_utc": utc,
+        "candle_date_time_kst": kst,
+        "opening_price": st.price(c[_OPEN]),
+        "high_price": st.price(c[_HIGH]),
+        "low_price": st.price(c[_LOW]),
+        "trade_price": st.price(c[_CLOSE]),
+        "timestamp": c[_LAST],
+        "candle_acc_trade_price": candle_amount(st, c[_AMT]),
+        "candle_acc_trade_volume": c[_VOL] / SIZE_DIV,
+    }
+
+
+def candle_start(c: list[Any]) -> int:
+    """A candle's start (ms)."""
+    return int(c[_START])
+
+
+def day_change(st: CodeState, c: list[Any]) -> dict[str, Any]:
+    """A day candle's ``prev_closing_price`` (the one in force that day), and its signed
+    ``change_price`` and ``change_rate`` against it (recorded answers: ``-685000.0``,
+    ``-0.0072164514``)."""
+    prev = c[_PREV]
+    return {
+        "prev_closing_price": st.price(prev),
+        "change_price": st.price(c[_CLOSE] - prev),
+        "change_rate": round((c[_CLOSE] - prev) / prev, 10) if prev else 0.0,
+    }
+
+
 __all__ = [
+    "CANDLE_HISTORY",
     "CANDLE_TYPES",
+    "DAY_MS",
     "SIZE_DIV",
+    "TRADE_LOG_SIZE",
     "CodeState",
     "Event",
     "Market",
+    "candle_amount",
+    "candle_start",
     "candle_times",
     "candle_values",
+    "day_change",
     "kst_parts",
     "orderbook_units",
+    "rest_candle",
+    "rest_trade",
     "ticker_values",
     "trade_values",
 ]

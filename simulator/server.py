@@ -11,9 +11,13 @@ repeatable from its first request. The candle clock pushes changed candles once 
 wall-clock second; the UP clock sends ``{"status":"UP"}`` every ``up_interval`` seconds,
 aligned to the wall clock, to connections that sent a text PING (one cycle however many PINGs).
 
-Plain HTTP GETs on the same port reach :mod:`simulator.http` (operator and REST endpoints).
-WebSocket upgrades on ``/websocket/v1`` are limited per client IP (``connect_rate`` a second,
-HTTP 429 beyond).
+Plain HTTP GETs on the same port reach :mod:`simulator.http` (operator and REST endpoints;
+REST limited per client IP and group, ``rest_rate`` a second). WebSocket upgrades on
+``/websocket/v1`` are limited per client IP (``connect_rate`` a second, HTTP 429 beyond).
+
+What the market does does not depend on who listens: once started, it makes its events
+whether or not anyone is subscribed, connected, stalled or muted, and every trade goes to the
+code's trade log (``/v1/trades/ticks``, ``/_sim/trades``) as it is made.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from simulator.connection import WRITE_LIMIT, Peer, SimConnection
 from simulator.encode import UP_FRAME, Encoder
 from simulator.hub import Hub
 from simulator.market import Market
+from simulator.rest import RestLimiter
 from simulator.sends import SendLog
 from simulator.session import Stream
 from simulator.universe import Listing, build_universe
@@ -52,6 +57,7 @@ WS_PATH = "/websocket/v1"
 TOTALS = (
     "connections_opened", "requests", "errors", "rate_limited_messages", "rate_limited_connects",
     "frames_sent", "idle_drops", "operator_drops", "overflow_drops", "stalls", "events_skipped",
+    "rate_limited_rest",
 )  # fmt: skip
 
 
@@ -80,6 +86,7 @@ class Simulator:
         self._unstalled.set()
         self._stall_handle: asyncio.TimerHandle | None = None
         self._connect_budgets: dict[str, RateBudget] = {}
+        self.rest_limiter = RestLimiter(self.config.rest_rate)
         self.port = self.config.port
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -92,6 +99,8 @@ class Simulator:
             seed=self.seed,
             trade_share=self.config.trade_share,
             now_ms=now_ms,
+            trade_log_size=self.config.trade_log_size,
+            candle_history=self.config.candle_history,
         )
         self._hub = Hub(self._market, Encoder(self.config.exponent_numbers))
         self._server = await serve(
@@ -291,11 +300,11 @@ class Simulator:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        ip = str(connection.remote_address[0]) if connection.remote_address else "?"
         if path != WS_PATH:
-            return http.handle(self, request.path)
+            return http.handle(self, request.path, ip)
         if "Upgrade" not in request.headers:
             return None  # websockets answers 426 Upgrade Required
-        ip = str(connection.remote_address[0]) if connection.remote_address else "?"
         budget = self._connect_budget(ip)
         now = asyncio.get_running_loop().time()
         if not budget.allows(now):

@@ -5,6 +5,10 @@ first, in order of how busy they are; ``markets=N`` appends synthetic ``KRW-SIM0
 codes for scale. Activity follows a Zipf-like weight by rank, so a few codes carry most of
 the traffic and the tail is quiet (and may have thin books).
 
+Market events (``/v1/market/all?is_details=true``): a few codes, drawn from the seed but never
+the three busiest, carry Upbit's warning (유의 종목) or caution (주의 종목) flags; a warned code's
+ticker says ``market_warning: "CAUTION"``, as Upbit's did.
+
 Prices are integers of ticks; a tick is ``mul / div`` quote units with ``div`` a power of ten,
 so ``ticks * mul / div`` is the correctly rounded double of the decimal price and prints
 without float noise (``0.02360001``, not ``0.023600010000000002``).
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # (base, korean name, english name, KRW price). Prices are rough 2025 levels; only their order
 # of magnitude matters (tick sizes, sizes of orders).
@@ -63,6 +67,14 @@ _REAL_CODES: tuple[str, ...] = (
 
 ZIPF_EXPONENT = 1.1
 
+#: The caution kinds of ``market_event.caution``, in Upbit's order (PROTOCOL.md section 8).
+CAUTIONS: tuple[str, ...] = (
+    "PRICE_FLUCTUATIONS", "TRADING_VOLUME_SOARING", "DEPOSIT_AMOUNT_SOARING",
+    "GLOBAL_PRICE_DIFFERENCES", "CONCENTRATION_OF_SMALL_ACCOUNTS",
+)  # fmt: skip
+_FLAG_SHARE = 0.04  # of codes warned; and of codes with each caution
+_UNFLAGGED_HEAD = 3  # the busiest codes stay clean: demos and tests read them
+
 
 @dataclass(frozen=True, slots=True)
 class Listing:
@@ -76,6 +88,8 @@ class Listing:
     tick_div: int
     krw_value: float  # one unit of the base asset in KRW (to size orders plausibly)
     weight: float  # relative share of market events
+    warning: bool = False  # 유의 종목 (market_event.warning)
+    cautions: frozenset[str] = frozenset()  # 주의 종목 kinds set (market_event.caution)
 
     @property
     def quote(self) -> str:
@@ -87,6 +101,13 @@ class Listing:
 
     def price_of(self, ticks: int) -> float:
         return ticks * self.tick_mul / self.tick_div
+
+    def market_event(self) -> dict[str, object]:
+        """``market_event`` of ``/v1/market/all?is_details=true``."""
+        return {
+            "warning": self.warning,
+            "caution": {kind: kind in self.cautions for kind in CAUTIONS},
+        }
 
     def supported_levels(self) -> tuple[float, ...]:
         """Orderbook grouping units served for this code: 0 and, on KRW only, powers of ten
@@ -162,7 +183,14 @@ def build_universe(markets: int = 0, seed: int = 0) -> tuple[Listing, ...]:
         weight = 1.0 / (rank + 1) ** ZIPF_EXPONENT
         names = (f"시뮬레이션{i:04d}", f"Simulated {i:04d}")
         out.append(_listing(f"KRW-SIM{i:04d}", price, names, weight))
+    # Its own generator: flags never shift the prices drawn above.
+    flags = random.Random(f"{seed}:flags")
+    for i in range(_UNFLAGGED_HEAD, len(out)):
+        warning = flags.random() < _FLAG_SHARE
+        cautions = frozenset(k for k in CAUTIONS if flags.random() < _FLAG_SHARE)
+        if warning or cautions:
+            out[i] = replace(out[i], warning=warning, cautions=cautions)
     return tuple(out)
 
 
-__all__ = ["ZIPF_EXPONENT", "Listing", "build_universe"]
+__all__ = ["CAUTIONS", "ZIPF_EXPONENT", "Listing", "build_universe"]

@@ -225,7 +225,8 @@ def using_it() -> tuple[list[list[str]], str]:
         for line in section.splitlines()
         if line.startswith("    upbit-broker ")
     ]
-    [snippet] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    # the first: the complete script (later ones, e.g. "Replay and resume", are excerpts)
+    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
     return commands, snippet
 
 

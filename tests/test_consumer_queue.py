@@ -136,6 +136,7 @@ def test_consumers_import_only_their_allowed_layers() -> None:
         "broker", "broker.upbit", "broker.leases", "broker.keys", "broker.errors",
         "broker.settings", "broker.redis_client", "broker.clock", "broker.contract",
         "broker.core", "broker.core.lease",
+        "broker.core.history",  # the history caps (pure), read with the settings
         "broker.resp",  # the RESP wire layer (redis-py and the standard library only)
     }  # fmt: skip
     bad = sorted(

@@ -768,6 +768,11 @@ def test_the_status_names_every_field_with_the_counters() -> None:
     counters.broker.redis_errors = 2
     counters.publish.cache_stale_since_ms = T0_MS + 3
     counters.oom.observe(T0_MS + 4, 2, MemoryInfo(used=9, maxmemory=8, policy="noeviction"))
+    counters.publish.history_written = 11
+    counters.publish.history_refused = 12
+    fill = counters.backfill
+    fill.appended, fill.streams_failed, fill.requests, fill.rate_limited = 13, 14, 15, 16
+    fill.filled, fill.partial, fill.lost = 17, 18, 19
     status = encode_status(core.status(1.0, T0_MS + 1_000))
     assert status == {
         "leader": "b1",
@@ -816,6 +821,17 @@ def test_the_status_names_every_field_with_the_counters() -> None:
         "redis_maxmemory": "8",
         "redis_maxmemory_policy": "noeviction",
         "cache_stale_since_ms": str(T0_MS + 3),
+        "history": "trade=10000,candle=1000,ticker=100,orderbook=100",
+        "history_written": "11",
+        "history_refused": "12",
+        "backfill_pending": "0",
+        "backfill_appended": "13",
+        "backfill_streams_failed": "14",
+        "backfill_requests": "15",
+        "backfill_rate_limited": "16",
+        "gaps_filled": "17",
+        "gaps_partial": "18",
+        "gaps_lost": "19",
     }
     core.phase_ended()
     ended = core.status(2.0, T0_MS)

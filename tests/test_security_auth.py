@@ -48,13 +48,13 @@ ACL_BROKER = (
     f"broker on >{BROKER_PW} resetkeys ~t:* resetchannels &t:* -@all {_CONNECT} +info "
     "+eval +evalsha +script|load +time +get +set +incr +incrby +del +exists +hget +hgetall "
     "+hset +hmget +pexpire +zadd +zrem +zrange +zrangebyscore +scan +lpop +rpush +publish "
-    "+subscribe +unsubscribe +multi +exec +discard"
+    "+subscribe +unsubscribe +multi +exec +discard +xadd +xrange +xrevrange"
 )
 ACL_CONSUMER = (
     f"consumer-a on >{CONSUMER_PW} resetkeys ~t:lease:consumer-a ~t:leases ~t:requests "
-    f"~t:reply:* %R~t:status resetchannels &t:* -@all {_CONNECT} +info +evalsha +script|load "
-    "+time +hget +del +hset +pexpire +zadd +zrem +publish +subscribe +unsubscribe +rpush "
-    "+blpop +lrem +multi +exec"
+    f"~t:reply:* %R~t:status %R~t:hist:* resetchannels &t:* -@all {_CONNECT} +info +evalsha "
+    "+script|load +time +hget +del +hset +pexpire +zadd +zrem +publish +subscribe +unsubscribe "
+    "+rpush +blpop +lrem +multi +exec +xread +xrange +xrevrange +xinfo|stream"
 )
 ACL_OPERATOR = (
     f"operator on >{OPERATOR_PW} resetkeys %R~t:* ~t:leases ~t:requests ~t:reply:* "

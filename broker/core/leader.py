@@ -22,10 +22,12 @@ lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet st
            command(raw, now) -> CacheQuery | None / cached(query, values, now)
            published(frames, now) / publish_lost(since_ms, until_ms, frames)
            tick(now) / events_sent(events, ok=)
+           take_backfill(now_ms) -> BackfillJob | None / backfill_done(job, results)
     drain  take_controller_changed()   the one "desired or controller changed" signal
+           take_backfill_queued()      a gap queued a back-fill (its due time may be sooner)
            events_to_publish() / replies_to_send() / status(now, now_ms)
     ask    desired, epoch, connected, awaited_streams, watches_epoch_key, in_grace(now),
-           quiet_codes(now), next_wakeup(now), next_lease_read()
+           quiet_codes(now), next_wakeup(now), next_lease_read(), next_backfill_ms()
 
 The rules, each table-tested in ``tests/test_leader_core.py`` (the pieces it owns say theirs):
 
@@ -41,6 +43,9 @@ The rules, each table-tested in ``tests/test_leader_core.py`` (the pieces it own
   is refused with a reason; an unreadable command (no id to answer) is dropped and counted.
 - Redis losses: frames the publisher could not get confirmed (its connection broke) are
   announced once per loss as a ``redis`` gap, when publishing is confirmed again.
+- Back-fill: every gap announced queues the back-fill of the trade and candle streams leased
+  then (``broker.core.backfill``: gaps queued together merge per stream); once the job ran,
+  each gap gets its follow-up, the gap event again with ``state``, ``restored`` and counts.
 - Leases: what to read when and the union (the reconciler), what each holder is told (the
   feedback), the status counts. Quiet streams: ``broker.core.quiet``.
 """
@@ -61,6 +66,7 @@ from broker.contract import (
     DroppedFrames,
     ErrorReply,
     Event,
+    GapEvent,
     LeaderEvent,
     LeaseEvent,
     Reply,
@@ -72,6 +78,7 @@ from broker.contract import (
     encode_reply,
 )
 from broker.core.admission import UNKNOWN_MARKET, UNLISTED, Admitted, Refusal, UnionAdmission
+from broker.core.backfill import BackfillDesk, BackfillJob, StreamResult
 from broker.core.control import MAX_RESENDS, SubscriptionController, Verdict
 from broker.core.control_messages import ControlBatch
 from broker.core.gaps import GapTracker, Loss
@@ -179,6 +186,10 @@ class LeaderCore:
         self.snapshots = SnapshotDesk(self.stats)
         self.feedback = LeaseFeedback()
         self.gaps = GapTracker(s.broker_id)
+        self.backfill = BackfillDesk(
+            s.history_caps(), enabled=s.backfill and s.rest_base_url() is not None
+        )
+        self._backfill_queued = False
         self.quiet = QuietStreams(s.quiet_after, check_every=s.status_interval)
         self.epoch = epoch
         #: the union of the leases (plus a held union during a grace): what upstream should hold
@@ -324,6 +335,7 @@ class LeaderCore:
             assert gap.since_ms is not None
             span_ms = until - gap.since_ms
             self._event(gap)
+            self._queue_backfill(gap)
             self.log.info(
                 "gap event: epoch=%d reason=%s span_ms=%d",
                 self.epoch,
@@ -452,12 +464,76 @@ class LeaderCore:
             gap.until_ms,
         )
         self._event(gap)
+        self._queue_backfill(gap)
 
     def resubscribes_confirmed(self, request_ids: Iterable[str]) -> None:
         """LIST_SUBSCRIPTIONS confirmed the full set these resubscribe commands asked for."""
         upstream = self.controller.held.by_type()
         for request_id in request_ids:
             self._reply(ResubscribeReply(id=request_id, epoch=self.epoch, upstream=upstream))
+
+    # -- back-fill ----------------------------------------------------------------------------
+
+    def next_backfill_ms(self) -> int | None:
+        """When the next back-fill job is due (wall clock ms; None: no gap waits for one)."""
+        return self.backfill.next_due_ms()
+
+    def take_backfill(self, now_ms: int) -> BackfillJob | None:
+        """The back-fill job of the gaps queued so far, once due. A job with nothing to fetch
+        (the back-fill is off, the gaps covered no trade or candle stream with history) is
+        answered here at once, and None returned."""
+        job = self.backfill.take(now_ms)
+        if job is None:
+            return None
+        self.counters.backfill.jobs += 1
+        if job.streams:
+            return job
+        self.backfill_done(job, ())
+        return None
+
+    def backfill_done(self, job: BackfillJob, results: Sequence[StreamResult]) -> None:
+        """``job`` ran (``results``: one per stream it fetched): each of its gaps gets its
+        follow-up event."""
+        stats = self.counters.backfill
+        for event in self.backfill.follow_ups(job, results):
+            state, counts = event.state, event.backfill
+            assert isinstance(state, str) and isinstance(counts, dict)
+            if state == "filled":
+                stats.filled += 1
+            elif state == "partial":
+                stats.partial += 1
+            else:
+                stats.lost += 1
+            self._event(event)
+            self.log.log(
+                logging.INFO if state == "filled" else logging.WARNING,
+                "gap follow-up: epoch=%s reason=%s state=%s appended=%d failed=%d",
+                event.epoch,
+                event.reason,
+                state,
+                counts["appended"],
+                counts["failed"],
+                extra={
+                    "event": "gap_followup",
+                    "epoch": event.epoch,
+                    "reason": event.reason,
+                    "state": state,
+                    "appended": counts["appended"],
+                },
+            )
+
+    def take_backfill_queued(self) -> bool:
+        """True once after a gap queued a back-fill: the back-fill task looks at
+        :meth:`next_backfill_ms` again."""
+        queued, self._backfill_queued = self._backfill_queued, False
+        return queued
+
+    def _queue_backfill(self, gap: GapEvent) -> None:
+        """``gap`` was announced: its trade and candle streams (those leased now) are back-filled
+        once the new connection's frames flow."""
+        self.backfill.gap(gap, self.desired.keys())
+        self.counters.backfill.gaps += 1
+        self._backfill_queued = True
 
     # -- commands and snapshots ---------------------------------------------------------------
 
@@ -596,6 +672,7 @@ class LeaderCore:
         ctl, b = self.counters.control, self.stats
         admitted = self.admission_result
         oom = self.counters.oom  # Redis at maxmemory (broker.core.oom)
+        fill = self.counters.backfill
         memory = oom.memory
         return Status(
             leader=self.broker_id if self.leading else "",
@@ -645,6 +722,17 @@ class LeaderCore:
             redis_maxmemory=memory.maxmemory if memory is not None else 0,
             redis_maxmemory_policy=memory.policy if memory is not None else "",
             cache_stale_since_ms=pub.cache_stale_since_ms,
+            history=self.settings.history,
+            history_written=pub.history_written,
+            history_refused=pub.history_refused,
+            backfill_pending=self.backfill.pending,
+            backfill_appended=fill.appended,
+            backfill_streams_failed=fill.streams_failed,
+            backfill_requests=fill.requests,
+            backfill_rate_limited=fill.rate_limited,
+            gaps_filled=fill.filled,
+            gaps_partial=fill.partial,
+            gaps_lost=fill.lost,
         )
 
     def _unknown_codes(self) -> list[str]:

@@ -1,7 +1,8 @@
 """Every counter of one broker process (pure: plain dataclasses).
 
 The broker owns one :class:`Counters` for its whole life and hands each part to the piece that
-bumps it: the upstream adapter, the publisher, the subscription controller and the leader core.
+bumps it: the upstream adapter, the publisher, the subscription controller, the leader core and
+the back-fill.
 Each leader phase builds new adapters around the same counters, so the status and the metrics
 never go backwards. The hot paths only add to plain integers here and readers only read them
 (a metrics scrape changes nothing: the burst-size histogram is kept here as bucket counts).
@@ -58,6 +59,11 @@ class PublishStats:
     reply_errors: int = 0
     #: the part of ``reply_errors`` Redis refused for memory (maxmemory: ``broker.core.oom``)
     oom_refusals: int = 0
+    #: history entries written (XADD beside the PUBLISH, ``{ns}:hist:...``), and those whose
+    #: burst Redis answered with an error (at maxmemory: ``-OOM``); a refused history entry
+    #: is a frame a durable consumer cannot read, so it is announced as a ``redis`` gap
+    history_written: int = 0
+    history_refused: int = 0
     #: wall clock (ms) of the first burst whose cache write Redis refused, while the
     #: last-value cache lacks frames published since (0: the cache has every frame)
     cache_stale_since_ms: int = 0
@@ -135,6 +141,31 @@ class BrokerStats:
 
 
 @dataclass(slots=True)
+class BackfillStats:
+    """Bumped by the back-fill of upstream gaps (``broker.core.backfill`` through the leader
+    core; ``broker.backfill`` and ``broker.rest`` for what they fetch and append)."""
+
+    #: gaps queued for a back-fill, and the jobs that ran (gaps queued together share one)
+    gaps: int = 0
+    jobs: int = 0
+    #: trade and candle streams back-filled, and those not complete after it (a failed
+    #: fetch, the page limit, the deadline)
+    streams: int = 0
+    streams_failed: int = 0
+    #: entries appended to the history (``origin`` = ``rest``)
+    appended: int = 0
+    #: REST requests sent, those that failed (unreachable, timeout, an HTTP error, an answer
+    #: that is not what was asked), and Upbit's refusals for the rate (429, 418)
+    requests: int = 0
+    request_errors: int = 0
+    rate_limited: int = 0
+    #: follow-up events by state
+    filled: int = 0
+    partial: int = 0
+    lost: int = 0
+
+
+@dataclass(slots=True)
 class Counters:
     """One broker process's counters, by the piece that bumps them."""
 
@@ -144,10 +175,13 @@ class Counters:
     control: ControllerStats = field(default_factory=ControllerStats)
     #: Redis at maxmemory: episodes, refusals, the last INFO memory reading
     oom: OomWatch = field(default_factory=OomWatch)
+    #: the back-fill of upstream gaps over REST
+    backfill: BackfillStats = field(default_factory=BackfillStats)
 
 
 __all__ = [
     "BATCH_BUCKETS",
+    "BackfillStats",
     "BrokerStats",
     "ControllerStats",
     "Counters",

@@ -42,18 +42,28 @@ async def main():
     async with BrokerClient(
         redis_url=cfg["redis_url"], client_id=cfg["client_id"], namespace=cfg["namespace"],
         lease_ttl=cfg["lease_ttl"], connect_timeout=cfg.get("connect_timeout", 5.0),
-        ping_interval=cfg.get("ping_interval", 1.0),
+        ping_interval=cfg.get("ping_interval", 1.0), **cfg.get("client", {}),
     ) as client:
         for type_, codes in cfg["subs"].items():
             await client.subscribe(type_, codes)
         emit(k="ready", t=now_ms(), pid=__import__("os").getpid())
+
+        delay = cfg.get("read_delay", 0.0)  # seconds per message: a slow application
 
         async def pump():
             async for item in client.messages():
                 if isinstance(item, Gap):
                     emit(k="gap", t=now_ms(), **item.to_dict())
                 elif item.kind == "data":
-                    emit(k="m", t=now_ms(), ch=item.channel, raw=item.raw.decode())
+                    offset = getattr(item, "offset", None)
+                    record = dict(k="m", t=now_ms(), ch=item.channel, raw=item.raw.decode())
+                    if offset is not None:
+                        record["off"] = offset if isinstance(offset, str) else offset.decode()
+                    if getattr(item, "backfilled", False):
+                        record["bf"] = True
+                    emit(**record)
+                    if delay:
+                        await asyncio.sleep(delay)
                 else:  # a lease notice (or any later kind): recorded, never fatal
                     emit(k=item.kind, t=now_ms(), text=repr(item))
 
@@ -81,7 +91,8 @@ class ConsumerProcess(ManagedProcess):
     """A :class:`~consumers.BrokerClient` in its own process, recording what it receives.
 
     :meth:`records` are its JSON lines: ``{"k": "ready"|"m"|"gap"|"stats"|"snapshot"|"bye",
-    "t": receive time in ms, ...}``; a message has ``ch`` (channel) and ``raw`` (exact text).
+    "t": receive time in ms, ...}``; a message has ``ch`` (channel) and ``raw`` (exact text),
+    and, from a durable client, ``off`` (its history offset; ``bf``: back-filled).
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], client_id: str, out: Path, err: Path) -> None:
@@ -108,8 +119,13 @@ class ConsumerProcess(ManagedProcess):
         return [r for r in self.records() if r["k"] == "m" and (channel in (None, r["ch"]))]
 
     def gaps(self) -> list[dict[str, Any]]:
-        """Every gap the client reported (``since_ms``, ``until_ms``, ``reason`` ...)."""
-        return [r for r in self.records() if r["k"] == "gap"]
+        """Every gap the client reported (``since_ms``, ``until_ms``, ``reason`` ...), not
+        counting the broker's follow-ups of them (:meth:`follow_ups`)."""
+        return [r for r in self.records() if r["k"] == "gap" and "state" not in r]
+
+    def follow_ups(self) -> list[dict[str, Any]]:
+        """The broker's follow-ups of its gaps, after the back-fill (``state``: filled ...)."""
+        return [r for r in self.records() if r["k"] == "gap" and "state" in r]
 
     def last_stats(self) -> dict[str, Any]:
         """The client's latest :class:`~consumers.ClientStats`, as a dict ({} before any)."""
@@ -155,8 +171,10 @@ async def consumer_process(
 
     Args:
         wait_ready: yield only once it has subscribed.
-        extra: more client options: ``connect_timeout``, ``ping_interval``, and ``snapshot``
-            (``[type, codes]``: ask for a snapshot once subscribed).
+        extra: more client options: ``connect_timeout``, ``ping_interval``, ``snapshot``
+            (``[type, codes]``: ask for a snapshot once subscribed), ``client`` (more
+            ``BrokerClient`` keyword arguments, e.g. ``{"durable": True}``) and ``read_delay``
+            (seconds the application takes per message: a slow reader).
     """
     directory = directory or workdir()
     out = directory / f"consumer-{client_id}.jsonl"

@@ -76,7 +76,16 @@ class EventTap:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == kind]
+        """The events of one kind; for ``gap``, the announcements only (a gap's follow-up,
+        after the back-fill, repeats it with a ``state``: :meth:`follow_ups`)."""
+        events = [e for e in self.events if e.get("event") == kind]
+        if kind == "gap":
+            return [e for e in events if "state" not in e]
+        return events
+
+    def follow_ups(self) -> list[dict[str, Any]]:
+        """The gaps' follow-ups (``state``: filled, partial, lost)."""
+        return [e for e in self.events if e.get("event") == "gap" and "state" in e]
 
 
 def sim_connections(sim: Any) -> list[dict[str, Any]]:

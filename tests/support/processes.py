@@ -324,7 +324,7 @@ def contract_key_re(namespace: str = "t") -> re.Pattern[str]:
     ns = re.escape(namespace)
     return re.compile(
         rf"{ns}:(?:leases|control|requests|leader|epoch|status|events"
-        rf"|lease:{_NAME}|reply:{_NAME}|last:{_STREAM}|{_STREAM}:{_CODE})"
+        rf"|lease:{_NAME}|reply:{_NAME}|last:{_STREAM}|hist:{_STREAM}:{_CODE}|{_STREAM}:{_CODE})"
     )
 
 
