@@ -176,6 +176,7 @@ class Status(msgspec.Struct, kw_only=True, frozen=True):
     history_written: int = 0
     history_refused: int = 0
     backfill_pending: int = 0
+    backfill_since_ms: int = 0
     backfill_appended: int = 0
     backfill_streams_failed: int = 0
     backfill_requests: int = 0

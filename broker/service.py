@@ -249,7 +249,7 @@ class Broker:
         core = self.core = LeaderCore(
             s, self.counters, epoch=self.core.epoch, token=self._lock.token, logger=logger
         )
-        core.took_lead(now_ms(), previous.token, previous.last_frame_ms)
+        core.took_lead(now_ms(), previous.token, previous.last_frame_ms, previous.backfill_since_ms)
         # What the predecessor refused queues behind the rest (created_ms is the holder's word).
         core.admission.previously_refused(previous.refused)
         phase = LeaderPhase(
@@ -276,23 +276,27 @@ class Broker:
     async def _previous_leader(self) -> PreviousLeader:
         """What the status hash says of the process that wrote it last (``PreviousLeader``)."""
         assert self._redis is not None
-        fields = ["leader_token", "last_frame_ms", "refused"]
+        fields = ["leader_token", "last_frame_ms", "refused", "backfill_since_ms"]
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                token, last, refused = await self._redis.hmget(self.keys.status, fields)
+                token, last, refused, pending = await self._redis.hmget(self.keys.status, fields)
         except (RedisError, OSError, TimeoutError):
             return PreviousLeader()
-        try:
-            last_ms = int(last or 0)
-        except ValueError:
-            last_ms = 0
+        last_ms, pending_ms = _int_or_zero(last), _int_or_zero(pending)
         if isinstance(token, bytes):
             token = token.decode(errors="replace")
         try:
             refused_ids = tuple(msgspec.json.decode(refused or b"{}", type=dict[str, str]))
         except msgspec.DecodeError:
             refused_ids = ()
-        return PreviousLeader(token or "", last_ms, refused_ids)
+        return PreviousLeader(token or "", last_ms, refused_ids, pending_ms)
+
+
+def _int_or_zero(raw: bytes | str | None) -> int:
+    try:
+        return max(int(raw or 0), 0)
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,11 +309,14 @@ class PreviousLeader:
         last_frame_ms: the wall clock of its last frame (0: none): the gap starts there.
         refused: the client ids it refused (``broker.core.admission``): they queue behind the
             others in the new leader's first admission.
+        backfill_since_ms: the earliest gap it announced and had not back-filled yet (0: none).
     """
 
     token: str = ""
     last_frame_ms: int = 0
     refused: tuple[str, ...] = ()
+    #: the earliest gap it announced and had not back-filled (0: none)
+    backfill_since_ms: int = 0
 
 
 def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

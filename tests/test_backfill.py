@@ -32,10 +32,19 @@ from broker.core.backfill import (
     Window,
 )
 from broker.core.gaps import Loss
+from broker.core.leader import LeaderCore
 from broker.core.stats import Counters
 from broker.upbit.rest_frames import RestCandle, RestTrade, format_candle_to
 from broker.upbit.types import StreamKey
-from tests.test_leader_core import T0_MS, connect, events, leading, lease, list_leases
+from tests.test_leader_core import (
+    T0_MS,
+    connect,
+    events,
+    leading,
+    lease,
+    list_leases,
+    settings,
+)
 
 T0 = 1_700_000_000_000  # ms, a whole day boundary is T0 - T0 % DAY_MS
 TRADE = StreamKey("trade", "KRW-BTC")
@@ -496,6 +505,48 @@ def test_each_announced_gap_queues_a_job_and_gets_its_follow_up() -> None:
     }
     stats = core.counters.backfill
     assert (stats.gaps, stats.jobs, stats.filled) == (1, 1, 1)
+
+
+def test_the_status_names_the_earliest_gap_not_back_filled_until_its_job_is_done() -> None:
+    core = leading()
+    list_leases(core, 0.0, lease("a", {"trade": ["KRW-BTC"]}))
+    connect(core, 0.0)
+    decoded(core)
+    assert core.backfill_since_ms() == 0
+    reconnect(core, 5.0)
+    gap_event, _connected = decoded(core)
+    assert core.backfill_since_ms() == gap_event["since_ms"]  # waiting
+    due = core.next_backfill_ms()
+    assert due is not None
+    job = core.take_backfill(due)
+    assert job is not None
+    assert core.backfill_since_ms() == gap_event["since_ms"]  # running
+    assert core.status(6.0, due).backfill_since_ms == gap_event["since_ms"]
+    core.backfill_done(job, [StreamResult(TRADE, Outcome.COMPLETE, 1)])
+    assert core.backfill_since_ms() == 0
+
+
+@pytest.mark.parametrize("another_process", [True, False], ids=["takeover", "own-lapse"])
+def test_a_gap_its_leader_never_back_filled_is_covered_by_the_next_phases_gap(
+    another_process: bool,
+) -> None:
+    """The leader died (or lapsed) with a back-fill pending since T0 - 60 s; its last frame
+    was T0 - 1 s. The next phase's gap starts at the pending one, so its back-fill covers it
+    (the pending gap's own follow-up never comes)."""
+    counters = Counters()
+    core = LeaderCore(settings(), counters)
+    token = "someone-else" if another_process else core.token
+    core.took_lead(T0_MS, token, T0_MS - 1_000, T0_MS - 60_000)
+    list_leases(core, 0.0, lease("a", {"trade": ["KRW-BTC"]}))
+    connect(core, 0.0)
+    gaps = [e for e in decoded(core) if e["event"] == "gap"]
+    assert [(g["reason"], g["since_ms"]) for g in gaps] == [
+        ("takeover" if another_process else "reconnect", T0_MS - 60_000)
+    ]
+    due = core.next_backfill_ms()
+    assert due is not None
+    job = core.take_backfill(due)
+    assert job is not None and job.streams[0].window.since_ms == T0_MS - 60_000
 
 
 @pytest.mark.parametrize(

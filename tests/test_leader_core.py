@@ -825,6 +825,7 @@ def test_the_status_names_every_field_with_the_counters() -> None:
         "history_written": "11",
         "history_refused": "12",
         "backfill_pending": "0",
+        "backfill_since_ms": "0",
         "backfill_appended": "13",
         "backfill_streams_failed": "14",
         "backfill_requests": "15",

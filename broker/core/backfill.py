@@ -391,6 +391,16 @@ class StreamResult:
     appended: int = 0
 
 
+def _since(gap: GapEvent) -> int:
+    until = gap.until_ms if gap.until_ms is not None else 0
+    return gap.since_ms if gap.since_ms is not None else until
+
+
+def job_since_ms(job: BackfillJob) -> int:
+    """The earliest ``since_ms`` of the gaps of ``job`` (0: none)."""
+    return min((_since(fill.gap) for fill in job.gaps), default=0)
+
+
 class BackfillDesk:
     """The gaps waiting for a back-fill, merged per stream; their follow-ups once it ran."""
 
@@ -436,6 +446,10 @@ class BackfillDesk:
     def pending(self) -> int:
         """Gaps waiting for their job."""
         return len(self._gaps)
+
+    def waiting_since_ms(self) -> int:
+        """The earliest ``since_ms`` of the gaps waiting for their job (0: none)."""
+        return min((_since(fill.gap) for fill in self._gaps), default=0)
 
     def next_due_ms(self) -> int | None:
         """When the next job is due (wall clock ms; None: no gap waits)."""

@@ -78,7 +78,7 @@ from broker.contract import (
     encode_reply,
 )
 from broker.core.admission import UNKNOWN_MARKET, UNLISTED, Admitted, Refusal, UnionAdmission
-from broker.core.backfill import BackfillDesk, BackfillJob, StreamResult
+from broker.core.backfill import BackfillDesk, BackfillJob, StreamResult, job_since_ms
 from broker.core.control import MAX_RESENDS, SubscriptionController, Verdict
 from broker.core.control_messages import ControlBatch
 from broker.core.gaps import GapTracker, Loss
@@ -204,17 +204,28 @@ class LeaderCore:
         self._connected_at_ms = 0
         #: snapshot requests taken and not answered yet (at most MAX_SNAPSHOT_WAITERS)
         self._snapshots_open = 0
+        #: the earliest gap of the back-fill job running now (0: none runs)
+        self._backfill_running_since_ms = 0
 
     # -- the phase ----------------------------------------------------------------------------
 
     def took_lead(
-        self, now_ms: int, previous_token: str = "", previous_last_frame_ms: int = 0
+        self,
+        now_ms: int,
+        previous_token: str = "",
+        previous_last_frame_ms: int = 0,
+        previous_backfill_since_ms: int = 0,
     ) -> None:
         """This broker took the lock; the status hash was written by the process holding
         ``previous_token`` ("" from a broker older than tokens), whose last frame was
         ``previous_last_frame_ms`` (0: none). Frames of any other process, a restart of the
         same ``broker_id`` included, end in a takeover gap at our first connection; the
-        ``broker_id`` is a label, never the fence."""
+        ``broker_id`` is a label, never the fence.
+
+        ``previous_backfill_since_ms`` (the status's ``backfill_since_ms``): the earliest gap
+        that leader announced and had not back-filled yet (0: none). Its follow-up will never
+        come, so the gap this phase announces starts there instead, and its back-fill covers
+        the earlier one too."""
         self.leading = True
         # A status without a token (an older broker's) counts as another process's: a gap
         # announced in vain is harmless, a loss nobody announces is not.
@@ -222,6 +233,10 @@ class LeaderCore:
         if not other:  # our own status: our own counters know our last frame better
             previous_last_frame_ms = max(
                 previous_last_frame_ms, self.counters.publish.last_publish_ms
+            )
+        if previous_backfill_since_ms > 0:
+            previous_last_frame_ms = min(
+                previous_last_frame_ms or previous_backfill_since_ms, previous_backfill_since_ms
             )
         self.gaps.took_lead(now_ms, other, previous_last_frame_ms)
         self._event(LeaderEvent(broker=self.broker_id, ts_ms=now_ms))
@@ -474,6 +489,12 @@ class LeaderCore:
 
     # -- back-fill ----------------------------------------------------------------------------
 
+    def backfill_since_ms(self) -> int:
+        """The earliest gap announced and not back-filled yet, waiting or running (0: none):
+        the status says it, so that a successor's gap starts there (:meth:`took_lead`)."""
+        times = [self.backfill.waiting_since_ms(), self._backfill_running_since_ms]
+        return min((t for t in times if t > 0), default=0)
+
     def next_backfill_ms(self) -> int | None:
         """When the next back-fill job is due (wall clock ms; None: no gap waits for one)."""
         return self.backfill.next_due_ms()
@@ -485,6 +506,7 @@ class LeaderCore:
         job = self.backfill.take(now_ms)
         if job is None:
             return None
+        self._backfill_running_since_ms = job_since_ms(job)
         self.counters.backfill.jobs += 1
         if job.streams:
             return job
@@ -495,6 +517,7 @@ class LeaderCore:
         """``job`` ran (``results``: one per stream it fetched): each of its gaps gets its
         follow-up event."""
         stats = self.counters.backfill
+        self._backfill_running_since_ms = 0
         for event in self.backfill.follow_ups(job, results):
             state, counts = event.state, event.backfill
             assert isinstance(state, str) and isinstance(counts, dict)
@@ -726,6 +749,7 @@ class LeaderCore:
             history_written=pub.history_written,
             history_refused=pub.history_refused,
             backfill_pending=self.backfill.pending,
+            backfill_since_ms=self.backfill_since_ms(),
             backfill_appended=fill.appended,
             backfill_streams_failed=fill.streams_failed,
             backfill_requests=fill.requests,
