@@ -19,6 +19,10 @@ what it read and writes what the core asks for:
     markets    Upbit's market list (REST), at the start and every ``markets_refresh``
     backfill   the back-fill jobs the core queues after each gap (``broker.backfill``: missed
                trades and candles from Upbit's REST API into the history), one at a time
+    history    the history's upkeep: every ``HISTORY_UPKEEP`` s, each history stream of the union
+               is trimmed to ``history_max_age`` (XTRIM MINID) and its key's expiry pushed on,
+               so a quiet code keeps minutes, not days, and a stream that left the union is gone
+               after ``history_max_age``
 
 After every feed, :meth:`LeaderPhase._forward` hands the core's outputs on (the one place that
 does): it wakes the upstream send loop when the desired set or the controller changed, tells
@@ -47,6 +51,7 @@ from broker.clock import now_ms
 from broker.contract import encode_status
 from broker.control_channel import ControlSubscription, subscribe_control
 from broker.core.backfill import Outcome, StreamResult
+from broker.core.history import history_cap
 from broker.core.leader import LeaderCore, OutEvent, OutReply, Wake
 from broker.core.snapshots import CacheQuery
 from broker.core.stats import Counters
@@ -91,6 +96,10 @@ MARKETS_RETRY = 5.0
 MARKETS_EARLY = 60.0
 #: a wait for a wall-clock time looks at the clock again at least this often (seconds)
 WALL_CLOCK_RECHECK = 5.0
+#: the history's upkeep runs this often at most (seconds; more often for a short max age)
+HISTORY_UPKEEP = 60.0
+#: history streams trimmed and re-expired per pipeline
+HISTORY_UPKEEP_BATCH = 1000
 
 
 class LeaderPhase:
@@ -173,6 +182,8 @@ class LeaderPhase:
             tg.create_task(self._write_outbox(), name="outbox")
             tg.create_task(self._write_status(), name="status")
             tg.create_task(self._run_backfill(), name="backfill")
+            if self.publisher.history_caps:
+                tg.create_task(self._keep_history(), name="history")
             markets_url = self.settings.market_list_url()
             if markets_url is not None:
                 tg.create_task(self._refresh_markets(markets_url), name="markets")
@@ -432,6 +443,38 @@ class LeaderPhase:
                     await self._markets_now.wait()
             # Woken early (an unknown code): not sooner than MARKETS_EARLY after the last read.
             await asyncio.sleep(max(0.0, read_at + MARKETS_EARLY - time.monotonic()))
+
+    async def _keep_history(self) -> None:
+        """Every ``HISTORY_UPKEEP`` s (a quarter of ``history_max_age`` at most): trim each
+        history stream of the union to ``history_max_age`` and push its key's expiry to that
+        age plus one round. XADD's ``MAXLEN ~`` caps entries; this caps time, so a quiet
+        code does not keep days of trades, and the history of a stream no lease wants any
+        more expires once everything in it would be trimmed anyway (XTRIM and PEXPIRE are
+        allowed at maxmemory: the upkeep frees memory there too). Advisory: an error is
+        counted and the next round tries again."""
+        max_age_ms = round(self.settings.history_max_age * 1000)
+        every = min(HISTORY_UPKEEP, self.settings.history_max_age / 4)
+        caps = self.publisher.history_caps
+        while True:
+            keys = [
+                self.keys.history(key.type, key.code, key.level)
+                for key in sorted(self.core.controller.routable)
+                if history_cap(caps, key.type) > 0
+            ]
+            min_id = f"{max(now_ms() - max_age_ms, 0)}-0"
+            expire_ms = max_age_ms + round(every * 1000) * 2
+            try:
+                for start in range(0, len(keys), HISTORY_UPKEEP_BATCH):
+                    pipe = self.redis.pipeline(transaction=False)
+                    for key in keys[start : start + HISTORY_UPKEEP_BATCH]:
+                        pipe.execute_command("XTRIM", key, "MINID", "~", min_id)
+                        pipe.pexpire(key, expire_ms)
+                    async with asyncio.timeout(REDIS_TIMEOUT):
+                        await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.stats.redis_errors += 1
+                logger.debug("history upkeep failed (%s): retried in %.0fs", describe(exc), every)
+            await asyncio.sleep(every)
 
     async def _run_backfill(self) -> None:
         """Run each back-fill job the core queues, once due (``broker.core.backfill``), and

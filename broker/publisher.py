@@ -81,7 +81,7 @@ from broker.core.oom import inherited_cache_stale_since
 from broker.core.stats import PublishStats
 from broker.keys import Keys
 from broker.redis_oom import is_oom
-from broker.upbit.types import StreamKey
+from broker.upbit.types import DataType, StreamKey
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class Target:
     history_prefix: bytes = b""
     #: commands per frame: the PUBLISH, and the XADD when the history is on
     commands: int = 1
+    #: for a trade stream with history: where its SNAPSHOT frames go (:class:`SnapshotTwin`)
+    snapshot_twin: Target | None = None
 
     def __post_init__(self) -> None:
         if not self.publish_prefix:
@@ -132,11 +134,32 @@ class Target:
             object.__setattr__(self, "commands", 2)
 
 
+class SnapshotTwin(Target):
+    """Where the SNAPSHOT frames of a trade stream with history go: published and cached like
+    the stream's own, never appended to its history. A trade SNAPSHOT repeats the stream's last
+    trade (each new connection, each resubscribe that adds codes, any snapshot request sends
+    one), so appending it would hand a durable reader the same trade twice.
+
+    It is the same stream: equal to its :attr:`original` and hashed like it, so that a burst's
+    newest frame per stream (``dict(batch)``), the cache and the counters treat both as one key
+    (a plain Target compares by identity; the comparison falls back to this class's ``__eq__``).
+    """
+
+    __slots__ = ("original",)
+    original: Target
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self.original
+
+    def __hash__(self) -> int:
+        return object.__hash__(self.original)
+
+
 def make_target(keys: Keys, key: StreamKey, history_caps: dict[str, int] | None = None) -> Target:
     """The target of one stream; ``history_caps`` (``BrokerSettings.history_caps``): the
     history's cap per type (None or a type left out: no history)."""
     cap = history_cap(history_caps, key.type) if history_caps else 0
-    return Target(
+    target = Target(
         key=key,
         channel=keys.channel(key.type, key.code, key.level).encode(),
         cache_key=keys.last_values(key.type, key.level).encode(),
@@ -144,6 +167,17 @@ def make_target(keys: Keys, key: StreamKey, history_caps: dict[str, int] | None 
         history_key=keys.history(key.type, key.code, key.level).encode() if cap else b"",
         history_cap=cap,
     )
+    if cap and key.type == DataType.TRADE:
+        twin = SnapshotTwin(
+            key=target.key,
+            channel=target.channel,
+            cache_key=target.cache_key,
+            code=target.code,
+            publish_prefix=target.publish_prefix,
+        )
+        object.__setattr__(twin, "original", target)
+        object.__setattr__(target, "snapshot_twin", twin)
+    return target
 
 
 _first = itemgetter(0)

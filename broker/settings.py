@@ -112,6 +112,9 @@ SETTING_BOUNDS: dict[str, Bound] = {
         True,
         "largest subscribe request (Upbit's own limit is unknown); a 1009 close lowers it",
     ),
+    "history_max_age": Bound(
+        10, 7 * 86_400, why="history older than this is trimmed; caps by type still apply"
+    ),
     "markets_refresh": Bound(
         10, 86_400, why="re-read Upbit's market list (new listings, delistings)"
     ),
@@ -251,6 +254,9 @@ class BrokerSettings:
     #: stream and code, by type (``candle`` covers every candle unit); ``off``: no history;
     #: a type at 0 or left out is not kept (``broker.core.history.parse_history_caps``)
     history: str = "trade=10000,candle=1000,ticker=100,orderbook=100"
+    #: history entries older than this are trimmed (each stream of the union, every minute),
+    #: and the history of a stream no lease wants any more expires after it
+    history_max_age: float = 3600.0
     #: after a gap, fetch the missed trades and candles over Upbit's REST API into the history
     backfill: bool = True
     #: Upbit's REST API base; "" derives it from ``upstream_url`` (same host, http(s)); "off"

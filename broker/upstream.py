@@ -38,10 +38,13 @@ from broker.publisher import Publisher, Target
 from broker.settings import BrokerSettings
 from broker.upbit.messages import ErrorFrame, ListSubscriptionsReply, decode_message
 from broker.upbit.router import FrameKind, route_frame
-from broker.upbit.types import StreamKey, SubscriptionSet
+from broker.upbit.types import StreamKey, StreamType, SubscriptionSet
 from broker.upstream_connection import UpstreamConnection, open_connection
 
 logger = logging.getLogger(__name__)
+
+#: the ``stream_type`` of a SNAPSHOT frame (the router's spelling, DEFAULT and SIMPLE alike)
+SNAPSHOT = StreamType.SNAPSHOT.value
 
 #: how long a new connection waits for its gap/connected events to reach Redis before
 #: subscribing anyway (Redis calls are bounded by 5 s each; a dead Redis must not stop data)
@@ -379,6 +382,8 @@ class Upstream:
                     if target is None:
                         stats.dropped_unleased += 1
                     else:
+                        if target.snapshot_twin is not None and r.stream_type == SNAPSHOT:
+                            target = target.snapshot_twin  # a repeated trade: not in history
                         add((target, frame))
                 else:
                     self._other(r.kind, frame)

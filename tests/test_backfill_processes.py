@@ -59,6 +59,8 @@ async def trade_history(redis: aioredis.Redis, code: str) -> tuple[set[int], lis
         if fields.get(b"origin") == b"rest":
             rest_sids.append(message.sequential_id)
         else:
+            # Each trade once: a SNAPSHOT repeating the last trade is not appended (SnapshotTwin)
+            assert message.sequential_id not in live_sids, f"{code}: a trade twice in history"
             live_sids.add(message.sequential_id)
             if message.stream_type == "REALTIME":
                 live.append(message.trade_timestamp)

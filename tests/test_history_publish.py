@@ -7,18 +7,24 @@ announced once, as a ``redis`` loss, when Redis takes the history again.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import redis.asyncio as aioredis
 
+from broker.clock import now_ms
 from broker.core.history import history_cap, parse_history_caps
 from broker.errors import ConfigError
 from broker.keys import HISTORY_FRAME_FIELD, Keys
 from broker.publisher import Publisher, Target, make_target
-from broker.testing import RedisServer
+from broker.testing import RedisServer, broker_process, wait_for, write_lease
 from broker.upbit.types import StreamKey
+from tests.support.sim import running_simulator
 from tests.test_redis_oom import fill, free, maxmemory_args
 
 KEYS = Keys("h")
+KEYS_T = Keys("t")  # the test brokers' namespace
 CAPS = {"trade": 300, "ticker": 5, "candle": 50}
 
 
@@ -127,6 +133,46 @@ async def test_refused_history_is_one_announced_loss_once_redis_takes_it_again(r
             await client.aclose()
 
 
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-resp", "redis-py"])
+async def test_a_trade_snapshot_is_published_and_cached_but_not_appended_twice(
+    raw: bool, redis_url: str
+) -> None:
+    """A trade SNAPSHOT repeats the last trade: it goes through the stream's twin, published
+    and cached as the stream's own, never appended to the history."""
+    client = aioredis.Redis.from_url(redis_url)
+    publisher = Publisher(client, raw_resp=raw, history_caps=CAPS)
+    trade = publisher.target(KEYS, StreamKey("trade", "KRW-BTC"))
+    twin = trade.snapshot_twin
+    assert twin is not None and not twin.history_prefix
+    assert twin == trade and trade == twin and hash(twin) == hash(trade)
+    assert dict([(trade, b"a"), (twin, b"b")]) == {trade: b"b"}
+    ticker = publisher.target(KEYS, StreamKey("ticker", "KRW-BTC"))
+    assert ticker.snapshot_twin is None  # a ticker SNAPSHOT is fresh state: kept
+    pubsub = client.pubsub()
+    await pubsub.subscribe(trade.channel)
+    try:
+        for target, frame in ((trade, b"t1"), (twin, b"t1-again"), (trade, b"t2")):
+            publisher.enqueue(target, frame)
+        await publisher.flush()
+        publisher.enqueue(twin, b"t2-again")
+        await publisher.flush()
+        assert await entries(client, KEYS.history("trade", "KRW-BTC")) == [b"t1", b"t2"]
+        assert await client.hget(KEYS.last_values("trade"), "KRW-BTC") == b"t2-again"
+        stats = publisher.stats
+        assert stats.published == 4 and stats.history_written == 2
+        assert stats.published_by_type == {"trade": 4}
+        got: list[bytes] = []
+        while len(got) < 4:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            if message is not None:
+                got.append(message["data"])
+        assert got == [b"t1", b"t1-again", b"t2", b"t2-again"]
+    finally:
+        await pubsub.aclose()
+        await publisher.aclose()
+        await client.aclose()
+
+
 def test_history_caps_parse_and_refuse() -> None:
     assert parse_history_caps("trade=10, candle=0 ,ticker=2") == {"trade": 10, "ticker": 2}
     assert parse_history_caps(" OFF ") == {} and parse_history_caps("") == {}
@@ -136,3 +182,46 @@ def test_history_caps_parse_and_refuse() -> None:
                 "trade=99999999999", "trade=١٢"):  # fmt: skip
         with pytest.raises(ConfigError, match="history"):
             parse_history_caps(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_the_history_keeps_its_max_age_and_a_stream_that_left_the_union_expires(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """``history_max_age`` 10 s: the leader trims each history stream of the union to the
+    last 10 s (every 2.5 s), and the history of a code no lease wants any more expires."""
+    url = redis_server.url
+    btc, eth = KEYS_T.history("ticker", "KRW-BTC"), KEYS_T.history("ticker", "KRW-ETH")
+    async with (
+        running_simulator(seed=3, rate=200, markets=4) as sim,
+        broker_process(url, sim.url, "h-1", tmp_path, history_max_age=10, history="ticker=100000"),
+    ):
+        await write_lease(redis_client, "c", {"ticker": ["KRW-BTC", "KRW-ETH"]}, ttl_ms=60_000)
+
+        async def oldest_age_ms(key: str) -> int:
+            first = await redis_client.xrange(key, count=1)
+            if not first:
+                return 0
+            return now_ms() - int(first[0][0].decode().partition("-")[0])
+
+        # Without the upkeep the stream would hold everything since the start (its count cap
+        # is far away); with it, once the stream is 20 s old, nothing is much older than 10 s
+        # (MINID ~ trims whole nodes, every 2.5 s: a few seconds of slack).
+        await wait_for(lambda: redis_client.exists(btc), 20, message="history written")
+        started = time.monotonic()
+
+        async def trimmed() -> bool:
+            age = await oldest_age_ms(btc)
+            return time.monotonic() - started > 20 and 0 < age < 16_000
+
+        await wait_for(trimmed, 40, message="the history trimmed to its max age")
+        assert 0 < await redis_client.pttl(btc) <= 15_000  # max age + two rounds
+        # KRW-ETH leaves the union: its history is not refreshed any more, and expires.
+        await write_lease(redis_client, "c", {"ticker": ["KRW-BTC"]}, ttl_ms=60_000)
+        await wait_for(lambda: _gone(redis_client, eth), 40, message="KRW-ETH's history expired")
+        assert await redis_client.exists(btc)
+
+
+async def _gone(client: aioredis.Redis, key: str) -> bool:
+    return not await client.exists(key)
