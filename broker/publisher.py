@@ -519,7 +519,8 @@ class Publisher:
         """Redis answered some commands of a burst with errors (before :meth:`_answered`)."""
         written_ms, _, cache, history = token
         oom = sum(1 for reply in replies if is_oom(reply))
-        self._reply_errors(len(replies), oom)
+        other = next((reply for reply in replies if not is_oom(reply)), None)
+        self._reply_errors(len(replies), oom, other)
         self._cache_answered(cache, written_ms, refused=oom > 0)
         if history:
             self._history_refused_token = token
@@ -668,17 +669,24 @@ class Publisher:
         refused = [reply for reply in replies if isinstance(reply, Exception)]
         return len(refused), sum(1 for reply in refused if is_oom(reply))
 
-    def _reply_errors(self, errors: int, oom: int = 0) -> None:
+    def _reply_errors(self, errors: int, oom: int = 0, example: object = None) -> None:
         """Redis refused ``errors`` commands of a burst, ``oom`` of them for memory: those are
         counted here and named once per episode by the leader (``broker.core.oom``); the others
-        are logged, at the first and then every 1000th."""
+        are logged with what Redis said (``example``: one of them, e.g. a ``NOPERM`` from an
+        ACL without ``+xadd``: every burst's history is then refused and announced), at the
+        first and then every 1000th."""
         stats = self.stats
         stats.reply_errors += errors
         stats.oom_refusals += oom
         others = errors - oom
         so_far = stats.reply_errors - stats.oom_refusals
         if others and (so_far == others or so_far % 1000 < others):
-            logger.warning("redis refused %d commands of a burst (%d so far)", others, so_far)
+            logger.error(
+                "redis refused %d commands of a burst (%d so far): %s",
+                others,
+                so_far,
+                example if example is not None else "(no reply text)",
+            )
 
     # -- the last-value cache while Redis refuses its writes ------------------------------------
 

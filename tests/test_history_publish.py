@@ -225,3 +225,28 @@ async def test_the_history_keeps_its_max_age_and_a_stream_that_left_the_union_ex
 
 async def _gone(client: aioredis.Redis, key: str) -> bool:
     return not await client.exists(key)
+
+
+async def test_a_broker_acl_without_xadd_is_named_and_its_history_loss_announced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upgrade that keeps an old broker ACL (no ``+xadd``): frames still flow, every
+    burst's history is refused (a loss for durable consumers, kept open), and the log says
+    why in Redis's own words."""
+    rule = "pub on >pw resetkeys ~h:* resetchannels &h:* -@all +hello +auth +publish +hset"
+    async with RedisServer(("--user", *rule.split(" "))) as redis:
+        client = aioredis.Redis.from_url(redis.url.replace("redis://", "redis://pub:pw@"))
+        publisher = Publisher(client, history_caps=CAPS)
+        trade = publisher.target(KEYS, StreamKey("trade", "KRW-BTC"))
+        try:
+            with caplog.at_level("ERROR", logger="broker.publisher"):
+                for frame in (b"a", b"b"):
+                    publisher.enqueue(trade, frame)
+                    await publisher.flush()
+            stats = publisher.stats
+            assert stats.published == 2 and stats.history_refused == 2
+            assert publisher.take_losses() == []  # open: announced once XADD is allowed
+            assert any("NOPERM" in r.getMessage() for r in caplog.records), caplog.text
+        finally:
+            await publisher.aclose()
+            await client.aclose()
