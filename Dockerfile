@@ -39,6 +39,7 @@ COPY broker /src/broker
 COPY cli /src/cli
 COPY consumers /src/consumers
 COPY simulator /src/simulator
+COPY gateway /src/gateway
 RUN pip install --no-deps --no-build-isolation /src \
     && pip check \
     && pip uninstall --yes setuptools pip

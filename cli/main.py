@@ -10,7 +10,7 @@ import inspect
 
 import typer
 
-from cli import broker_cmds, consumer_cmds, demo, ops, simulate
+from cli import broker_cmds, consumer_cmds, demo, gateway_cmds, ops, simulate
 
 app = typer.Typer(
     name="upbit-broker",
@@ -41,7 +41,7 @@ def _reflow_help(typer_app: typer.Typer) -> None:
             info.help = reflow(text)
 
 
-for module in (broker_cmds, ops, consumer_cmds, simulate, demo):
+for module in (broker_cmds, ops, consumer_cmds, simulate, gateway_cmds, demo):
     module.register(app)
 _reflow_help(app)
 

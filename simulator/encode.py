@@ -7,6 +7,9 @@ field order (the order of the documented and captured frames), which is what
 ``simulator.market`` produces. Encoding a Struct is several times cheaper than a dict, and one
 module-level Encoder is reused.
 
+The error frame and the UP frame belong to the protocol core (:mod:`broker.upbit.session`,
+shared with the gateway) and are re-exported here.
+
 ``*_LIST`` formats wrap each object in its own array: how many objects Upbit batches into one
 list frame is UNCONFIRMED, and consumers must accept any count, one included.
 
@@ -22,7 +25,7 @@ from typing import Any
 import msgspec
 
 from broker.upbit import fields
-from broker.upbit.requests import build_error_frame
+from broker.upbit.session import UP_FRAME, error_frame
 from broker.upbit.types import Format
 from simulator.market import Unit
 
@@ -78,8 +81,6 @@ _ORDERBOOK = _pair("Orderbook", ORDERBOOK_FIELDS, fields.ORDERBOOK)
 _UNIT = _pair("OrderbookUnit", UNIT_FIELDS, fields.ORDERBOOK_UNIT)
 _CANDLE = _pair("Candle", CANDLE_FIELDS, fields.CANDLE)
 _CLASSES = {"ticker": _TICKER, "trade": _TRADE}
-
-UP_FRAME = b'{"status":"UP"}'
 
 
 def java_double(x: float) -> str:
@@ -146,11 +147,6 @@ class Encoder:
             "orderbook", code, timestamp, head[0], head[1], rows, stream_type, echo
         )
         return self._wrap(obj, fmt)
-
-
-def error_frame(name: str, message: str) -> bytes:
-    """Upbit's error frame shape (always full names, never wrapped in a list)."""
-    return build_error_frame(name, message)
 
 
 def encode_json(obj: Any) -> bytes:

@@ -8,6 +8,8 @@ Endpoints (GET), with their rate-limit group [PROTOCOL.md section 8]:
 
 * ``/v1/market/all[?is_details=true]`` (market): ``market_event`` added with details.
 * ``/v1/ticker?markets=A,B``, ``/v1/ticker/all?quote_currencies=KRW,BTC`` (ticker).
+* ``/v1/orderbook?markets=A,B&level=&count=`` (orderbook): the book as the WebSocket frame
+  holds it, in the REST shape.
 * ``/v1/orderbook/instruments?markets=A,B`` (orderbook): tick size, supported levels.
 * ``/v1/trades/ticks?market=&count=&cursor=&to=&days_ago=`` (trade): from the trade log.
 * ``/v1/candles/{seconds, minutes/{1,3,5,10,15,30,60,240}, days, weeks, months, years}
@@ -22,6 +24,15 @@ how a client pages back: the last id of one page is the cursor of the next. ``co
 default 1. A page never crosses midnight: past the day's first trade it is empty, and the day
 before is ``days_ago=1`` (whether Upbit's cursor crosses days is UNCONFIRMED; a client that
 pages this way works either way).
+
+Orderbooks (``/v1/orderbook``): ``[{market, timestamp, total_ask_size, total_bid_size,
+orderbook_units: [{ask_price, bid_price, ask_size, bid_size}], level}]`` per code in the order
+asked, the WebSocket frame's values without ``type``/``code``/``stream_type`` [PROTOCOL.md
+section 8]. ``count`` 1..30 (default 30) units, a thin side zero-padded as in the frames, the
+totals summed over the units returned (as the frame's are over its depth; whether Upbit's
+REST totals follow ``count`` is UNCONFIRMED). ``level`` (a numeric string, default 0) groups
+prices like the WebSocket ``level``; a level the code does not support answers ``[]`` for
+that code, as Upbit does. ``level`` echoes as a number, integral ones without a fraction.
 
 Only what the simulator kept is served: the last ``trade_log_size`` trades of a code, the last
 ``candle_history`` closed candles of a (code, unit) and its open one.
@@ -46,6 +57,7 @@ modelled.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -60,6 +72,7 @@ from simulator.market import (
     candle_start,
     day_change,
     kst_parts,
+    orderbook_units,
     rest_candle,
     rest_trade,
     ticker_values,
@@ -75,6 +88,7 @@ BAD_PARAM = {"error": {"name": 400, "message": "Invalid parameter. Check the giv
 TOO_MANY = {"error": {"name": "Too Many Requests", "message": "Too many API requests."}}
 
 MAX_TRADES = 500
+MAX_ORDERBOOK_UNITS = 30
 MAX_CANDLES = 200
 MAX_DAYS_AGO = 7
 #: ``min`` of Remaining-Req: deprecated, "a fixed value" [D-rl]; the old per-minute quota.
@@ -150,7 +164,7 @@ def group_of(path: str) -> str | None:
         return "market"
     if path in ("/v1/ticker", "/v1/ticker/all"):
         return "ticker"
-    if path == "/v1/orderbook/instruments":
+    if path in ("/v1/orderbook", "/v1/orderbook/instruments"):
         return "orderbook"
     if path == "/v1/trades/ticks":
         return "trade"
@@ -237,6 +251,8 @@ def answer(path: str, query: Query, listings: dict[str, Listing], market: Market
             return _tickers(market, _codes(query, "markets"))
         if path == "/v1/ticker/all":
             return _tickers_by_quote(listings, market, query)
+        if path == "/v1/orderbook":
+            return _orderbooks(market, query)
         if path == "/v1/orderbook/instruments":
             return _instruments(listings, _codes(query, "markets"))
         if path == "/v1/trades/ticks":
@@ -281,6 +297,50 @@ def _tickers(market: Market, codes: list[str]) -> Answer:
 def _tickers_by_quote(listings: dict[str, Listing], market: Market, query: Query) -> Answer:
     quotes = set(_codes(query, "quote_currencies"))
     return _tickers(market, [x.code for x in listings.values() if x.quote in quotes])
+
+
+def _orderbooks(market: Market, query: Query) -> Answer:
+    codes = _codes(query, "markets")
+    count = _int(query, "count", MAX_ORDERBOOK_UNITS, 1, MAX_ORDERBOOK_UNITS)
+    level = _level(query)
+    states = market.states
+    if any(c not in states for c in codes):
+        return 404, NOT_FOUND
+    out: list[dict[str, Any]] = []
+    for code in codes:
+        st = states[code]
+        if level and level not in st.listing.supported_levels():
+            continue  # Upbit answers nothing for a level it does not serve
+        level_ticks = round(level * st.div / st.mul) if level else 0
+        units, total_ask, total_bid = orderbook_units(st, count, level_ticks)
+        out.append(
+            {
+                "market": code,
+                "timestamp": st.book_ms,
+                "total_ask_size": total_ask,
+                "total_bid_size": total_bid,
+                "orderbook_units": [
+                    {"ask_price": a, "bid_price": b, "ask_size": sa, "bid_size": sb}
+                    for a, b, sa, sb in units
+                ],
+                # as the WebSocket frame echoes it: an integral level without a fraction
+                "level": int(level) if level == int(level) else level,
+            }
+        )
+    return 200, out
+
+
+def _level(query: Query) -> float:
+    text = _one(query, "level")
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadParam("level") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadParam("level")
+    return value
 
 
 def _instruments(listings: dict[str, Listing], codes: list[str]) -> Answer:
@@ -381,6 +441,7 @@ def trade_log(st: CodeState, full: bool) -> dict[str, Any]:
 
 __all__ = [
     "BAD_PARAM",
+    "MAX_ORDERBOOK_UNITS",
     "NOT_FOUND",
     "TOO_MANY",
     "RestLimiter",
