@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from dataclasses import MISSING, fields
 from typing import Annotated, Any
 
@@ -13,7 +12,7 @@ from broker.errors import BrokerError, ConfigError
 from broker.settings import BrokerSettings
 from broker.upbit.types import Format
 from cli import bounds
-from cli.common import EXIT_OK, with_signals
+from cli.common import EXIT_OK, run_loop, with_signals
 from cli.logs import configure_logging
 
 ENV = "UPBIT_BROKER_"
@@ -47,26 +46,6 @@ async def _serve_until(settings: BrokerSettings, stop: asyncio.Event) -> int:
         if metrics is not None:
             metrics.shutdown()
     return EXIT_OK
-
-
-def _run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
-    """Run on uvloop when asked for (or, with ``auto``, when installed): each loop wake-up
-    costs less there, and at low rates the broker's CPU is mostly wake-ups."""
-    if choice not in ("auto", "uvloop", "asyncio"):
-        main.close()
-        typer.echo(f"error: --event-loop must be auto, uvloop or asyncio, got {choice!r}", err=True)
-        raise typer.Exit(2)
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                main.close()
-                typer.echo("error: --event-loop uvloop but uvloop is not installed", err=True)
-                raise typer.Exit(2) from None
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
 
 
 _FIELDS = {f.name: f for f in fields(BrokerSettings)}
@@ -215,7 +194,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         configure_logging(log_level, log_format)
         try:
-            code = _run_loop(_serve(settings), event_loop)
+            code = run_loop(_serve(settings), event_loop)
         except BrokerError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -20,8 +20,7 @@ import typer
 
 from broker.errors import ConfigError, describe
 from cli import bounds
-from cli.broker_cmds import _run_loop
-from cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, with_signals
+from cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_loop, with_signals
 from cli.logs import configure_logging
 from gateway.config import GATEWAY_BOUNDS, GATEWAY_ENV_PREFIX, ON_GAP, GatewaySettings
 
@@ -256,7 +255,7 @@ def register(app: typer.Typer) -> None:
             _fail(str(exc), EXIT_USAGE)
         configure_logging(log_level, log_format)
         try:
-            code = _run_loop(
+            code = run_loop(
                 with_signals(lambda stop: _serve(settings, stop), soft=True), event_loop
             )
         except ServeError as exc:
