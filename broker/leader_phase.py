@@ -163,7 +163,12 @@ class LeaderPhase:
         if settings.backfill and rest_url is not None:
             rest = RestClient(rest_url, stats=counters.backfill)
         self.backfiller = Backfiller(
-            redis, self.keys, rest, fmt=settings.upstream_format, stats=counters.backfill
+            redis,
+            self.keys,
+            rest,
+            fmt=settings.upstream_format,
+            stats=counters.backfill,
+            may_write=self._may_write,
         )
 
     async def run(self) -> None:
@@ -203,6 +208,15 @@ class LeaderPhase:
         wakeup = core.next_wakeup(time.monotonic())
         if wakeup is not None and (self._clock_at is None or wakeup < self._clock_at):
             self._wake_clock.set()
+
+    def _may_write(self) -> bool:
+        """The back-fill's check before each stream and XADD batch: the lock valid locally and
+        no publish error since the last renewal (:meth:`_may_publish`'s conditions, without
+        its fence bookkeeping, which stays the publisher's): a leader deposed mid-job (paused
+        past its TTL) must not append what its successor back-fills too."""
+        return (
+            self.lock.is_valid() and self.counters.publish.redis_errors == self._errors_at_renewal
+        )
 
     def _may_publish(self) -> bool:
         """Checked before every burst: the lock is valid locally, and Redis has not failed us

@@ -5,22 +5,23 @@ The leader reads it when it takes the lead and every ``markets_refresh`` seconds
 codes to the leader core, which keeps codes Upbit does not know out of the union
 (``broker.core.admission``): Upbit ignores them without a word, so they would never verify.
 
-One request every ten minutes needs no HTTP library: ``urllib`` runs in a worker thread.
+One request every ten minutes needs no HTTP library: it runs as the back-fill's REST requests
+do (``broker.rest.http_get``: ``urllib`` in a thread of the REST pool, never the event loop's
+default executor, within one wall-clock deadline; redirects are not followed).
 A list that cannot be read, or reads as nothing, changes nothing: the last good list stays
 (none at all: every well-formed code is trusted, and verification still converges).
 """
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import urllib.request
 
 import msgspec
 
 from broker.errors import MarketListError
+from broker.rest import http_get
 
-#: how long one read of the list may take
+#: how long one read of the list may take, all of it
 FETCH_TIMEOUT = 10.0
 #: the largest answer read (Upbit's is ~100 KB for ~850 markets)
 MAX_BYTES = 8 * 2**20
@@ -51,27 +52,22 @@ def parse_market_list(body: bytes) -> frozenset[str]:
     return codes
 
 
-def _get(url: str, timeout: float) -> bytes:
-    request = urllib.request.Request(
-        url, headers={"Accept": "application/json", "User-Agent": "upbit-broker"}
-    )
-    # http(s) only: BrokerSettings refuses any other markets_url scheme.
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return bytes(response.read(MAX_BYTES + 1))
-
-
 async def fetch_market_codes(url: str, timeout: float = FETCH_TIMEOUT) -> frozenset[str]:
-    """Read the market list at ``url`` (``BrokerSettings.market_list_url``).
+    """Read the market list at ``url`` (``BrokerSettings.market_list_url``) within ``timeout``
+    seconds.
 
     Raises:
-        MarketListError: unreachable, an HTTP error, too large, or not a market list.
+        MarketListError: unreachable, out of time, an HTTP error (a redirect too), too large,
+            or not a market list.
     """
     try:
-        body = await asyncio.to_thread(_get, url, timeout)
-    # URLError and HTTPError are OSErrors; a broken answer (BadStatusLine, IncompleteRead) is
+        status, _, body = await http_get(url, timeout, MAX_BYTES)
+    # URLError and timeouts are OSErrors; a broken answer (BadStatusLine, IncompleteRead) is
     # an HTTPException.
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise MarketListError(f"cannot read {url}: {exc}") from None
+    if status != 200:
+        raise MarketListError(f"cannot read {url}: HTTP {status}")
     if len(body) > MAX_BYTES:
         raise MarketListError(f"the market list at {url} is larger than {MAX_BYTES} bytes")
     return parse_market_list(body)

@@ -18,7 +18,9 @@ from broker.contract import GapEvent
 from broker.core.backfill import (
     ANCHOR_MARGIN_MS,
     DAY_MS,
+    MAX_DAYS_AGO,
     MAX_DEFER_MS,
+    MAX_MERGED_SPAN_MS,
     SETTLE_MS,
     BackfillDesk,
     CandleFill,
@@ -229,7 +231,7 @@ def test_a_gap_across_midnight_asks_for_the_day_before() -> None:
     assert plan.outcome is Outcome.COMPLETE
 
 
-def test_a_server_that_ignores_days_ago_ends_the_paging_complete() -> None:
+def test_a_server_that_ignores_days_ago_leaves_the_stream_incomplete() -> None:
     midnight = T0 - T0 % DAY_MS + DAY_MS
     since, until = midnight - 5_000, midnight + 1_000
     history = history_of([(trade(midnight - 9_000, 1), True)], since)
@@ -237,9 +239,64 @@ def test_a_server_that_ignores_days_ago_ends_the_paging_complete() -> None:
     short = [trade(midnight + 500, 3), trade(midnight + 100, 2)]  # today's, then the day's end
     plan.page(short)
     assert plan.request() == TradeRequest(None, 1)
-    plan.page(short)  # the same trades again: nothing older to be had
-    assert plan.done and plan.outcome is Outcome.COMPLETE
+    plan.page(short)  # the same trades again: yesterday's cannot be had from this server
+    assert plan.done and plan.outcome is Outcome.INCOMPLETE
     assert sids(plan.missing()) == [2, 3]
+
+
+def test_a_gap_across_midnight_whose_first_page_is_empty_asks_for_the_day_before() -> None:
+    """Gap 23:59:50 .. 00:00:10; the first live trade after it (the cutoff) is the day's
+    first, so nothing of that day lies below it: the 23:59:55 trade is the day before's."""
+    midnight = T0 - T0 % DAY_MS + DAY_MS
+    since, until = midnight - 10_000, midnight + 10_000
+    anchor, lost = trade(midnight - 12_000, 11), trade(midnight - 5_000, 12)
+    first_today = trade(midnight + 11_000, 13)
+    history = history_of([(anchor, True), (first_today, True)], since)
+    ticks = FakeTicks([anchor, lost, first_today], by_day=True)
+    plan = TradeFill(Window(since, until), history)
+    missing = run(plan, ticks, 500)
+    assert ticks.requests == [TradeRequest(13, 0), TradeRequest(None, 1)]
+    assert sids(missing) == [12]
+    assert plan.outcome is Outcome.COMPLETE
+
+
+def test_a_date_that_turned_after_the_cutoff_is_paged_the_day_before() -> None:
+    """The gap and the cutoff are before midnight, the job runs after it: Upbit's latest date
+    is the new day, whose trades are all newer than the cutoff (an empty first page)."""
+    midnight = T0 - T0 % DAY_MS + DAY_MS
+    everything = tape(midnight - 20_000, 400)  # up to 20 s past midnight
+    since, until = midnight - 15_000, midnight - 10_000
+    live = [(t, True) for t in everything if t.timestamp <= since or until + 500 <= t.timestamp]
+    history = history_of([e for e in live if e[0].timestamp < midnight - 5_000], since)
+    ticks = FakeTicks(everything, by_day=True)
+    plan = TradeFill(Window(since, until), history)
+    missing = run(plan, ticks, 500)
+    assert [r.days_ago for r in ticks.requests] == [0, 1]
+    assert sids(missing) == sids(t for t in everything if since < t.timestamp < until + 500)
+    assert plan.outcome is Outcome.COMPLETE
+
+
+def test_a_day_without_trades_is_passed_over_while_the_gap_starts_before_it() -> None:
+    day = T0 - T0 % DAY_MS
+    # no trades on the day before: the gap began two days back (a long outage)
+    anchor, lost = trade(day - DAY_MS - 60_000, 1), trade(day - DAY_MS - 30_000, 2)
+    today = trade(day + 60_000, 3)
+    history = history_of([(anchor, True), (today, True)], day - DAY_MS - 40_000)
+    ticks = FakeTicks([anchor, lost, today], by_day=True)
+    plan = TradeFill(Window(day - DAY_MS - 40_000, day + 30_000), history)
+    missing = run(plan, ticks, 500)
+    assert [r.days_ago for r in ticks.requests] == [0, 1, 2]
+    assert sids(missing) == [2] and plan.outcome is Outcome.COMPLETE
+
+
+def test_a_gap_older_than_the_days_upbit_keeps_is_incomplete() -> None:
+    day = T0 - T0 % DAY_MS
+    today = trade(day + 60_000, 3)
+    since = day - (MAX_DAYS_AGO + 1) * DAY_MS
+    history = history_of([(today, True)], since)
+    plan = TradeFill(Window(since, day + 30_000), history, max_pages=50)
+    run(plan, FakeTicks([today], by_day=True), 500)
+    assert plan.request().days_ago == MAX_DAYS_AGO and plan.outcome is Outcome.INCOMPLETE
 
 
 def test_an_aborted_fill_keeps_what_it_found() -> None:
@@ -408,10 +465,44 @@ def test_streams_without_history_or_with_the_backfill_off_are_not_fetched() -> N
         {"streams": 0, "appended": 0, "failed": 0},
     )
     off = BackfillDesk(CAPS, enabled=False)
-    off.gap(gap(T0, T0 + 1_000), [TRADE])
-    job = off.take(T0 + 10_000)
-    assert job is not None and job.streams == ()
-    assert [e.state for e in off.follow_ups(job, [])] == ["lost"]
+    assert not off.gap(gap(T0, T0 + 1_000), [TRADE, TICKER])  # nothing queued, no follow-up
+    assert off.pending == 0 and off.next_due_ms() is None and off.waiting_since_ms() == 0
+    assert off.take(T0 + 10_000) is None
+
+
+def test_gaps_far_apart_are_not_merged() -> None:
+    """Gaps queued while a long job ran: the later gap gets its own job, not one window
+    reaching back to the first gap's start."""
+    desk = BackfillDesk(CAPS)
+    first = gap(T0, T0 + 1_000)
+    later = gap(T0 + 1_000 + MAX_MERGED_SPAN_MS, T0 + 2_000 + MAX_MERGED_SPAN_MS, epoch=3)
+    close = gap(later.since_ms + 500, later.since_ms + 900, epoch=4)  # type: ignore[operator]
+    desk.gap(first, [TRADE])
+    desk.gap(later, [TRADE, ETH])
+    desk.gap(close, [TRADE])
+    assert desk.pending == 3 and desk.waiting_since_ms() == T0
+    now = T0 + 10_000 + MAX_MERGED_SPAN_MS  # all of them due
+    job = desk.take(now)
+    assert job is not None and [f.gap for f in job.gaps] == [first]
+    assert [(f.key, f.window) for f in job.streams] == [(TRADE, Window(T0, T0 + 1_000))]
+    assert desk.pending == 2 and desk.next_due_ms() == later.until_ms + SETTLE_MS  # type: ignore[operator]
+    job = desk.take(now)
+    assert job is not None and [f.gap for f in job.gaps] == [later, close]
+    windows = {f.key: f.window for f in job.streams}
+    assert windows == {
+        ETH: Window(later.since_ms, later.until_ms),  # type: ignore[arg-type]
+        TRADE: Window(later.since_ms, later.until_ms),  # type: ignore[arg-type]
+    }
+    assert desk.take(now) is None and desk.pending == 0
+
+
+def test_a_long_gap_merges_with_one_it_overlaps() -> None:
+    desk = BackfillDesk(CAPS)
+    desk.gap(gap(T0 - 10 * MAX_MERGED_SPAN_MS, T0), [TRADE])  # a takeover after a long pause
+    desk.gap(gap(T0 - 1_000, T0 + 500, epoch=3), [TRADE])
+    job = desk.take(T0 + 10_000)
+    assert job is not None and len(job.gaps) == 2
+    assert [f.window for f in job.streams] == [Window(T0 - 10 * MAX_MERGED_SPAN_MS, T0 + 500)]
 
 
 @pytest.mark.parametrize(
@@ -421,6 +512,8 @@ def test_streams_without_history_or_with_the_backfill_off_are_not_fetched() -> N
         ({TRADE: (Outcome.COMPLETE, 5), CANDLE: (Outcome.FAILED, 0)}, "partial", (2, 5, 1)),
         ({TRADE: (Outcome.INCOMPLETE, 3), CANDLE: (Outcome.FAILED, 0)}, "partial", (2, 3, 2)),
         ({TRADE: (Outcome.FAILED, 0), CANDLE: (Outcome.FAILED, 0)}, "lost", (2, 0, 2)),
+        # the page limit with nothing missing found: fetched, just not to the end
+        ({TRADE: (Outcome.INCOMPLETE, 0), CANDLE: (Outcome.FAILED, 0)}, "partial", (2, 0, 2)),
         ({TRADE: (Outcome.COMPLETE, 0), CANDLE: (Outcome.COMPLETE, 0)}, "filled", (2, 0, 0)),
     ],
 )
@@ -552,22 +645,20 @@ def test_a_gap_its_leader_never_back_filled_is_covered_by_the_next_phases_gap(
 @pytest.mark.parametrize(
     "overrides", [{"backfill": False}, {"rest_url": "off"}], ids=["backfill-off", "rest-off"]
 )
-def test_with_the_backfill_off_trades_are_lost_and_snapshots_still_restore(
-    overrides: dict[str, Any],
-) -> None:
+def test_with_the_backfill_off_a_gap_gets_no_follow_up(overrides: dict[str, Any]) -> None:
     core = leading(**overrides)
     list_leases(core, 0.0, lease("a", {"trade": ["KRW-BTC"], "orderbook": ["KRW-ETH"]}))
     connect(core, 0.0)
     decoded(core)
     reconnect(core, 5.0)
-    gap_event, _ = decoded(core)
-    due = core.next_backfill_ms()
-    assert core.take_backfill(due) is None  # nothing to fetch: answered at once
-    (follow_up,) = decoded(core)
-    assert follow_up["state"] == "lost" and follow_up["restored"] == ["orderbook"]
-    assert follow_up["backfill"] == {"streams": 0, "appended": 0, "failed": 0}
-    assert follow_up["since_ms"] == gap_event["since_ms"]
-    assert core.counters.backfill.lost == 1
+    gap_event, connected = decoded(core)
+    assert (gap_event["event"], connected["event"]) == ("gap", "connected")
+    assert not core.take_backfill_queued() and core.next_backfill_ms() is None
+    assert core.take_backfill(gap_event["until_ms"] + 60_000) is None
+    assert decoded(core) == []  # no follow-up: it could only ever say "lost"
+    assert core.backfill_since_ms() == 0  # a successor's gap need not reach back for it
+    stats = core.counters.backfill
+    assert (stats.gaps, stats.jobs, stats.lost) == (0, 0, 0)
 
 
 def test_a_redis_gap_queues_a_job_too() -> None:

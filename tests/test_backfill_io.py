@@ -7,6 +7,7 @@ result instead of an exception."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -14,11 +15,14 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import pytest
+import redis
 import redis.asyncio as aioredis
 
-from broker.backfill import Backfiller
+from broker.backfill import HISTORY_PAGE, MAX_REST_FAILURES, XADD_BATCH, Backfiller
 from broker.core.backfill import (
+    SCAN_MARGIN_MS,
     BackfillJob,
     GapFill,
     Outcome,
@@ -29,8 +33,15 @@ from broker.core.backfill import (
 from broker.core.stats import BackfillStats
 from broker.errors import RestError, RestRateLimitError
 from broker.keys import Keys
-from broker.rest import MAX_ATTEMPTS, RestClient, RestLimiter, candle_path, parse_remaining_req
-from broker.testing import free_port
+from broker.rest import (
+    MAX_ATTEMPTS,
+    MAX_BYTES,
+    RestClient,
+    RestLimiter,
+    candle_path,
+    parse_remaining_req,
+)
+from broker.testing import free_port, wait_for
 from broker.upbit.messages import Trade, decode_message
 from broker.upbit.rest_frames import RestCandle, RestTrade, build_candle_frame, build_trade_frame
 from broker.upbit.types import StreamKey
@@ -229,6 +240,120 @@ async def test_a_server_that_never_answers_and_one_that_is_not_there() -> None:
         await client.trades("KRW-BTC")
 
 
+@contextlib.asynccontextmanager
+async def dripping() -> AsyncIterator[tuple[str, list[str]]]:
+    """An HTTP server that sends its head, then a byte of body every 20 ms for ever (every
+    read of a client returns well within any socket timeout): its URL, and ``open`` and
+    ``closed`` as connections come and as clients close them."""
+    events: list[str] = []
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        events.append("open")
+        writers.add(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+
+        async def drip() -> None:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(b" ")
+                    await writer.drain()
+                    await asyncio.sleep(0.02)  # the server's pace, not a synchronisation
+
+        task = asyncio.create_task(drip())
+        try:
+            await reader.read()  # b"" once the client closed its end
+            events.append("closed")
+        finally:
+            task.cancel()
+            writers.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", events
+    finally:
+        server.close()
+        for writer in list(writers):
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_a_server_that_drips_its_answer_holds_no_thread_past_the_deadline() -> None:
+    """A socket timeout bounds each read, not the request: the request's own deadline ends
+    its thread, which closes the connection."""
+    async with dripping() as (url, events):
+        client = fast_client(url, timeout=0.3)
+        with pytest.raises(RestError):
+            await client.trades("KRW-BTC")
+        assert events.count("open") == MAX_ATTEMPTS
+        await wait_for(
+            lambda: events.count("closed") == MAX_ATTEMPTS, 5, message=f"closed: {events}"
+        )
+
+
+async def test_a_hung_request_leaves_the_loops_default_executor_free() -> None:
+    """The loop resolves Upbit's and Redis's hosts in its default executor: a REST request
+    that hangs must not hold a thread of it."""
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(1) as default:
+        loop.set_default_executor(default)
+        async with serving(lambda p, q: None) as server:  # never answers
+            client = fast_client(server.url, timeout=30)
+            request = asyncio.create_task(client.trades("KRW-BTC"))
+            await wait_for(lambda: server.requests, 5, message="the request")
+            async with asyncio.timeout(5):  # a reconnect's name lookup goes through at once
+                assert await loop.getaddrinfo("127.0.0.1", 6379)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["/v1/trades/ticks?market=KRW-BTC&count=500&moved=1", "ftp://127.0.0.1/trades"],
+    ids=["same-server", "ftp"],
+)
+async def test_a_redirect_is_not_followed(location: str) -> None:
+    def handle(path: str, query: dict[str, list[str]]) -> Answer:
+        if "moved" in query:
+            return ok([])
+        return 302, {"Location": location}, b""
+
+    async with serving(handle) as server:
+        client = fast_client(server.url)
+        with pytest.raises(RestError, match="redirect") as info:
+            await client.trades("KRW-BTC")
+    assert info.value.status == 302 and len(server.requests) == 1  # not retried either
+
+
+async def test_an_answer_too_large_is_a_rest_error() -> None:
+    big = b"[" + b" " * (MAX_BYTES + 10) + b"]"
+    async with serving(lambda p, q: (200, {}, big)) as server:
+        with pytest.raises(RestError, match="larger than"):
+            await fast_client(server.url).trades("KRW-BTC")
+
+
+async def test_an_answer_with_another_markets_entries_is_refused() -> None:
+    eth = msgspec.structs.replace(tape(T0, 1)[0], market="KRW-ETH")
+    other = msgspec.structs.replace(candle(T0 - T0 % MINUTE, T0), market="KRW-ETH")
+    mixed = [trade_json(t) for t in [*tape(T0, 2), eth]]
+
+    def handle(path: str, query: dict[str, list[str]]) -> Answer:
+        if path == "/v1/trades/ticks":
+            return ok(mixed)
+        return ok([{f: getattr(other, f) for f in RestCandle.__struct_fields__}], 5, "candle")
+
+    async with serving(handle) as server:
+        client = fast_client(server.url)
+        with pytest.raises(RestError, match="another market"):
+            await client.trades("KRW-BTC")
+        with pytest.raises(RestError, match="another market"):
+            await client.candles("candle.1m", "KRW-BTC", to_ms=T0)
+    assert client.stats.request_errors == 2 and len(server.requests) == 2  # not retried
+
+
 # -- the runner --------------------------------------------------------------------------------
 
 
@@ -361,3 +486,158 @@ async def test_missed_candles_are_appended(redis_client: aioredis.Redis) -> None
         upbit[i].candle_date_time_utc[-8:] for i in (3, 4, 5, 6)
     ]
     assert all(c["type"] == "candle.1m" and c["stream_type"] == "REALTIME" for c in appended)
+
+
+async def test_trades_of_another_market_are_not_appended(redis_client: aioredis.Redis) -> None:
+    everything = tape(T0, 100)
+    since, until = T0 + 4_000, T0 + 6_000
+    key = KEYS.history("trade", "KRW-BTC")
+    await seed(
+        redis_client, key, [build_trade_frame(t) for t in everything if t.timestamp <= since]
+    )
+    ticks = FakeTicks(everything)
+    stranger = msgspec.structs.replace(everything[50], market="KRW-ETH", sequential_id=7)
+
+    def handle(path: str, query: dict[str, list[str]]) -> Answer:
+        page = ticks.page(TradeRequest(None, 0), int(query["count"][0]))
+        return ok([trade_json(t) for t in [*page, stranger]])
+
+    async with serving(handle) as server:
+        runner = Backfiller(redis_client, KEYS, fast_client(server.url))
+        (result,) = await runner.run(job(StreamFill(TRADE, Window(since, until), 1_000)))
+    assert result.outcome is Outcome.FAILED and result.appended == 0
+    assert all(not rest for _, rest in await history(redis_client, key))
+    assert runner.rest is not None and runner.rest.stats.request_errors == 1
+
+
+async def test_a_deposed_leader_appends_no_more(redis_client: aioredis.Redis) -> None:
+    """``may_write`` (the leader phase's lock check) is asked before every XADD batch: once
+    it says no, the job ends, and what was not appended yet never is."""
+    everything = tape(T0, 2 * XADD_BATCH + 100)
+    key = KEYS.history("trade", "KRW-BTC")
+    await seed(redis_client, key, [build_trade_frame(everything[0])])
+    window = Window(T0 + 1_000, everything[-1].timestamp)
+    fills = (
+        StreamFill(TRADE, window, 10_000),
+        StreamFill(StreamKey("trade", "KRW-ETH"), window, 100),
+    )
+    checks = 0
+
+    def lock_lapses_after_the_first_batch() -> bool:
+        nonlocal checks
+        checks += 1
+        return checks <= 2  # the stream's check, then the first batch's
+
+    async with serving(ticks_handler(FakeTicks(everything))) as server:
+        runner = Backfiller(
+            redis_client, KEYS, fast_client(server.url), may_write=lock_lapses_after_the_first_batch
+        )
+        results = await runner.run(job(*fills))
+        assert [(r.outcome, r.appended) for r in results] == [
+            (Outcome.INCOMPLETE, XADD_BATCH),
+            (Outcome.FAILED, 0),  # not tried
+        ]
+        assert {q["market"][0] for _, q in server.requests} == {"KRW-BTC"}
+        assert await redis_client.xlen(key) == 1 + XADD_BATCH
+        assert runner.stats.appended == XADD_BATCH and runner.stats.streams_failed == 2
+        # deposed before the job: nothing asked, nothing appended
+        asked = len(server.requests)
+        deposed = Backfiller(redis_client, KEYS, fast_client(server.url), may_write=lambda: False)
+        results = await deposed.run(job(*fills))
+    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.FAILED]
+    assert len(server.requests) == asked and await redis_client.xlen(key) == 1 + XADD_BATCH
+
+
+async def test_a_failed_append_counts_what_redis_accepted(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    everything = tape(T0, XADD_BATCH + 100)
+    key = KEYS.history("trade", "KRW-BTC")
+    await seed(redis_client, key, [build_trade_frame(everything[0])])
+    checks = 0
+
+    def break_the_key_after_the_first_batch() -> bool:
+        nonlocal checks
+        checks += 1
+        if checks == 3:  # before the second batch: XADD now fails (WRONGTYPE)
+            with redis.Redis.from_url(redis_url) as sync:
+                sync.rename(key, "moved")
+                sync.set(key, "not a stream")
+        return True
+
+    async with serving(ticks_handler(FakeTicks(everything))) as server:
+        runner = Backfiller(
+            redis_client,
+            KEYS,
+            fast_client(server.url),
+            may_write=break_the_key_after_the_first_batch,
+        )
+        window = Window(T0 + 1_000, everything[-1].timestamp)
+        (result,) = await runner.run(job(StreamFill(TRADE, window, 10_000)))
+    assert (result.outcome, result.appended) == (Outcome.INCOMPLETE, XADD_BATCH)
+    assert await redis_client.xlen("moved") == 1 + XADD_BATCH
+    assert runner.stats.appended == XADD_BATCH
+
+
+async def test_a_job_stops_after_streams_in_a_row_fail_over_rest(
+    redis_client: aioredis.Redis,
+) -> None:
+    """With REST down, each stream would wait out its retries: after MAX_REST_FAILURES in a
+    row, the job's other streams are reported failed untried (a success in between resets)."""
+    codes = [f"KRW-C{i}" for i in range(MAX_REST_FAILURES + 3)]
+    working = codes[1]
+
+    def handle(path: str, query: dict[str, list[str]]) -> Answer:
+        return ok([]) if query["market"][0] == working else (500, {}, b"")
+
+    window = Window(T0, T0 + 1_000)
+    async with serving(handle) as server:
+        runner = Backfiller(redis_client, KEYS, fast_client(server.url))
+        results = await runner.run(
+            job(*(StreamFill(StreamKey("trade", code), window, 100) for code in codes))
+        )
+    tried = codes[: MAX_REST_FAILURES + 2]  # one failure, the working one, then K failures
+    assert [r.outcome for r in results] == [
+        Outcome.COMPLETE if code == working else Outcome.FAILED for code in codes
+    ]
+    assert sorted({q["market"][0] for _, q in server.requests}) == tried
+    assert runner.stats.streams == len(codes) and runner.stats.streams_failed == len(codes) - 1
+
+
+async def test_the_history_is_read_no_further_back_than_the_gap(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an anchor (here every older entry is a back-filled one), the history is read
+    back to the entries appended SCAN_MARGIN_MS before the gap, by entry ID, not to its end."""
+    everything = tape(T0, 100)
+    since, until = T0 + 4_000, T0 + 6_000
+    key = KEYS.history("trade", "KRW-BTC")
+    old = T0 - 10 * SCAN_MARGIN_MS
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(3 * HISTORY_PAGE):  # appended long before the gap (entry IDs then)
+        frame = build_trade_frame(trade_at(old - 3 * HISTORY_PAGE + i, i + 1))
+        pipe.xadd(key, {"f": frame, "origin": "rest"}, id=f"{old}-{i}")
+    after = [t for t in everything if t.timestamp >= until + 500]
+    for t in after:  # live, after the gap
+        pipe.xadd(key, {"f": build_trade_frame(t)}, id=f"{t.timestamp + 50}-0")
+    await pipe.execute()
+    read = 0
+    xrevrange = redis_client.xrevrange
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal read
+        page = await xrevrange(*args, **kwargs)
+        read += len(page)
+        return page
+
+    monkeypatch.setattr(redis_client, "xrevrange", counting)
+    async with serving(ticks_handler(FakeTicks(everything))) as server:
+        runner = Backfiller(redis_client, KEYS, fast_client(server.url))
+        (result,) = await runner.run(job(StreamFill(TRADE, Window(since, until), 100_000)))
+    assert read == len(after)  # none of the old entries
+    gap_trades = [t for t in everything if since - 1_000 <= t.timestamp < until + 500]
+    assert result.outcome is Outcome.COMPLETE and result.appended == len(gap_trades)
+
+
+def trade_at(ts: int, sid: int) -> RestTrade:
+    return msgspec.structs.replace(tape(ts, 1)[0], sequential_id=sid)

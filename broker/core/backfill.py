@@ -20,8 +20,18 @@ Trades, per stream (:class:`TradeHistory`, then :class:`TradeFill`):
 - Paging stops at the anchor (a trade at or before it by ``(timestamp, sequential_id)``), or,
   without one (the history is empty or capped after the gap), at a trade older than the gap's
   start less the margin; at the end of Upbit's data (a short page: without ``days_ago`` Upbit
-  answers only the latest trade date, so an older date is asked next, up to
-  :data:`MAX_DAYS_AGO`); or at :data:`MAX_TRADE_PAGES` (incomplete).
+  answers only the latest trade date, so an older date is asked next while the gap starts
+  before the date just read, up to :data:`MAX_DAYS_AGO`); or at :data:`MAX_TRADE_PAGES`
+  (incomplete). An empty page tells no date: the one read is the cutoff's, or a later one
+  when Upbit's date turned after the cutoff, so an empty first page asks the day before too
+  (a gap that ends just after midnight: the day's first trade is the cutoff, nothing of that
+  day lies below it, and the gap's trades are all the day before's). A server that ignores
+  ``days_ago`` (the same trades again) leaves the stream incomplete, as does a gap that starts
+  before the oldest date Upbit keeps.
+- The history is read newest first until the anchor, but never past the entries appended
+  :data:`SCAN_MARGIN_MS` before the gap's start (by entry ID, the Redis server's clock; the
+  adapter translates): older entries hold older trades, and a history without an anchor (all
+  back-filled, unreadable) is not read to its end.
 - **Missing** are the trades between the anchor and the cutoff that are not known, each once
   (``sequential_id``), appended in ``(timestamp, sequential_id)`` order: Upbit does not promise
   that ``sequential_id`` follows time.
@@ -35,19 +45,22 @@ while it changes, so its last push is the complete one).
 Gaps (:class:`BackfillDesk`): each announced gap queues its trade and candle streams; gaps
 queued before the back-fill runs merge per stream (one window from the earliest start to the
 latest end), and the job runs :data:`SETTLE_MS` after the latest gap's end, once the new
-connection's frames flow (the cutoff needs them). The job's results give every gap its
-follow-up: the gap event again with ``state`` (``filled``: every trade and candle stream it
-covered is complete in the history; ``lost``: nothing could be fetched or appended; else
-``partial``), ``restored`` (the ticker and orderbook types a new connection's SNAPSHOT frames
-restored; none after a ``redis`` gap, whose connection never changed) and ``backfill`` counts.
-A stream whose history is off, or any stream while the back-fill is off, cannot be filled.
+connection's frames flow (the cutoff needs them). Gaps far apart (the merged span would pass
+:data:`MAX_MERGED_SPAN_MS`, say gaps queued while a long job ran) are not merged: the later
+one starts the next job, so a recent gap is not paged back to an old one's start. The job's
+results give every gap its follow-up: the gap event again with ``state`` (``filled``: every
+trade and candle stream it covered is complete in the history; ``lost``: every stream failed
+and nothing was appended; else ``partial``), ``restored`` (the ticker and orderbook types a new
+connection's SNAPSHOT frames restored; none after a ``redis`` gap, whose connection never
+changed) and ``backfill`` counts. A stream whose history is off cannot be filled. While the
+back-fill is off, gaps queue nothing and get no follow-up (one that could only say ``lost``).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgspec
@@ -73,6 +86,11 @@ MAX_CANDLE_PAGES = 10
 #: ``days_ago`` reaches back this many UTC days at most (Upbit keeps seven)
 MAX_DAYS_AGO = 7
 DAY_MS = 86_400_000
+#: the history is read back to entries appended this long before the gap's start, no further
+#: (a trade is appended after it happened; the margin covers Upbit's clock and the latency)
+SCAN_MARGIN_MS = 60_000
+#: gaps whose windows would merge into a longer span than this go to separate jobs
+MAX_MERGED_SPAN_MS = 5 * 60_000
 #: the types a new connection's SNAPSHOT frames restore (each frame supersedes the last)
 RESTORED_TYPES = ("orderbook", "ticker")
 #: above every ``sequential_id``: a cutoff at a time, not at a trade
@@ -120,6 +138,8 @@ class TradeHistory:
 
     def __init__(self, since_ms: int) -> None:
         self.floor_ms = since_ms - ANCHOR_MARGIN_MS
+        #: entries appended before this (wall clock ms) are not read (:data:`SCAN_MARGIN_MS`)
+        self.scan_from_ms = since_ms - SCAN_MARGIN_MS
         self.anchor: Mark | None = None
         #: the newest live entry (None: no live entry newer than the anchor)
         self.newest: Mark | None = None
@@ -206,14 +226,22 @@ class TradeFill:
                 reached = True  # the rest of this page and what follows predate the gap
             elif mark <= self.cutoff and sid not in self.known:
                 self._missing.append(trade)
-        if oldest is not None and self._day_start is None:
-            self._day_start = oldest - oldest % DAY_MS
+        unknown_day = False
+        if oldest is not None:
+            self._day_start = oldest - oldest % DAY_MS  # the date this page is of
+        elif self._day_start is None:
+            # An empty page before any trade: the date read is the cutoff's, or a later one.
+            self._day_start = self.cutoff.timestamp - self.cutoff.timestamp % DAY_MS
+            unknown_day = True
         switched = self._request.days_ago > 0 and self._request.cursor is None
-        if reached or (switched and not fresh):
-            # a server that ignores days_ago answers the same trades again: nothing older
+        if reached:
             self._finish(Outcome.COMPLETE)
+        elif switched and trades and not fresh:
+            # A server that ignores days_ago answers the same trades again: what is older
+            # cannot be had from it, which is not the same as there being none.
+            self._finish(Outcome.INCOMPLETE)
         elif len(trades) < self.page_size:
-            self._end_of_day()
+            self._end_of_day(unknown_day)
         elif not fresh:
             self._finish(Outcome.INCOMPLETE)  # a cursor that does not move: stop, not loop
         elif self.pages >= self.max_pages:
@@ -221,15 +249,18 @@ class TradeFill:
         else:
             self._request = TradeRequest(trades[-1].sequential_id, self._request.days_ago)
 
-    def _end_of_day(self) -> None:
-        """A short page: Upbit has no more trades of this UTC day. An older day may hold the
-        rest when the stop lies before this day's start."""
+    def _end_of_day(self, unknown_day: bool) -> None:
+        """A short page: Upbit has no more trades of the UTC day asked. An older day may hold
+        the rest when the stop lies before that day's start, or when the day asked is not
+        known (``unknown_day``: an empty first page; Upbit's latest date may have turned after
+        the cutoff, so the cutoff's own day is an older one)."""
         day = self._day_start
+        assert day is not None  # set by page() before
         days_ago = self._request.days_ago
-        if day is None or self.stop.timestamp >= day or days_ago >= MAX_DAYS_AGO:
+        if self.stop.timestamp >= day and not unknown_day:
             self._finish(Outcome.COMPLETE)
-        elif self.pages >= self.max_pages:
-            self._finish(Outcome.INCOMPLETE)
+        elif days_ago >= MAX_DAYS_AGO or self.pages >= self.max_pages:
+            self._finish(Outcome.INCOMPLETE)  # older than Upbit keeps, or the page limit
         else:
             self._day_start = day - DAY_MS
             self._request = TradeRequest(None, days_ago + 1)
@@ -258,6 +289,9 @@ class CandleHistory:
         self.unit_ms = unit_ms
         #: a candle that ends after this overlaps the gap
         self.low_ms = since_ms - ANCHOR_MARGIN_MS
+        #: entries appended before this are not read: a candle overlapping the gap was pushed
+        #: within a unit of the gap's start, the last push before it is the one that counts
+        self.scan_from_ms = since_ms - SCAN_MARGIN_MS - unit_ms
         #: candle start -> the latest ``timestamp`` (last trade) the history has for it
         self.known: dict[int, int] = {}
         #: the start of the newest live candle (None: none newer than the window)
@@ -401,90 +435,124 @@ def job_since_ms(job: BackfillJob) -> int:
     return min((_since(fill.gap) for fill in job.gaps), default=0)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Gaps that share one job: their windows merged per stream."""
+
+    since_ms: int
+    until_ms: int
+    #: the first gap's end, and when the job is due
+    first_ms: int
+    due_ms: int = 0
+    gaps: list[GapFill] = field(default_factory=list)
+    windows: dict[StreamKey, Window] = field(default_factory=dict)
+
+    def joins(self, window: Window, max_span_ms: int) -> bool:
+        """A gap of ``window`` merges into this batch: it overlaps the batch's span, or the
+        merged span stays within ``max_span_ms``."""
+        if window.since_ms <= self.until_ms and self.since_ms <= window.until_ms:
+            return True
+        merged = max(self.until_ms, window.until_ms) - min(self.since_ms, window.since_ms)
+        return merged <= max_span_ms
+
+
 class BackfillDesk:
     """The gaps waiting for a back-fill, merged per stream; their follow-ups once it ran."""
 
     def __init__(
-        self, caps: dict[str, int], *, enabled: bool = True, settle_ms: int = SETTLE_MS
+        self,
+        caps: dict[str, int],
+        *,
+        enabled: bool = True,
+        settle_ms: int = SETTLE_MS,
+        max_span_ms: int = MAX_MERGED_SPAN_MS,
     ) -> None:
         """Args:
         caps: the history's caps (``BrokerSettings.history_caps``): a stream at 0 keeps no
             history, so it cannot be filled.
-        enabled: the back-fill is on (``backfill`` and a ``rest_url`` not ``off``); off, every
-            gap's trade and candle streams are ``lost`` in its follow-up.
+        enabled: the back-fill is on (``backfill`` and a ``rest_url`` not ``off``); off, gaps
+            queue nothing and get no follow-up.
         settle_ms: how long after a gap's end its job runs (:data:`SETTLE_MS`).
+        max_span_ms: gaps merge into one job while their span stays within this
+            (:data:`MAX_MERGED_SPAN_MS`), or while they overlap.
         """
         self.caps = dict(caps)
         self.enabled = enabled
         self.settle_ms = settle_ms
-        self._gaps: list[GapFill] = []
-        self._windows: dict[StreamKey, Window] = {}
-        self._due_ms = 0
-        self._first_ms = 0
+        self.max_span_ms = max_span_ms
+        #: oldest first; only the last takes more gaps
+        self._batches: list[_Batch] = []
 
-    def gap(self, gap: GapEvent, streams: Iterable[StreamKey]) -> None:
-        """``gap`` was announced while ``streams`` were leased: queue its back-fill."""
+    def gap(self, gap: GapEvent, streams: Iterable[StreamKey]) -> bool:
+        """``gap`` was announced while ``streams`` were leased: queue its back-fill. Returns
+        False when nothing was queued (the back-fill is off)."""
+        if not self.enabled:
+            return False
         keys = frozenset(streams)
         fill = frozenset(k for k in keys if fills_history(k.type))
         restored: tuple[str, ...] = ()
         if gap.reason != GapReason.REDIS:  # no new connection, no SNAPSHOT frames
             restored = tuple(sorted({k.type for k in keys if k.type in RESTORED_TYPES}))
         until = gap.until_ms if gap.until_ms is not None else 0
-        since = gap.since_ms if gap.since_ms is not None else until
-        if not self._gaps:
-            self._first_ms = until
-        self._gaps.append(GapFill(gap, fill, restored))
-        if self.enabled:
-            window = Window(since, until)
-            for key in fill:
-                if history_cap(self.caps, key.type) > 0:
-                    known = self._windows.get(key)
-                    self._windows[key] = window if known is None else known.merged(window)
-        self._due_ms = min(max(self._due_ms, until + self.settle_ms), self._first_ms + MAX_DEFER_MS)
+        window = Window(_since(gap), until)
+        batch = self._batches[-1] if self._batches else None
+        if batch is None or not batch.joins(window, self.max_span_ms):
+            batch = _Batch(window.since_ms, until, first_ms=until)
+            self._batches.append(batch)
+        batch.since_ms = min(batch.since_ms, window.since_ms)
+        batch.until_ms = max(batch.until_ms, until)
+        batch.gaps.append(GapFill(gap, fill, restored))
+        for key in fill:
+            if history_cap(self.caps, key.type) > 0:
+                known = batch.windows.get(key)
+                batch.windows[key] = window if known is None else known.merged(window)
+        batch.due_ms = min(max(batch.due_ms, until + self.settle_ms), batch.first_ms + MAX_DEFER_MS)
+        return True
 
     @property
     def pending(self) -> int:
         """Gaps waiting for their job."""
-        return len(self._gaps)
+        return sum(len(batch.gaps) for batch in self._batches)
 
     def waiting_since_ms(self) -> int:
         """The earliest ``since_ms`` of the gaps waiting for their job (0: none)."""
-        return min((_since(fill.gap) for fill in self._gaps), default=0)
+        return min((_since(fill.gap) for batch in self._batches for fill in batch.gaps), default=0)
 
     def next_due_ms(self) -> int | None:
         """When the next job is due (wall clock ms; None: no gap waits)."""
-        return self._due_ms if self._gaps else None
+        return self._batches[0].due_ms if self._batches else None
 
     def take(self, now_ms: int) -> BackfillJob | None:
-        """The job of every gap queued so far, once it is due (None: nothing due). A ``now_ms``
+        """The job of the oldest gaps queued, once it is due (None: nothing due). A ``now_ms``
         long before the first gap's end means the wall clock was set back: due too."""
-        if not self._gaps:
+        if not self._batches:
             return None
-        if self._first_ms - MAX_DEFER_MS <= now_ms < self._due_ms:
+        batch = self._batches[0]
+        if batch.first_ms - MAX_DEFER_MS <= now_ms < batch.due_ms:
             return None
+        del self._batches[0]
         streams = tuple(
             StreamFill(key, window, history_cap(self.caps, key.type))
-            for key, window in sorted(self._windows.items())
+            for key, window in sorted(batch.windows.items())
         )
-        job = BackfillJob(tuple(self._gaps), streams)
-        self._gaps = []
-        self._windows = {}
-        self._due_ms = 0
-        return job
+        return BackfillJob(tuple(batch.gaps), streams)
 
     @staticmethod
     def follow_ups(job: BackfillJob, results: Iterable[StreamResult]) -> list[GapEvent]:
         """Each gap of ``job`` again, with its ``state``, ``restored`` and ``backfill`` counts
-        (a stream merged over several gaps counts in each)."""
+        (a stream merged over several gaps counts in each). ``lost`` only when every stream
+        failed and nothing was appended: a stream stopped at the page limit with nothing
+        missing found is ``partial``."""
         by_key = {result.key: result for result in results}
         events = []
         for fill in job.gaps:
             done = [by_key[key] for key in fill.streams if key in by_key]
             complete = sum(1 for r in done if r.outcome is Outcome.COMPLETE)
+            fetched = sum(1 for r in done if r.outcome is not Outcome.FAILED)
             appended = sum(r.appended for r in done)
             if complete == len(fill.streams):
                 state = "filled"
-            elif complete == 0 and appended == 0:
+            elif fetched == 0 and appended == 0:
                 state = "lost"
             else:
                 state = "partial"
@@ -509,8 +577,10 @@ __all__ = [
     "MAX_CANDLE_PAGES",
     "MAX_DAYS_AGO",
     "MAX_DEFER_MS",
+    "MAX_MERGED_SPAN_MS",
     "MAX_TRADE_PAGES",
     "RESTORED_TYPES",
+    "SCAN_MARGIN_MS",
     "SETTLE_MS",
     "TRADE_PAGE",
     "BackfillDesk",

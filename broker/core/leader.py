@@ -45,7 +45,8 @@ The rules, each table-tested in ``tests/test_leader_core.py`` (the pieces it own
   announced once per loss as a ``redis`` gap, when publishing is confirmed again.
 - Back-fill: every gap announced queues the back-fill of the trade and candle streams leased
   then (``broker.core.backfill``: gaps queued together merge per stream); once the job ran,
-  each gap gets its follow-up, the gap event again with ``state``, ``restored`` and counts.
+  each gap gets its follow-up, the gap event again with ``state``, ``restored`` and counts
+  (none while the back-fill is off).
 - Leases: what to read when and the union (the reconciler), what each holder is told (the
   feedback), the status counts. Quiet streams: ``broker.core.quiet``.
 """
@@ -501,8 +502,8 @@ class LeaderCore:
 
     def take_backfill(self, now_ms: int) -> BackfillJob | None:
         """The back-fill job of the gaps queued so far, once due. A job with nothing to fetch
-        (the back-fill is off, the gaps covered no trade or candle stream with history) is
-        answered here at once, and None returned."""
+        (the gaps covered no trade or candle stream with history) is answered here at once,
+        and None returned."""
         job = self.backfill.take(now_ms)
         if job is None:
             return None
@@ -553,8 +554,10 @@ class LeaderCore:
 
     def _queue_backfill(self, gap: GapEvent) -> None:
         """``gap`` was announced: its trade and candle streams (those leased now) are back-filled
-        once the new connection's frames flow."""
-        self.backfill.gap(gap, self.desired.keys())
+        once the new connection's frames flow. Nothing while the back-fill is off: such a
+        gap gets no follow-up."""
+        if not self.backfill.gap(gap, self.desired.keys()):
+            return
         self.counters.backfill.gaps += 1
         self._backfill_queued = True
 
