@@ -479,14 +479,19 @@ class Publisher:
         """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash. Its frames
         count as published when Redis has answered every command (:meth:`_answered`)."""
         if self.history_caps:
-            parts = [
-                b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n"
-                % (t.history_prefix, len(f), f, t.publish_prefix, len(f), f)
-                if t.history_prefix
-                else b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f)
-                for t, f in batch
-            ]
-            commands = sum(t.commands for t, _ in batch)
+            # The frame's bulk string is built once and referenced twice (XADD's value, then
+            # PUBLISH's message); join copies everything once.
+            parts: list[bytes] = []
+            extend = parts.extend
+            commands = 0
+            for t, f in batch:
+                body = b"$%d\r\n%b\r\n" % (len(f), f)
+                if t.history_prefix:
+                    extend((t.history_prefix, body, t.publish_prefix, body))
+                    commands += 2
+                else:
+                    extend((t.publish_prefix, body))
+                    commands += 1
         else:
             parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
             commands = len(batch)
