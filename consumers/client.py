@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Self
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from broker.clock import now_ms
 from broker.contract import (
     ConnectedEvent,
     Event,
@@ -59,6 +60,7 @@ from broker.contract import (
     UnknownEvent,
     decode_event,
 )
+from broker.core.history import history_cap, parse_history_caps
 from broker.errors import (
     ConfigError,
     InvalidCodeError,
@@ -78,6 +80,7 @@ from consumers.history_reader import DEFAULT_READ_COUNT, Cursor, HistoryReader
 from consumers.history_window import (
     Lost,
     StreamInfo,
+    beyond_stream,
     check_start,
     entry_frame,
     offset_text,
@@ -256,9 +259,11 @@ class BrokerClient:
         durable: read streams from the broker's history (``{ns}:hist:{stream}:{code}``) with
             XREAD instead of pub/sub, so a reconnect, a pause or a slow phase loses nothing
             still retained (``subscribe(durable=...)`` decides per subscription).
-        read_count: entries per durable stream and read (XREAD COUNT); keep it at or below
-            the smallest history cap the broker keeps, the rule that finds a consumer pushed
-            off the window relies on it (``consumers.history_reader``).
+        read_count: entries per durable stream and read (XREAD COUNT). It must not exceed
+            the smallest history cap of the durable streams (the rule that finds a consumer
+            pushed off the window relies on it, ``consumers.history_window``): the client
+            lowers it to the caps the broker writes in its status (field ``history``); with no
+            such status it is taken as it is.
 
     Raises:
         ConfigError: a bad URL, namespace or client id, or a number out of its range
@@ -333,6 +338,9 @@ class BrokerClient:
         self._unverified: deque[tuple[Event, float]] = deque()
         self._verify_wake = asyncio.Event()
         self._rejection_logged = False
+        #: the broker's history caps as its status says (``history``); None: not known
+        self._history_spec: str | None = None
+        self._caps: dict[str, int] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -393,6 +401,7 @@ class BrokerClient:
             on_trimmed=self._on_trimmed,
             on_restart=self._on_history_restart,
             on_break=self._on_history_break,
+            on_failure=self._on_history_failure,
             room=self._room,
             wait_room=self._wait_room,
             read_count=self._read_count,
@@ -500,15 +509,18 @@ class BrokerClient:
             start: where a durable stream starts: ``$`` (default) with what is appended from
                 now on; ``0`` with the oldest entry retained; an entry id (``item.offset`` of
                 the last message handled) after that entry; a bare ``ms`` from that time on.
-                A stream already subscribed keeps reading where it is.
+                An offset above the stream's newest entry (the stream was deleted or Redis
+                restarted since) starts at its newest entry, with a warning. A stream already
+                subscribed keeps reading where it is.
             latest_only: keep only the newest message of each of these streams in the queues
                 (state streams: ticker, orderbook, candles; not trade). A slow reader gets
                 fresh state, not a backlog; the messages it skips are no loss to announce.
 
         Raises:
             ValueError: an unknown data type, no codes, a level for a non-orderbook type, a
-                bad ``start`` (or one without ``durable``), ``latest_only`` for trade, or a
-                stream already subscribed with other ``durable`` / ``latest_only`` settings.
+                bad ``start`` (or one without ``durable``), ``latest_only`` for trade, a
+                stream already subscribed with other ``durable`` / ``latest_only`` settings,
+                or ``durable`` for a type the broker keeps no history of (its status says so).
             InvalidCodeError: a code not of Upbit's shape (nothing was written).
             LeaseError: the lease could not be written (the subscription is rolled back).
             RedisUnavailableError: Redis did not confirm the SUBSCRIBE in time, or did not
@@ -528,6 +540,9 @@ class BrokerClient:
         self._check_running()
         assert self._store is not None and self._subscriber is not None
         assert self._history is not None
+        if durable:
+            await self._read_leader()  # the broker's caps as they are now
+            self._check_history(_data_type(data_type))
         async with self._lock:
             for key in wanted:
                 route = self._routes.get(self.keys.channel(key.type, key.code, key.level))
@@ -646,6 +661,14 @@ class BrokerClient:
                 )
             info = None if isinstance(reply, Exception) else StreamInfo.parse(reply)
             last, n = resolve_start(start, info)
+            if beyond_stream(start, info):
+                logger.warning(
+                    "history %s: start %s is above its newest entry (%s): the stream was "
+                    "deleted or Redis restarted since; reading from its newest entry on",
+                    self._history_key(route),
+                    start,
+                    "none" if info is None else offset_text(info.last_generated),
+                )
             cursors.append(
                 Cursor(
                     key=self._history_key(route),
@@ -653,6 +676,11 @@ class BrokerClient:
                     last=last,
                     n=n,
                     latest_only=route.latest_only,
+                    # an entry id: while it is retained nothing after it was trimmed
+                    anchored=info is not None
+                    and info.first is not None
+                    and (last == info.last_generated or ("-" in start and start != "0-0")),
+                    cap=self._cap(route.type),
                 )
             )
         for cursor in cursors:
@@ -843,22 +871,63 @@ class BrokerClient:
                 put_queue(item)
 
     def _on_trimmed(self, cursor: Cursor, lost: Lost) -> None:
-        count = "entries" if lost.count is None else f"{lost.count} entries"
+        to = None if lost.to is None else offset_text(lost.to)
+        if lost.inside:
+            # it reads the new stream already (it kept up): the loss lies before, when the
+            # old one went, and after the last check that found it whole
+            since_ms, from_offset = cursor.verified_ms, None
+            detail = (
+                f"{cursor.key}: the stream was deleted and recreated (DEL, FLUSHALL, eviction) "
+                "since it was last checked; entries of the old one this consumer had not read "
+                f"may be lost (count unknown); the new one, from {to}, is read on"
+            )
+        elif lost.recreated:
+            since_ms, from_offset = cursor.since_ms, offset_text(cursor.last)
+            detail = (
+                f"{cursor.key}: the stream was deleted{' and recreated' if to else ''} (DEL, "
+                f"FLUSHALL, eviction, a restart): entries after {from_offset} this consumer "
+                "had not read are lost (count unknown); "
+                + (f"the new one is read from {to}" if to else "what it holds next is read")
+            )
+        else:
+            count = "entries" if lost.count is None else f"{lost.count} entries"
+            since_ms, from_offset = cursor.since_ms, offset_text(cursor.last)
+            detail = (
+                f"{cursor.key}: the {count} after {from_offset} and before {to} were trimmed "
+                "before this consumer read them (it fell off the retained window)"
+            )
+        until_ms = now_ms() if lost.to is None or lost.recreated else lost.to[0]
         self._emit_gap(
             Gap(
                 reason=TRIMMED,
                 source="local",
-                since_ms=cursor.since_ms,
-                until_ms=max(cursor.since_ms, lost.to[0]),
-                detail=(
-                    f"{cursor.key}: the {count} after {offset_text(cursor.last)} and before "
-                    f"{offset_text(lost.to)} were trimmed before this consumer read them (it "
-                    "fell off the retained window)"
-                ),
+                since_ms=since_ms,
+                until_ms=max(since_ms, until_ms),
+                detail=detail,
                 dropped=lost.count or 0,
                 channels=(cursor.channel,),
-                from_offset=offset_text(cursor.last),
-                to_offset=offset_text(lost.to),
+                from_offset=from_offset,
+                to_offset=to,
+            )
+        )
+
+    def _on_history_failure(self, error: str) -> None:
+        # the reader retries from the offsets delivered: nothing is skipped, but the durable
+        # streams stall until it reads again, and the application must hear of it
+        assert self._history is not None
+        channels = tuple(sorted(c.channel for c in self._history.cursors.values()))
+        now = now_ms()
+        self._emit_gap(
+            Gap(
+                reason=CONSUMER_DISCONNECTED,
+                source="local",
+                since_ms=now,
+                until_ms=now,
+                detail=(
+                    f"the history reader failed ({error}); it retries, reading on from the "
+                    "offsets delivered"
+                ),
+                channels=channels,
             )
         )
 
@@ -1005,21 +1074,23 @@ class BrokerClient:
                     await asyncio.sleep(_VERIFY_POLL)
 
     async def _read_leader(self) -> None:
-        """``leader``, ``leader_token`` and ``epoch`` of ``{ns}:status``: one pipeline of HGET
-        (the commands the least-privilege consumer ACL allows), bounded by ``connect_timeout``."""
+        """``leader``, ``leader_token``, ``epoch`` and ``history`` (the caps) of
+        ``{ns}:status``: one pipeline of HGET (the commands the least-privilege consumer ACL
+        allows), bounded by ``connect_timeout``."""
         assert self._redis is not None
         try:
             async with (
                 asyncio.timeout(self._connect_timeout),
                 self._redis.pipeline(transaction=False) as pipe,
             ):
-                for name in ("leader", "leader_token", "epoch"):
+                for name in ("leader", "leader_token", "epoch", "history"):
                     pipe.hget(self.keys.status, name)
                 raw = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             logger.debug("could not read the leader from the status: %s", describe(exc))
             return
-        leader, token, epoch = (_text(v) for v in raw)
+        leader, token, epoch, history = (_text(v) for v in raw)
+        self._history_caps_read(history)
         try:
             epoch_n = int(epoch) if epoch else None
         except ValueError:
@@ -1027,6 +1098,44 @@ class BrokerClient:
         if leader != self._gate.leader:
             logger.debug("client %s: the status names leader %s", self.client_id, leader)
         self._gate.status_read(leader, token, epoch_n)
+
+    def _history_caps_read(self, spec: str | None) -> None:
+        """The status's ``history`` (None: not there, a broker that does not say): the caps
+        bound each durable stream's XREAD COUNT (``HistoryReader.count_limit``)."""
+        if spec == self._history_spec:
+            return
+        self._history_spec = spec
+        try:
+            self._caps = None if spec is None else parse_history_caps(spec)
+        except ConfigError as exc:
+            logger.warning("the broker status's history caps are unreadable: %s", exc)
+            self._caps = None
+        if self._history is None:
+            return
+        for route in self._routes.values():
+            cursor = self._history.cursors.get(self._history_key(route))
+            if route.durable and cursor is not None:
+                cursor.cap = self._cap(route.type)
+                if self._caps is not None and cursor.cap is None and not route.latest_only:
+                    logger.warning(
+                        "history %s: the broker keeps no history of %s any more (history=%r)",
+                        cursor.key,
+                        route.type,
+                        spec,
+                    )
+
+    def _cap(self, type_: str) -> int | None:
+        """The broker's history cap of ``type_`` (None: not known, or none kept)."""
+        return None if self._caps is None else history_cap(self._caps, type_) or None
+
+    def _check_history(self, type_: str) -> None:
+        """Refuse a durable subscription the broker's status says it keeps no history of."""
+        if self._caps is not None and not history_cap(self._caps, type_):
+            raise ValueError(
+                f"the broker keeps no history of {type_} (its status says history="
+                f"{self._history_spec!r}): subscribe it with durable=False, or give the "
+                "broker a cap for it (UPBIT_BROKER_HISTORY, run --history)"
+            )
 
     def _emit_lease_notice(self, notice: LeaseNotice) -> None:
         self.stats.lease_notices += 1

@@ -12,30 +12,37 @@ instead of reading on; Redis keeps the backlog, no output buffer fills up). Repl
 in bulk: one ``await`` per read, none per entry.
 
 A consumer that falls off the retained window is told precisely (a ``trimmed`` gap from its
-last offset to the oldest entry retained, with the count), never moved on silently. The rule
-is :func:`consumers.history_window.judge`; it needs an ``XINFO STREAM``, read only where a
-loss is possible:
+last offset to the oldest entry retained, with the count), never moved on silently. The rules
+are in ``consumers.history_window``; what they cost here:
 
-* after an XREAD that returned a full COUNT for a stream: a consumer trimmed past always gets
-  a full COUNT, since trimming keeps at least the cap (so COUNT must not exceed the broker's
-  smallest cap: ``read_count``). The XINFO follows in the next round trip; if trimming
-  overtook the batch in between, the batch is dropped and read again in a checked read.
-* a *checked read*, ``MULTI; XINFO STREAM ...; XREAD ...; EXEC``, is atomic and so exact: a
-  stream's first read, every read after a reconnect, after the reader waited for room, after
-  the reader itself stalled (its process stopped, its loop blocked), and the re-read above.
+* a reader that keeps up: nothing (its batches are shorter than COUNT, which is at most the
+  smallest cap of the streams read, ``count_limit``);
+* a stream behind, and every stream after the reader paused (waited for room, stalled,
+  reconnected): one entry, ``last`` itself, read again (the read starts at its predecessor);
+* a batch that comes full unexpectedly: ``XRANGE key last last`` in one pipeline after the read;
+* ``XINFO STREAM``, in a *checked read* (``MULTI; XINFO STREAM ...; XREAD ...; EXEC``, atomic,
+  so exact), only for a stream whose ``last`` is gone (its batch is dropped and read again) or
+  is no entry, whose count is not known yet, after a Redis restart, and for each stream once
+  every ``CHECK_INTERVAL_S`` (a stream deleted and recreated between two reads).
 
-Latest-only streams (state: ticker, orderbook) are never judged: skipping their older
-entries is what was asked for. Of a batch only the newest entry is delivered, and after a
-full batch the reader jumps to the stream's newest entry (``XREVRANGE + - COUNT 1``).
+Latest-only streams (state: ticker, orderbook, candles) are never judged: skipping their older
+entries is what was asked for. Of a batch only the newest live entry is delivered (a
+back-filled one, ``origin`` = ``rest``, is old state appended late: skipped), and after a full
+batch the reader jumps to the stream's newest entry (``XREVRANGE + - COUNT 1``) when it is a
+live one.
 
-A Redis restart (a new ``run_id``) loses unread history with the server's data; it is
-reported once (``on_restart``).
+A Redis restart (a new ``run_id``) loses unread history with the server's data; it is reported
+once (``on_restart``), and each stream is then read on from ``last`` if Redis kept it, else
+from the new stream's start (its ids may be below ``last``: the new server's clock may be
+behind). Any other failure of the reader is reported (``on_failure``) and retried from the
+offsets delivered: the reader never stops silently.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +62,7 @@ from consumers.history_window import (
     Offset,
     StreamInfo,
     judge,
+    newest_live,
     offset_text,
     parse_offset,
     predecessor,
@@ -65,10 +73,14 @@ logger = logging.getLogger(__name__)
 #: ``XREAD BLOCK``: how long one read waits for new entries (a new subscription is read from
 #: the next read on; its start offset was fixed when it was made, so nothing is missed)
 BLOCK_MS = 500
-#: ``XREAD COUNT`` per stream by default; keep it at or below the broker's smallest cap
+#: ``XREAD COUNT`` per stream by default; at most the broker's smallest cap (the client clamps
+#: it to the caps in the broker's status)
 DEFAULT_READ_COUNT = 100
+#: Each stream is checked (``XINFO STREAM``) about this often, whatever else happens: a stream
+#: deleted and recreated while the reader kept up is told by its counters only.
+CHECK_INTERVAL_S = 30.0
 #: A reader that did not read for this long (its process was stopped, its loop blocked) may
-#: have been trimmed past: its next read is a checked one.
+#: have missed entries that went meanwhile: its next read verifies every stream.
 STALL_S = 2.0
 
 
@@ -85,11 +97,25 @@ class Cursor:
     #: ``consumers.history_window``)
     n: int | None = None
     latest_only: bool = False
+    #: ``last`` is an entry of the stream (delivered, or the newest when it started): while it
+    #: is retained nothing after it was trimmed. False: a position between entries.
+    anchored: bool = False
+    #: the broker's cap for this stream's type (``None``: not known); COUNT stays at or below it
+    cap: int | None = None
     #: when the cursor started, for a gap before anything was delivered
     started_ms: int = field(default_factory=now_ms)
+    #: the last time a check found the stream as the cursor knew it (for a recreated stream)
+    verified_ms: int = field(default_factory=now_ms)
+    #: the next read makes sure ``last`` is still there (reads from its predecessor): the
+    #: stream was behind, or the reader paused
+    verify: bool = False
     #: the next read is a checked one (XINFO in the same transaction)
-    check: bool = True
-    #: a loss judged by ids alone is not announced once (Redis restarted: announced already)
+    check: bool = False
+    #: when the periodic check is due (``time.monotonic``; 0: at the first read)
+    due: float = 0.0
+    #: Redis restarted since this cursor last read: its next check decides where it goes on
+    restarted: bool = False
+    #: a loss of unknown count is not announced once (Redis restarted: announced already)
     quiet: bool = False
     key_bytes: bytes = b""
 
@@ -105,7 +131,8 @@ class Cursor:
 #: of one stream, oldest first, to deliver (the cursor is advanced after the call)
 OnEntries = Callable[[Cursor, Sequence[Any], int], None]
 #: ``on_trimmed(cursor, lost)``: entries after ``cursor.last`` and before ``lost.to`` were
-#: trimmed unread (called before the entries that follow them are delivered)
+#: lost unread (trimmed, or the stream was deleted: ``lost.recreated``); called before the
+#: entries that follow them are delivered
 OnTrimmed = Callable[[Cursor, Lost], None]
 #: ``on_restart(since_ms, until_ms)``: Redis restarted; unread history may be gone
 OnRestart = Callable[[int, int], None]
@@ -115,15 +142,20 @@ class HistoryReader:
     """Read every cursor's stream with XREAD on one connection, reconnecting as needed.
 
     Args:
-        redis_url: where to connect.
+        redis_url: where to connect (always RESP2, whatever ``?protocol=`` says: the reader
+            parses the raw replies).
         name: ``CLIENT SETNAME`` of the connection.
         on_entries / on_trimmed / on_restart: see the aliases of the same names; they run in
             the reader and must not wait (they only enqueue).
         on_break: called with the error when the connection is lost (before reconnecting).
+        on_failure: called with the error when the reader failed otherwise (a bug, a reply it
+            cannot read); it retries from the offsets delivered, with a backoff. Called once
+            per run of failures.
         room: how many more entries the owner's queues take now.
         wait_room: awaited with how many entries a read would like; returns once enough fit,
             True when it had to wait.
-        read_count: ``XREAD COUNT`` per stream, at most.
+        read_count: ``XREAD COUNT`` per stream, at most (lowered to the smallest ``cap`` of
+            the judged cursors).
     """
 
     def __init__(
@@ -135,6 +167,7 @@ class HistoryReader:
         on_trimmed: OnTrimmed,
         on_restart: OnRestart | None = None,
         on_break: Callable[[str], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
         room: Callable[[], int],
         wait_room: Callable[[int], Awaitable[bool]],
         read_count: int = DEFAULT_READ_COUNT,
@@ -144,11 +177,15 @@ class HistoryReader:
         backoff_max: float = 2.0,
     ) -> None:
         self._pool = connection_pool(redis_url, name=name, connect_timeout=connect_timeout)
+        # a URL's ?protocol=3 wins over the argument (redis-py); RESP3 replies are maps the
+        # parsing below does not read, so the reader's own connections speak RESP2
+        self._pool.connection_kwargs["protocol"] = 2
         self._url = redact_url(redis_url)
         self._on_entries = on_entries
         self._on_trimmed = on_trimmed
         self._on_restart = on_restart
         self._on_break = on_break
+        self._on_failure = on_failure
         self._room = room
         self._wait_room = wait_room
         self._read_count = read_count
@@ -160,12 +197,17 @@ class HistoryReader:
         self._changed = asyncio.Event()
         self._run_id: str | None = None
         self._has_info = True
-        self._last_read = time.monotonic()
         self._refusal_logged = False
-        #: connections lost (each is followed by a reconnect and checked reads)
+        self._failing = False
+        self._last_read = time.monotonic()
+        #: connections lost (each is followed by a reconnect)
         self.reconnects = 0
+        #: other failures (each reported, then retried)
+        self.failures = 0
         #: XREAD (and checked-read) round trips
         self.reads = 0
+        #: streams checked with XINFO STREAM
+        self.checks = 0
         #: the reader waits for the application to take what was read (back-pressure)
         self.waiting_for_room = False
 
@@ -177,6 +219,9 @@ class HistoryReader:
 
     def add(self, cursor: Cursor) -> None:
         """Read ``cursor``'s stream from the next read on (replacing one of the same key)."""
+        if not cursor.due:
+            # spread over the interval: cursors made together are not all checked together
+            cursor.due = time.monotonic() + CHECK_INTERVAL_S * random.uniform(0.5, 1.5)
         self._cursors[cursor.key] = cursor
         self._changed.set()
 
@@ -184,10 +229,47 @@ class HistoryReader:
         """Stop reading ``key`` (entries of a read in flight are not delivered)."""
         self._cursors.pop(key, None)
 
+    def count_limit(self) -> int:
+        """``XREAD COUNT`` at most: ``read_count``, lowered to the smallest cap known of the
+        judged streams (a larger COUNT would let a stream trimmed past look whole)."""
+        caps = [c.cap for c in self._cursors.values() if c.cap and not c.latest_only]
+        return min(self._read_count, *caps) if caps else self._read_count
+
     # -- running ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Read until cancelled; connect once there is a cursor, reconnect on any failure."""
+        """Read until cancelled; connect once there is a cursor, reconnect on any failure.
+
+        Never returns: an unexpected error is reported (``on_failure``) and the reader starts
+        again from the offsets delivered, after a backoff.
+        """
+        delay = self._backoff_initial
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                error = describe(exc)
+                if self._failing:  # no read went through since the last failure
+                    delay = min(delay * 2, self._backoff_max)
+                    logger.debug("history reader failed again: %s", error)
+                else:
+                    self._failing = True
+                    delay = self._backoff_initial
+                    logger.exception("history reader failed: %s; retrying", error)
+                    if self._on_failure is not None:
+                        self._on_failure(error)
+                await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        """Release the connection pool (call after cancelling :meth:`run`)."""
+        await self._pool.disconnect(inuse_connections=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
         attempts = 0
         delay = self._backoff_initial
         broken_ms: int | None = None
@@ -215,14 +297,11 @@ class HistoryReader:
                 logger.info("history reader reconnected after %d attempt(s)", attempts)
             attempts = 0
             delay = self._backoff_initial
-            for cursor in self._cursors.values():
-                cursor.check = True  # whatever happened meanwhile, the next read tells
+            self._suspect()  # whatever happened meanwhile, the next read tells
             try:
                 await self._restarted(conn, broken_ms)
                 broken_ms = None
                 await self._serve(conn)
-            except asyncio.CancelledError:
-                raise
             except (RedisError, OSError, TimeoutError) as exc:
                 self.reconnects += 1
                 broken_ms = now_ms() if broken_ms is None else broken_ms
@@ -234,12 +313,6 @@ class HistoryReader:
                     self._on_break(error)
             finally:
                 await conn.disconnect(nowait=True)
-
-    async def aclose(self) -> None:
-        """Release the connection pool (call after cancelling :meth:`run`)."""
-        await self._pool.disconnect(inuse_connections=True)
-
-    # -- internals --------------------------------------------------------------------------
 
     async def _connect(self) -> AbstractConnection:
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
@@ -270,10 +343,13 @@ class HistoryReader:
         if previous is None or run_id == previous:
             return
         for cursor in self._cursors.values():
-            # a new stream (unless Redis persisted it): the count starts again, judged by ids
-            # until learnt; what the restart lost is announced here, once
+            # a new stream unless Redis persisted it: the next check reads on from `last` if
+            # it is still there, else from the new stream's start; what the restart lost is
+            # announced here, once
             cursor.n = None
             cursor.quiet = True
+            cursor.restarted = True
+            cursor.check = True
         if self._on_restart is not None:
             until = now_ms()
             self._on_restart(until if broken_ms is None else broken_ms, until)
@@ -287,17 +363,20 @@ class HistoryReader:
             judged = sum(1 for c in self._cursors.values() if not c.latest_only) or 1
             self.waiting_for_room = True
             try:
-                waited = await self._wait_room(self._read_count * judged)
+                waited = await self._wait_room(self.count_limit() * judged)
             finally:
                 self.waiting_for_room = False
             if waited or time.monotonic() - self._last_read > STALL_S:
-                for cursor in self._cursors.values():
-                    cursor.check = True
+                self._suspect()  # unread entries may have gone meanwhile
             cursors = list(self._cursors.values())
             if not cursors:
                 continue
-            count = max(1, min(self._read_count, self._room() // judged))
-            checked = [c for c in cursors if c.check and not c.latest_only]
+            count = max(1, min(self.count_limit(), self._room() // judged))
+            now = time.monotonic()
+            for cursor in cursors:
+                if cursor.verify and not cursor.anchored and not cursor.latest_only:
+                    cursor.check = True  # no entry to look for: count instead
+            checked = [c for c in cursors if c.check or c.due <= now]
             try:
                 await self._read(conn, cursors, checked, count)
             except ResponseError as exc:
@@ -310,21 +389,33 @@ class HistoryReader:
                 logger.log(level, "history reader: redis refused a read: %s", exc)
                 await asyncio.sleep(self._backoff_max)
 
+    def _suspect(self) -> None:
+        """The reader did not read for a while (it waited for room, stalled, reconnected): the
+        next read makes sure each stream's ``last`` is still there."""
+        for cursor in self._cursors.values():
+            cursor.verify = not cursor.latest_only
+
     async def _read(
         self, conn: AbstractConnection, cursors: list[Cursor], checked: list[Cursor], count: int
     ) -> None:
-        sent = time.monotonic()
-        for cursor in cursors:
-            cursor.check = False
+        is_checked = set(checked)
+        # read from `last`'s predecessor: `last` comes first while it is retained (rule 2)
+        probed = {
+            c
+            for c in cursors
+            if c.anchored and (c in is_checked or (c.verify and not c.latest_only))
+        }
+        positions = [offset_text(predecessor(c.last) if c in probed else c.last) for c in cursors]
         xread: tuple[Any, ...] = (
             "XREAD",
             "COUNT",
-            count,
+            count + 1 if probed else count,  # `last` itself and `count` more
             "STREAMS",
             *(c.key_bytes for c in cursors),
-            *(offset_text(c.last) for c in cursors),
+            *positions,
         )
         infos: dict[Cursor, StreamInfo | None] = {}
+        sent = time.monotonic()
         if checked:
             # atomic with the XINFOs, so the verdict is exact (and never blocks: in a
             # transaction XREAD returns at once)
@@ -336,111 +427,187 @@ class HistoryReader:
             if not isinstance(results, list):
                 raise ResponseError(f"checked read failed: {results}")
             infos = {c: _info(r) for c, r in zip(checked, results, strict=False)}
-            reply = results[-1]
-            if isinstance(reply, Exception):
-                raise reply
+            reply = _reply(results[-1])
+            for cursor in checked:
+                cursor.check = False
+        elif probed:
+            reply = await self._call(conn, self._connect_timeout, *xread)  # data is there
         else:
             timeout = self._block_ms / 1000 + self._connect_timeout
             reply = await self._call(conn, timeout, *xread[:3], "BLOCK", self._block_ms, *xread[3:])
         self.reads += 1
         self._last_read = time.monotonic()
         if self._last_read - sent > STALL_S + self._block_ms / 1000:
-            # this process was stopped (or its loop blocked) while the read was out: the
-            # reply is as of before, the next read may find the stream trimmed past it
-            for cursor in self._cursors.values():
-                cursor.check = True
+            # this process was stopped (or its loop blocked) while the read was out: what
+            # the reply says is as of before
+            self._suspect()
         received_ms = now_ms()
         batches: dict[bytes, Any] = {key: entries for key, entries in reply or ()}
         later: list[tuple[Cursor, Any]] = []  # full batches to look at once more
         for cursor in cursors:
             if self._cursors.get(cursor.key) is not cursor:
                 continue  # removed (or replaced) while the read was in flight
-            entries = batches.get(cursor.key_bytes)
-            if cursor in infos:
-                info = infos[cursor]
-                first = parse_offset(entries[0][0]) if entries else None
-                self._judged(cursor, judge(cursor.last, cursor.n, info, first, atomic=True))
+            entries = batches.get(cursor.key_bytes) or []
+            retained: bool | None = None
+            if cursor in probed:
+                retained = bool(entries) and parse_offset(entries[0][0]) == cursor.last
+                if retained:
+                    entries = entries[1:]
+            if cursor in is_checked:
+                self._checked(cursor, infos[cursor], entries, retained, count, received_ms)
+            elif cursor in probed:
+                if not retained:
+                    cursor.check = True  # `last` gone: dropped unread, read again checked
+                    continue
                 if entries:
                     self._deliver(cursor, entries, received_ms)
-                self._learn(cursor, info)
-                if cursor.n is None and entries and len(entries) >= count:
-                    cursor.check = True  # more to read, and still to learn its `n`
+                cursor.verify = len(entries) >= count  # behind: the next read verifies too
+            elif not entries:
                 continue
-            if not entries:
-                continue
-            if len(entries) >= count:
+            elif len(entries) < count:
+                # whole (rule 1): a stream trimmed past `last` would have filled the COUNT
+                self._deliver(cursor, entries, received_ms)
+                if cursor.n is None and not cursor.latest_only:
+                    cursor.check = True  # learn its `n` (a checked read returns at once)
+            elif cursor.anchored or cursor.latest_only:
                 later.append((cursor, entries))
-                continue
-            self._deliver(cursor, entries, received_ms)
-            if cursor.n is None and not cursor.latest_only:
-                cursor.check = True  # learn its `n` (a checked read returns at once)
+            else:
+                cursor.check = True  # dropped unread: `last` is no entry, read again checked
         if later:
             await self._look_again(conn, later, received_ms)
+        self._failing = False  # a whole read went through
+
+    def _checked(
+        self,
+        cursor: Cursor,
+        info: StreamInfo | None,
+        entries: Any,
+        retained: bool | None,
+        count: int,
+        received_ms: int,
+    ) -> None:
+        """A checked read's batch: judged by the XINFO of the same transaction."""
+        self.checks += 1
+        cursor.due = time.monotonic() + CHECK_INTERVAL_S * random.uniform(0.75, 1.25)
+        first = parse_offset(entries[0][0]) if entries else None
+        verdict = judge(
+            cursor.last,
+            cursor.n,
+            info,
+            first,
+            atomic=True,
+            last_retained=retained,
+            restarted=cursor.restarted,
+        )
+        cursor.restarted = False
+        delivered = self._judged(cursor, verdict) and bool(entries)
+        if delivered:
+            self._deliver(cursor, entries, received_ms)
+        # behind: the next read verifies too
+        cursor.verify = delivered and len(entries) >= count and not cursor.latest_only
+        self._learn(cursor, info)
 
     async def _look_again(
         self, conn: AbstractConnection, later: list[tuple[Cursor, Any]], received_ms: int
     ) -> None:
-        """Full batches: XINFO for judged streams (see the module docstring), the newest entry
-        for latest-only ones (they jump to it); one pipeline."""
-        commands: list[tuple[Any, ...]] = [
-            ("XREVRANGE", c.key_bytes, "+", "-", "COUNT", 1)
-            if c.latest_only
-            else ("XINFO", "STREAM", c.key_bytes)
-            for c, _ in later
-        ]
+        """Full batches, one pipeline: is each judged stream's ``last`` still there (then the
+        batch is whole), and the newest entry of each latest-only one (it jumps to it)."""
+        commands: list[tuple[Any, ...]] = []
+        for cursor, _ in later:
+            if cursor.latest_only:
+                commands.append(("XREVRANGE", cursor.key_bytes, "+", "-", "COUNT", 1))
+            else:
+                last = offset_text(cursor.last)
+                commands.append(("XRANGE", cursor.key_bytes, last, last))
         replies = await self._pipeline(conn, commands, self._connect_timeout)
         for (cursor, entries), reply in zip(later, replies, strict=True):
             if self._cursors.get(cursor.key) is not cursor:
                 continue
+            found = _reply(reply)
             if cursor.latest_only:
-                newest = reply if reply and not isinstance(reply, Exception) else []
-                if newest and parse_offset(newest[0][0]) > parse_offset(entries[-1][0]):
-                    entries = newest
+                # the newest entry may be a back-filled one (old state): then no jump
+                if (
+                    found
+                    and parse_offset(found[0][0]) > parse_offset(entries[-1][0])
+                    and newest_live(found) is not None
+                ):
+                    entries = found
                 self._deliver(cursor, entries, received_ms)
-                continue
-            info = _info(reply)
-            verdict = judge(cursor.last, cursor.n, info, parse_offset(entries[0][0]), atomic=False)
-            if verdict == UNSURE:
-                cursor.check = True  # dropped unread: read again, atomically
-                continue
-            self._judged(cursor, verdict)
-            self._deliver(cursor, entries, received_ms)
-            self._learn(cursor, info)
+            elif found:
+                self._deliver(cursor, entries, received_ms)  # `last` still there (rule 2)
+                cursor.verify = True  # behind: the next read verifies in the read itself
+            else:
+                cursor.check = True  # `last` gone: dropped unread, read again checked
 
-    def _judged(self, cursor: Cursor, verdict: Lost | str) -> None:
+    def _judged(self, cursor: Cursor, verdict: Lost | str) -> bool:
+        """Apply a verdict to the cursor; whether the batch read with it is delivered."""
+        if verdict == UNSURE:
+            cursor.check = True
+            return False
         if not isinstance(verdict, Lost):
-            return
+            cursor.verified_ms = now_ms()
+            return True
+        if cursor.latest_only:
+            # skipping entries is what it asked for: only a new stream moves it
+            if verdict.recreated and verdict.resume is not None and verdict.resume != cursor.last:
+                logger.info("history %s: a new stream, read from its start", cursor.key)
+                cursor.last = verdict.resume
+                cursor.anchored = False
+                return False
+            return True
         if cursor.quiet and verdict.count is None:
             cursor.quiet = False  # announced already (Redis restarted)
         else:
             logger.warning(
-                "history %s: %s entries after %s and before %s were trimmed before this "
-                "consumer read them",
+                "history %s: %s entries after %s%s were lost before this consumer read them%s",
                 cursor.key,
                 "some" if verdict.count is None else verdict.count,
                 offset_text(cursor.last),
-                offset_text(verdict.to),
+                "" if verdict.to is None else f" and before {offset_text(verdict.to)}",
+                " (the stream was deleted and recreated)" if verdict.recreated else "",
             )
             self._on_trimmed(cursor, verdict)
-        # what follows is judged from the loss's end on
-        cursor.last = max(cursor.last, predecessor(verdict.to))
         cursor.n = verdict.n
+        if verdict.resume is not None:
+            moved = verdict.resume != cursor.last
+            cursor.last = verdict.resume
+            if moved:
+                # the new stream, from its start: the batch read after the old `last` may
+                # have skipped some of it, so it is read again
+                cursor.anchored = False
+                return False
+            return True
+        # what follows is judged from the loss's end on
+        assert verdict.to is not None
+        cursor.last = max(cursor.last, predecessor(verdict.to))
+        cursor.anchored = False
+        return True
 
     @staticmethod
     def _learn(cursor: Cursor, info: StreamInfo | None) -> None:
-        """A cursor at the stream's newest entry knows its ``n``: every entry ever added."""
-        if cursor.n is None and info is not None and cursor.last == info.last_generated:
+        """A cursor at the stream's newest entry knows its ``n``: every entry ever added
+        (a latest-only one skips entries: it has none)."""
+        if (
+            cursor.n is None
+            and not cursor.latest_only
+            and info is not None
+            and cursor.last == info.last_generated
+        ):
             cursor.n = info.added
         cursor.quiet = False
 
     def _deliver(self, cursor: Cursor, entries: Sequence[Any], received_ms: int) -> None:
         if cursor.latest_only:
             cursor.n = None  # never judged
-            entries = entries[-1:]
-        elif cursor.n is not None:
-            cursor.n += len(entries)
-        self._on_entries(cursor, entries, received_ms)
+            newest = newest_live(entries)  # back-filled entries are old state: skipped
+            if newest is not None:
+                self._on_entries(cursor, [newest], received_ms)
+        else:
+            if cursor.n is not None:
+                cursor.n += len(entries)
+            self._on_entries(cursor, entries, received_ms)
         cursor.last = parse_offset(entries[-1][0])
+        cursor.anchored = True
 
     async def _call(self, conn: AbstractConnection, timeout: float, *args: Any) -> Any:
         async with asyncio.timeout(timeout):
@@ -462,6 +629,13 @@ class HistoryReader:
         return replies
 
 
+def _reply(reply: Any) -> Any:
+    """A reply, raising an error reply (``ResponseError``: refused, the reader retries)."""
+    if isinstance(reply, Exception):
+        raise reply if isinstance(reply, ResponseError) else ResponseError(str(reply))
+    return reply
+
+
 def _info(reply: Any) -> StreamInfo | None:
     """An XINFO STREAM reply; ``None`` for a stream that does not exist.
 
@@ -469,11 +643,16 @@ def _info(reply: Any) -> StreamInfo | None:
         ResponseError: any other error reply (e.g. ``NOPERM``: without XINFO a loss could
             not be told, so the reader does not read on).
     """
-    if isinstance(reply, Exception):
-        if "no such key" in str(reply).lower():
-            return None
-        raise reply if isinstance(reply, ResponseError) else ResponseError(str(reply))
-    return StreamInfo.parse(reply)
+    if isinstance(reply, Exception) and "no such key" in str(reply).lower():
+        return None
+    return StreamInfo.parse(_reply(reply))
 
 
-__all__ = ["BLOCK_MS", "DEFAULT_READ_COUNT", "STALL_S", "Cursor", "HistoryReader"]
+__all__ = [
+    "BLOCK_MS",
+    "CHECK_INTERVAL_S",
+    "DEFAULT_READ_COUNT",
+    "STALL_S",
+    "Cursor",
+    "HistoryReader",
+]

@@ -35,7 +35,8 @@ FELL_BEHIND = "fell-behind"
 LEASE_LAPSED = "lease-lapsed"
 #: A durable consumer (``BrokerClient(durable=True)``) fell off the retained window of a
 #: stream's history: the entries after ``Gap.from_offset`` and before ``Gap.to_offset`` were
-#: trimmed before it read them (``consumers.history_reader``).
+#: trimmed before it read them (``consumers.history_reader``). Also a stream deleted or
+#: recreated (DEL, FLUSHALL, eviction): then ``dropped`` is 0, the count being unknown.
 TRIMMED = "trimmed"
 #: The reasons of the gaps a client produces itself (``Gap.source == "local"``).
 CONSUMER_GAP_REASONS = (CONSUMER_DISCONNECTED, FELL_BEHIND, LEASE_LAPSED, TRIMMED)
@@ -133,7 +134,9 @@ class Gap:
     overflow) or never got (trimmed from a stream's history), when known. A ``trimmed`` gap
     (a durable stream's history) also names the entries lost, exclusive at both ends: those
     after ``from_offset`` (the last one delivered) and before ``to_offset`` (the oldest one
-    retained, delivered next).
+    retained, delivered next); for a stream deleted or recreated, whatever it had not read of
+    the old one (``to_offset``: the new one's oldest entry, ``None`` while there is none;
+    ``from_offset`` ``None`` when the client found out only after reading on in the new one).
 
     A gap with ``state`` set is not a new loss: it is the broker's follow-up of the gap it
     announced earlier (the same ``epoch``, ``since_ms``, ``until_ms`` and ``reason``), once it

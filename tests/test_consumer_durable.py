@@ -543,3 +543,309 @@ async def test_end_to_end_with_the_broker_nothing_missing_across_kills(
         entries = await redis_client.xrange(key, min=offsets[0], max=offsets[-1])
         assert offsets == [e[0].decode() for e in entries]
         assert [m.raw for m in received] == [e[1][b"f"] for e in entries]
+
+
+# -- streams deleted and recreated -----------------------------------------------------------
+
+
+@pytest.fixture
+def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each durable stream checked (XINFO) every ~0.3 s instead of every ~30 s."""
+    monkeypatch.setattr("consumers.history_reader.CHECK_INTERVAL_S", 0.3, raising=False)
+
+
+async def test_a_stream_deleted_and_recreated_while_behind_is_a_gap_then_the_new_one(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    r = redis_client
+    key = hist("KRW-BTC")
+    async with BrokerClient(
+        redis_url=redis_url, durable=True, queue_size=20, read_count=10
+    ) as client:
+        await client.subscribe("trade", "KRW-BTC")
+        old = await append(r, key, [frame("KRW-BTC", n) for n in range(30)])
+        history = client._history
+        assert history is not None
+        await wait_for(lambda: history.waiting_for_room, 10, message="the reader waits")
+        held = client._queue.held
+        # DEL (or FLUSHALL, an eviction): the 10 entries it had not read go with the stream;
+        # the new stream's counters start again (entries-added 3 < the 20 it counted)
+        await r.delete(key)
+        new = await append(r, key, [frame("KRW-BTC", n) for n in range(100, 103)])
+        items = await take(client, held + len(new))
+    gaps = [i for i in items if isinstance(i, Gap)]
+    assert len(gaps) == 1, gaps
+    (gap,) = gaps
+    where = items.index(gap)
+    assert [m.offset for m in data(items[:where])] == old[:held]
+    assert [m.offset for m in data(items[where + 1 :])] == new
+    assert gap.reason == TRIMMED and gap.channels == (KEYS.channel("trade", "KRW-BTC"),)
+    assert (gap.from_offset, gap.to_offset) == (old[held - 1], new[0])
+    assert gap.dropped == 0 and "recreated" in gap.detail  # how many: unknown
+
+
+async def test_a_stream_deleted_while_the_reader_keeps_up_is_told_by_the_periodic_check(
+    redis_url: str, redis_client: aioredis.Redis, quick_checks: None
+) -> None:
+    """Between two reads it may have lost entries nobody can count: one gap; the new stream's
+    entries come once whether the check saw the stream gone or already recreated."""
+    r = redis_client
+    key = hist("KRW-BTC")
+    gaps: list[Gap] = []
+    async with BrokerClient(redis_url=redis_url, durable=True, on_gap=gaps.append) as client:
+        await client.subscribe("trade", "KRW-BTC")
+        old = await append(r, key, [frame("KRW-BTC", n) for n in range(5)])
+        assert [m.offset for m in data(await take(client, 5))] == old
+        await r.delete(key)
+        new = await append(r, key, [frame("KRW-BTC", n) for n in range(100, 102)])
+        got = data(await take(client, 2))
+        await wait_for(lambda: gaps, 10, message="the deletion told")
+        history = client._history
+        assert history is not None
+        checks = history.checks
+        await wait_for(lambda: history.checks > checks + 2, 10, message="checked again")
+    assert [m.offset for m in got] == new  # once, in order
+    assert len(gaps) == 1, gaps
+    assert gaps[0].reason == TRIMMED and gaps[0].dropped == 0
+    assert "deleted" in gaps[0].detail
+
+
+async def test_a_stream_recreated_with_ids_below_the_last_offset_is_read_from_its_start(
+    redis_url: str, redis_client: aioredis.Redis, quick_checks: None
+) -> None:
+    r = redis_client
+    key = hist("KRW-BTC")
+    gaps: list[Gap] = []
+    async with BrokerClient(redis_url=redis_url, durable=True, on_gap=gaps.append) as client:
+        await client.subscribe("trade", "KRW-BTC")
+        old = await append(r, key, [frame("KRW-BTC", 0)])
+        assert [m.offset for m in data(await take(client, 1))] == old
+        # a new stream whose clock is behind: XREAD after the old offset skips its entries
+        await r.delete(key)
+        low = [await r.xadd(key, {"f": frame("KRW-BTC", n)}, id=f"5-{n}") for n in (1, 2)]
+        got = data(await take(client, 2))
+    assert [m.offset for m in got] == [i.decode() for i in low]
+    assert [g.reason for g in gaps] == [TRIMMED] and gaps[0].from_offset == old[0]
+
+
+# -- latest only and back-filled entries --------------------------------------------------------
+
+
+async def test_latest_only_never_goes_back_to_a_back_filled_entry(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """The back-fill appends old candles after the live ones appended meanwhile: the newest
+    entry is no state to keep, in a short batch or at the jump after a full one."""
+    r = redis_client
+    key = hist("KRW-BTC", "candle.1m")
+    live = await append(r, key, [frame("KRW-BTC", n, "candle.1m") for n in range(100)])
+    filled = await append(r, key, [frame("KRW-BTC", n, "candle.1m") for n in range(3)], rest=True)
+    async with BrokerClient(redis_url=redis_url, durable=True, read_count=10) as client:
+        # from the oldest: full batches, then the jump to the newest entry (a back-filled one)
+        await client.subscribe("candle.1m", "KRW-BTC", start="0", latest_only=True)
+        history = client._history
+        assert history is not None
+        cursor = history.cursors[key]
+        await wait_for(lambda: cursor.last == parse_offset(filled[-1]), 10, message="read all")
+        (item,) = await take(client, 1)
+        assert isinstance(item, StreamMessage)
+        assert (item.offset, item.backfilled) == (live[-1], False)
+        # a short batch: live, then back-filled (older) entries
+        more = await append(r, key, [frame("KRW-BTC", 100, "candle.1m")])
+        late = await append(r, key, [frame("KRW-BTC", 50, "candle.1m")], rest=True)
+        await wait_for(lambda: cursor.last == parse_offset(late[-1]), 10, message="read on")
+        (item,) = await take(client, 1)
+        assert isinstance(item, StreamMessage)
+        assert (item.offset, item.backfilled) == (more[0], False)
+        assert len(client._queue) == 0 and client.stats.gaps == 0
+
+
+# -- the reader's own connection and failures --------------------------------------------------
+
+
+async def test_a_resp3_url_still_reads_durable_streams(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with BrokerClient(redis_url=f"{redis_url}?protocol=3", durable=True) as client:
+        await client.subscribe("trade", "KRW-BTC")
+        ids = await append(redis_client, hist("KRW-BTC"), [frame("KRW-BTC", n) for n in range(3)])
+        assert [m.offset for m in data(await take(client, 3))] == ids
+        assert client.stats.gaps == 0
+
+
+async def test_an_unexpected_reader_failure_is_a_gap_and_the_reader_goes_on(
+    redis_url: str, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumers.history_reader import HistoryReader
+
+    deliver = HistoryReader._deliver
+    failed: list[bool] = []
+
+    def fail_once(self: HistoryReader, *args: object) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug in the reader")
+        deliver(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HistoryReader, "_deliver", fail_once)
+    async with BrokerClient(redis_url=redis_url, durable=True) as client:
+        await client.subscribe("trade", "KRW-BTC")
+        ids = await append(redis_client, hist("KRW-BTC"), [frame("KRW-BTC", n) for n in range(3)])
+        items = await take(client, 3)
+    gaps = [i for i in items if isinstance(i, Gap)]
+    assert len(gaps) == 1 and gaps[0].reason == CONSUMER_DISCONNECTED
+    assert "a bug in the reader" in gaps[0].detail
+    assert gaps[0].channels == (KEYS.channel("trade", "KRW-BTC"),)
+    assert [m.offset for m in data(items)] == ids  # retried from the offset delivered
+
+
+# -- where a cursor goes on: restarts and offsets above the stream --------------------------------
+
+
+async def test_after_a_restart_entries_with_ids_below_the_last_offset_are_read(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """The new server's clock may be behind the old one's: its ids below ``last`` are read
+    (from the new stream's start), not skipped."""
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        gaps: list[Gap] = []
+        async with BrokerClient(redis_url=redis_url, durable=True, on_gap=gaps.append) as client:
+            await client.subscribe("trade", "KRW-BTC")
+            first = await append(r, hist("KRW-BTC"), [frame("KRW-BTC", 0)])
+            assert [m.offset for m in data(await take(client, 1))] == first
+            await asyncio.to_thread(redis_server.restart)
+            await wait_for(lambda: gaps, 15, message="the restart reported")
+            await r.aclose()
+            r = aioredis.Redis.from_url(redis_url)
+            low = [
+                await r.xadd(hist("KRW-BTC"), {"f": frame("KRW-BTC", n)}, id=f"7-{n}")
+                for n in (1, 2)
+            ]
+            got = data(await take(client, 2))
+        assert [m.offset for m in got] == [i.decode() for i in low]
+        assert not [g for g in gaps if g.reason == TRIMMED]  # the restart's gap tells it all
+    finally:
+        await r.aclose()
+
+
+async def test_a_start_above_the_newest_entry_starts_at_the_newest(
+    redis_url: str, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = redis_client
+    key = hist("KRW-BTC")
+    await append(r, key, [frame("KRW-BTC", n) for n in range(2)])
+    ahead = "99999999999999-0"  # an offset of a stream deleted since, or of another server
+    async with BrokerClient(redis_url=redis_url, durable=True) as client:
+        await client.subscribe("trade", "KRW-BTC", start=ahead)
+        await client.subscribe("trade", "KRW-ETH", start=ahead)  # no stream at all
+        new = await append(r, key, [frame("KRW-BTC", 2)])
+        eth = await append(r, hist("KRW-ETH"), [frame("KRW-ETH", 0)])
+        got = data(await take(client, 2))
+    assert {m.code: m.offset for m in got} == {"KRW-BTC": new[0], "KRW-ETH": eth[0]}
+    assert caplog.text.count("above its newest entry") == 2  # said, not silent
+
+
+# -- COUNT and the broker's caps ----------------------------------------------------------------
+
+
+async def broker_caps(r: aioredis.Redis, spec: str) -> None:
+    """What the client reads of the broker's status: its history caps."""
+    await r.hset(KEYS.status, "history", spec)
+
+
+async def test_read_count_is_lowered_to_the_smallest_cap_the_broker_keeps(
+    small_nodes_redis: RedisServer, small_nodes_client: aioredis.Redis
+) -> None:
+    """With COUNT (100) above the cap (50) a stream trimmed past returns fewer than COUNT and
+    looks whole; the caps in the broker's status lower COUNT, and the loss is seen."""
+    r = small_nodes_client
+    key = hist("KRW-BTC")
+    await broker_caps(r, "trade=50,candle=1000,ticker=100,orderbook=100")
+    blocked = threading.Event()
+    burst_done = threading.Event()
+    ids: list[str] = []
+
+    def stall_once(item: StreamMessage) -> None:
+        if not blocked.is_set():
+            blocked.set()
+            burst_done.wait(scaled(10))  # blocks the client's loop (and so its reader)
+
+    def burst() -> None:
+        sync = redis.Redis.from_url(small_nodes_redis.url)
+        try:
+            blocked.wait(scaled(10))
+            pipe = sync.pipeline(transaction=False)
+            for n in range(1, 371):
+                pipe.execute_command("XADD", key, "MAXLEN", "~", 50, "*", "f", frame("KRW-BTC", n))
+            ids.extend(i.decode() for i in pipe.execute())
+        finally:
+            sync.close()
+            burst_done.set()
+
+    async with BrokerClient(redis_url=small_nodes_redis.url, durable=True) as client:
+        await client.subscribe("trade", "KRW-BTC", stall_once)
+        await client.subscribe("trade", "KRW-BTC")
+        thread = threading.Thread(target=burst)
+        thread.start()
+        try:
+            ids[:0] = await append(r, key, [frame("KRW-BTC", 0)], cap=50)
+            first = await take(client, 1)
+            await asyncio.to_thread(burst_done.wait, scaled(10))
+        finally:
+            await asyncio.to_thread(thread.join)
+        oldest = (await r.xrange(key, count=1))[0][0].decode()
+        rest = await take(client, len(ids) - ids.index(oldest) + 1)
+    assert_one_precise_gap(first + rest, ids, key)
+
+
+async def test_a_durable_subscription_without_history_is_refused(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with BrokerClient(redis_url=redis_url, durable=True) as client:
+        await client.subscribe("ticker", "KRW-BTC")  # no status: nothing known, accepted
+        await broker_caps(redis_client, "trade=100,candle=50")
+        with pytest.raises(ValueError, match="no history of ticker"):
+            await client.subscribe("ticker", "KRW-ETH")
+        with pytest.raises(ValueError, match="no history of orderbook"):
+            await client.subscribe("orderbook", "KRW-ETH", durable=True)
+        await client.subscribe("candle.1m", "KRW-ETH")
+        await client.subscribe("ticker", "KRW-ETH", durable=False)  # pub/sub needs none
+        history = client._history
+        assert history is not None
+        assert history.count_limit() == 50  # the candle's cap (the ticker's: not known)
+        await broker_caps(redis_client, "off")
+        with pytest.raises(ValueError, match="no history of trade"):
+            await client.subscribe("trade", "KRW-BTC")
+        assert [k.code for k in client.subscriptions.depths if k.type == "trade"] == []
+
+
+# -- cost -----------------------------------------------------------------------------------------
+
+
+async def xinfo_calls(r: aioredis.Redis) -> int:
+    stats = await r.info("commandstats")
+    return int(stats.get("cmdstat_xinfo|stream", {}).get("calls", 0))
+
+
+async def test_catching_up_on_many_streams_sends_no_xinfo_per_read(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """40 streams 300 entries behind, read through a queue of 100: every read follows a wait
+    for room. Each stream is checked once (its start is no entry), not once per read."""
+    r = redis_client
+    codes = [f"KRW-C{n:02d}" for n in range(40)]
+    async with BrokerClient(redis_url=redis_url, durable=True, queue_size=100) as client:
+        await client.subscribe("trade", codes)
+        before = await xinfo_calls(r)
+        written = {c: await append(r, hist(c), [frame(c, n) for n in range(300)]) for c in codes}
+        items = await take(client, 40 * 300, timeout=60)
+        history = client._history
+        assert history is not None
+        reads = history.reads
+        calls = await xinfo_calls(r) - before
+    assert not [i for i in items if isinstance(i, Gap)]
+    for code in codes:
+        assert [m.offset for m in data(items) if m.code == code] == written[code]
+    assert reads > 100  # many reads, each after waiting for room
+    assert calls <= 2 * len(codes), (calls, reads)

@@ -14,12 +14,15 @@ from consumers.history_window import (
     ZERO,
     Lost,
     StreamInfo,
+    beyond_stream,
     check_start,
     entry_frame,
     judge,
+    newest_live,
     parse_offset,
     predecessor,
     resolve_start,
+    stream_start,
     successor,
 )
 from consumers.queue import DropOldestQueue, QueueClosed
@@ -77,12 +80,42 @@ STREAM = info((100, 0), (10, 0), 91, 100)
         ("$", info((100, 0), (10, 0), 91, None), ((100, 0), None)),  # Redis < 7: no count
         ("50-2", STREAM, ((50, 2), None)),  # resume after that entry (its count unknown)
         ("50", STREAM, ((49, MAX), None)),  # from that millisecond on
+        ("100-0", STREAM, ((100, 0), None)),  # its newest entry
+        # above the newest id (a stream deleted since, another server): clamped to it, and
+        # with no stream to before the first entry it will hold
+        ("100-1", STREAM, ((100, 0), 100)),
+        ("101", STREAM, ((100, 0), 100)),
+        ("50-2", None, (ZERO, 0)),
     ],
 )
 def test_resolve_start(
     start: str, stream: StreamInfo | None, where: tuple[tuple[int, int], int | None]
 ) -> None:
     assert resolve_start(start, stream) == where
+
+
+@pytest.mark.parametrize(
+    ("start", "stream", "beyond"),
+    [
+        ("$", None, False),
+        ("0", STREAM, False),
+        ("100-0", STREAM, False),
+        ("100-1", STREAM, True),
+        ("101", STREAM, True),
+        ("50-2", None, True),
+        ("0-0", None, False),
+    ],
+)
+def test_beyond_stream_says_when_a_start_was_clamped(
+    start: str, stream: StreamInfo | None, beyond: bool
+) -> None:
+    assert beyond_stream(start, stream) is beyond
+
+
+def test_stream_start_is_just_before_the_oldest_entry_retained() -> None:
+    assert stream_start(None) == (ZERO, 0)
+    assert stream_start(STREAM) == ((9, MAX), 9)
+    assert stream_start(info((100, 0), None, 0, 100)) == ((100, 0), 100)
 
 
 @pytest.mark.parametrize("start", [0, None, "now", "1-x", b"0"])
@@ -107,8 +140,9 @@ JUDGE_CASES = [
     ((90, 0), 40, info((300, 0), (105, 0), 146, 200), (101, 0), False, UNSURE),
     # atomic and nothing retained any more: lost up to just after the newest id
     ((90, 0), 40, info((300, 0), None, 0, 200), None, True, Lost((300, 1), 160, 200)),
-    # no stream
-    ((90, 0), 40, None, None, True, KEEP),
+    # no stream: none yet (nothing read), or deleted (what was not read went with it)
+    (ZERO, 0, None, None, True, KEEP),
+    ((90, 0), 40, None, None, True, Lost(None, None, 0, recreated=True, resume=ZERO)),
     # the count unknown (a start the user gave, Redis < 7): by ids, conservatively
     ((100, 5), None, W, (101, 0), True, Lost((101, 0), None, 50)),
     ((100, 5), None, OLD, (101, 0), False, Lost((101, 0), None, None)),
@@ -116,6 +150,58 @@ JUDGE_CASES = [
     ((100, MAX), None, W, (101, 0), True, KEEP),  # the oldest retained is the successor
     ((100, 5), None, info((300, 0), (105, 0), 146, None), (101, 0), False, UNSURE),
 ]  # fmt: skip
+
+
+# A stream deleted and recreated: 3 entries added since (ids 400-0 .. 402-0), none trimmed.
+NEW = info((402, 0), (400, 0), 3, 3)
+RECREATED = Lost((400, 0), None, 0, recreated=True, resume=(399, MAX))
+RECREATED_CASES = [
+    # the counter went backwards: entries-added 3 < the 50 the cursor counted
+    ((100, 0), 50, NEW, (400, 0), None, False, RECREATED),
+    # fewer than n trimmed, yet the oldest entry retained lies after `last`
+    ((100, 0), 50, info((500, 0), (400, 0), 60, 70), (400, 0), None, False,
+     Lost((400, 0), None, 10, recreated=True, resume=(399, MAX))),
+    # ids below `last` (a new server's clock behind): from its start, not after `last`
+    ((900, 0), 50, NEW, None, None, False, RECREATED),
+    ((900, 0), None, NEW, None, None, False, RECREATED),
+    # it reads the new stream already (`last` is in it): on from there, its count unknown
+    ((401, 0), 52, NEW, (402, 0), True, False,
+     Lost((400, 0), None, None, recreated=True, resume=(401, 0), inside=True)),
+    # `last` still there and the counts agree: nothing lost, whatever the ids say
+    ((100, 0), 50, W, (101, 0), True, False, KEEP),
+    ((100, 5), None, W, (101, 0), True, False, KEEP),
+    # after a Redis restart: on from `last` if Redis kept the stream, else from its start
+    ((100, 0), None, W, (101, 0), True, True, KEEP),
+    ((100, 0), None, NEW, (400, 0), False, True, RECREATED),
+    ((401, 0), None, NEW, (402, 0), None, True, RECREATED),  # `last` no entry: from the start
+    ((100, 0), None, None, None, None, True, Lost(None, None, 0, recreated=True, resume=ZERO)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("last", "n", "stream", "first_read", "retained", "restarted", "verdict"), RECREATED_CASES
+)
+def test_judge_a_recreated_stream(
+    last: tuple[int, int],
+    n: int | None,
+    stream: StreamInfo | None,
+    first_read: tuple[int, int] | None,
+    retained: bool | None,
+    restarted: bool,
+    verdict: object,
+) -> None:
+    got = judge(last, n, stream, first_read, True, last_retained=retained, restarted=restarted)
+    assert got == verdict
+
+
+def test_newest_live_skips_back_filled_entries() -> None:
+    live = [b"1-0", [b"f", b"a"]]
+    filled = [b"2-0", [b"f", b"b", b"origin", b"rest"]]
+    newer = [b"3-0", [b"f", b"c"]]
+    assert newest_live([live, filled]) == live
+    assert newest_live([live, filled, newer]) == newer
+    assert newest_live([filled]) is None
+    assert newest_live([]) is None
 
 
 @pytest.mark.parametrize(("last", "n", "stream", "first_read", "atomic", "verdict"), JUDGE_CASES)
