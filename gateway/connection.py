@@ -205,6 +205,7 @@ class Client:
                 StreamKey(*triple),
                 variant_of(fmt, stream.type, stream.depth),
                 snapshot=triple in wanted,
+                realtime_only=triple not in wanted,  # is_only_realtime
             )
             streams[channel.name] = stream
             channels.append(channel)

@@ -89,6 +89,18 @@ def is_snapshot(frame: bytes) -> bool:
     return SNAPSHOT_MARK in frame
 
 
+def trade_id(frame: bytes) -> bytes | None:
+    """The ``sequential_id`` (SIMPLE: ``sid``) of a trade frame, as its text; None for any other
+    frame, or one this module cannot read. Never raises (read only after a gap, not per frame).
+    """
+    try:
+        obj = _object_decoder.decode(frame)
+    except _ERRORS:
+        return None
+    raw = obj.get("sequential_id") or obj.get("sid")
+    return bytes(raw) if raw is not None else None
+
+
 def convert(frame: bytes, variant: Variant, *, snapshot: bool = False) -> bytes:
     """``frame`` (one object, as published) as ``variant`` wants it; with ``snapshot`` its
     ``stream_type`` says ``SNAPSHOT``. Never raises."""

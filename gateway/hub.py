@@ -22,6 +22,12 @@ at a time however many clients wait, asked only if the frame has not come within
 channel carries marked SNAPSHOT (a new stream's first frame, another consumer's snapshot
 fetched upstream, a reconnect's) go only to awaiting members: Upbit sends one SNAPSHOT per
 stream and request, and a trade's SNAPSHOT repeats a trade already sent.
+
+After a gap (:meth:`Hub.await_all`) a trade channel remembers the last trade its members got:
+the new upstream connection's SNAPSHOT (or the broker's cached frame) is that very trade when
+none happened meanwhile, and a client whose connection never broke must not get a trade twice
+(Upbit repeats one only in the SNAPSHOT of a new request); its members then take the next
+trade as their SNAPSHOT.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from typing import Protocol
 
 from broker.errors import describe
 from broker.keys import Keys
-from broker.upbit.types import StreamKey
+from broker.upbit.types import DataType, StreamKey
 from consumers.subscriber import Break, Subscriber
-from gateway.frames import Variant, binary_frame, convert, is_snapshot
+from gateway.frames import Variant, binary_frame, convert, is_snapshot, trade_id
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +71,15 @@ class Sink(Protocol):
 class Member:
     """One client on one channel."""
 
-    __slots__ = ("awaiting", "sink", "variant")
+    __slots__ = ("awaiting", "realtime_only", "sink", "variant")
 
     def __init__(self, sink: Sink, variant: Variant) -> None:
         self.sink = sink
         self.variant = variant
         #: its next frame of this channel is its SNAPSHOT
         self.awaiting = False
+        #: it asked ``is_only_realtime``: Upbit never sends it a SNAPSHOT of this stream
+        self.realtime_only = False
 
 
 class Channel:
@@ -87,6 +95,7 @@ class Channel:
         "members",
         "name",
         "ready",
+        "repeat",
         "subscribing",
     )
 
@@ -100,6 +109,9 @@ class Channel:
         self.subscribing = False
         self.ready = asyncio.Event()  # SUBSCRIBE answered (or failed)
         self.fetching = False
+        #: after a gap, on a trade channel: the id of the last trade its members got (a frame
+        #: repeating it is sent to nobody); None once another frame came
+        self.repeat: bytes | None = None
         self._snaps: dict[Variant, bytes] = {}
         self._snaps_of: bytes | None = None
 
@@ -115,6 +127,14 @@ class Channel:
         if framed is None:
             framed = self._snaps[variant] = binary_frame(convert(last, variant, snapshot=True))
         return framed
+
+    def repeats(self, frame: bytes) -> bool:
+        """True when ``frame`` is the trade the members got last before a gap (then dropped);
+        the first other frame ends the watch."""
+        if trade_id(frame) == self.repeat:
+            return True
+        self.repeat = None
+        return False
 
     def regroup(self) -> list[tuple[Variant, list[Member]]]:
         groups: dict[Variant, list[Member]] = {}
@@ -200,9 +220,19 @@ class Hub:
 
     # -- membership -----------------------------------------------------------------------------
 
-    def attach(self, sink: Sink, key: StreamKey, variant: Variant, *, snapshot: bool) -> Channel:
+    def attach(
+        self,
+        sink: Sink,
+        key: StreamKey,
+        variant: Variant,
+        *,
+        snapshot: bool,
+        realtime_only: bool | None = None,
+    ) -> Channel:
         """Put ``sink`` on ``key``'s channel (or change its variant); with ``snapshot`` its
-        SNAPSHOT is queued now (from the channel's newest frame) or awaited. The caller awaits
+        SNAPSHOT is queued now (from the channel's newest frame) or awaited. ``realtime_only``
+        (the request's ``is_only_realtime``): no SNAPSHOT of it, not even after a gap; None
+        keeps what the member had (a format switch). The caller awaits
         :meth:`ensure_subscribed` for the channels it attached, and flushes ``sink``."""
         name = self.keys.channel(key.type, key.code, key.level).encode()
         channel = self.channels.get(name)
@@ -216,6 +246,10 @@ class Hub:
         elif member.variant != variant:
             member.variant = variant
             channel.groups = None
+        if realtime_only is not None:
+            member.realtime_only = realtime_only
+            if realtime_only:
+                member.awaiting = False  # a SNAPSHOT armed by an earlier request or a gap
         if snapshot:
             if channel.last is not None:
                 member.awaiting = False
@@ -285,11 +319,19 @@ class Hub:
 
     def await_all(self) -> None:
         """Every member's next frame becomes its SNAPSHOT and nothing held is trusted (after a
-        gap): what this process had may be older than what was lost."""
+        gap): what this process had may be older than what was lost.
+
+        Except a ``realtime_only`` member's: it asked never to get a SNAPSHOT, and Upbit never
+        sends it one (pyupbit and cryptofeed ask so). It goes on with the next REALTIME frame,
+        which for a ticker or an orderbook is the whole state anyway; a trade's SNAPSHOT would
+        only repeat a trade, possibly one it already has.
+        """
         for channel in self.channels.values():
+            if channel.key.type == DataType.TRADE and channel.last is not None:
+                channel.repeat = trade_id(channel.last)
             channel.last = None
             for member in channel.members.values():
-                member.awaiting = True
+                member.awaiting = not member.realtime_only
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -316,6 +358,8 @@ class Hub:
                     self._event(data)
                 continue  # unsubscribed meanwhile
             channel.last = data
+            if channel.repeat is not None and channel.repeats(data):
+                continue  # a trade its members already have (after a gap)
             snapshot = is_snapshot(data)
             groups = channel.groups or channel.regroup()
             for variant, members in groups:
@@ -372,6 +416,8 @@ class Hub:
             frame = frames.get(channel.key.code)
             if frame is None or self.channels.get(channel.name) is not channel:
                 continue
+            if channel.repeat is not None and channel.repeats(frame):
+                continue  # the broker's newest is a trade they have: the next one is theirs
             snaps: dict[Variant, bytes] = {}
             for member in channel.members.values():
                 if not member.awaiting:

@@ -12,8 +12,8 @@ Paths (GET only) [PROTOCOL.md section 8]:
 * answered here, from the broker's last-value cache: ``/v1/ticker?markets=``,
   ``/v1/ticker/all?quote_currencies=``, ``/v1/orderbook?markets=&count=`` (level 0; any
   other ``level`` is forwarded);
-* ``/v1/market/all`` (``is_details``): Upbit's own answer, kept for minutes (the broker does
-  not keep the market list in Redis);
+* ``/v1/market/all`` (``is_details``, or ``isDetails``): Upbit's own answer, kept for minutes
+  (the broker does not keep the market list in Redis);
 * forwarded to Upbit through the gateway's one rate limiter: every other quotation path
   (first segment ``market``, ``ticker``, ``orderbook``, ``trades``, ``candles``);
 * refused (403): the exchange (authenticated) API, by its first segment (``accounts``,
@@ -243,9 +243,16 @@ def level_param(params: Mapping[str, list[str]]) -> float:
     return value
 
 
+#: ``/v1/market/all``'s flag, as Upbit's docs name it now and as they (and pyupbit's
+#: ``get_tickers(is_details=True)``, and many bots) spelled it before; Upbit answers both
+DETAILS_NAMES = ("is_details", "isDetails")
+
+
 def details_param(params: Mapping[str, list[str]]) -> bool | None:
-    """``is_details`` of ``/v1/market/all``: True, False, or None when it is neither."""
-    text = (_one(params, "is_details") or "false").lower()
+    """``is_details`` (or ``isDetails``) of ``/v1/market/all``: True, False, or None when it
+    is neither."""
+    given = (_one(params, name) for name in DETAILS_NAMES)
+    text = next((t for t in given if t is not None), "false").lower()
     return {"true": True, "false": False}.get(text)
 
 

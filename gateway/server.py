@@ -26,7 +26,9 @@ missing. ``on_gap = "snapshot"`` (the default) makes each stream's next frame, f
 client, a SNAPSHOT again: after a reconnect that is the new upstream connection's own SNAPSHOT,
 so tickers and orderbooks are whole again without the client doing anything, and without a
 thousand clients reconnecting at once; the trades lost stay lost either way (a reconnect to
-Upbit would not bring them back either). ``on_gap = "close"`` closes every client with 1012
+Upbit would not bring them back either). A stream asked ``is_only_realtime`` (pyupbit's and
+cryptofeed's way) gets no SNAPSHOT then either, as Upbit never sends it one: it goes on with
+REALTIME frames. ``on_gap = "close"`` closes every client with 1012
 instead, for bots whose library should notice and resynchronise itself. The gateway's own
 pub/sub connection breaking counts the same.
 """

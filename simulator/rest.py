@@ -6,7 +6,8 @@ and the ``Remaining-Req`` header. Nothing here reads a clock or a socket.
 
 Endpoints (GET), with their rate-limit group [PROTOCOL.md section 8]:
 
-* ``/v1/market/all[?is_details=true]`` (market): ``market_event`` added with details.
+* ``/v1/market/all[?is_details=true]`` (market): ``market_event`` added with details (also
+  spelled ``isDetails``, as Upbit's older docs and pyupbit do).
 * ``/v1/ticker?markets=A,B``, ``/v1/ticker/all?quote_currencies=KRW,BTC`` (ticker).
 * ``/v1/orderbook?markets=A,B&level=&count=`` (orderbook): the book as the WebSocket frame
   holds it, in the REST shape.
@@ -264,8 +265,14 @@ def answer(path: str, query: Query, listings: dict[str, Listing], market: Market
     return 404, NOT_FOUND
 
 
+#: the flag as Upbit's docs name it now, and as they (and pyupbit, and many bots) spelled it
+#: before: Upbit answers both with ``market_event``
+_DETAILS = ("is_details", "isDetails")
+
+
 def _market_all(listings: dict[str, Listing], query: Query) -> Answer:
-    details = (_one(query, "is_details") or "false").lower()
+    given = (_one(query, name) for name in _DETAILS)
+    details = next((t for t in given if t is not None), "false").lower()
     if details not in ("true", "false"):
         raise BadParam("is_details")
     out: list[dict[str, Any]] = []

@@ -16,7 +16,7 @@ from broker.upbit.codes import is_valid_code
 from broker.upbit.session import AnyLevelMarket, Listed, Pinged, Refused, Session, Subscribed
 from broker.upbit.types import Format, StreamKey, SubscriptionSet
 from gateway.events import GapGate, Verdict
-from gateway.frames import Variant, binary_frame, convert, is_snapshot, variant_of
+from gateway.frames import Variant, binary_frame, convert, is_snapshot, trade_id, variant_of
 from simulator.encode import Encoder
 from simulator.market import Market, candle_values, orderbook_units, ticker_values, trade_values
 from simulator.universe import build_universe
@@ -129,6 +129,21 @@ def test_snapshot_mark_and_framing() -> None:
         assert framed[0] == 0x82 and framed.endswith(payload)
         header = len(framed) - size
         assert header == (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+def test_trade_id_in_either_spelling(market: Market) -> None:
+    """What a gap's repeated trade is recognised by: its sequential_id, as text (it exceeds
+    2**53), in DEFAULT and SIMPLE frames; nothing for other frames or unreadable bytes."""
+    for published in (Format.DEFAULT, Format.SIMPLE):
+        frames = _frames(market, Encoder(), published, "SNAPSHOT")
+        assert trade_id(frames["trade"]) == str(market.states["KRW-BTC"].seq_id).encode()
+        for other in ("ticker", "candle", "orderbook"):
+            assert trade_id(frames[other]) is None
+    assert trade_id(b'{"type":"trade","sequential_id":17303368620470000123}') == (
+        b"17303368620470000123"
+    )
+    for frame in (b"not json", b"[1]", b'{"type":"trade"'):
+        assert trade_id(frame) is None
 
 
 # -- the gap gate ---------------------------------------------------------------------------------

@@ -186,6 +186,10 @@ def test_parameters() -> None:
     assert details_param({}) is False
     assert details_param({"is_details": ["TRUE"]}) is True
     assert details_param({"is_details": ["yes"]}) is None
+    # the older spelling (Upbit's v1 docs, pyupbit's get_tickers(is_details=True))
+    assert details_param({"isDetails": ["true"]}) is True
+    assert details_param({"isDetails": ["false"]}) is False
+    assert details_param({"isDetails": ["1"]}) is None
 
 
 def test_error_bodies_are_upbits_shape() -> None:

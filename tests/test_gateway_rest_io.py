@@ -372,6 +372,9 @@ async def test_other_quotation_paths_are_forwarded_with_upbits_headers(
         assert plain.body == (await get(sim.http_url, "/v1/market/all")).body
         assert detailed.body == (await get(sim.http_url, "/v1/market/all?is_details=true")).body
         assert "market_event" in detailed.body[0] and "market_event" not in plain.body[0]
+        # pyupbit's spelling (get_tickers(is_details=True)): the same list, from the same read
+        camel = await get(gw.url, "/v1/market/all?isDetails=true")
+        assert (camel.status, camel.body) == (200, detailed.body)
         assert plain.headers["remaining-req"] == "group=market; min=600; sec=9"
         from_gateway = [p for p in arrivals.paths("/v1/market/all")]
         assert sorted(from_gateway) == sorted(

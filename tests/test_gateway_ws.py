@@ -26,8 +26,16 @@ from gateway.config import GatewaySettings
 from gateway.server import Gateway
 from simulator import Simulator
 from simulator.encode import DEFAULT_KEYS
+from simulator.market import Market
 from tests.support.processes import upstream_of
-from tests.support.sim import client, read_for, read_until, running_simulator, subscribe
+from tests.support.sim import (
+    client,
+    http_get,
+    read_for,
+    read_until,
+    running_simulator,
+    subscribe,
+)
 
 NS = "t"
 GW = "gw1"
@@ -456,6 +464,94 @@ async def test_a_broker_gap_resends_snapshots(redis_url: str, tmp_path: Path) ->
         again = await read_until(ws, realtime_after_snapshot(streams, False, 1), within=15)
         assert again and ws.protocol.state.name == "OPEN"
         assert len([f for f in frames if f["stream_type"] == "SNAPSHOT"]) == 2
+
+
+async def test_a_broker_gap_sends_no_snapshot_to_realtime_only_streams(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A stream asked ``isOnlyRealtime`` (as pyupbit and cryptofeed ask) never gets a SNAPSHOT,
+    not after a gap either (Upbit never sends one; a trade's would repeat a trade); a client
+    on the same streams without the flag still gets its fresh SNAPSHOTs."""
+    flags = {"isOnlyRealtime": True}
+    async with (
+        stack(redis_url, tmp_path) as (sim, gw),
+        client(gw.url) as realtime,
+        client(gw.url) as snapshots,
+    ):
+        await subscribe(realtime, {**TRADE, **flags}, {**TICKER, **flags})
+        await subscribe(snapshots, TRADE, TICKER)
+        streams = {("trade", "KRW-BTC"), ("ticker", "KRW-BTC")}
+        before = await read_until(realtime, realtime_after_snapshot(streams, False, 1), within=15)
+        await read_until(snapshots, realtime_after_snapshot(streams, False, 1), within=15)
+        sim.drop()  # the broker reconnects and announces a gap
+        await read_until(
+            snapshots,
+            lambda f: (
+                {(x["type"], x["code"]) for x in f if x["stream_type"] == "SNAPSHOT"} == streams
+            ),
+            within=20,
+        )
+        live = await read_until(snapshots, realtime_after_snapshot(streams, False, 1), within=15)
+        newest = max(x["sequential_id"] for x in live if x["type"] == "trade")
+        # the hub fans out in order: once the realtime client has that trade, it has had
+        # whatever the gap made of its streams
+        after = await read_until(
+            realtime,
+            lambda f: any(x["type"] == "trade" and x["sequential_id"] >= newest for x in f),
+            within=15,
+        )
+        assert gw.stats["gaps"] == 1
+        assert {x["stream_type"] for x in before + after} == {"REALTIME"}
+        assert {(x["type"], x["code"]) for x in after} == streams
+        trades = [x["sequential_id"] for x in before + after if x["type"] == "trade"]
+        assert len(trades) == len(set(trades))
+
+
+async def test_after_a_gap_without_trades_no_client_gets_a_trade_twice(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No trade during a gap: the new upstream connection's SNAPSHOT is the last trade, which
+    the client (ccxt's way: no flags) already has on a connection that never broke. It does not
+    get it again (Upbit repeats a trade only in a new request's SNAPSHOT): its next frame is
+    the next trade, marked SNAPSHOT."""
+    frozen = False
+    step = Market.step
+
+    def market_step(self: Market, n: int, now_ms: int) -> Any:
+        return iter(()) if frozen else step(self, n, now_ms)
+
+    monkeypatch.setattr(Market, "step", market_step)
+    async with (
+        stack(redis_url, tmp_path) as (sim, gw),
+        client(gw.url) as ws,
+        redis_client.pubsub() as published,
+    ):
+        await published.subscribe(f"{NS}:trade:KRW-BTC")
+        await subscribe(ws, TRADE)
+        got = await read_until(
+            ws, realtime_after_snapshot({("trade", "KRW-BTC")}, False), within=15
+        )
+        frozen = True  # the market stands still: no trade from now on
+        _, log = await http_get(sim, "/_sim/trades?market=KRW-BTC")
+        last = log["sequential_ids"][-1]
+        if all(f["sequential_id"] != last for f in got):
+            await read_until(ws, lambda f: any(x["sequential_id"] == last for x in f), within=15)
+
+        sim.drop()  # the broker reconnects: the gap event, then the new SNAPSHOTs
+
+        async def snapshot_published() -> bool:
+            message = await published.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if message is None:
+                return False
+            frame = json.loads(message["data"])
+            return frame["stream_type"] == "SNAPSHOT" and frame["sequential_id"] == last
+
+        await wait_for(snapshot_published, 20, message="the last trade re-published as SNAPSHOT")
+        await wait_for(lambda: gw.stats["gaps"] == 1, 10, message="the gap seen")
+        frozen = False
+        after = await read_until(ws, lambda f: any(x["sequential_id"] > last for x in f), within=15)
+        assert [x["sequential_id"] for x in after if x["sequential_id"] <= last] == []
+        assert after[0]["stream_type"] == "SNAPSHOT"  # fresh, as after any gap
 
 
 async def test_a_broker_gap_closes_with_1012_when_asked(redis_url: str, tmp_path: Path) -> None:

@@ -287,6 +287,10 @@ async def test_market_all_with_details_adds_market_events() -> None:
         status, headers, plain = await rest_get(sim, "/v1/market/all")
         assert status == 200 and headers["remaining-req"].startswith("group=market;")
         status, _, detailed = await rest_get(sim, "/v1/market/all?is_details=true")
+        # the older spelling, which pyupbit's get_tickers(is_details=True) sends
+        camel = await rest_get(sim, "/v1/market/all?isDetails=true")
+        assert (await rest_get(sim, "/v1/market/all?isDetails=false"))[2] == plain
+    assert camel[0] == 200 and camel[2] == detailed
     assert status == 200 and len(detailed) == len(plain) == len(sim.codes)
     assert all(set(x) == {"market", "korean_name", "english_name"} for x in plain)
     for x in detailed:
