@@ -168,9 +168,9 @@ async def write_status(redis: aioredis.Redis, **fields: str) -> None:
 async def test_check_judges_a_status_by_the_interval_its_leader_wrote(
     redis_client: aioredis.Redis, redis_url: str
 ) -> None:
-    # 1 s old: stale by this command's own interval (3 x 0.2 s), fresh by the leader's (3 x 1 s)
-    # (2 s of room for the CLI to start: a loaded machine takes ~2 s to import it)
-    await write_status(redis_client, age_ms="1000", status_interval_ms="1000")
+    # 2 s old: stale by this command's own interval (3 x 0.2 s), fresh by the leader's (3 x 3 s)
+    # (7 s of room for the CLI to start: a loaded machine takes 2 s or more to import it)
+    await write_status(redis_client, age_ms="2000", status_interval_ms="3000")
     code, line = await acheck(redis_url)
     assert code == 0, line
     assert line.startswith("ok: leader hand connected, epoch 2"), line
