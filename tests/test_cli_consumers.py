@@ -157,14 +157,16 @@ async def test_tail_json_count_prints_frames_and_releases(
 async def test_tail_human_output_and_sigterm_releases(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
+    # events are accepted only from the leader the status names (design.md): named before
+    # tail starts, so it accepts the gap at once, before the frame published after it (one
+    # connection, in order): once the frame's line is out, the gap's is too.
+    await redis_client.hset(f"{NS}:status", mapping={"leader": "b-1"})
     proc = spawn("tail", "ticker", "KRW-BTC", redis_url=redis_url)
     try:
         await wait_for(lambda: lease_clients(redis_client), timeout=10, message="tail's lease")
-        await redis_client.publish(f"{NS}:ticker:KRW-BTC", ticker_frame("KRW-BTC", 12345))
-        # events are accepted only from the leader the status names (design.md)
-        await redis_client.hset(f"{NS}:status", mapping={"leader": "b-1"})
         gap = {"event": "gap", "epoch": 2, "since_ms": 1, "until_ms": 5, "reason": "stall"}
         await redis_client.publish(f"{NS}:events", json.dumps({**gap, "broker": "b-1"}))
+        await redis_client.publish(f"{NS}:ticker:KRW-BTC", ticker_frame("KRW-BTC", 12345))
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
         assert b"KRW-BTC" in line and b"12,345" in line and b"+1.00%" in line

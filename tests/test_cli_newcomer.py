@@ -58,7 +58,8 @@ def test_demo_ends_by_itself_with_its_summary_and_nothing_on_stderr() -> None:
     [summary] = [line for line in result.stdout.splitlines() if "demo finished" in line]
     assert re.match(
         r"demo finished after \d+s: the broker published \d+ frames \(upstream epoch 1\); "
-        r"the consumers received \d+ ticker, \d+ trade and \d+ orderbook messages, 0 gaps$",
+        r"the consumers received \d+ ticker, \d+ trade and \d+ orderbook messages, 0 gaps; "
+        r"a plain websockets client received \d+ ticker frames through the gateway$",
         summary,
     ), summary
     assert "demo-board" in result.stdout  # the lease table was drawn
@@ -89,9 +90,9 @@ def test_run_takes_a_flag_over_its_variable_over_the_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[BrokerSettings] = []
-    # run calls _run_loop(_serve(settings), ...): capture the settings, serve nothing
+    # run calls run_loop(_serve(settings), ...): capture the settings, serve nothing
     monkeypatch.setattr(cli.broker_cmds, "_serve", lambda settings: settings)
-    monkeypatch.setattr(cli.broker_cmds, "_run_loop", lambda main, choice: seen.append(main))
+    monkeypatch.setattr(cli.broker_cmds, "run_loop", lambda main, choice: seen.append(main))
     monkeypatch.setattr(cli.broker_cmds, "configure_logging", lambda *a: None)
     for key in [k for k in os.environ if k.startswith("UPBIT_")]:
         monkeypatch.delenv(key)
