@@ -377,7 +377,7 @@ async def write_status(redis: aioredis.Redis, *, connected: bool, age_ms: int) -
             "verify_mismatches": "1",
             "deferred_sends": "3",
             "frames_dropped_by_reason": json.dumps({"unleased": 5, "redis": 1}),
-            "status_interval_ms": "1000",
+            "status_interval_ms": "3000",  # 9 s fresh: room for a slow CLI start
             "desired": json.dumps({"ticker": ["KRW-BTC"]}),
             "upstream": json.dumps({"ticker": ["KRW-BTC"]}),
             "last_error": "" if connected else "upstream closed 1006",
@@ -412,7 +412,7 @@ async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) ->
     # every integer is a number (these two were strings), the breakdown an object
     assert info["verify_mismatches"] == 1 and info["deferred_sends"] == 3
     assert info["frames_dropped"] == 6 and info["frames_dropped_by_reason"]["unleased"] == 5
-    assert info["status_interval_ms"] == 1000 and info["stale_after_ms"] == 3000
+    assert info["status_interval_ms"] == 3000 and info["stale_after_ms"] == 9000
     assert info["desired"] == {"ticker": ["KRW-BTC"]}
     assert info["upstream"] == {"ticker": ["KRW-BTC"]}
     assert 0 <= info["age_ms"] < 5000
@@ -420,7 +420,7 @@ async def test_status_and_check(redis_url: str, redis_client: aioredis.Redis) ->
     assert check.returncode == 0, check.stderr
     assert check.stdout.startswith("ok: leader broker-a connected")
 
-    # stale (older than 3 x status_interval) and disconnected: the same check, in-process
+    # stale (older than 3 x status_interval, 9 s) and disconnected: the same check, in-process
     await write_status(redis_client, connected=True, age_ms=10_000)
     raw = await redis_client.hgetall(f"{NS}:status")  # type: ignore[misc]
     healthy, line = check_status(parse_status(raw, now_ms()), status_interval=1.0)
