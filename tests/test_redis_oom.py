@@ -194,7 +194,7 @@ async def _scenario(admin: aioredis.Redis, url: str, tmp_path: Path) -> None:
             await wait_for(
                 lambda: admin.hlen(KEYS.last_values("ticker")), 10, message="the cache fills"
             )
-            assert "standby" in b2.output()
+            await wait_for(lambda: "standby" in b2.output(), 20, message="b2 waits as standby")
 
             # -- Redis fills up -----------------------------------------------------------------
             filled_at = time.monotonic()
