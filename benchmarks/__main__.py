@@ -31,6 +31,7 @@ SECTIONS = (
     "redis_py",
     "wholemarket",
     "history",
+    "gateway",
 )
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 DEFAULT_PLOT_DIR = Path(__file__).resolve().parents[1] / "docs"
@@ -40,6 +41,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import (
         bench_ceilings,
         bench_cryptofeed,
+        bench_gateway,
         bench_history,
         bench_hotpath,
         bench_latency,
@@ -54,8 +56,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if quick:
         only.discard("redis_py")
-        if not args.only:  # minutes of long windows; --quick --only wholemarket: a smoke run
+        if not args.only:
+            # wholemarket: minutes of long windows; gateway: three stacks of processes (its
+            # own test runs it). --quick --only wholemarket (or gateway): a smoke run
             only.discard("wholemarket")
+            only.discard("gateway")
     record: dict[str, Any] = {
         "benchmark": "upbit-broker",
         "mode": "quick" if quick else "full",
@@ -145,6 +150,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if "history" in only:
             print("history on/off ...", flush=True)
             await section("history", lambda: bench_history.run(server, quick))
+        if "gateway" in only:
+            print("gateway (Upbit-compatible clients) ...", flush=True)
+            await section("gateway", lambda: bench_gateway.run(server, quick))
     record["errors"] = errors
     git, dirty = h.git_state()
     record["git_at_end"] = {"git": git, "dirty": dirty}

@@ -14,7 +14,13 @@ broker. Modes:
 * ``library-durable``: the same with ``durable=True``: it reads the history (``XREAD``) instead
   of the channels (issue 13's durable vs pub/sub latency);
 * ``ws``: a bare websockets client on the simulator (the no-broker latency baseline, and the
-  raw receive ceiling).
+  raw receive ceiling);
+* ``wsraw``: ``--clients N`` WebSocket clients in one process, on raw blocking sockets under one
+  ``selectors`` loop (no asyncio, no websockets library): the handshake by hand, server frames
+  (unmasked, unfragmented, as Upbit, the simulator and the gateway send them) split by their
+  headers. The leanest client Python allows, so that hundreds of gateway clients can run on a
+  small machine without being the bottleneck. Client ``i`` sends line ``i`` (modulo their
+  number) of ``--request-file``.
 
 Control is line-based: the process prints ``ready`` once subscribed; on stdin ``count`` it
 prints ``{"frames": N, "t": unix_time}``; on ``stop`` (or EOF) it writes its result JSON to
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -40,9 +47,10 @@ import threading
 import time
 from array import array
 from typing import Any
+from urllib.parse import urlsplit
 
 _blake2b = hashlib.blake2b
-MODES = ("hiredis", "redis-py", "redis-py-async", "library", "library-durable", "ws")
+MODES = ("hiredis", "redis-py", "redis-py-async", "library", "library-durable", "ws", "wsraw")
 
 
 class Recorder:
@@ -356,6 +364,163 @@ async def _run_ws(args: argparse.Namespace, request: str) -> None:
     _finish(rec, args.out)
 
 
+# -- wsraw: many raw-socket WebSocket clients in one process --------------------------------------
+
+
+def _masked(payload: bytes, opcode: int = 0x1) -> bytes:
+    """``payload`` as one masked frame, text by default (a client must mask; any mask does)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+    body = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+def _upgrade(url: str) -> socket.socket:
+    """A socket connected to ``url``'s server that has sent the WebSocket upgrade request."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    sock = socket.create_connection((host, port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    return sock
+
+
+def _upgraded(sock: socket.socket, url: str) -> bytes:
+    """Read the upgrade's answer (101, or raise); returns the bytes read beyond its headers."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"{url}: closed during the handshake")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 101 " not in status:
+        raise ConnectionError(f"{url}: {status.decode(errors='replace')}")
+    sock.settimeout(None)
+    sock.setblocking(False)
+    return rest
+
+
+class RawClient:
+    """One raw WebSocket client: its socket, unparsed bytes, frame count."""
+
+    __slots__ = ("buf", "closed", "frames", "sock")
+
+    def __init__(self, sock: socket.socket, rest: bytes) -> None:
+        self.sock = sock
+        self.buf = rest
+        self.frames = 0
+        self.closed: int | None = None  # the close code the server sent, or -1: cut
+
+
+def _split(client: RawClient, rec: Recorder, t: int) -> None:
+    """Count (and record) every whole frame in ``client.buf``; keep the tail."""
+    buf = client.buf
+    n = len(buf)
+    pos = 0
+    view = memoryview(buf)
+    data = rec.data
+    while n - pos >= 2:
+        b1 = buf[pos + 1] & 0x7F
+        if b1 < 126:
+            start = pos + 2
+            length = b1
+        elif b1 == 126:
+            if n - pos < 4:
+                break
+            start = pos + 4
+            length = int.from_bytes(buf[pos + 2 : start], "big")
+        else:
+            if n - pos < 10:
+                break
+            start = pos + 10
+            length = int.from_bytes(buf[pos + 2 : start], "big")
+        end = start + length
+        if end > n:
+            break
+        opcode = buf[pos] & 0x0F
+        if opcode == 1 or opcode == 2:
+            client.frames += 1
+            data(view[start:end], t)
+        elif opcode == 8:
+            client.closed = int.from_bytes(buf[start : start + 2], "big") if length >= 2 else 1005
+        elif opcode == 9:  # a ping: the pong carries its payload back
+            client.sock.send(_masked(bytes(view[start:end]), 0xA))
+        pos = end
+    client.buf = buf[pos:] if pos else buf
+
+
+def run_wsraw(args: argparse.Namespace, requests: list[str]) -> None:
+    rec = Recorder(args.record, None)
+    # Every upgrade request first, then every answer: the server handshakes them together.
+    socks = [_upgrade(args.url) for _ in range(args.clients)]
+    clients = [RawClient(sock, _upgraded(sock, args.url)) for sock in socks]
+    for i, client in enumerate(clients):
+        client.sock.sendall(_masked(requests[i % len(requests)].encode()))
+    sel = selectors.DefaultSelector()
+    for c in clients:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    control = bytearray()
+
+    def finish() -> None:
+        per_client = [c.frames for c in clients]
+        closes: dict[str, int] = {}
+        for c in clients:
+            if c.closed is not None:
+                closes[str(c.closed)] = closes.get(str(c.closed), 0) + 1
+        _finish(rec, args.out, clients=len(clients), per_client=per_client, closes=closes)
+
+    while True:
+        for key, _ in sel.select():
+            client = key.data
+            if client is None:
+                chunk = os.read(sys.stdin.fileno(), 4096)
+                if not chunk:
+                    finish()
+                    return
+                control += chunk
+                while (line := _control_line(control)) is not None:
+                    if line == "count":
+                        _answer(rec)
+                    elif line == "stop":
+                        finish()
+                        return
+                continue
+            try:
+                chunk = client.sock.recv(1 << 18)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                sel.unregister(client.sock)
+                client.sock.close()
+                if client.closed is None:
+                    client.closed = -1
+                continue
+            t = time.time_ns()
+            client.buf = client.buf + chunk if client.buf else chunk
+            _split(client, rec, t)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="benchmark consumer")
     parser.add_argument("mode", choices=MODES)
@@ -363,8 +528,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=6379)
     parser.add_argument("--channels-file", help="one channel per line (redis modes)")
     parser.add_argument("--events", help="also subscribe to this events channel")
-    parser.add_argument("--url", help="websocket URL (ws mode)")
-    parser.add_argument("--request-file", help="the subscribe request to send (ws mode)")
+    parser.add_argument("--url", help="websocket URL (ws and wsraw modes)")
+    parser.add_argument(
+        "--request-file",
+        help="the subscribe request to send (ws mode); one request per line (wsraw mode)",
+    )
+    parser.add_argument("--clients", type=int, default=1, help="connections (wsraw mode)")
     parser.add_argument("--record", action="store_true", help="keep (time, key) per frame")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     args = parser.parse_args(argv)
@@ -372,6 +541,11 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.request_file) as f:
             request = f.read()
         asyncio.run(_run_ws(args, request))
+        return
+    if args.mode == "wsraw":
+        with open(args.request_file) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        run_wsraw(args, lines)
         return
     with open(args.channels_file, "rb") as f:
         channels = [line.strip() for line in f if line.strip()]

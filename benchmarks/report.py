@@ -11,6 +11,10 @@ GOAL_ADDED_P99_US = 1000.0
 #: bare redis-py pub/sub loop per frame
 GOAL_WHOLE_MARKET_PCT_CORE = 2.0
 GOAL_LIBRARY_VS_REDIS_PY = 1.2
+#: issue 14: the gateway relays >= 50k client-frames/s per core of its process, and adds under
+#: 1 ms at p99 (1k frames/s) over the broker path
+GOAL_GATEWAY_CLIENT_FRAMES_PER_CORE = 50_000
+GOAL_GATEWAY_ADDED_P99_US = 1000.0
 
 
 def _mb(n: Any) -> str:
@@ -118,6 +122,43 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             "value": added,
             "met": added < GOAL_ADDED_P99_US,
             # Another load on the machine during either window makes the comparison unsound.
+            "other_load_cores": disturbed,
+            "conclusive": disturbed < 0.25,
+        }
+    gw = record.get("gateway")
+    if gw:
+        out.update(_gateway_summary(gw))
+    return out
+
+
+def _gw_label(r: dict[str, Any]) -> str:
+    return f"{_load(r['target_fps'])} x{r['clients']}"
+
+
+def _gateway_summary(gw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    runs = [*gw.get("fanout", []), *([gw["many"]] if gw.get("many") else [])]
+    if runs:
+        per_core = {_gw_label(r): r.get("client_frames_per_s_per_core") for r in runs}
+        goal = GOAL_GATEWAY_CLIENT_FRAMES_PER_CORE
+        out["gateway_client_frames_per_core"] = {
+            "goal": goal,
+            "by_run": per_core,
+            "us_per_client_frame": {_gw_label(r): r.get("us_per_client_frame") for r in runs},
+            "met_at": [k for k, v in per_core.items() if v is not None and v >= goal],
+            "best": max((v for v in per_core.values() if v is not None), default=None),
+        }
+    lat = gw.get("latency")
+    if lat and "added_per_frame" in lat:
+        # per frame: the gateway client's receive time minus the Redis subscriber's
+        added = lat["added_per_frame"].get("p99_us", float("nan"))
+        disturbed = max(lat[p].get("other_load_cores", 0.0) for p in ("gateway", "direct"))
+        out["gateway_added_p99_us_at_1k"] = {
+            "goal": GOAL_GATEWAY_ADDED_P99_US,
+            "value": added,
+            "met": added < GOAL_GATEWAY_ADDED_P99_US,
+            "difference_of_p99s": lat.get("added_over_broker_p99_us"),
+            "over_direct": lat.get("added_over_direct_p99_us"),
             "other_load_cores": disturbed,
             "conclusive": disturbed < 0.25,
         }
@@ -293,6 +334,9 @@ def table(record: dict[str, Any]) -> str:
     hist = record.get("history")
     if hist:
         lines += ["", *_history_lines(hist)]
+    gw = record.get("gateway")
+    if gw:
+        lines += ["", *_gateway_lines(gw)]
     s = record.get("summary", {})
     if s:
         lines += ["", "Goals"]
@@ -342,6 +386,23 @@ def table(record: dict[str, Any]) -> str:
             if not a.get("conclusive", True):
                 verdict = f"inconclusive, {a['other_load_cores']:.2f} cores of other load"
             lines.append(f"  added p99 < 1 ms at 1k frames/s: {verdict} ({a['value']:.0f} us)")
+        if "gateway_client_frames_per_core" in s:
+            g = s["gateway_client_frames_per_core"]
+            lines.append(
+                f"  gateway >= {g['goal']:,} client-frames/s per core: met at "
+                f"{', '.join(g['met_at']) or 'no run'} (best {_f(g['best'], ',')})"
+            )
+        if "gateway_added_p99_us_at_1k" in s:
+            a = s["gateway_added_p99_us_at_1k"]
+            verdict = "met" if a["met"] else "NOT met"
+            if not a.get("conclusive", True):
+                verdict = f"inconclusive, {a['other_load_cores']:.2f} cores of other load"
+            lines.append(
+                f"  gateway adds < 1 ms p99 over the broker path at 1k frames/s: {verdict} "
+                f"({a['value']:.0f} us per frame; p99 vs p99 "
+                f"{_f(a['difference_of_p99s'], '+.0f')} us, over direct "
+                f"{_f(a['over_direct'], '+.0f')} us)"
+            )
     return "\n".join(lines)
 
 
@@ -409,4 +470,86 @@ def _history_lines(hist: dict[str, Any]) -> list[str]:
                     f"p99 {_f(p['p99_us'], '.0f')} us ({p['frames']} frames, "
                     f"{p['missing']} missing)"
                 )
+    return lines
+
+
+def _gateway_lines(gw: dict[str, Any]) -> list[str]:
+    """The gateway section: CPU per client-frame by fan-out, latency, many clients."""
+    lines = [
+        "10. Gateway: Upbit's protocol to raw WebSocket clients (200 codes x "
+        f"ticker/trade/orderbook, DEFAULT; window {gw['duration_s']:g} s)",
+        f"  {'offered':>8} {'clients':>7} {'streams':>7} {'offered/s':>9} {'client fr/s':>11} "
+        f"{'us/client fr':>12} {'per core':>9} {'gw cores':>8} {'clients':>7} {'RSS MB':>6} "
+        f"{'others':>6} sat",
+    ]
+    runs = [*gw.get("fanout", []), *([gw["many"]] if gw.get("many") else [])]
+    for r in runs:
+        lines.append(
+            f"  {_load(r['target_fps']):>8} {r['clients']:>7} {r['streams_per_client']:>7} "
+            f"{r['offered_fps']:>9.0f} {r['client_frames_per_s']:>11.0f} "
+            f"{_f(r['us_per_client_frame'], '.2f'):>12} "
+            f"{_f(r['client_frames_per_s_per_core'], ',.0f'):>9} {r['gateway_cpu_cores']:>8.3f} "
+            f"{r['client_cpu_cores']:>7.3f} {_mb(r['gateway_rss_bytes']):>6} "
+            f"{r.get('other_load_cores', 0):>6.2f} {'yes' if r['saturated'] else 'no'}"
+        )
+    lat = gw.get("latency")
+    if lat:
+        lines.append(
+            f"  latency at {_load(lat['target_fps'])} frames/s, simulator send -> client "
+            "receive (us):"
+        )
+        lines.append(
+            f"  {'path':<8} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} {'frames':>7} "
+            f"{'missing':>7} {'others':>6}"
+        )
+        for path in ("direct", "broker", "gateway"):
+            p = lat[path]
+            lines.append(
+                f"  {path:<8} {_f(p['p50_us'], '.0f'):>7} {_f(p['p99_us'], '.0f'):>7} "
+                f"{_f(p['p999_us'], '.0f'):>7} {_f(p['max_us'], '.0f'):>7} {p['frames']:>7} "
+                f"{p['missing']:>7} {p.get('other_load_cores', 0.0):>6.2f}"
+            )
+        per = lat.get("added_per_frame", {})
+        lines.append(
+            f"  gateway over the broker path, per frame: p50 {_f(per.get('p50_us'), '.0f')}, "
+            f"p99 {_f(per.get('p99_us'), '.0f')}, p99.9 {_f(per.get('p999_us'), '.0f')}, max "
+            f"{_f(per.get('max_us'), '.0f')} (its receive minus the subscriber's, same frame)"
+        )
+        lines.append(
+            f"  percentile vs percentile: over the broker path p50 "
+            f"{lat['added_over_broker_p50_us']:+.0f}, p99 {lat['added_over_broker_p99_us']:+.0f}, "
+            f"p99.9 {lat['added_over_broker_p999_us']:+.0f}; over direct p50 "
+            f"{lat['added_over_direct_p50_us']:+.0f}, p99 {lat['added_over_direct_p99_us']:+.0f}"
+        )
+        tries = lat.get("attempts", [])
+        if len(tries) > 1:
+            others = ", ".join(f"{a['other_load_cores']:.2f}" for a in tries)
+            lines.append(
+                f"  (the least disturbed of {len(tries)} latency runs; other load in each: "
+                f"{others} cores)"
+            )
+    many = gw.get("many")
+    if many:
+        lat_m, brk = many.get("latency", {}), many.get("broker_path_latency", {})
+        lines.append(
+            f"  {many['clients']} clients on one gateway ({many['streams_per_client']} streams "
+            f"each): connected in {many['connect_all_s']:g} s "
+            f"({_f(many.get('gateway_cpu_connect_ms_per_client'), '.1f')} ms of gateway CPU "
+            f"each); RSS {_mb(many['gateway_rss_idle_bytes'])} -> "
+            f"{_mb(many['gateway_rss_bytes'])} MB ({many['rss_per_client_bytes'] / 1024:.0f} KB "
+            "a client)"
+        )
+        lines.append(
+            f"  send -> receive over all {_f(lat_m.get('frames'), ',')} client-frames: p50 "
+            f"{_f(lat_m.get('p50_us'), '.0f')}, p99 {_f(lat_m.get('p99_us'), '.0f')} us "
+            f"(broker path, same window: p50 {_f(brk.get('p50_us'), '.0f')}, p99 "
+            f"{_f(brk.get('p99_us'), '.0f')} us); clients closed by the gateway: "
+            f"{sum(many['closed_by_gateway'].values())}"
+        )
+        per = many.get("added_per_frame", {})
+        if per.get("frames"):
+            lines.append(
+                f"  the gateway's share, per client-frame (its receive minus the subscriber's): "
+                f"p50 {_f(per.get('p50_us'), '.0f')}, p99 {_f(per.get('p99_us'), '.0f')} us"
+            )
     return lines

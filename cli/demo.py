@@ -2,11 +2,13 @@
 
 Starts, in order: a Redis (a ``redis-server`` subprocess on a free port when the binary is on
 PATH, otherwise an in-process fakeredis TCP server; or the one ``--redis-url`` names), the
-Upbit simulator, a broker (``run_broker``), and three consumers (in-process ``BrokerClient``s
-with their own leases). Shows live prices, the trade tape, the book and the lease table for
-``--duration`` seconds (30 by default), then shuts everything down in reverse order, prints
-a one-line summary and exits 0. ``--duration 0`` runs until Ctrl-C (which ends it the same
-way).
+Upbit simulator, a broker (``run_broker``), the Upbit-compatible gateway (``Gateway``, on a
+free port), three consumers (in-process ``BrokerClient``s with their own leases) and one
+third-party-style client: a plain websockets connection to the gateway speaking Upbit's own
+protocol, as a bot written for Upbit would (its lease is the gateway's ``{gateway_id}.1``).
+Shows live prices, the trade tape, the book and the lease table for ``--duration`` seconds
+(30 by default), then shuts everything down in reverse order, prints a one-line summary and
+exits 0. ``--duration 0`` runs until Ctrl-C (which ends it the same way).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
+import msgspec
 import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
 
 from broker.leases import LeaseStore
 from broker.redis_client import redis_client
@@ -46,6 +51,7 @@ from cli.common import (
 from cli.consumer_cmds import TickerBoard, fmt_price
 from cli.ops import lease_rows, lease_table
 from consumers import BrokerClient, Gap, Orderbook, StreamMessage, Trade
+from gateway.config import GatewaySettings
 from simulator import Simulator
 
 DEFAULT_CODES = "KRW-BTC,KRW-ETH,KRW-XRP,KRW-SOL,KRW-DOGE"
@@ -148,6 +154,45 @@ class Book:
         return table
 
 
+class UpbitBot:
+    """A third-party-style client of the gateway: plain websockets and Upbit's own protocol
+    (one subscribe request, binary JSON frames in DEFAULT names), nothing of this project."""
+
+    def __init__(self, url: str, codes: list[str]) -> None:
+        self.url = url
+        self.codes = codes
+        self.frames = 0
+        self.last: dict[str, float] = {}
+        self.error = ""
+
+    async def run(self) -> None:
+        request = [{"ticket": "demo-bot"}, {"type": "ticker", "codes": self.codes}]
+        try:
+            async with connect(self.url, compression=None, max_queue=None) as ws:
+                await ws.send(json.dumps(request))
+                async for message in ws:
+                    self.frames += 1
+                    frame = _bot_frame.decode(message)
+                    self.last[frame.code] = frame.trade_price
+        except (OSError, WebSocketException, msgspec.DecodeError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def line(self) -> Text:
+        prices = "  ".join(f"{code} {fmt_price(p)}" for code, p in sorted(self.last.items()))
+        return Text(
+            f"gateway {self.url}: a plain websockets client (Upbit's protocol) received "
+            f"{self.frames} ticker frames  {prices}" + (f"  [{self.error}]" if self.error else "")
+        )
+
+
+class _BotTicker(msgspec.Struct):
+    code: str
+    trade_price: float
+
+
+_bot_frame = msgspec.json.Decoder(_BotTicker)
+
+
 def demo(
     duration: Annotated[
         float,
@@ -180,10 +225,12 @@ def demo(
     namespace: NamespaceOption = "demo",
     verbose: VerboseOption = False,
 ) -> None:
-    """Everything at once: Redis, the simulator, a broker and three consumers, live.
+    """Everything at once: Redis, the simulator, a broker, the gateway and four clients, live.
 
-    Shows live prices, the trade tape, an order book and the lease table for --duration
-    seconds, then stops everything, prints a summary and exits 0 (Ctrl-C stops it early).
+    Three consumers of the library and one plain websockets client through the Upbit-compatible
+    gateway. Shows live prices, the trade tape, an order book and the lease table for
+    --duration seconds, then stops everything, prints a summary and exits 0 (Ctrl-C stops it
+    early).
     """
     configure_logging(verbose)
     board_codes = split_codes([codes])
@@ -195,6 +242,8 @@ def demo(
         console.print(Text(line, style="dim"))
 
     async def main(stop: asyncio.Event) -> int:
+        from gateway.server import Gateway  # here: every other command starts without it
+
         stack = contextlib.AsyncExitStack()
         try:
             url = redis_url
@@ -221,6 +270,20 @@ def demo(
             broker = await stack.enter_async_context(run_broker(settings))
             say(f"broker: {settings.broker_id} starting (namespace {namespace!r})")
 
+            gateway = await stack.enter_async_context(
+                Gateway(
+                    GatewaySettings(
+                        redis_url=url,
+                        namespace=namespace,
+                        port=0,
+                        gateway_id=f"demo-gw-{os.getpid()}",
+                        lease_ttl=5.0,
+                        upstream_rest_url=sim.http_url,  # REST forwarded to the simulator
+                    )
+                )
+            )
+            say(f"gateway: {gateway.url} and {gateway.http_url}/v1/ (Upbit's API, for any bot)")
+
             board = TickerBoard(board_codes)
             tape, book = Tape(), Book()
             tape_code, book_code = board_codes[0], board_codes[min(1, len(board_codes) - 1)]
@@ -238,6 +301,16 @@ def demo(
             await clients[1].subscribe("trade", [tape_code], tape.on_trade)
             await clients[2].subscribe("orderbook", [f"{book_code}.15"], book.on_book)
             say("consumers: board (ticker), tape (trade), depth (orderbook) leased")
+
+            bot = UpbitBot(gateway.url, board_codes)
+            bot_task = asyncio.create_task(bot.run(), name="demo-upbit-bot")
+
+            async def stop_bot() -> None:
+                bot_task.cancel()
+                await asyncio.wait({bot_task})  # its end, without taking its cancellation
+
+            stack.push_async_callback(stop_bot)
+            say(f"bot: a plain websockets client on {gateway.url} (ticker, Upbit's protocol)")
 
             tools_redis = redis_client(url, name="demo-tools")  # every call bounded below
             stack.push_async_callback(tools_redis.aclose)
@@ -259,6 +332,7 @@ def demo(
                 )
                 return Group(
                     head,
+                    bot.line(),
                     board.table("prices (ticker)"),
                     tape.table(tape_code),
                     book.table(book_code),
@@ -282,7 +356,8 @@ def demo(
                 f"{final['frames_published']} frames (upstream epoch {final['epoch']}); "
                 f"the consumers received {sum(board.updates.values())} "
                 f"ticker, {tape.count} trade and {book.updates} orderbook messages, "
-                f"{board.gaps} gaps"
+                f"{board.gaps} gaps; a plain websockets client received {bot.frames} "
+                "ticker frames through the gateway"
             )
         finally:
             await _shut_down(stack, say)
@@ -300,7 +375,10 @@ async def _shut_down(stack: contextlib.AsyncExitStack, say: Any) -> None:
     keep ``asyncio.run`` from returning. So a plain timer is the last resort: it kills the
     Redis this demo started and exits the process.
     """
-    say("stopping: consumers release their leases, then the broker, simulator, redis")
+    say(
+        "stopping: the clients leave and release their leases, then the gateway, the broker, "
+        "the simulator, redis"
+    )
     loop = asyncio.get_running_loop()
     guard = loop.call_later(
         SHUTDOWN_TIMEOUT, _give_up, f"shutdown did not finish within {SHUTDOWN_TIMEOUT:g}s"

@@ -58,7 +58,8 @@ def test_demo_ends_by_itself_with_its_summary_and_nothing_on_stderr() -> None:
     [summary] = [line for line in result.stdout.splitlines() if "demo finished" in line]
     assert re.match(
         r"demo finished after \d+s: the broker published \d+ frames \(upstream epoch 1\); "
-        r"the consumers received \d+ ticker, \d+ trade and \d+ orderbook messages, 0 gaps$",
+        r"the consumers received \d+ ticker, \d+ trade and \d+ orderbook messages, 0 gaps; "
+        r"a plain websockets client received \d+ ticker frames through the gateway$",
         summary,
     ), summary
     assert "demo-board" in result.stdout  # the lease table was drawn

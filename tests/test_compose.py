@@ -9,6 +9,7 @@ config`` runs too where the compose plugin is installed (skipped otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import re
@@ -32,7 +33,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from broker.settings import ENV_VARS, UPBIT_URL, BrokerSettings
+from broker.testing import free_port
 from cli.main import app
+from gateway.config import GATEWAY_ENV_PREFIX, GatewaySettings
+from gateway.server import Gateway
+from tests.support.tls import make_certificates
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml")
 
@@ -44,10 +49,20 @@ DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements" / "lock.txt"
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 OFFLINE_URL = "ws://simulator:8765/websocket/v1"
+OFFLINE_REST_URL = "http://simulator:8765"
+#: the gateway's port inside its container (its command's --port; the health check's too)
+GATEWAY_PORT = 8080
+#: gateway settings the compose file does not set as variables: the per-process id, and the
+#: address the command gives (the Redis URL and namespace are the brokers', checked there)
+GATEWAY_NOT_IN_ENV = {"gateway_id", "host", "port", "redis_url", "namespace"}
+#: gateway flags the compose file sets differently from their defaults, on purpose (as the
+#: brokers': one JSON object per line for log shippers)
+GATEWAY_COMPOSE_OVERRIDES = {"UPBIT_GATEWAY_LOG_FORMAT": "json"}
 #: broker settings the compose file sets differently from broker/settings.py, on purpose
 COMPOSE_OVERRIDES = {"redis_url", "metrics_port"}
-#: upbit-broker commands that do not build BrokerSettings (so read no UPBIT_BROKER_* variable)
-NO_BROKER_SETTINGS = {"simulate"}
+#: upbit-broker commands that do not build BrokerSettings (so read no UPBIT_BROKER_* variable
+#: but those of their own flags: the gateway's Redis URL and namespace)
+NO_BROKER_SETTINGS = {"simulate", "gateway"}
 
 
 # -- compose interpolation (the subset of the spec this repository uses, and a bit more) ------
@@ -337,9 +352,15 @@ def container_programs() -> list[tuple[str, str, list[str]]]:
 
 def test_the_stack_has_the_services_it_documents() -> None:
     svc = services()
-    assert {"redis", "broker", "broker-standby", "ticker-board", "ohlcv-bars", "simulator"} <= set(
-        svc
-    )
+    assert {
+        "redis",
+        "broker",
+        "broker-standby",
+        "ticker-board",
+        "ohlcv-bars",
+        "gateway",
+        "simulator",
+    } <= set(svc)
     for name, service in svc.items():
         for dep, spec in (service.get("depends_on") or {}).items():
             assert dep in svc, f"{name} depends on unknown service {dep}"
@@ -412,10 +433,63 @@ def test_example_consumers_scale() -> None:
         assert not service.get("profiles")
 
 
+def test_the_gateway_scales_behind_a_health_check() -> None:
+    gateway = services()["gateway"]
+    argv = argv_of(gateway)
+    assert argv[:2] == ["upbit-broker", "gateway"]
+    args = dict(zip(argv[2::2], argv[3::2], strict=False))
+    assert args["--host"] == "0.0.0.0" and args["--port"] == str(GATEWAY_PORT)
+    # --scale needs no fixed name; the one host port mapping is a variable (a range scales)
+    assert "container_name" not in gateway and not gateway.get("profiles")
+    [raw_port] = compose_raw()["services"]["gateway"]["ports"]
+    assert raw_port.endswith(f":{GATEWAY_PORT}") and "${GATEWAY_HOST_PORT:-" in raw_port
+    ranged = services({"GATEWAY_HOST_PORT": "8080-8083"})["gateway"]["ports"]
+    assert ranged == [f"127.0.0.1:8080-8083:{GATEWAY_PORT}"]
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "broker" in gateway["depends_on"]
+    assert gateway["restart"] in {"always", "unless-stopped"}
+    assert gateway["deploy"]["resources"]["limits"]["memory"]
+    check = healthcheck_argv(gateway)
+    assert check is not None and check[:2] == ["python", "-c"], check
+    assert f"{GATEWAY_PORT}" in check[2] and "/websocket/v1" in check[2]
+
+
+def _probe(port: int, env: Mapping[str, str]) -> int:
+    """The gateway's health check, run as the container runs it, against ``port``."""
+    [_, _, code] = healthcheck_argv(services()["gateway"]) or ["", "", ""]
+    code = code.replace(str(GATEWAY_PORT), str(port))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("UPBIT_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={**base, **env}, capture_output=True, timeout=30
+    )
+    return result.returncode
+
+
+async def test_the_gateway_health_check_passes_on_a_gateway_and_fails_without(
+    redis_url: str, tmp_path: Path
+) -> None:
+    assert await asyncio.to_thread(_probe, free_port(), {}) != 0  # nothing listens
+    plain = GatewaySettings(redis_url=redis_url, namespace="t", port=0)
+    async with Gateway(plain) as gw:
+        assert await asyncio.to_thread(_probe, gw.port, {}) == 0
+    files = make_certificates(tmp_path)
+    tls = plain.with_(tls_cert=str(files.cert), tls_key=str(files.key))
+    async with Gateway(tls) as gw:
+        env = {"UPBIT_GATEWAY_TLS_CERT": str(files.cert)}
+        assert await asyncio.to_thread(_probe, gw.port, env) == 0
+        assert await asyncio.to_thread(_probe, gw.port, {}) != 0  # plain HTTP on a TLS port
+
+
 def test_the_offline_profile_points_the_brokers_at_the_simulator() -> None:
     assert OFFLINE_URL in env_example()["UPBIT_BROKER_UPSTREAM_URL"]
+    assert OFFLINE_REST_URL in env_example()["UPBIT_GATEWAY_UPSTREAM_REST_URL"]
     assert "offline" in env_example()["COMPOSE_PROFILES"]
-    svc = services({"UPBIT_BROKER_UPSTREAM_URL": OFFLINE_URL})
+    svc = services(
+        {
+            "UPBIT_BROKER_UPSTREAM_URL": OFFLINE_URL,
+            "UPBIT_GATEWAY_UPSTREAM_REST_URL": OFFLINE_REST_URL,
+        }
+    )
     sim = svc["simulator"]
     assert sim["profiles"] == ["offline"]
     argv = argv_of(sim)
@@ -432,6 +506,9 @@ def test_the_offline_profile_points_the_brokers_at_the_simulator() -> None:
         )
     # ... and the brokers' settings accept it.
     BrokerSettings.from_env(service_env(svc["broker"]))
+    # The gateway forwards REST to the simulator's own port.
+    rest = urlsplit(GatewaySettings.from_env(service_env(svc["gateway"])).upstream_rest_url)
+    assert (rest.scheme, rest.hostname, rest.port) == ("http", "simulator", int(args["--port"]))
 
 
 # -- tests: variables -----------------------------------------------------------------------
@@ -469,11 +546,38 @@ def test_broker_settings_come_from_env_with_the_settings_defaults() -> None:
     assert "s3cret" in with_password["redis"]["command"]
 
 
-@pytest.mark.parametrize("name", ["broker", "broker-standby", "simulator"])
+def test_gateway_settings_come_from_env_with_the_settings_defaults() -> None:
+    env = service_env(services()["gateway"])
+    # Every setting is there (but those GATEWAY_NOT_IN_ENV names) ...
+    wanted = {
+        GATEWAY_ENV_PREFIX + f.name.upper()
+        for f in fields(GatewaySettings)
+        if f.name not in GATEWAY_NOT_IN_ENV
+    }
+    assert wanted <= set(env), sorted(wanted - set(env))
+    # ... with gateway/config.py's defaults, and the brokers' Redis and namespace.
+    from_compose = GatewaySettings.from_env(env)
+    defaults = GatewaySettings()
+    for f in fields(GatewaySettings):
+        if f.name not in GATEWAY_NOT_IN_ENV:
+            assert getattr(from_compose, f.name) == getattr(defaults, f.name), f.name
+    broker_env = service_env(services()["broker"])
+    for name in ("UPBIT_BROKER_REDIS_URL", "UPBIT_BROKER_NAMESPACE"):
+        assert env[name] == broker_env[name], name
+    # The variables of the command's flags without a setting (loop, logs) have its defaults.
+    for param in cli_command("gateway").params:
+        if param.envvar in env and param.name not in {f.name for f in fields(GatewaySettings)}:
+            expected = GATEWAY_COMPOSE_OVERRIDES.get(param.envvar, str(param.default))
+            assert env[param.envvar] == expected, param.envvar
+
+
+@pytest.mark.parametrize("name", ["broker", "broker-standby", "simulator", "gateway"])
 def test_cli_services_set_only_variables_their_command_reads(name: str) -> None:
     service = services()[name]
     command = argv_of(service)[1]
     allowed = command_envvars(command)
+    if command == "gateway":  # settings without a flag are read by GatewaySettings.from_env
+        allowed |= {GATEWAY_ENV_PREFIX + f.name.upper() for f in fields(GatewaySettings)}
     if command not in NO_BROKER_SETTINGS:
         allowed |= set(ENV_VARS)
     unknown = sorted(set(service_env(service)) - allowed)
@@ -573,6 +677,14 @@ def test_dockerfile_builds_a_small_non_root_image_from_the_lock() -> None:
     assert ignore[0] == "*"
     assert {"!requirements/runtime.txt", "!requirements/lock.txt"} <= set(ignore)
     assert not [x for x in ignore if x.startswith(("!.venv", "!.git", "!tests"))]
+    # ... and lets in everything the build copies from the context (a COPY of an ignored folder
+    # fails the build: "not found").
+    for word, rest in steps:
+        if word == "COPY" and not rest.startswith("--from"):
+            for source in rest.split()[:-1]:
+                assert f"!{source.rstrip('/')}/" in ignore or f"!{source}" in ignore, (
+                    f".dockerignore keeps out {source}, which the Dockerfile copies"
+                )
 
 
 def lock_pins(path: Path = LOCK) -> dict[str, str]:
