@@ -16,8 +16,10 @@ from broker.core.leader import MAX_SNAPSHOT_WAITERS, LeaderCore, Wake
 from broker.core.oom import MemoryInfo
 from broker.core.reconcile import (
     AFTER_DEADLINE,
+    ASKED_LEASES_PER_S,
     LISTING_GAP,
     OVERDUE_RETRY,
+    PERIODIC_LEASES_PER_S,
     SCAN_EVERY,
     LeaseReconciler,
 )
@@ -653,6 +655,35 @@ def test_a_full_listing_follows_the_earliest_deadline(deadline_in_ms: int, due: 
     r.begin(0.0)
     r.listed(listing(lease("x", {"ticker": ["KRW-BTC"]}, T0_MS + deadline_in_ms)), 0.0)
     assert r.due() == pytest.approx(due)
+
+
+@pytest.mark.parametrize(("leases", "due"), [(1, INTERVAL), (1_000, 10.0), (5_000, 50.0)])
+def test_the_periodic_listing_spaces_out_with_many_leases(leases: int, due: float) -> None:
+    # 1,000 gateway clients are 1,000 leases: listing them all every second took ~0.1 s of the
+    # broker's loop each time (publishing stalled). Renewals are read as they are announced
+    # and expiries at their deadlines; only the safety net slows down.
+    far = T0_MS + 3_600_000
+    r = reconciler()
+    r.begin(0.0)
+    r.listed(listing(*(lease(f"c{i}", {"ticker": ["KRW-BTC"]}, far) for i in range(leases))), 0.0)
+    assert r.due() == pytest.approx(max(INTERVAL, leases / PERIODIC_LEASES_PER_S)) == due
+    # a renewal is read by itself, a coalescing window after its message, not as a listing
+    assert r.named("c7", 1.0) and r.due() == pytest.approx(min(due, 1.0 + COALESCE))
+    read = r.begin(1.0 + COALESCE)
+    assert read.full == (due <= 1.0 + COALESCE) and read.ids == {"c7"}
+    if read.full:
+        r.listed(
+            listing(*(lease(f"c{i}", {"ticker": ["KRW-BTC"]}, far) for i in range(leases))),
+            1.0 + COALESCE,
+        )
+    else:
+        r.read(
+            LeaseReads([lease("c7", {"ticker": ["KRW-BTC"]}, far)], [], [], T0_MS), 1.0 + COALESCE
+        )
+    # a message naming nothing still gets its listing within seconds, not at the periodic one
+    r.read_all_soon(2.0)
+    asked = max(2.0 + COALESCE, min(due, max(LISTING_GAP, leases / ASKED_LEASES_PER_S)))
+    assert r.due() == pytest.approx(asked) and asked <= 2.5
 
 
 def test_a_burst_of_messages_is_read_once_a_window_after_the_first() -> None:

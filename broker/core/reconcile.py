@@ -10,10 +10,11 @@ reads, their union, and the schedule:
   seconds kept half a core busy re-reading every lease on every renewal);
 - every lease is read when a message names nothing readable, when the control channel was
   (re)subscribed (messages may have been missed), after a failed read, every
-  ``reconcile_interval`` (every fifth of those listings also SCANs for hashes missing from the
-  index), and just after the earliest lease deadline (server clock), so an expiry is seen
-  within ~20 ms; a deadline that passed with its lease still there (Redis expires keys a little
-  late) is retried at a calm 0.1 s, not every 10 ms;
+  ``reconcile_interval`` (less often with many leases: :data:`PERIODIC_LEASES_PER_S`; every
+  fifth of those listings also SCANs for hashes missing from the index), and just after the
+  earliest lease deadline (server clock), so an expiry is seen within ~20 ms; a deadline that
+  passed with its lease still there (Redis expires keys a little late) is retried at a calm
+  0.1 s, not every 10 ms;
 - a full listing also reads the leases served now that are missing from the index
   (:attr:`LeaseRead.known`): the index is a hint that any consumer may ZREM from, so a lease
   whose hash exists stays served (and is re-indexed) whatever happens to its index entry;
@@ -64,6 +65,12 @@ LISTING_GAP = 0.25
 #: leases a second that asked listings read at most (the gap grows with the leases: 0.5 s at
 #: 1,000; a listing costs ~0.1 ms of broker CPU a lease)
 ASKED_LEASES_PER_S = 2_000
+#: leases a second the periodic listing reads at most: with many leases it comes less often than
+#: ``reconcile_interval`` (every 10 s at 1,000 leases), so that this safety net costs at most
+#: ~1% of a core (~0.1 ms of broker CPU a lease) and stalls publishing that much less often
+#: (issue 14: 1,000 gateway clients are 1,000 leases). Changes and heartbeats are read as they
+#: are announced and expiries at their deadlines, whatever this says.
+PERIODIC_LEASES_PER_S = 100
 #: client ids read one by one per read at most (5,000 leases renewing every 3 s name ~80 per
 #: 0.05 s window); the rest wait for a full listing
 MAX_NAMED_READS = 256
@@ -229,7 +236,7 @@ class LeaseReconciler:
         self.expired = set(listing.expired)
         self.union = union(*(lease.subscriptions for lease in self.leases.values()))
         self._server_now_ms = listing.server_now_ms
-        self._full_at = now + self.interval
+        self._full_at = now + self.periodic_interval()
         self._after_deadline(now)
 
     def read(self, reads: LeaseReads, now: float) -> bool:
@@ -294,10 +301,15 @@ class LeaseReconciler:
         """A lease of this id was seen (served, invalid or expired)."""
         return client_id in self.leases or client_id in self.invalid or client_id in self.expired
 
+    def periodic_interval(self) -> float:
+        """Seconds from one full listing to the next periodic one: ``interval``, longer with
+        many leases (:data:`PERIODIC_LEASES_PER_S`)."""
+        return max(self.interval, len(self.leases) / PERIODIC_LEASES_PER_S)
+
     def _asked_due(self) -> float:
         """When the full listing asked by messages may begin."""
         assert self._asked_at is not None
-        gap = min(self.interval, max(LISTING_GAP, len(self.leases) / ASKED_LEASES_PER_S))
+        gap = min(self.periodic_interval(), max(LISTING_GAP, len(self.leases) / ASKED_LEASES_PER_S))
         return max(self._asked_at + self.coalesce_delay, self._last_listing + gap)
 
     def _after_deadline(self, now: float) -> None:
@@ -315,6 +327,7 @@ __all__ = [
     "LISTING_GAP",
     "MAX_NAMED_READS",
     "MAX_UNKNOWN_READS",
+    "PERIODIC_LEASES_PER_S",
     "LeaseRead",
     "LeaseReconciler",
     "LeaseSnapshot",
