@@ -122,6 +122,15 @@ async def test_a_paused_and_a_cut_durable_consumer_miss_nothing(
                     20,
                     message="frames flow again after a kill",
                 )
+
+            def sent_since_start() -> int:  # the window holds enough to judge, however fast
+                return sum(
+                    1
+                    for t, _, type_, code, _ in durable_view(log).records
+                    if t // 1_000_000 >= start_ms and (type_, code) in streams
+                )
+
+            await wait_for(lambda: sent_since_start() > 4_000, 20, message="4,000 frames sent")
             end_ms = now_ms()
             await wait_for(lambda: caught_up(log, durable, end_ms), 20, message="caught up")
             audit = audit_consumer(

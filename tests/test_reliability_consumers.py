@@ -25,6 +25,7 @@ from broker.testing import read_status as redis_status
 from tests.support.broker_env import EventTap
 from tests.support.processes import (
     audit_consumer,
+    delivered_past,
     gap_windows,
     record_data_sends,
     sim_upstream,
@@ -81,7 +82,7 @@ async def test_killed_consumers_expire_and_survivors_never_pause(
             shrink_s = time.monotonic() - killed
             await asyncio.sleep(2.0)
             end_ms = now_ms() - 500
-            await asyncio.sleep(0.7)
+            await delivered_past(log, sv, streams_of(survivor_subs), end_ms)
             gone = [await redis_client.exists(f"t:lease:victim-{i}") for i in range(3)]
             indexed = await redis_client.zrange("t:leases", 0, -1)
             status = await redis_status(redis_client)
@@ -181,7 +182,8 @@ async def test_a_consumer_that_stops_reading_is_dropped_and_recovers(
                 )
                 await asyncio.sleep(1.0)
                 end_ms = now_ms() - 500
-                await asyncio.sleep(0.7)
+                for c in (fast, slow):
+                    await delivered_past(log, c, streams_of(subs), end_ms)
                 status = await redis_status(redis)
                 fast_rate_before = _rate(fast.messages(), stop_ms - 3000, stop_ms)
                 fast_rate_during = _rate(fast.messages(), stop_ms, cont_ms)

@@ -29,7 +29,13 @@ from broker.testing import read_status as redis_status
 from broker.upbit.router import route_frame
 from simulator.sends import frame_key
 from tests.support.broker_env import EventTap
-from tests.support.processes import audit_consumer, gap_windows, record_data_sends, sim_upstream
+from tests.support.processes import (
+    audit_consumer,
+    delivered_past,
+    gap_windows,
+    record_data_sends,
+    sim_upstream,
+)
 from tests.support.sim import running_simulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -129,7 +135,7 @@ async def test_standby_takes_over_from_a_killed_leader(
                 )
                 await asyncio.sleep(1.5)
                 end_ms = now_ms() - 500
-                await asyncio.sleep(0.7)
+                await delivered_past(log, fc, streams(), end_ms)
                 assert second.alive
                 takeovers = [g for g in tap.of("gap") if g["reason"] == "takeover"]
                 dups = duplicates_by_epoch(fc, tap.events)
@@ -181,7 +187,7 @@ async def test_a_paused_leader_never_publishes_after_the_takeover(
                 resumed_ms = now_ms()
                 await asyncio.sleep(3.0)
                 end_ms = now_ms() - 500
-                await asyncio.sleep(0.7)
+                await delivered_past(log, pc, streams(), end_ms)
                 assert first.alive and second.alive
                 status = await redis_status(redis_client)
                 dups = duplicates_by_epoch(pc, tap.events)

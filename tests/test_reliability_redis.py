@@ -24,6 +24,7 @@ from broker.testing import RedisServer, broker_process, consumer_process, wait_f
 from broker.testing import read_status as redis_status
 from tests.support.processes import (
     audit_consumer,
+    delivered_past,
     gap_windows,
     record_data_sends,
     sim_upstream,
@@ -117,7 +118,8 @@ async def test_redis_restarted_empty_while_streaming(
                 }
                 await asyncio.sleep(1.5)
                 end_ms = now_ms() - 500
-                await asyncio.sleep(0.7)
+                for c, subs in ((ra, SUBS_A), (rb, SUBS_B)):
+                    await delivered_past(log, c, streams_of(subs), end_ms)
                 status = await redis_status(probe)
                 same_connection = sim.state()["connections"][0]["id"] == conn
                 audits = [

@@ -24,6 +24,7 @@ from tests.support.broker_env import EventTap
 from tests.support.processes import (
     Audit,
     audit_consumer,
+    delivered_past,
     gap_windows,
     record_data_sends,
     sim_upstream,
@@ -115,7 +116,8 @@ async def test_twenty_upstream_cuts_in_a_row(
                 # ... or cut again at once: the backoff grows, and must stay within the limits
             await asyncio.sleep(1.0)
             end_ms = now_ms() - 300
-            await asyncio.sleep(1.0)
+            for c, subs in ((ca, SUBS_A), (cb, SUBS_B)):
+                await delivered_past(log, c, streams_of(subs), end_ms)
             status = await redis_status(redis_client)
             totals = sim.state()["totals"]
             assert broker.alive
@@ -184,7 +186,7 @@ async def test_stall_is_detected_and_recovered(
             recovered_ms = next(m["t"] for m in cs.messages() if m["t"] > unstalled_ms)
             await asyncio.sleep(1.0)
             end_ms = now_ms() - 300
-            await asyncio.sleep(0.7)
+            await delivered_past(log, cs, streams_of(subs), end_ms)
             status = await redis_status(redis_client)
             assert status["connected"] == "1" and broker.alive
             audit = audit_consumer(

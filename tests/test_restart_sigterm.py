@@ -49,7 +49,9 @@ from broker.testing import (
 )
 from tests.support.broker_env import EventTap
 from tests.support.processes import (
+    DataSendLog,
     audit_consumer,
+    delivered_past,
     gap_windows,
     record_data_sends,
     stopped_counts,
@@ -62,6 +64,12 @@ pytestmark = pytest.mark.timeout(180)
 CODES = ["KRW-BTC", "KRW-XRP", "KRW-ETH", "KRW-SOL", "KRW-DOGE", "KRW-USDT", "KRW-ADA", "KRW-SUI"]
 #: busy enough (~700 frames/s) that a SIGTERM often catches frames on their way to the broker
 SUBS = {"trade": CODES, "ticker": CODES}
+
+
+def _streams() -> set[tuple[str, str]]:
+    return {(t, c) for t, codes in SUBS.items() for c in codes}
+
+
 #: one status write a second: a broker stopped right after its first publish has surely not
 #: written a status naming it yet (with the old code its successor then announced nothing)
 STATUS_INTERVAL = 1.0
@@ -137,6 +145,7 @@ async def _run_round(
     sim: Any,
     tap: EventTap,
     consumer: ConsumerProcess,
+    log: DataSendLog,
     redis: aioredis.Redis,
     directory: Path,
     last: bool,
@@ -168,9 +177,8 @@ async def _run_round(
             await wait_for(status_names_its_frame, 10, message=f"round {round_}: its status")
             await wait_for(lambda: frames_since() >= LONG_FRAMES, 10, message="frames flow")
         if last:  # the audit ends while the last broker still runs
-            await asyncio.sleep(0.5)
             end_ms = now_ms() - 500
-            await asyncio.sleep(0.7)
+            await delivered_past(log, consumer, _streams(), end_ms)
     return broker.output(), end_ms
 
 
@@ -179,7 +187,7 @@ async def test_sigterm_restarts_lose_nothing_silently(
     redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     url = redis_server.url
-    streams = {(t, c) for t, codes in SUBS.items() for c in codes}
+    streams = _streams()
     outputs: list[tuple[str, str, str]] = []  # (broker id, kind, its log)
     async with (
         running_simulator(seed=81, rate=2000) as sim,
@@ -199,6 +207,7 @@ async def test_sigterm_restarts_lose_nothing_silently(
                 sim=sim,
                 tap=tap,
                 consumer=consumer,
+                log=log,
                 redis=redis_client,
                 directory=directory,
                 last=i == len(ROUNDS) - 1,
@@ -250,7 +259,7 @@ async def test_a_paused_leader_announces_the_frames_it_held_back(
     redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     url = redis_server.url
-    streams = {(t, c) for t, codes in SUBS.items() for c in codes}
+    streams = _streams()
     async with (
         running_simulator(seed=82, rate=1000) as sim,
         EventTap(redis_client) as tap,
@@ -266,9 +275,8 @@ async def test_a_paused_leader_announces_the_frames_it_held_back(
             finally:
                 os.kill(broker.pid, signal.SIGCONT)
             await wait_for(_frames_after(consumer, now_ms() + 200), 10, message="frames again")
-        await asyncio.sleep(0.5)
         end_ms = now_ms() - 500
-        await asyncio.sleep(0.7)
+        await delivered_past(log, consumer, streams, end_ms)
         status = await read_status(redis_client)
         windows = gap_windows(consumer)
         audit = audit_consumer(

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.testing import ConsumerProcess, clean_env
+from broker.testing import ConsumerProcess, clean_env, wait_for
 from broker.upbit.router import FrameKind, route_frame
 from simulator.sends import frame_key
 
@@ -232,6 +232,36 @@ def audit_consumer(
                 audit.examples.append(f"{type_}:{code} sent at {t_ms}")
     audit.foreign = sum(1 for key in got if key not in sent_keys)
     return audit
+
+
+async def delivered_past(
+    log: DataSendLog,
+    consumer: ConsumerProcess,
+    streams: set[tuple[str, str]],
+    end_ms: int,
+    within: float = 30.0,
+) -> None:
+    """Wait until ``consumer`` has recorded a frame of ``streams`` that the simulator sent after
+    ``end_ms``: then every frame sent up to ``end_ms`` has been received or lost, never still on
+    its way, since frames reach a pub/sub consumer in the order the simulator sent them (one
+    upstream socket, one publishing connection, one subscriber connection). A fixed sleep
+    instead lets a consumer that lags on a loaded machine count as a silent loss."""
+
+    def past() -> bool:
+        later = set()
+        for t_ns, key, type_, code, _ in reversed(log.records):
+            if t_ns // 1_000_000 <= end_ms:
+                break
+            if (type_, code) in streams:
+                later.add(key)
+        for m in reversed(consumer.messages()):
+            if int(m["t"]) <= end_ms:  # received by then: sent by then (one clock, this host)
+                return False
+            if frame_key(m["raw"].encode()) in later:
+                return True
+        return False
+
+    await wait_for(past, within, interval=0.1, message=f"{consumer.client_id} past {end_ms}")
 
 
 def gap_windows(
