@@ -165,7 +165,8 @@ def test_known_ids_are_read_a_bounded_number_per_read_too() -> None:
     [
         (10, LISTING_GAP),  # few leases: the gap that keeps a newcomer within 0.5 s
         (1_000, 1_000 / ASKED_LEASES_PER_S),  # many: asked listings read a bounded rate
-        (50_000, INTERVAL),  # never longer than the periodic listing would take
+        # 25 s: the periodic listing, at most PERIODIC_LEASES_PER_S, is further off still
+        (50_000, 50_000 / ASKED_LEASES_PER_S),
     ],
 )
 def test_the_gap_between_asked_listings_grows_with_the_leases(leases: int, gap: float) -> None:
