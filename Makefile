@@ -41,14 +41,19 @@ require-redis:
 demo: install
 	$(BIN)/upbit-broker demo --duration $(DEMO_SECONDS)
 
+# Pytest workers for the fast suite (pytest-xdist): its tests mostly wait on real processes
+# and sockets, so two halve its time even on 2 cores. The slow scenarios run one at a time:
+# several measure CPU or count frames against the clock of one machine.
+TEST_WORKERS ?= 2
+
 # Everything: the fast suite, then the long fault-injection scenarios (marked slow).
 test: require-redis install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 	$(BIN)/python -m pytest -q -m slow
 
 # Before every commit: the fast suite only.
 test-fast: require-redis install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 # The fast suite on the newest release of every dependency (no lock): finds drift on purpose.
 # A throwaway venv, so .venv keeps the locked versions; prints what differs from the lock.
@@ -59,7 +64,7 @@ test-latest: require-redis
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	$(LATEST_VENV)/bin/python -m pip check
 	$(PYTHON) scripts/lock.py drift $(LATEST_VENV)/bin/python
-	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow"
+	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

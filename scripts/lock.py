@@ -37,7 +37,7 @@ RUNTIME = ROOT / "requirements" / "runtime.txt"
 #: installer and build backend: pinned in the lock, not in any dependency group
 TOOLS = ("pip", "setuptools")
 #: the packages the project installs (pyproject's [tool.setuptools.packages.find])
-PACKAGES = ("broker", "consumers", "cli", "simulator")
+PACKAGES = ("broker", "consumers", "cli", "simulator", "gateway")
 
 LOCK_HEADER = """\
 # upbit-broker's lock: every package of the runtime, dev and bench dependencies (transitive ones
