@@ -25,12 +25,12 @@ lease contract").
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broker.clock import server_time_ms
 from broker.core.lease import (
@@ -64,6 +64,28 @@ def lua_script(name: str) -> str:
 LEASE_LUA = lua_script("lease.lua")
 #: The release script.
 RELEASE_LUA = lua_script("lease_release.lua")
+
+
+class LeaseArgs(NamedTuple):
+    """``lease.lua``'s ARGV, as README's redis-cli line: ID TTL_MS SUBS HOST PID."""
+
+    client_id: str
+    ttl_ms: str
+    subs: str
+    host: str
+    pid: str
+
+
+def lease_args(
+    client_id: str, subscriptions: SubscriptionSet, *, ttl_ms: int, host: str, pid: int
+) -> LeaseArgs:
+    """The ARGV of ``lease.lua`` that writes this lease (encoded once, sent on every renewal).
+
+    Raises:
+        LeaseError: arguments that would make an invalid lease.
+    """
+    fields = encode_lease_fields(client_id, subscriptions, ttl_ms=ttl_ms, host=host, pid=pid)
+    return LeaseArgs(client_id, fields["ttl_ms"], fields["subs"], fields["host"], fields["pid"])
 
 
 # -- the Redis half ---------------------------------------------------------------------------
@@ -156,16 +178,14 @@ class LeaseStore:
         Raises:
             LeaseError: arguments that would make an invalid lease.
         """
-        fields = encode_lease_fields(client_id, subscriptions, ttl_ms=ttl_ms, host=host, pid=pid)
-        # ARGV as README's redis-cli line: ID TTL_MS SUBS HOST PID
-        args = [client_id, fields["ttl_ms"], fields["subs"], fields["host"], fields["pid"]]
+        args = lease_args(client_id, subscriptions, ttl_ms=ttl_ms, host=host, pid=pid)
         reply = await self._write_script(
             keys=[self._lease_key(client_id), self.keys.leases], args=args
         )
         renewed_ms, created_ms, deadline_ms = (int(x) for x in reply)
         return Lease(
             client_id=client_id,
-            host=fields["host"],
+            host=args.host,
             pid=pid,
             subscriptions=subscriptions,
             ttl_ms=ttl_ms,
@@ -197,6 +217,44 @@ class LeaseStore:
             keys=[self._lease_key(client_id), self.keys.leases], args=[client_id]
         )
         return bool(reply)
+
+    async def write_many(
+        self, ops: Sequence[tuple[str, LeaseArgs | None]], *, chunk: int = 1_000
+    ) -> list[ResponseError | None]:
+        """Write (``lease_args``) or release (``None``) many leases, in pipelines of ``chunk``.
+
+        Each is its own run of ``lease.lua`` or ``lease_release.lua``, as :meth:`write` and
+        :meth:`release` run them, but a thousand leases cost one round trip: a process holding
+        many (the gateway, a lease per client) renews them all at once.
+
+        Returns:
+            In the order of ``ops``: ``None`` for each lease written or released, else the
+            ``ResponseError`` with which Redis refused it (``lease.lua`` names the broken
+            rule); one refusal fails no other lease.
+
+        Raises:
+            LeaseError: an invalid client id to release.
+            RedisError, OSError: Redis did not run a pipeline (down, or its scripts flushed
+                meanwhile: ``NoScriptError``); the pipelines before it were written.
+        """
+        results: list[ResponseError | None] = []
+        for start in range(0, len(ops), chunk):
+            batch = ops[start : start + chunk]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for client_id, args in batch:
+                    keys = [self._lease_key(client_id), self.keys.leases]
+                    if args is None:
+                        await self._release_script(keys=keys, args=[client_id], client=pipe)
+                    else:
+                        await self._write_script(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, NoScriptError) or (
+                    isinstance(reply, Exception) and not isinstance(reply, ResponseError)
+                ):
+                    raise reply
+                results.append(reply if isinstance(reply, ResponseError) else None)
+        return results
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -447,6 +505,7 @@ __all__ = [
     "MAX_LEASE_STREAMS",
     "RELEASE_LUA",
     "Lease",
+    "LeaseArgs",
     "LeaseListing",
     "LeaseReads",
     "LeaseStore",
@@ -454,6 +513,7 @@ __all__ = [
     "Rejected",
     "describe_rejected",
     "encode_lease_fields",
+    "lease_args",
     "lua_script",
     "parse_lease",
     "parse_subs",

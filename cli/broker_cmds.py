@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import MISSING, fields
 from typing import Annotated, Any
 
 import typer
 
 from broker.errors import BrokerError, ConfigError
-from broker.settings import BrokerSettings
+from broker.keys import DEFAULT_NAMESPACE
+from broker.settings import SETTING_BOUNDS, BrokerSettings
 from broker.upbit.types import Format
 from cli import bounds
-from cli.common import EXIT_OK, run_loop, with_signals
+from cli.common import (
+    DEFAULT_REDIS_URL,
+    EXIT_OK,
+    EXIT_USAGE,
+    NamespaceOption,
+    RedisUrlOption,
+    check_log_flags,
+    env_option,
+    event_loop_option,
+    fail,
+    log_format_option,
+    log_level_option,
+    run_loop,
+    settings_default,
+    with_signals,
+)
 from cli.logs import configure_logging
 
 ENV = "UPBIT_BROKER_"
@@ -22,8 +37,7 @@ def _settings(**flags: Any) -> BrokerSettings:
     try:
         return BrokerSettings.from_env(None, **flags)
     except (ConfigError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc), EXIT_USAGE)
 
 
 async def _serve(settings: BrokerSettings) -> int:
@@ -48,114 +62,54 @@ async def _serve_until(settings: BrokerSettings, stop: asyncio.Event) -> int:
     return EXIT_OK
 
 
-_FIELDS = {f.name: f for f in fields(BrokerSettings)}
-
-
 def _default(name: str) -> Any:
     """A :class:`BrokerSettings` field's default: what ``run`` uses when neither the flag nor
     its ``UPBIT_BROKER_*`` variable is set (so ``--help`` shows the real value)."""
-    value = _FIELDS[name].default
-    assert value is not MISSING, name
-    return value.value if isinstance(value, Format) else value
+    return settings_default(BrokerSettings, name)
+
+
+def _option(name: str, help: str, **kwargs: Any) -> Any:
+    """The flag of the setting ``name``, also ``UPBIT_BROKER_NAME``; a numeric one is checked
+    against its bound (one line, exit 2)."""
+    if name in SETTING_BOUNDS:
+        kwargs["parser"] = bounds.setting(name, "--" + name.replace("_", "-"))
+    return env_option(ENV + name.upper(), help, **kwargs)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        redis_url: Annotated[
-            str,
-            typer.Option(
-                envvar=ENV + "REDIS_URL", show_envvar=True, help="Redis URL (redis://, rediss://)."
-            ),
-        ] = _default("redis_url"),
-        upstream_url: Annotated[
-            str,
-            typer.Option(
-                envvar=ENV + "UPSTREAM_URL", show_envvar=True, help="Upbit websocket URL."
-            ),
-        ] = _default("upstream_url"),
-        namespace: Annotated[
-            str,
-            typer.Option(envvar=ENV + "NAMESPACE", show_envvar=True, help="Key/channel prefix."),
-        ] = _default("namespace"),
-        lease_ttl: Annotated[
-            float,
-            typer.Option(
-                envvar=ENV + "LEASE_TTL",
-                show_envvar=True,
-                help="Default lease TTL, seconds.",
-                parser=bounds.setting("lease_ttl", "--lease-ttl"),
-            ),
-        ] = _default("lease_ttl"),
-        leader_ttl: Annotated[
-            float,
-            typer.Option(
-                envvar=ENV + "LEADER_TTL",
-                show_envvar=True,
-                help="Leader lock TTL, seconds.",
-                parser=bounds.setting("leader_ttl", "--leader-ttl"),
-            ),
-        ] = _default("leader_ttl"),
-        upstream_format: Annotated[
-            str,
-            typer.Option(
-                envvar=ENV + "UPSTREAM_FORMAT", show_envvar=True, help="DEFAULT or SIMPLE."
-            ),
-        ] = _default("upstream_format"),
+        redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+        upstream_url: Annotated[str, _option("upstream_url", "Upbit websocket URL.")] = (
+            _default("upstream_url")
+        ),
+        namespace: NamespaceOption = DEFAULT_NAMESPACE,
+        lease_ttl: Annotated[float, _option("lease_ttl", "Default lease TTL, seconds.")] = (
+            _default("lease_ttl")
+        ),
+        leader_ttl: Annotated[float, _option("leader_ttl", "Leader lock TTL, seconds.")] = (
+            _default("leader_ttl")
+        ),
+        upstream_format: Annotated[str, _option("upstream_format", "DEFAULT or SIMPLE.")] = (
+            _default("upstream_format")
+        ),
         broker_id: Annotated[
             str | None,
-            typer.Option(
-                envvar=ENV + "BROKER_ID",
-                show_envvar=True,
-                help="This broker's id.",
-                show_default="HOSTNAME-PID-RANDOM",
-            ),
+            _option("broker_id", "This broker's id.", show_default="HOSTNAME-PID-RANDOM"),
         ] = None,
         stall_timeout: Annotated[
             float,
-            typer.Option(
-                envvar=ENV + "STALL_TIMEOUT",
-                show_envvar=True,
-                help="Reconnect after this many seconds without any frame.",
-                parser=bounds.setting("stall_timeout", "--stall-timeout"),
-            ),
+            _option("stall_timeout", "Reconnect after this many seconds without any frame."),
         ] = _default("stall_timeout"),
-        metrics_port: Annotated[
-            int,
-            typer.Option(
-                envvar=ENV + "METRICS_PORT",
-                show_envvar=True,
-                help="Prometheus port (0 = off).",
-                parser=bounds.setting("metrics_port", "--metrics-port"),
-            ),
-        ] = _default("metrics_port"),
+        metrics_port: Annotated[int, _option("metrics_port", "Prometheus port (0 = off).")] = (
+            _default("metrics_port")
+        ),
         history: Annotated[
-            str,
-            typer.Option(
-                envvar=ENV + "HISTORY",
-                show_envvar=True,
-                help="History entries kept per stream, by type; 'off': none.",
-            ),
+            str, _option("history", "History entries kept per stream, by type; 'off': none.")
         ] = _default("history"),
-        event_loop: Annotated[
-            str,
-            typer.Option(
-                envvar=ENV + "EVENT_LOOP",
-                show_envvar=True,
-                help="auto (uvloop when installed), uvloop or asyncio.",
-            ),
-        ] = "auto",
-        log_level: Annotated[
-            str,
-            typer.Option(
-                envvar=ENV + "LOG_LEVEL",
-                show_envvar=True,
-                help="debug, info, warning, error or critical.",
-            ),
-        ] = "info",
-        log_format: Annotated[
-            str, typer.Option(envvar=ENV + "LOG_FORMAT", show_envvar=True, help="text or json.")
-        ] = "text",
+        event_loop: Annotated[str, event_loop_option(ENV)] = "auto",
+        log_level: Annotated[str, log_level_option(ENV)] = "info",
+        log_format: Annotated[str, log_format_option(ENV)] = "text",
     ) -> None:
         """Run a broker: the leader owns the Upbit connection, a second one waits as standby.
 
@@ -166,14 +120,9 @@ def register(app: typer.Typer) -> None:
         try:
             fmt = Format(upstream_format.upper())
         except ValueError:
-            typer.echo(f"error: unknown format {upstream_format!r}", err=True)
-            raise typer.Exit(2) from None
+            fail(f"unknown format {upstream_format!r}", EXIT_USAGE)
         if fmt.is_list:
-            typer.echo(
-                "error: the broker republishes frames one by one: use DEFAULT or SIMPLE",
-                err=True,
-            )
-            raise typer.Exit(2)
+            fail("the broker republishes frames one by one: use DEFAULT or SIMPLE", EXIT_USAGE)
         settings = _settings(
             redis_url=redis_url,
             upstream_url=upstream_url,
@@ -186,17 +135,11 @@ def register(app: typer.Typer) -> None:
             metrics_port=metrics_port,
             history=history,
         )
-        if log_format not in ("text", "json"):
-            typer.echo(f"error: --log-format must be text or json, got {log_format!r}", err=True)
-            raise typer.Exit(2)
-        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            typer.echo(f"error: unknown --log-level {log_level!r}", err=True)
-            raise typer.Exit(2)
+        check_log_flags(log_level, log_format)
         configure_logging(log_level, log_format)
         try:
             code = run_loop(_serve(settings), event_loop)
         except BrokerError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            fail(str(exc))
         if code:
             raise typer.Exit(code)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import MISSING, fields
+from enum import Enum
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -27,7 +30,6 @@ from broker.errors import BrokerError, ConfigError, InvalidCodeError, describe
 from broker.redis_client import RedisUrlError, redis_client
 from broker.settings import BrokerSettings, redact_url
 from cli import logs
-from consumers.errors import RedisUnavailableError
 
 logger = logging.getLogger("cli")
 
@@ -36,7 +38,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+def settings_default(settings: type[Any], name: str) -> Any:
+    """The default of the settings dataclass field ``name`` (an enum as its value): what the
+    command runs with when neither the flag nor its variable is set, so ``--help`` shows it."""
+    [field] = [f for f in fields(settings) if f.name == name]
+    assert field.default is not MISSING, name
+    return field.default.value if isinstance(field.default, Enum) else field.default
+
+
+#: the settings' own default, so every command's ``--redis-url`` shows the one ``run`` uses
+DEFAULT_REDIS_URL: str = settings_default(BrokerSettings, "redis_url")
 
 RedisUrlOption = Annotated[
     str,
@@ -44,7 +56,7 @@ RedisUrlOption = Annotated[
         "--redis-url",
         envvar="UPBIT_BROKER_REDIS_URL",
         # "\[": rich markup would take "[user:password@]" for a style tag and drop it
-        help="Redis URL (redis://\\[user:password@]host:port/db, rediss:// for TLS).",
+        help="Redis URL (redis://\\[user:password@]host:port/db, rediss:// for TLS, unix://).",
         show_envvar=True,
     ),
 ]
@@ -53,7 +65,7 @@ NamespaceOption = Annotated[
     typer.Option(
         "--namespace",
         envvar="UPBIT_BROKER_NAMESPACE",
-        help="Key prefix shared with the broker.",
+        help="Key and channel prefix, the same for the broker and everything it serves.",
         show_envvar=True,
     ),
 ]
@@ -61,6 +73,38 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON 
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Log progress (and tracebacks) to stderr.")
 ]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# -- the options of the service commands (run, gateway): each flag also a variable ------------
+
+
+def env_option(envvar: str, help: str, **kwargs: Any) -> Any:
+    """A ``typer.Option`` also read from the variable ``envvar`` (which ``--help`` names)."""
+    return typer.Option(envvar=envvar, show_envvar=True, help=help, **kwargs)
+
+
+def event_loop_option(prefix: str) -> Any:
+    """``--event-loop`` (also ``{prefix}EVENT_LOOP``), for :func:`run_loop`."""
+    return env_option(prefix + "EVENT_LOOP", "auto (uvloop when installed), uvloop or asyncio.")
+
+
+def log_level_option(prefix: str) -> Any:
+    """``--log-level`` (also ``{prefix}LOG_LEVEL``); :func:`check_log_flags` checks it."""
+    return env_option(prefix + "LOG_LEVEL", "debug, info, warning, error or critical.")
+
+
+def log_format_option(prefix: str) -> Any:
+    """``--log-format`` (also ``{prefix}LOG_FORMAT``); :func:`check_log_flags` checks it."""
+    return env_option(prefix + "LOG_FORMAT", "text or json.")
+
+
+def check_log_flags(level: str, fmt: str) -> None:
+    """A service's ``--log-level`` and ``--log-format``: a bad one ends the command (exit 2)."""
+    if fmt not in ("text", "json"):
+        fail(f"--log-format must be text or json, got {fmt!r}", EXIT_USAGE)
+    if level.upper() not in LOG_LEVELS:
+        fail(f"unknown --log-level {level!r}", EXIT_USAGE)
 
 
 class CommandError(Exception):
@@ -105,9 +149,7 @@ def error_line(exc: BaseException, redis_url: str | None = None) -> tuple[str, i
         return str(exc), exc.code
     if isinstance(exc, InvalidCodeError | ConfigError):
         return describe(exc, with_type=False), EXIT_USAGE
-    if isinstance(exc, RedisUnavailableError):
-        return describe(exc, with_type=False), EXIT_FAILED
-    if isinstance(exc, BrokerError):
+    if isinstance(exc, BrokerError):  # the consumer library's RedisUnavailableError too
         return describe(exc, with_type=False), EXIT_FAILED
     if isinstance(exc, RedisError | OSError | TimeoutError):
         return f"redis at {url} failed: {describe(exc, with_type=False)}", EXIT_FAILED
@@ -194,7 +236,10 @@ async def with_signals(main: Callable[[asyncio.Event], Awaitable[int]], *, soft:
 async def open_redis(
     settings: BrokerSettings, connect_timeout: float = 3.0
 ) -> AsyncIterator[Redis]:
-    """A Redis client that answered PING, or :class:`RedisUnavailableError` with one line."""
+    """A Redis client that answered PING, or a :class:`CommandError` with one line.
+
+    Not the consumer library's ``RedisUnavailableError``: importing ``consumers`` loads its
+    client and websockets, which the commands that only read Redis do without."""
     url = settings.redis_url
     try:
         # commands bound each call with with_timeout() (broker.redis_client says why)
@@ -206,12 +251,23 @@ async def open_redis(
             async with asyncio.timeout(connect_timeout * 2):
                 await client.ping()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise RedisUnavailableError(
+            raise CommandError(
                 f"cannot reach redis at {redact_url(url)}: {describe(exc, with_type=False)}"
             ) from exc
         yield client
     finally:
         await client.aclose()
+
+
+def listen_error(exc: OSError, host: str, port: int) -> str:
+    """One line for a server command (``gateway``, ``simulate``) that cannot listen."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is in use on {host} (pick another with --port, 0 picks a free one)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"not allowed to listen on {host}:{port} (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: no such address on this machine"
+    return f"cannot listen on {host}:{port}: {exc.strerror or describe(exc, with_type=False)}"
 
 
 def _quiet_stdout() -> None:

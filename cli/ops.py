@@ -1,7 +1,8 @@
 """Operator commands: ``status``, ``leases``, ``resubscribe``, ``check`` (cli layer).
 
 They read the contract's keys (design.md: ``{ns}:status``, the lease store) and use the command
-protocol; none of them needs the broker's code, only Redis.
+protocol; none of them needs the broker's code, only Redis, and only ``resubscribe`` imports the
+consumer library (its command protocol), when it runs.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from cli.common import (
     open_redis,
     run,
 )
-from consumers import commands
-from consumers.errors import CommandRefused, NoBrokerError
 
 #: seconds a command's Redis reads may take (the clients have no socket timeout)
 REDIS_TIMEOUT = 10.0
@@ -354,6 +353,11 @@ def resubscribe(
     verbose: VerboseOption = False,
 ) -> None:
     """Make the leader resend its upstream subscription; exit 0 once it confirms."""
+    # here, not at the top: importing consumers loads its client (and websockets), which
+    # status, leases and check, reading Redis only, start without
+    from consumers import commands
+    from consumers.errors import CommandRefused, NoBrokerError
+
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
 

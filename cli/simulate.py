@@ -8,15 +8,14 @@ command (``cli.common.with_signals``): the first stops it, a second interrupts a
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from cli import bounds
-from cli.common import EXIT_OK, with_signals
+from cli.common import EXIT_OK, LOG_LEVELS, fail, listen_error, with_signals
 from simulator import Simulator, SimulatorConfig
 
 _DEFAULTS = SimulatorConfig()
@@ -38,7 +37,7 @@ async def _serve(config: SimulatorConfig, stop: asyncio.Event) -> int:
         await sim.start()
     except OSError as exc:  # cannot listen: the one error a person makes here
         await sim.aclose()
-        raise ListenError(_listen_error(exc, config.host, config.port)) from exc
+        raise ListenError(listen_error(exc, config.host, config.port)) from exc
     try:
         base = sim.http_url
         typer.echo(
@@ -161,32 +160,15 @@ def register(app: typer.Typer) -> None:
                 compression=compression,
             )
         except ValueError as exc:
-            _fail(str(exc), 2)
-        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            _fail(f"unknown --log-level {log_level!r}", 2)
+            fail(str(exc), 2)
+        if log_level.upper() not in LOG_LEVELS:
+            fail(f"unknown --log-level {log_level!r}", 2)
         logging.basicConfig(
             level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         try:
             code = asyncio.run(with_signals(lambda stop: _serve(config, stop), soft=True))
         except ListenError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         if code:
             raise typer.Exit(code)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _listen_error(exc: OSError, host: str, port: int) -> str:
-    """One line for a failure to listen on ``host:port``."""
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} is in use on {host} (pick another with --port, 0 picks a free one)"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"not allowed to listen on {host}:{port} (ports below 1024 need privileges)"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {host}:{port}: no such address on this machine"
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"cannot listen on {host}:{port}: {reason}"

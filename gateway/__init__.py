@@ -7,11 +7,11 @@ paths. On the inside every client connection is a lease, and every frame comes f
 broker's Redis channels: the gateway never connects to Upbit's WebSocket itself.
 
 Modules, one concept each (the protocol's rules themselves are the protocol core's
-``broker.upbit.session``, which the simulator plays too):
+``broker.upbit.session``, which the simulator plays too; which gap events to believe, the
+leader's only, is ``broker.event_gate``, the consumer library's rule):
 
 * ``config``      GatewaySettings, every option (flags and ``UPBIT_GATEWAY_*`` variables)
 * ``frames``      a broker frame as one client wants it: format, depth, SNAPSHOT (pure)
-* ``events``      which gap events to believe: the leader's only (pure)
 * ``hub``         the one pub/sub connection, channels counted, bursts fanned out per variant
 * ``leases``      every client's lease, written and renewed in batches
 * ``snapshots``   the broker's snapshot command, the fallback for a stream's first frame

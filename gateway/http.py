@@ -45,6 +45,7 @@ from broker.errors import BrokerError, FrameError
 from broker.keys import Keys
 from broker.leases import LeaseStore
 from broker.upbit.codes import is_valid_code
+from broker.upbit.ratelimit import ClientLimiter
 from broker.upbit.types import SubscriptionSet
 from consumers.commands import snapshot_frames
 from consumers.errors import PartialSnapshotError
@@ -103,7 +104,10 @@ class RestGateway:
         )
         self.book = PollBook(settings.rest_lease_seconds)
         self.markets = AnswerCache(settings.rest_market_cache)
-        self.rates = rest.ClientRates() if settings.emulate_limits else None
+        #: Upbit's limit per client (emulated on demand: Upbit applies it upstream anyway)
+        self.rates = (
+            ClientLimiter(prune_at=rest.CLIENT_BUDGETS) if settings.emulate_limits else None
+        )
         self.stats = RestStats()
         self.budget = request_budget(settings)
         self._host = socket.gethostname()

@@ -2,12 +2,12 @@
 
 Each gateway client holds an ordinary lease (design.md "Lease"): ``client_id``
 ``{gateway_id}.{n}``, ``host`` the client's address, ``pid`` the gateway's, ``subs`` the
-client's realtime streams. They are written with the very scripts every consumer runs
-(``broker/lease.lua``, ``broker/lease_release.lua``, through :mod:`broker.leases`), but not one
-round trip each: a change marks the lease dirty and wakes one writer task, which sends every
-dirty write and release in ONE pipeline; every TTL/3 the same task renews all the leases of
-the process in one pipeline. So 1,000 clients cost one pipeline per renewal round, and a
-burst of subscriptions costs one round trip.
+client's realtime streams. The broker's lease store writes them with the very scripts every
+consumer runs (``broker/lease.lua``, ``broker/lease_release.lua``), but not one round trip
+each (:meth:`~broker.leases.LeaseStore.write_many`): a change marks the lease dirty and wakes
+one writer task, which sends every dirty write and release in ONE pipeline; every TTL/3 the
+same task renews all the leases of the process in one pipeline. So 1,000 clients cost one
+pipeline per renewal round, and a burst of subscriptions costs one round trip.
 
 A round Redis refuses (down, restarting) is retried after a short pause with whatever is dirty
 then; a gateway that dies simply stops renewing, and its leases expire after their TTL.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from broker.errors import LeaseError, describe
-from broker.leases import LEASE_LUA, RELEASE_LUA, LeaseStore, encode_lease_fields
+from broker.leases import LeaseArgs, LeaseStore, lease_args
 from broker.upbit.types import SubscriptionSet
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ CHUNK = 1_000
 
 @dataclass(slots=True)
 class _Held:
-    #: ARGV of lease.lua: ID TTL_MS SUBS HOST PID
-    args: tuple[str, str, str, str, str]
+    args: LeaseArgs
     subs: SubscriptionSet
 
 
@@ -56,9 +55,6 @@ class LeaseBatcher:
         self._ttl_ms = max(1, int(ttl * 1000))
         self._interval = ttl / 3
         self._pid = pid
-        redis = store.redis
-        self._write_script = redis.register_script(LEASE_LUA)
-        self._release_script = redis.register_script(RELEASE_LUA)
         self._held: dict[str, _Held] = {}
         #: client id -> True (write) or False (release), in the order of the changes
         self._dirty: dict[str, bool] = {}
@@ -87,8 +83,7 @@ class LeaseBatcher:
         Raises:
             LeaseError: a stream no broker would accept (never for a session's streams).
         """
-        fields = encode_lease_fields(client_id, subs, ttl_ms=self._ttl_ms, host=host, pid=self._pid)
-        args = (client_id, fields["ttl_ms"], fields["subs"], fields["host"], fields["pid"])
+        args = lease_args(client_id, subs, ttl_ms=self._ttl_ms, host=host, pid=self._pid)
         held = self._held.get(client_id)
         if held is not None and held.args == args:
             return  # the same lease: the renewal keeps it
@@ -185,31 +180,20 @@ class LeaseBatcher:
             self._dirty[client_id] = write
 
     async def _write(self, ops: list[tuple[str, bool]]) -> None:
-        keys = self.store.keys
-        index = keys.leases
-        for start in range(0, len(ops), CHUNK):
-            chunk = ops[start : start + CHUNK]
-            async with self.store.redis.pipeline(transaction=False) as pipe:
-                for client_id, write in chunk:
-                    key = keys.lease(client_id)
-                    held = self._held.get(client_id)
-                    if write and held is not None:
-                        await self._write_script(keys=[key, index], args=held.args, client=pipe)
-                    else:
-                        await self._release_script(keys=[key, index], args=[client_id], client=pipe)
-                results = await pipe.execute(raise_on_error=False)
-            for (client_id, write), result in zip(chunk, results, strict=True):
-                if isinstance(result, Exception):
-                    if not isinstance(result, RedisError):
-                        raise result
-                    if "NOSCRIPT" in str(result) or isinstance(result, OSError):
-                        raise result
-                    # a refusal of this one lease (lease.lua names the rule): nothing to retry
-                    logger.warning("redis refused the lease of %s: %s", client_id, result)
-                elif write:
-                    self.writes += 1
-                else:
-                    self.releases += 1
+        # what each change is now: the lease held (its ARGV), or a release (None)
+        batch: list[tuple[str, LeaseArgs | None]] = []
+        for client_id, write in ops:
+            held = self._held.get(client_id) if write else None
+            batch.append((client_id, held.args if held is not None else None))
+        refusals = await self.store.write_many(batch, chunk=CHUNK)
+        for (client_id, args), refusal in zip(batch, refusals, strict=True):
+            if refusal is not None:
+                # a refusal of this one lease (lease.lua names the rule): nothing to retry
+                logger.warning("redis refused the lease of %s: %s", client_id, refusal)
+            elif args is not None:
+                self.writes += 1
+            else:
+                self.releases += 1
 
 
 __all__ = ["LeaseBatcher", "LeaseError"]

@@ -48,7 +48,7 @@ import msgspec
 
 from broker.upbit.errors import FrameError
 from broker.upbit.messages import Orderbook, Ticker, decode_message
-from broker.upbit.ratelimit import RateBudget
+from broker.upbit.ratelimit import QUOTATION_PER_SECOND, remaining_req
 
 Query = dict[str, list[str]]
 
@@ -75,13 +75,11 @@ PRIVATE_REFUSED = error_body(
 )
 METHOD_NOT_ALLOWED = error_body(405, "Only GET is served.")
 
-#: ``min`` of Remaining-Req: deprecated, "a fixed value" [D-rl] (the simulator's too)
-REMAINING_MIN = 600
-#: Upbit's quotation limit: requests a second per IP and group
-UPBIT_PER_SECOND = 10
 #: ``sec`` shown on answers served here when the gateway emulates no limit: what Upbit shows
 #: after the first request of a second, so a client that paces itself by it is never slowed
-UNLIMITED_SEC = UPBIT_PER_SECOND - 1
+UNLIMITED_SEC = QUOTATION_PER_SECOND - 1
+#: (client IP, group) budgets of the emulated limit kept before idle ones are forgotten
+CLIENT_BUDGETS = 4096
 #: units of a REST orderbook: ``count`` 1..30, default 30
 MAX_ORDERBOOK_UNITS = 30
 
@@ -532,43 +530,6 @@ class PollBook:
         self._dirty = True
 
 
-# -- Remaining-Req and the per-client limits (emulated on demand) -------------------------------
-
-
-def remaining_req(group: str, remaining: int) -> str:
-    """The ``Remaining-Req`` header Upbit puts on every REST answer."""
-    return f"group={group}; min={REMAINING_MIN}; sec={remaining}"
-
-
-class ClientRates:
-    """Upbit's quotation limit per client IP and group (``UPBIT_PER_SECOND`` requests in any
-    one second, sliding), for the answers the gateway serves itself when it emulates limits
-    (``--emulate-limits``). A refused request is not counted."""
-
-    _PRUNE_AT = 4096  # (ip, group) budgets kept before idle ones are forgotten
-
-    def __init__(self, per_second: int = UPBIT_PER_SECOND) -> None:
-        self.per_second = per_second
-        self._budgets: dict[tuple[str, str], RateBudget] = {}
-
-    def take(self, ip: str, group: str, now: float) -> int | None:
-        """Count one request: the requests left this second, or None (answer 429)."""
-        key = (ip, group)
-        budget = self._budgets.get(key)
-        if budget is None:
-            if len(self._budgets) >= self._PRUNE_AT:
-                self._prune(now)
-            budget = self._budgets[key] = RateBudget(self.per_second, self.per_second * 60)
-        if not budget.allows(now):
-            return None
-        budget.record(now)
-        return max(0, self.per_second - budget.sent_within(now, 1.0))
-
-    def _prune(self, now: float) -> None:
-        for key in [k for k, b in self._budgets.items() if not b.sent_within(now, 1.0)]:
-            del self._budgets[key]
-
-
 @dataclass(slots=True)
 class RestStats:
     """What the REST side did since the gateway started (counters)."""
@@ -588,6 +549,7 @@ class RestStats:
 
 __all__ = [
     "BAD_PARAM",
+    "CLIENT_BUDGETS",
     "MAX_ORDERBOOK_UNITS",
     "MAX_REST_STREAMS",
     "METHOD_NOT_ALLOWED",
@@ -599,7 +561,6 @@ __all__ = [
     "TOO_MANY",
     "UNLIMITED_SEC",
     "BadParam",
-    "ClientRates",
     "Kind",
     "PollBook",
     "RestStats",

@@ -58,6 +58,7 @@ from websockets.http11 import Request, Response
 
 from broker.contract import ContractError, GapEvent, LeaderEvent, LeaseEvent, decode_event
 from broker.errors import describe
+from broker.event_gate import EventGate, Verdict
 from broker.keys import Keys
 from broker.leases import LeaseStore
 from broker.redis_client import redis_client
@@ -68,7 +69,6 @@ from broker.upbit.session import UP_FRAME, AnyLevelMarket
 from consumers.subscriber import Break
 from gateway.config import GatewaySettings
 from gateway.connection import GAP_CLOSE, WRITE_LIMIT, Client, GatewayConnection
-from gateway.events import GapGate, Verdict
 from gateway.frames import binary_frame
 from gateway.hub import Hub
 from gateway.leases import LeaseBatcher
@@ -144,7 +144,8 @@ class Gateway:
             on_event=self._on_event,
             on_restored=self._on_restored,
         )
-        self.gate = GapGate()
+        #: which gap events to believe: the leader's only (design.md "Who may publish events")
+        self.gate = EventGate()
         self.clients: dict[str, Client] = {}
         self.stats: Counter[str] = Counter()
         self.port = s.port
@@ -389,8 +390,9 @@ class Gateway:
         elif isinstance(event, LeaseEvent):
             if event.client_id in self.clients:
                 logger.info("lease of client %s is %s: %s", event.client_id, event.state, event.why)
-        elif isinstance(event, GapEvent):
-            verdict = self.gate.judge(event)
+        elif isinstance(event, GapEvent) and not isinstance(event.state, str):
+            # (a gap's follow-up, with its back-fill's ``state``, reports no new loss)
+            verdict, _ = self.gate.judge(event)
             if verdict is Verdict.ACCEPT:
                 self._gap(event)
             elif verdict is Verdict.CHECK:
@@ -398,10 +400,11 @@ class Gateway:
 
     async def _check_gap(self, event: GapEvent) -> None:
         await self._read_leader()
-        if self.gate.settle(event) is Verdict.ACCEPT:
+        verdict, why = self.gate.settle(event)
+        if verdict is Verdict.ACCEPT:
             self._gap(event)
         else:
-            logger.warning("ignored a gap event from %r: not the leader's", event.broker)
+            logger.warning("ignored a gap event from %r, not the leader's: %s", event.broker, why)
 
     def _gap(self, event: GapEvent) -> None:
         self.stats["gaps"] += 1

@@ -63,7 +63,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from broker.upbit.ratelimit import RateBudget
+from broker.upbit.ratelimit import NO_LIMIT_SEC, remaining_req
 from simulator.candles import DAYS, MONTHS, WEEKS, YEARS
 from simulator.encode import TICKER_FIELDS
 from simulator.market import (
@@ -92,10 +92,8 @@ MAX_TRADES = 500
 MAX_ORDERBOOK_UNITS = 30
 MAX_CANDLES = 200
 MAX_DAYS_AGO = 7
-#: ``min`` of Remaining-Req: deprecated, "a fixed value" [D-rl]; the old per-minute quota.
-REMAINING_MIN = 600
-#: ``sec`` shown when the limit is off (never 0, so a client pacing by it is not slowed).
-UNLIMITED = 999
+#: ``sec`` shown when the limit is off (``rest_rate`` 0)
+UNLIMITED = NO_LIMIT_SEC
 
 _MINUTES = {1: 1, 3: 2, 5: 3, 10: 4, 15: 5, 30: 6, 60: 7, 240: 8}  # unit -> candle index
 _PERIODS = {"seconds": 0, "days": DAYS, "weeks": WEEKS, "months": MONTHS, "years": YEARS}
@@ -115,48 +113,7 @@ class BadParam(Exception):
     """A query parameter is missing or malformed (answered 400)."""
 
 
-# -- rate limit ---------------------------------------------------------------------------------
-
-
-class RestLimiter:
-    """Upbit's quotation limit: ``per_second`` requests per client IP and group in any
-    one-second window (sliding; Upbit says only "per second"). 0 turns it off. A refused
-    request is not counted, so a client that waits gets in again."""
-
-    _PRUNE_AT = 1024  # (ip, group) budgets kept before idle ones are forgotten
-
-    def __init__(self, per_second: int) -> None:
-        if per_second < 0:
-            raise ValueError("per_second must be >= 0")
-        self.per_second = per_second
-        self._budgets: dict[tuple[str, str], RateBudget] = {}
-
-    def take(self, ip: str, group: str, now: float) -> int | None:
-        """Count one request at ``now`` (seconds): the requests left in the window, or
-        ``None`` when it is over the limit (answer 429)."""
-        if self.per_second == 0:
-            return UNLIMITED
-        key = (ip, group)
-        budget = self._budgets.get(key)
-        if budget is None:
-            if len(self._budgets) >= self._PRUNE_AT:
-                self._prune(now)
-            # A minute window the second one never lets fill: only the second one bites.
-            budget = self._budgets[key] = RateBudget(self.per_second, self.per_second * 60)
-        if not budget.allows(now):
-            return None
-        budget.record(now)
-        return max(0, self.per_second - budget.sent_within(now, 1.0))
-
-    def _prune(self, now: float) -> None:
-        idle = [k for k, b in self._budgets.items() if not b.sent_within(now, 1.0)]
-        for key in idle:
-            del self._budgets[key]
-
-
-def remaining_req(group: str, remaining: int) -> str:
-    """The ``Remaining-Req`` header of every REST answer."""
-    return f"group={group}; min={REMAINING_MIN}; sec={remaining}"
+# -- rate-limit groups (the limit itself: broker.upbit.ratelimit.ClientLimiter) -----------------
 
 
 def group_of(path: str) -> str | None:
@@ -451,7 +408,6 @@ __all__ = [
     "MAX_ORDERBOOK_UNITS",
     "NOT_FOUND",
     "TOO_MANY",
-    "RestLimiter",
     "answer",
     "decimal_text",
     "group_of",

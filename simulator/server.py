@@ -37,14 +37,13 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from broker.upbit.ratelimit import RateBudget
+from broker.upbit.ratelimit import ClientLimiter, RateBudget
 from simulator import http
 from simulator.config import SimulatorConfig
 from simulator.connection import WRITE_LIMIT, Peer, SimConnection
 from simulator.encode import UP_FRAME, Encoder
 from simulator.hub import Hub
 from simulator.market import Market
-from simulator.rest import RestLimiter
 from simulator.sends import SendLog
 from simulator.session import Stream
 from simulator.universe import Listing, build_universe
@@ -86,7 +85,7 @@ class Simulator:
         self._unstalled.set()
         self._stall_handle: asyncio.TimerHandle | None = None
         self._connect_budgets: dict[str, RateBudget] = {}
-        self.rest_limiter = RestLimiter(self.config.rest_rate)
+        self.rest_limiter = ClientLimiter(self.config.rest_rate)
         self.port = self.config.port
 
     # -- lifecycle ----------------------------------------------------------------------------

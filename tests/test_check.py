@@ -65,7 +65,7 @@ async def acheck(redis_url: str) -> tuple[int, str]:
 
 @contextmanager
 def broker_process(
-    redis_url: str, upstream_url: str, broker_id: str
+    redis_url: str, upstream_url: str, broker_id: str, status_interval: float = STATUS_INTERVAL
 ) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [*entry_point(), "run", "--log-level", "warning"],
@@ -73,6 +73,7 @@ def broker_process(
             UPBIT_BROKER_REDIS_URL=redis_url,
             UPBIT_BROKER_UPSTREAM_URL=upstream_url,
             UPBIT_BROKER_BROKER_ID=broker_id,
+            UPBIT_BROKER_STATUS_INTERVAL=str(status_interval),
         ),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -117,8 +118,11 @@ def test_check_fails_when_redis_is_unreachable() -> None:
 async def test_check_passes_with_a_healthy_leader_and_fails_once_it_stopped(
     redis_client: aioredis.Redis, redis_url: str
 ) -> None:
+    # The leader writes its status every second (check judges it by the leader's interval: stale
+    # after 3 s), so a loaded machine that delays a write by a few hundred ms is not "stale".
+    interval = 1.0
     async with running_simulator(seed=5) as sim:
-        with broker_process(redis_url, sim.url, "checked"):
+        with broker_process(redis_url, sim.url, "checked", status_interval=interval):
 
             async def connected() -> bool:
                 return (await status(redis_client)).get("connected") == "1"
@@ -129,12 +133,12 @@ async def test_check_passes_with_a_healthy_leader_and_fails_once_it_stopped(
             assert line.startswith("ok: leader checked connected, epoch 1"), line
         # The broker has exited (the context manager waited). Its status stays behind (a
         # successor reads it), so check goes by its age: stale after three status intervals.
-        limit_ms = int(STATUS_INTERVAL * 3000)
+        limit_ms = int(interval * 3000)
 
         async def stale() -> bool:
             return await status_age_ms(redis_client) > limit_ms
 
-        await wait_for(stale, 10, message="the status went stale")
+        await wait_for(stale, 15, message="the status went stale")
         code, line = await acheck(redis_url)
     assert code == 1, line
     assert "leader checked: status is stale" in line, line

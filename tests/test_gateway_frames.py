@@ -1,6 +1,7 @@
 """The gateway's pure parts, without sockets: frame conversion (every format and depth against
-the simulator's own encoding of the same values), the gap gate, and the protocol core's session
-as the gateway drives it (no limits, every well-formed code)."""
+the simulator's own encoding of the same values) and the protocol core's session as the gateway
+drives it (no limits, every well-formed code). Its gap gate is ``broker.event_gate``
+(``tests/test_event_gate.py``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from broker.contract import GapEvent
 from broker.upbit.codes import is_valid_code
 from broker.upbit.session import AnyLevelMarket, Listed, Pinged, Refused, Session, Subscribed
 from broker.upbit.types import Format, StreamKey, SubscriptionSet
-from gateway.events import GapGate, Verdict
 from gateway.frames import Variant, binary_frame, convert, is_snapshot, trade_id, variant_of
 from simulator.encode import Encoder
 from simulator.market import Market, candle_values, orderbook_units, ticker_values, trade_values
@@ -146,29 +145,6 @@ def test_trade_id_in_either_spelling(market: Market) -> None:
         assert trade_id(frame) is None
 
 
-# -- the gap gate ---------------------------------------------------------------------------------
-
-
-def gap(broker: str | None, epoch: int | None = 3, **extra: Any) -> GapEvent:
-    return GapEvent(broker=broker, epoch=epoch, since_ms=1, until_ms=2, reason="reconnect", **extra)
-
-
-def test_only_the_leaders_gaps_are_believed() -> None:
-    gate = GapGate()
-    assert gate.judge(gap("b1")) is Verdict.CHECK  # no status read yet
-    gate.status_read("b1")
-    assert gate.judge(gap("b1", 3)) is Verdict.ACCEPT
-    assert gate.judge(gap("b1", 2)) is Verdict.REJECT  # an older epoch: replayed or forged
-    assert gate.judge(gap("b1", 3, state="filled")) is Verdict.REJECT  # a follow-up
-    assert gate.judge(gap(None)) is Verdict.REJECT
-    assert gate.judge(gap("b2", 4)) is Verdict.CHECK
-    assert gate.settle(gap("b2", 4)) is Verdict.REJECT  # the status still names b1
-    gate.status_read("b2")  # a takeover
-    assert gate.settle(gap("b2", 4)) is Verdict.ACCEPT
-    gate.reconnected()  # Redis may have restarted empty: epochs start again
-    assert gate.judge(gap("b2", 1)) is Verdict.ACCEPT
-
-
 # -- the protocol core's session, as the gateway drives it ------------------------------------
 
 
@@ -225,15 +201,15 @@ def test_without_limits_nothing_is_refused_for_its_rate() -> None:
 
 
 def test_the_gateways_pure_modules_do_no_io_and_nothing_imports_the_simulator() -> None:
-    """``gateway/frames.py`` and ``gateway/events.py`` are pure (the hot path's conversion is
-    testable without sockets); no gateway module depends on the simulator or the tests."""
+    """``gateway/frames.py`` is pure (the hot path's conversion is testable without sockets);
+    no gateway module depends on the simulator or the tests."""
     from pathlib import Path
 
     from tests.support.imports import imported_names
 
     root = Path(__file__).resolve().parents[1] / "gateway"
     io = ("asyncio", "redis", "websockets", "hiredis", "consumers", "gateway.hub")
-    for name in ("frames.py", "events.py"):
+    for name in ("frames.py",):
         found = [n for n in imported_names(root / name) if n.split(".")[0] in io or n in io]
         assert found == [], name
     for path in sorted(root.glob("*.py")):

@@ -1,6 +1,7 @@
 """The gateway's REST rules without sockets (pure): paths, parameters, the REST shapes it
-builds from the broker's cached WebSocket frames, the cache's trust, the REST lease's
-bookkeeping and the per-client limit it emulates.
+builds from the broker's cached WebSocket frames, the cache's trust and the REST lease's
+bookkeeping (the per-client limit it emulates is the simulator's:
+``tests/test_upbit_ratelimit.py``).
 
 The shapes are judged against the simulator's own REST answers for the very same market
 state: the WebSocket frame the simulator would send (DEFAULT, SIMPLE, Java number spelling),
@@ -22,7 +23,6 @@ from gateway.rest import (
     TOO_MANY,
     UNLIMITED_SEC,
     BadParam,
-    ClientRates,
     Kind,
     PollBook,
     cache_doubt,
@@ -432,17 +432,3 @@ def test_poll_book_has_a_cap() -> None:
     assert book.poll("ticker", ["KRW-BTC", "KRW-ETH", "KRW-XRP"], 1.0)
     with pytest.raises(ValueError):
         PollBook(0.0)
-
-
-# -- the emulated per-client limit -----------------------------------------------------------------
-
-
-def test_client_rates_allow_ten_a_second_per_ip_and_group() -> None:
-    rates = ClientRates()
-    left = [rates.take("1.2.3.4", "ticker", 0.01 * i) for i in range(10)]
-    assert left == list(range(9, -1, -1))
-    assert rates.take("1.2.3.4", "ticker", 0.5) is None
-    assert rates.take("1.2.3.4", "orderbook", 0.5) == 9  # another group
-    assert rates.take("5.6.7.8", "ticker", 0.5) == 9  # another client
-    assert rates.take("1.2.3.4", "ticker", 1.005) == 0  # the first went out of the window
-    assert rates.take("1.2.3.4", "ticker", 1.006) is None

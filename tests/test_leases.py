@@ -22,10 +22,12 @@ from broker.leases import (
     LEASE_LUA,
     RELEASE_LUA,
     Lease,
+    LeaseArgs,
     LeaseStore,
     ParsedSubs,
     Rejected,
     encode_lease_fields,
+    lease_args,
     parse_lease,
 )
 from broker.testing import RedisServer, wait_for
@@ -450,6 +452,47 @@ async def test_control_channel_on_write_and_release(
     assert await redis_client.zscore(f"{NS}:leases", "c1") is None
     assert await store.release("c1") is False
     assert await store.read("c1") is None
+
+
+async def test_write_many_writes_and_releases_as_write_and_release_do(
+    store: LeaseStore, redis_client: aioredis.Redis
+) -> None:
+    await store.write("gone", SUBS, ttl_ms=10_000, host="h", pid=1)
+    await store.write("w", SUBS, ttl_ms=10_000, host="box", pid=7)  # by write(), to compare
+    ops: list[tuple[str, LeaseArgs | None]] = [
+        ("a", lease_args("a", SUBS, ttl_ms=10_000, host="box", pid=7)),
+        ("bad", LeaseArgs("bad", "1000", '["KRW-BTC"]', "h", "1")),  # lease.lua refuses it
+        ("gone", None),
+        ("b", lease_args("b", SubscriptionSet(), ttl_ms=5_000, host="h2", pid=8)),
+    ]
+    refusals = await store.write_many(ops, chunk=3)  # two pipelines
+    assert [r is None for r in refusals] == [True, False, True, True]
+    assert isinstance(refusals[1], ResponseError) and "SUBS must be" in str(refusals[1])
+
+    a = await store.read("a")
+    assert a is not None and (a.host, a.pid, a.ttl_ms, a.subscriptions) == ("box", 7, 10_000, SUBS)
+    raw_a = await redis_client.hgetall(f"{NS}:lease:a")
+    raw_w = await redis_client.hgetall(f"{NS}:lease:w")
+    clock = {b"client_id", b"created_ms", b"renewed_ms", b"deadline_ms"}
+    assert {k: v for k, v in raw_a.items() if k not in clock} == {
+        k: v for k, v in raw_w.items() if k not in clock
+    }  # the very hash write() makes
+    assert await redis_client.zscore(f"{NS}:leases", "a") == a.deadline_ms
+    b = await store.read("b")
+    assert b is not None and (b.host, b.pid, b.ttl_ms) == ("h2", 8, 5_000)
+    assert await store.read("gone") is None and await store.read("bad") is None
+    assert await redis_client.zscore(f"{NS}:leases", "gone") is None
+
+    async def server_moved() -> bool:
+        return await _server_ms(redis_client) > a.renewed_ms
+
+    await wait_for(server_moved, message="server clock to pass renewed_ms")
+    assert await store.write_many([("a", ops[0][1])]) == [None]  # a renewal: the same ARGV
+    renewed = await store.read("a")
+    assert renewed is not None and renewed.created_ms == a.created_ms < renewed.renewed_ms
+    assert await store.write_many([]) == []
+    with pytest.raises(LeaseError):
+        await store.write_many([("not a client id", None)])
 
 
 async def test_list_skips_bad_leases_into_invalid(

@@ -1,5 +1,6 @@
 """The simulator's REST logic without sockets: trade log, day-scoped paging, candles built
-from the same trades as the log, the rate limiter's arithmetic, parameter errors."""
+from the same trades as the log, rate-limit groups, parameter errors (the limiter's arithmetic,
+shared with the gateway: ``tests/test_upbit_ratelimit.py``)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from simulator.market import (
 from simulator.rest import (
     BAD_PARAM,
     NOT_FOUND,
-    UNLIMITED,
-    RestLimiter,
     answer,
     group_of,
     remaining_req,
@@ -343,23 +342,7 @@ def test_tickers_by_quote_currency() -> None:
     assert get(m, "/v1/ticker/all") == (400, BAD_PARAM)
 
 
-# -- rate limit -----------------------------------------------------------------------------------
-
-
-def test_rate_limit_is_ten_a_second_per_ip_and_group() -> None:
-    limiter = RestLimiter(10)
-    assert [limiter.take("1.2.3.4", "trade", i * 0.01) for i in range(10)] == list(range(9, -1, -1))
-    assert limiter.take("1.2.3.4", "trade", 0.5) is None  # the 11th within the second
-    assert limiter.take("1.2.3.4", "trade", 0.6) is None  # a refusal is not counted...
-    assert limiter.take("1.2.3.4", "candle", 0.6) == 9  # another group
-    assert limiter.take("5.6.7.8", "trade", 0.6) == 9  # another IP
-    assert limiter.take("1.2.3.4", "trade", 1.0) == 0  # ...the first left the window
-    assert limiter.take("1.2.3.4", "trade", 1.005) is None
-    assert limiter.take("1.2.3.4", "trade", 2.5) == 9
-    off = RestLimiter(0)
-    assert all(off.take("1.2.3.4", "trade", 0.0) == UNLIMITED for _ in range(100))
-    with pytest.raises(ValueError):
-        RestLimiter(-1)
+# -- rate-limit groups (the limit itself: tests/test_upbit_ratelimit.py) -----------------------
 
 
 def test_remaining_req_and_groups() -> None:

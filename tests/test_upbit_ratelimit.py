@@ -1,4 +1,5 @@
-"""The per-connection message budget: sliding windows of one second and one minute."""
+"""The per-connection message budget (sliding windows of one second and one minute) and the
+per-client REST limit the simulator and the gateway apply."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.upbit.ratelimit import RateBudget
+from broker.upbit.ratelimit import NO_LIMIT_SEC, ClientLimiter, RateBudget, remaining_req
 
 
 def test_refuses_an_empty_budget() -> None:
@@ -87,3 +88,41 @@ def test_sending_when_allowed_never_exceeds_a_window(
     for t in sent:
         assert sum(1 for u in sent if t <= u < t + 1.0) <= per_second
         assert sum(1 for u in sent if t <= u < t + 60.0) <= per_minute
+
+
+# -- the per-client REST limit (simulator, gateway) --------------------------------------------
+
+
+def test_client_limiter_is_ten_a_second_per_ip_and_group() -> None:
+    limiter = ClientLimiter()
+    assert [limiter.take("1.2.3.4", "trade", i * 0.01) for i in range(10)] == list(range(9, -1, -1))
+    assert limiter.take("1.2.3.4", "trade", 0.5) is None  # the 11th within the second
+    assert limiter.take("1.2.3.4", "trade", 0.6) is None  # a refusal is not counted...
+    assert limiter.take("1.2.3.4", "candle", 0.6) == 9  # another group
+    assert limiter.take("5.6.7.8", "trade", 0.6) == 9  # another IP
+    assert limiter.take("1.2.3.4", "trade", 1.0) == 0  # ...the first left the window
+    assert limiter.take("1.2.3.4", "trade", 1.005) is None
+    assert limiter.take("1.2.3.4", "trade", 2.5) == 9
+
+
+def test_client_limiter_off_passes_everything() -> None:
+    off = ClientLimiter(0)
+    assert all(off.take("1.2.3.4", "trade", 0.0) == NO_LIMIT_SEC for _ in range(100))
+    assert ClientLimiter(0, unlimited=9).take("1.2.3.4", "trade", 0.0) == 9
+    with pytest.raises(ValueError):
+        ClientLimiter(-1)
+
+
+def test_client_limiter_forgets_idle_clients_only() -> None:
+    limiter = ClientLimiter(2, prune_at=3)
+    for n in range(3):
+        limiter.take(f"10.0.0.{n}", "ticker", 0.0)
+    limiter.take("10.0.0.0", "ticker", 5.0)  # still busy when the next one comes
+    assert limiter.take("10.0.0.9", "ticker", 5.5) == 1  # a 4th client: the idle are pruned
+    assert set(limiter._budgets) == {("10.0.0.0", "ticker"), ("10.0.0.9", "ticker")}
+    assert limiter.take("10.0.0.0", "ticker", 5.6) == 0  # its window was kept
+    assert limiter.take("10.0.0.0", "ticker", 5.7) is None
+
+
+def test_remaining_req_spells_upbits_header() -> None:
+    assert remaining_req("candle", 7) == "group=candle; min=600; sec=7"

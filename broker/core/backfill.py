@@ -130,6 +130,30 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
 
 
+class _Pages:
+    """What a trade fill and a candle fill share: pages counted against a limit, and how the
+    fill ends (its :class:`Outcome`)."""
+
+    def __init__(self, page_size: int, max_pages: int) -> None:
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self.pages = 0
+        self.done = False
+        self.outcome = Outcome.COMPLETE
+
+    def missing(self) -> Sequence[object]:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Fetching failed (an error, the deadline): what was found so far is still missing."""
+        if not self.done:
+            self._finish(Outcome.INCOMPLETE if self.missing() else Outcome.FAILED)
+
+    def _finish(self, outcome: Outcome) -> None:
+        self.done = True
+        self.outcome = outcome
+
+
 # -- trades ------------------------------------------------------------------------------------
 
 
@@ -171,7 +195,7 @@ class TradeRequest(NamedTuple):
     days_ago: int
 
 
-class TradeFill:
+class TradeFill(_Pages):
     """What to fetch for one trade stream, and what is missing (see the module docstring)."""
 
     def __init__(
@@ -182,8 +206,7 @@ class TradeFill:
         page_size: int = TRADE_PAGE,
         max_pages: int = MAX_TRADE_PAGES,
     ) -> None:
-        self.page_size = page_size
-        self.max_pages = max_pages
+        super().__init__(page_size, max_pages)
         self.known = history.known
         self.anchor = history.anchor
         #: at or before this, a trade is older than the gap: paging stops there
@@ -195,9 +218,6 @@ class TradeFill:
         else:
             self.cutoff = Mark(window.until_ms, _ANY_SID)
             cursor = None
-        self.pages = 0
-        self.done = False
-        self.outcome = Outcome.COMPLETE
         self._request = TradeRequest(cursor, 0)
         self._seen: set[int] = set()
         self._missing: list[RestTrade] = []
@@ -265,15 +285,6 @@ class TradeFill:
             self._day_start = day - DAY_MS
             self._request = TradeRequest(None, days_ago + 1)
 
-    def abort(self) -> None:
-        """Fetching failed (an error, the deadline): what was found so far is still missing."""
-        if not self.done:
-            self._finish(Outcome.INCOMPLETE if self._missing else Outcome.FAILED)
-
-    def _finish(self, outcome: Outcome) -> None:
-        self.done = True
-        self.outcome = outcome
-
     def missing(self) -> list[RestTrade]:
         """The trades to append, in ``(timestamp, sequential_id)`` order."""
         return sorted(self._missing, key=lambda t: (t.timestamp, t.sequential_id))
@@ -313,7 +324,7 @@ class CandleHistory:
         return self.done
 
 
-class CandleFill:
+class CandleFill(_Pages):
     """What to fetch for one candle stream, and what is missing (see the module docstring)."""
 
     def __init__(
@@ -324,17 +335,13 @@ class CandleFill:
         page_size: int = CANDLE_PAGE,
         max_pages: int = MAX_CANDLE_PAGES,
     ) -> None:
+        super().__init__(page_size, max_pages)
         unit = self.unit_ms = history.unit_ms
-        self.page_size = page_size
-        self.max_pages = max_pages
         self.known = history.known
         self.low_ms = history.low_ms
         # The live stream carries the newest candle (and any later one); a candle that started
         # before the gap's end's candle had ended by then.
         self.bound_ms = max(history.newest_start or 0, window.until_ms - window.until_ms % unit)
-        self.pages = 0
-        self.done = False
-        self.outcome = Outcome.COMPLETE
         self._to_ms = self.bound_ms
         self._missing: dict[int, RestCandle] = {}
         self._seen: set[int] = set()
@@ -369,15 +376,6 @@ class CandleFill:
             self._finish(Outcome.INCOMPLETE)
         else:
             self._to_ms = oldest
-
-    def abort(self) -> None:
-        """Fetching failed: what was found so far is still missing."""
-        if not self.done:
-            self._finish(Outcome.INCOMPLETE if self._missing else Outcome.FAILED)
-
-    def _finish(self, outcome: Outcome) -> None:
-        self.done = True
-        self.outcome = outcome
 
     def missing(self) -> list[RestCandle]:
         """The complete candles to append, oldest first."""

@@ -1,8 +1,13 @@
-"""Upbit's per-connection message limit as a pure sliding-window budget.
+"""Upbit's rate limits as pure sliding-window budgets.
 
 Upbit allows 5 messages a second and 100 a minute per connection; every subscribe request,
 every LIST_SUBSCRIPTIONS and (treated as counted) every text ``PING`` is a message. The
 budget keeps a margin under both so clock skew between us and Upbit never costs a refusal.
+
+Its quotation REST API allows 10 requests a second per client IP and rate-limit group, and
+says what is left in each answer's ``Remaining-Req`` header: :class:`ClientLimiter` is that
+limit as a server applies it (the simulator, and the gateway when it emulates Upbit's limits).
+
 Times are plain floats (seconds, monotonic) passed in by the caller: no clock is read here.
 """
 
@@ -82,4 +87,70 @@ class Pacer:
         self._tokens -= 1.0
 
 
-__all__ = ["Pacer", "RateBudget"]
+#: Upbit's quotation REST limit: requests a second per client IP and rate-limit group
+QUOTATION_PER_SECOND = 10
+#: ``min`` of ``Remaining-Req``: deprecated, "a fixed value" [D-rl]; the old per-minute quota
+REMAINING_MIN = 600
+#: ``sec`` of ``Remaining-Req`` when no limit applies (never 0: a client pacing by it would wait)
+NO_LIMIT_SEC = 999
+
+
+def remaining_req(group: str, remaining: int) -> str:
+    """The ``Remaining-Req`` header of a REST answer: ``remaining`` requests left this second."""
+    return f"group={group}; min={REMAINING_MIN}; sec={remaining}"
+
+
+class ClientLimiter:
+    """Upbit's quotation REST limit: ``per_second`` requests per client IP and rate-limit group
+    in any one-second window (sliding; Upbit says only "per second").
+
+    A refused request is not counted, so a client that waits gets in again. ``per_second`` 0
+    turns the limit off: every request passes with ``unlimited`` left. Once ``prune_at``
+    (IP, group) budgets are kept, the idle ones are forgotten.
+    """
+
+    def __init__(
+        self,
+        per_second: int = QUOTATION_PER_SECOND,
+        *,
+        unlimited: int = NO_LIMIT_SEC,
+        prune_at: int = 1024,
+    ) -> None:
+        if per_second < 0:
+            raise ValueError("per_second must be >= 0")
+        self.per_second = per_second
+        self.unlimited = unlimited
+        self._prune_at = prune_at
+        self._budgets: dict[tuple[str, str], RateBudget] = {}
+
+    def take(self, ip: str, group: str, now: float) -> int | None:
+        """Count one request at ``now`` (seconds): the requests left in the window, or
+        ``None`` when it is over the limit (answer 429)."""
+        if self.per_second == 0:
+            return self.unlimited
+        key = (ip, group)
+        budget = self._budgets.get(key)
+        if budget is None:
+            if len(self._budgets) >= self._prune_at:
+                self._prune(now)
+            # A minute window the second one never lets fill: only the second one bites.
+            budget = self._budgets[key] = RateBudget(self.per_second, self.per_second * 60)
+        if not budget.allows(now):
+            return None
+        budget.record(now)
+        return max(0, self.per_second - budget.sent_within(now, 1.0))
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, b in self._budgets.items() if not b.sent_within(now, 1.0)]:
+            del self._budgets[key]
+
+
+__all__ = [
+    "NO_LIMIT_SEC",
+    "QUOTATION_PER_SECOND",
+    "REMAINING_MIN",
+    "ClientLimiter",
+    "Pacer",
+    "RateBudget",
+    "remaining_req",
+]
