@@ -32,6 +32,7 @@ SECTIONS = (
     "wholemarket",
     "history",
     "gateway",
+    "replicas",
 )
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 DEFAULT_PLOT_DIR = Path(__file__).resolve().parents[1] / "docs"
@@ -46,6 +47,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         bench_hotpath,
         bench_latency,
         bench_recovery,
+        bench_replicas,
         bench_resubscribe,
         bench_scale,
         bench_throughput,
@@ -58,9 +60,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         only.discard("redis_py")
         if not args.only:
             # wholemarket: minutes of long windows; gateway: three stacks of processes (its
-            # own test runs it). --quick --only wholemarket (or gateway): a smoke run
+            # own test runs it); replicas: three redis-servers and a stack per run. --quick
+            # --only wholemarket (or gateway, replicas): a smoke run
             only.discard("wholemarket")
             only.discard("gateway")
+            only.discard("replicas")
     record: dict[str, Any] = {
         "benchmark": "upbit-broker",
         "mode": "quick" if quick else "full",
@@ -153,6 +157,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if "gateway" in only:
             print("gateway (Upbit-compatible clients) ...", flush=True)
             await section("gateway", lambda: bench_gateway.run(server, quick))
+        if "replicas" in only:
+            print("fan-out from replicas (a master and two replicas) ...", flush=True)
+            await section("replicas", lambda: bench_replicas.run(server, quick))
     record["errors"] = errors
     git, dirty = h.git_state()
     record["git_at_end"] = {"git": git, "dirty": dirty}

@@ -337,6 +337,9 @@ def table(record: dict[str, Any]) -> str:
     gw = record.get("gateway")
     if gw:
         lines += ["", *_gateway_lines(gw)]
+    rep = record.get("replicas")
+    if rep:
+        lines += ["", *_replicas_lines(rep)]
     s = record.get("summary", {})
     if s:
         lines += ["", "Goals"]
@@ -551,5 +554,55 @@ def _gateway_lines(gw: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  the gateway's share, per client-frame (its receive minus the subscriber's): "
                 f"p50 {_f(per.get('p50_us'), '.0f')}, p99 {_f(per.get('p99_us'), '.0f')} us"
+            )
+    return lines
+
+
+def _kilo(n: Any) -> str:
+    return f"{n / 1000:.0f}k" if isinstance(n, int | float) else "-"
+
+
+def _replicas_lines(rep: dict[str, Any]) -> list[str]:
+    """The fan-out-from-replicas section (issue 15): one line per (consumers, way), then the
+    two ways side by side."""
+    runs = rep.get("runs", [])
+    clock = runs[0].get("clock", "stat") if runs else "stat"
+    lines = [
+        f"11. Fan-out from replicas: one broker publishing to a master, N hiredis consumers on "
+        f"the master or spread over {rep['replicas']} replicas ({rep['codes']} codes x "
+        f"{'/'.join(rep['types'])}, {_load(rep['target_fps'])} frames/s offered; window "
+        f"{rep['duration_s']:g} s, CPU from {clock})",
+        f"  {'cons':>4} {'on':<8} {'offered/s':>9} {'deliveries/s':>12} {'expected':>9} "
+        f"{'loss':>5} {'broker us/fr':>12} {'master':>6} {'repl 1':>6} {'repl 2':>6} "
+        f"{'redis us/dlv':>12} {'dlv/core':>8} {'consumers':>9} {'us/dlv':>6} {'fr/wake':>7} "
+        f"{'busy':>5} {'others':>6} limited by",
+    ]
+    for r in runs:
+        redis = list(r["redis_cores"].values())
+        cells = [*redis, *([None] * (3 - len(redis)))][:3]
+        lines.append(
+            f"  {r['consumers']:>4} {r['mode']:<8} {r['offered_fps']:>9.0f} "
+            f"{r['deliveries_per_s']:>12.0f} {r['expected_deliveries_per_s']:>9.0f} "
+            f"{r['loss']:>5} {_f(r['broker_cpu_us_per_frame']):>12} "
+            + " ".join(f"{_f(c, '.3f'):>6}" for c in cells)
+            + f" {_f(r['redis_us_per_delivery'], '.2f'):>12} "
+            f"{_kilo(r.get('deliveries_per_redis_core')):>8} {r['consumer_cores']:>9.3f} "
+            f"{_f(r.get('consumer_us_per_frame')):>6} {_f(r.get('consumer_frames_per_wakeup')):>7} "
+            f"{r['machine_cpu_cores_busy_all_processes']:>5.2f} "
+            f"{r.get('other_load_cores', 0):>6.2f} {r['limited_by']}"
+        )
+    pairs = rep.get("compare", [])
+    if pairs:
+        lines.append(
+            "  master vs replicas, same N: deliveries/s, broker us/frame, busiest redis-server "
+            "cores, all redis-servers' cores"
+        )
+        for c in pairs:
+            d, b = c["deliveries_per_s"], c["broker_cpu_us_per_frame"]
+            busy, total = c["busiest_redis_cores"], c["all_redis_cores"]
+            lines.append(
+                f"  {c['consumers']:>4}: {d[0]:.0f} -> {d[1]:.0f} "
+                f"({_f(c['deliveries_ratio'], '.2f')}x); {_f(b[0])} -> {_f(b[1])} us; "
+                f"{busy[0]:.3f} -> {busy[1]:.3f}; {total[0]:.3f} -> {total[1]:.3f}"
             )
     return lines

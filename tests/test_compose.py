@@ -63,6 +63,16 @@ COMPOSE_OVERRIDES = {"redis_url", "metrics_port"}
 #: upbit-broker commands that do not build BrokerSettings (so read no UPBIT_BROKER_* variable
 #: but those of their own flags: the gateway's Redis URL and namespace)
 NO_BROKER_SETTINGS = {"simulate", "gateway"}
+#: the services of the default stack (no profile): the `ha` profile must leave them as they are
+DEFAULT_SERVICES = {"redis", "broker", "broker-standby", "ticker-board", "ohlcv-bars", "gateway"}
+#: profile `ha`: Redis with Sentinel failover, a stack of its own
+HA_DATA_NODES = ("redis-master", "redis-replica")
+HA_SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+HA_BROKERS = ("broker-ha", "broker-ha-standby")
+HA_CONSUMERS = ("ticker-board-ha",)
+HA_SERVICES = (*HA_DATA_NODES, *HA_SENTINELS, *HA_BROKERS, *HA_CONSUMERS)
+HA_URL = "redis+sentinel://:@sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/mymaster/0"
+SENTINEL_TEMPLATE = ROOT / "deploy" / "sentinel.conf"
 
 
 # -- compose interpolation (the subset of the spec this repository uses, and a bit more) ------
@@ -511,6 +521,238 @@ def test_the_offline_profile_points_the_brokers_at_the_simulator() -> None:
     assert (rest.scheme, rest.hostname, rest.port) == ("http", "simulator", int(args["--port"]))
 
 
+# -- tests: the `ha` profile ------------------------------------------------------------------
+
+
+def _pairs(argv: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs of a redis-server command line (``--replicaof`` takes two)."""
+    out: dict[str, str] = {}
+    i = 1
+    while i < len(argv):
+        width = 3 if argv[i] == "--replicaof" else 2
+        out[argv[i]] = " ".join(argv[i + 1 : i + width])
+        i += width
+    return out
+
+
+def sentinel_directives(path: Path = SENTINEL_TEMPLATE) -> list[list[str]]:
+    """The directives of a sentinel config file, split into words (comments dropped)."""
+    lines = (line.split("#", 1)[0].split() for line in path.read_text().splitlines())
+    return [words for words in lines if words]
+
+
+def test_the_ha_profile_is_a_stack_of_its_own_that_leaves_the_default_unchanged() -> None:
+    svc = services()
+    assert set(HA_SERVICES) <= set(svc)
+    for name in HA_SERVICES:
+        assert svc[name].get("profiles") == ["ha"], name
+    # The default stack: the same services, none of them in a profile, none needing the `ha` ones.
+    always = {name for name, s in svc.items() if not s.get("profiles")}
+    assert always == DEFAULT_SERVICES
+    for name in always:
+        assert not set(svc[name].get("depends_on") or {}) & set(HA_SERVICES), name
+        env = service_env(svc[name])
+        assert "sentinel" not in env.get("UPBIT_BROKER_REDIS_URL", ""), name
+    # The `ha` services need only each other (they start alone: `up broker-ha ...`).
+    for name in HA_SERVICES:
+        deps = set(svc[name].get("depends_on") or {})
+        assert deps <= set(HA_SERVICES), (name, deps)
+    # Every container of the stack has a health check, and every dependency waits for it.
+    for name in (*HA_DATA_NODES, *HA_SENTINELS, *HA_BROKERS):
+        assert svc[name].get("healthcheck", {}).get("test"), name
+    # The host ports of the brokers' metrics do not collide with the default pair's.
+    published = [str(p).rsplit(":", 2)[1] for s in svc.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), published
+
+
+def test_the_ha_data_nodes_are_a_master_and_its_replica_as_bounded_as_redis() -> None:
+    svc = services()
+    base = _pairs([str(x) for x in svc["redis"]["command"]])
+    for name in HA_DATA_NODES:
+        node = svc[name]
+        assert str(node["image"]).startswith("redis:7")
+        argv = [str(x) for x in node["command"]]
+        assert argv[0] == "redis-server"
+        pairs = _pairs(argv)
+        # The `redis` service's limits and policies, unchanged.
+        for flag, value in base.items():
+            assert pairs[flag] == value, (name, flag)
+        # Each announces its compose hostname: what the sentinels hand out after a failover.
+        assert node["hostname"] == name
+        assert pairs["--replica-announce-ip"] == name
+        assert "redis-cli ping" in " ".join(node["healthcheck"]["test"])
+        assert node["restart"] in {"always", "unless-stopped"}
+        assert node["deploy"]["resources"]["limits"]["memory"]
+    assert "--replicaof" not in _pairs([str(x) for x in svc["redis-master"]["command"]])
+    assert _pairs([str(x) for x in svc["redis-replica"]["command"]])["--replicaof"] == (
+        "redis-master 6379"
+    )
+    assert svc["redis-replica"]["depends_on"]["redis-master"]["condition"] == "service_healthy"
+    # min-replicas-to-write: off by default (one replica: the promoted one would have none
+    # left), one variable for both nodes (either may be the master).
+    for env, wanted in (({}, "0"), ({"HA_MIN_REPLICAS_TO_WRITE": "1"}, "1")):
+        for name in HA_DATA_NODES:
+            pairs = _pairs([str(x) for x in services(env)[name]["command"]])
+            assert pairs["--min-replicas-to-write"] == wanted, name
+            assert pairs["--min-replicas-max-lag"] == "10", name
+    # With a password both require it, and both can sync with it (either may be the replica).
+    with_password = services({"REDIS_PASSWORD": "s3cret"})
+    for name in HA_DATA_NODES:
+        pairs = _pairs([str(x) for x in with_password[name]["command"]])
+        assert pairs["--requirepass"] == pairs["--masterauth"] == "s3cret", name
+        assert service_env(with_password[name])["REDISCLI_AUTH"] == "s3cret", name
+
+
+def test_the_sentinel_config_monitors_the_master_with_quorum_2() -> None:
+    directives = sentinel_directives()
+    monitors = [d for d in directives if d[:2] == ["sentinel", "monitor"]]
+    assert len(monitors) == 1, monitors
+    [[_, _, name, host, port, quorum]] = monitors
+    sentinel_url = urlsplit(HA_URL)
+    assert name == sentinel_url.path.split("/")[1] == "mymaster"
+    assert (host, port) == ("redis-master", "6379")
+    assert int(quorum) == 2
+    # A quorum is a majority of the sentinels the compose file runs: one alone decides nothing.
+    assert len(HA_SENTINELS) // 2 < int(quorum) <= len(HA_SENTINELS)
+    words = {tuple(d) for d in directives}
+    assert ("sentinel", "resolve-hostnames", "yes") in words
+    assert ("sentinel", "announce-hostnames", "yes") in words
+    assert ("port", "26379") in words and ("dir", "/data") in words
+    assert ("protected-mode", "no") in words  # the other containers reach it
+    for option in ("down-after-milliseconds", "failover-timeout", "parallel-syncs"):
+        [value] = [d[3] for d in directives if d[:3] == ["sentinel", option, "mymaster"]]
+        assert int(value) > 0, option
+
+
+def test_the_sentinels_run_a_writable_copy_of_the_template_and_check_the_quorum() -> None:
+    svc = services()
+    hostnames = set()
+    for name in HA_SENTINELS:
+        sentinel = svc[name]
+        assert str(sentinel["image"]).startswith("redis:7")
+        hostnames.add(sentinel["hostname"])
+        [mount] = sentinel["volumes"]
+        source, target, mode = str(mount).split(":")
+        assert (ROOT / source).resolve() == SENTINEL_TEMPLATE and mode == "ro"
+        argv = [str(x) for x in sentinel["command"]]
+        assert argv[:2] == ["sh", "-c"]
+        script = argv[2]
+        assert f"cp {target} /data/" in script
+        assert "exec docker-entrypoint.sh redis-server /data/sentinel.conf --sentinel" in script
+        check = " ".join(sentinel["healthcheck"]["test"])
+        assert "-p 26379 sentinel ckquorum mymaster" in check
+        assert sentinel["depends_on"]["redis-master"]["condition"] == "service_healthy"
+        assert sentinel["restart"] in {"always", "unless-stopped"}
+    assert hostnames == set(HA_SENTINELS)
+
+
+def test_the_ha_brokers_and_consumer_find_the_master_through_the_sentinels() -> None:
+    from broker.redis_url import parse_sentinel_url
+
+    svc = services()
+    sentinels = tuple((name, 26379) for name in HA_SENTINELS)
+    default_broker = service_env(svc["broker"])
+    for name in (*HA_BROKERS, *HA_CONSUMERS):
+        env = service_env(svc[name])
+        assert env["UPBIT_BROKER_REDIS_URL"] == HA_URL, name
+        parsed = parse_sentinel_url(env["UPBIT_BROKER_REDIS_URL"])
+        assert (parsed.sentinels, parsed.service, parsed.db) == (sentinels, "mymaster", 0)
+        for dep in HA_SENTINELS:
+            assert svc[name]["depends_on"][dep]["condition"] == "service_healthy", (name, dep)
+        assert env["UPBIT_BROKER_NAMESPACE"] == default_broker["UPBIT_BROKER_NAMESPACE"]
+    for name in HA_BROKERS:
+        broker = svc[name]
+        assert argv_of(broker)[:2] == ["upbit-broker", "run"], name
+        assert healthcheck_argv(broker) == ["upbit-broker", "check"], name
+        assert broker["hostname"] == name
+        env = service_env(broker)
+        # The default brokers' settings but the Redis URL, and accepted by the broker.
+        differ = {k for k in set(env) | set(default_broker) if env.get(k) != default_broker.get(k)}
+        assert differ == {"UPBIT_BROKER_REDIS_URL"}, differ
+        assert BrokerSettings.from_env(env).redis_url == HA_URL
+    consumer, example = service_env(svc["ticker-board-ha"]), service_env(svc["ticker-board"])
+    assert {k for k in consumer if consumer[k] != example.get(k)} == {"UPBIT_BROKER_REDIS_URL"}
+    assert argv_of(svc["ticker-board-ha"]) == argv_of(svc["ticker-board"])
+    # The password, when set, is the master's (the sentinels run without one).
+    with_password = services({"REDIS_PASSWORD": "s3cret"})
+    url = parse_sentinel_url(service_env(with_password["broker-ha"])["UPBIT_BROKER_REDIS_URL"])
+    assert (url.password, url.sentinel_password) == ("s3cret", None)
+
+
+def test_the_sentinel_containers_script_makes_a_working_sentinel(tmp_path: Path) -> None:
+    """The sentinels' command and config, run here: three of them watching a real master with
+    a password reach their quorum (the compose health check, run as the container runs it, says
+    so), and hand out the master by hostname. Only the places differ from the containers':
+    every hostname is ``localhost``, every port a free one, /data a directory of the test."""
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-server and redis-cli are needed")
+    from broker.testing import RedisServer, wait_for_sync
+
+    sentinel = services({"REDIS_PASSWORD": "pw"})["sentinel-1"]
+    script = [str(x) for x in sentinel["command"]][2]
+    check = " ".join(str(x) for x in sentinel["healthcheck"]["test"][1:])
+    # A fake image entry point: it passes the command on, on this sentinel's free port.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    entry = bin_dir / "docker-entrypoint.sh"
+    entry.write_text('#!/bin/sh\nexec "$@" --port "$SENTINEL_PORT"\n')
+    entry.chmod(0o755)
+    procs: list[subprocess.Popen[bytes]] = []
+    with RedisServer(("--requirepass", "pw")) as master:
+        template = tmp_path / "sentinel.conf"
+        template.write_text(
+            SENTINEL_TEMPLATE.read_text()
+            .replace("redis-master 6379", f"localhost {master.port}")
+            .replace("dir /data", f"dir {tmp_path}")
+            .replace("protected-mode no", "bind 127.0.0.1")
+        )
+        ports = [free_port() for _ in HA_SENTINELS]
+        try:
+            for port in ports:
+                data = tmp_path / f"data-{port}"
+                data.mkdir()
+                local = script.replace("/etc/upbit-broker/sentinel.conf", str(template))
+                local = local.replace("/data/", f"{data}/")
+                env = {
+                    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                    "HOSTNAME": "localhost",
+                    "REDIS_PASSWORD": "pw",
+                    "SENTINEL_PORT": str(port),
+                }
+                procs.append(
+                    subprocess.Popen(
+                        ["sh", "-c", local],
+                        env=env,
+                        cwd=data,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            for port in ports:
+
+                def healthy(port: int = port) -> bool:
+                    probe = check.replace("-p 26379", f"-p {port}")
+                    return subprocess.run(["sh", "-c", probe], timeout=10).returncode == 0
+
+                wait_for_sync(healthy, 30, 0.2, message=f"sentinel {port}'s quorum check")
+                answer = subprocess.run(
+                    [redis_cli, "-p", str(port), "sentinel", "get-master-addr-by-name", "mymaster"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout.split()
+                assert answer == ["localhost", str(master.port)]
+                # The copy the sentinel runs (and rewrites), with what the script added.
+                conf = (tmp_path / f"data-{port}" / "sentinel.conf").read_text()
+                assert re.search(r'^sentinel auth-pass mymaster "?pw"?$', conf, re.M), conf
+                assert re.search(r'^sentinel announce-ip "?localhost"?$', conf, re.M), conf
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait(10)
+
+
 # -- tests: variables -----------------------------------------------------------------------
 
 
@@ -571,7 +813,7 @@ def test_gateway_settings_come_from_env_with_the_settings_defaults() -> None:
             assert env[param.envvar] == expected, param.envvar
 
 
-@pytest.mark.parametrize("name", ["broker", "broker-standby", "simulator", "gateway"])
+@pytest.mark.parametrize("name", ["broker", "broker-standby", "simulator", "gateway", *HA_BROKERS])
 def test_cli_services_set_only_variables_their_command_reads(name: str) -> None:
     service = services()[name]
     command = argv_of(service)[1]
@@ -584,7 +826,7 @@ def test_cli_services_set_only_variables_their_command_reads(name: str) -> None:
     assert not unknown, f"{name} sets variables `{command}` never reads: {unknown}"
 
 
-@pytest.mark.parametrize("name", ["ticker-board", "ohlcv-bars"])
+@pytest.mark.parametrize("name", ["ticker-board", "ohlcv-bars", *HA_CONSUMERS])
 def test_example_services_set_only_variables_the_example_reads(name: str) -> None:
     service = services()[name]
     argv = argv_of(service)
@@ -637,14 +879,14 @@ def test_docker_compose_config_accepts_the_file() -> None:
     if probe.returncode != 0:
         pytest.skip("the docker compose plugin is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UPBIT_", "COMPOSE_"))}
-    for extra in ([], ["--profile", "offline"]):
+    for extra in ([], ["--profile", "offline"], ["--profile", "ha"]):
         result = subprocess.run(
             [docker, "compose", "-f", str(COMPOSE), *extra, "config", "--quiet"],
             capture_output=True,
             text=True,
             timeout=60,
             cwd=ROOT,
-            env={**env, "UPBIT_BROKER_UPSTREAM_URL": OFFLINE_URL} if extra else env,
+            env={**env, "UPBIT_BROKER_UPSTREAM_URL": OFFLINE_URL} if "offline" in extra else env,
         )
         assert result.returncode == 0, result.stderr
 
