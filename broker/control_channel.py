@@ -11,7 +11,8 @@ the commands task see one wake-up per tick, whatever the flood.
 
 A client that cannot take the raw road (:meth:`broker.resp.RespAddress.from_client` gives
 None: a fake, a credential provider) keeps redis-py's ``PubSub`` and folds its messages the
-same way (the parse then stays redis-py's).
+same way (the parse then stays redis-py's). Through Sentinel, each subscription goes to the
+master the sentinels name at that moment (:meth:`broker.resp.RespAddress.resolve`).
 
 Every break surfaces as a ``ConnectionError`` from :meth:`ControlSubscription.take`: the
 caller subscribes again and reads every lease; nothing reconnects behind its back. An idle
@@ -90,6 +91,8 @@ class _RawControl(asyncio.Protocol):
 
     @classmethod
     async def subscribe(cls, address: resp.RespAddress, channel: str) -> _RawControl:
+        # through Sentinel: the master the sentinels name now, its role proven
+        address = await address.resolve()
         commands: list[bytes] = []
         if address.password is not None:
             if address.username:

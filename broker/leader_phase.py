@@ -5,7 +5,8 @@ what it read and writes what the core asks for:
 
     lock       renew the leader lock every third of its TTL (at once after a publish error)
     control    the ``{ns}:control`` channel: which leases changed, when commands wait (read in
-               bursts, fed to the core once per ``CONTROL_TICK`` at most)
+               bursts, fed to the core once per ``CONTROL_TICK`` at most); at each
+               (re)subscription, which Redis server answers (INFO ``run_id``: a failover)
     leases     read the leases the core asks for (``LeaseStore``), when it asks
     commands   pop ``{ns}:requests`` in batches; look up the cache values snapshots need
     upstream   the websocket (``broker.upstream``)
@@ -43,8 +44,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from broker.backfill import Backfiller
 from broker.clock import now_ms
@@ -64,6 +66,7 @@ from broker.publisher import Publisher
 from broker.redis_oom import AllowOomScript, is_oom, read_memory
 from broker.rest import RestClient
 from broker.settings import BrokerSettings
+from broker.upbit.types import SubscriptionSet
 from broker.upstream import Confirmed, Connected, Lost, Upstream, Verified
 
 logger = logging.getLogger(__name__)
@@ -173,6 +176,7 @@ class LeaderPhase:
 
     async def run(self) -> None:
         """Every task of the phase; returns (or raises) when one of them ends it."""
+        await self._inherit_union()
         self._wake_commands.set()
         self._forward()
         async with asyncio.TaskGroup() as tg:
@@ -192,6 +196,22 @@ class LeaderPhase:
             markets_url = self.settings.market_list_url()
             if markets_url is not None:
                 tg.create_task(self._refresh_markets(markets_url), name="markets")
+
+    async def _inherit_union(self) -> None:
+        """Feed the core the union the status names before this phase writes its own
+        (``LeaderCore.inherit_union``: held after a takeover during a Redis failover).
+        Advisory: an unreadable status holds nothing."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                raw, written = await self.redis.hmget(self.keys.status, ["desired", "updated_ms"])
+            desired = SubscriptionSet.of(
+                msgspec.json.decode(raw or b"{}", type=dict[str, list[str]])
+            )
+            written_ms = int(written or 0)
+        except (RedisError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
+            logger.debug("no union to inherit from the status (%s)", exc)
+            return
+        self.core.inherit_union(desired, written_ms, time.monotonic(), now_ms())
 
     def _forward(self) -> None:
         """Hand the core's outputs to whoever acts on them (called after every feed)."""
@@ -311,7 +331,12 @@ class LeaderPhase:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     channel = await subscribe_control(self.redis, self.keys.control)
-                core.control_subscribed(time.monotonic())  # messages may have been missed
+                    run_id = await self._redis_run_id()
+                now = time.monotonic()
+                if run_id is not None:  # another server than before: held union, a gap
+                    core.redis_server_seen(run_id, now, now_ms())
+                core.control_subscribed(now)  # messages may have been missed
+                self._forward()
                 self._wake_leases.set()
                 self._wake_commands.set()
                 fed_at = 0.0
@@ -331,6 +356,18 @@ class LeaderPhase:
             finally:
                 if channel is not None:
                     await channel.aclose()
+
+    async def _redis_run_id(self) -> str | None:
+        """The ``run_id`` of the Redis server the command client reaches (INFO server): it
+        tells a failover or a restart from a broken connection. None when INFO is refused
+        (an ACL without ``+info``) or says nothing of it (a fake)."""
+        try:
+            info: dict[str, Any] = await self.redis.info("server")
+        except ResponseError as exc:
+            logger.debug("no INFO server (%s): a redis failover is not told apart", exc)
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
 
     async def _read_leases(self) -> None:
         """Read the leases the core asks for, when it asks (``broker.core.reconcile``)."""

@@ -10,6 +10,12 @@ between the broker, the consumer library, the CLI and the demo:
 - **The asyncio ``Retry``.** redis-py 8.2 warns when an asyncio client is given the synchronous
   ``redis.retry.Retry``; the asyncio one lives in ``redis.asyncio.retry``.
 - **A malformed URL** is a :class:`RedisUrlError` naming the URL with its password redacted.
+- **Sentinel.** A ``redis+sentinel://`` URL (``broker.redis_url``) gives a client of the master
+  the sentinels name: redis-py's ``Sentinel(...).master_for(...)``, whose pool asks the
+  sentinels at every new connection and drops idle connections to a master that was replaced.
+  The sentinels' own clients get no socket timeout either and no retries (master discovery
+  moves on to the next sentinel); they are closed with the pool, so closing the client closes
+  everything it opened.
 """
 
 from __future__ import annotations
@@ -17,19 +23,32 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
-from broker.errors import ConfigError
+from broker.redis_url import RedisUrlError, is_sentinel_url, parse_sentinel_url
 from broker.settings import redact_url
 
 #: What ``CLIENT SETNAME`` accepts (longer names are cut, not refused).
 _MAX_NAME = 128
 
 
-class RedisUrlError(ConfigError, ValueError):
-    """A Redis URL that redis-py cannot parse (e.g. a port that is not a number)."""
+class ClosingSentinelPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool, which also disconnects the sentinels' clients when it is
+    disconnected: they belong to this pool alone here (one ``Sentinel`` per client), and
+    redis-py closes a client's pool, never its ``Sentinel``."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.connection_pool.disconnect(inuse_connections)
 
 
 def _options(
@@ -59,7 +78,8 @@ def redis_client(
     retries: int = 0,
     health_check_interval: float = 0,
 ) -> Redis:
-    """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
+    """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``, or a
+    master through Sentinel: ``redis+sentinel://``, ``rediss+sentinel://``).
 
     Args:
         name: ``CLIENT SETNAME`` of its connections (shown by ``CLIENT LIST``).
@@ -77,6 +97,8 @@ def redis_client(
         retries=retries,
         health_check_interval=health_check_interval,
     )
+    if is_sentinel_url(url):
+        return Redis.from_pool(_sentinel_pool(url, options))
     try:
         return Redis.from_url(url, **options)
     except ValueError as exc:
@@ -100,10 +122,53 @@ def connection_pool(
     options = _options(
         name=name, connect_timeout=connect_timeout, retries=0, health_check_interval=0
     )
+    if is_sentinel_url(url):
+        return _sentinel_pool(url, {**options, "protocol": protocol})
     try:
         return ConnectionPool.from_url(url, protocol=protocol, **options)
     except ValueError as exc:
         raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
 
 
-__all__ = ["RedisUrlError", "connection_pool", "redis_client"]
+def _sentinel_pool(url: str, options: dict[str, Any]) -> ClosingSentinelPool:
+    """A pool of connections to the master the sentinels of ``url`` name.
+
+    Raises:
+        RedisUrlError: ``url`` cannot be parsed (by ``broker.redis_url``, or its options by
+            redis-py).
+    """
+    parsed = parse_sentinel_url(url)
+    try:
+        # redis-py reads the master's credentials, database and options, as in a redis:// URL
+        # (and as there, what the URL says wins over the caller's options)
+        from_url: dict[str, Any] = dict(parse_url(parsed.redis_url()))
+    except ValueError as exc:
+        raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
+    from_url.pop("host", None)
+    from_url.pop("port", None)
+    tls = from_url.pop("connection_class", None) is SSLConnection
+    kwargs = {**options, **from_url}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": None,  # as everywhere: the callers bound each call
+        "socket_connect_timeout": kwargs.get("socket_connect_timeout"),
+        "username": parsed.sentinel_username,
+        "password": parsed.sentinel_password,
+    }
+    if tls:
+        sentinel_kwargs["ssl"] = True
+        sentinel_kwargs.update({k: v for k, v in kwargs.items() if k.startswith("ssl_")})
+    connection_class = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+    try:
+        sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_kwargs)
+        return ClosingSentinelPool(  # type: ignore[no-untyped-call]
+            parsed.service,
+            sentinel,
+            connection_class=connection_class,
+            is_master=True,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as exc:  # an option redis-py's connections do not take
+        raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
+
+
+__all__ = ["ClosingSentinelPool", "RedisUrlError", "connection_pool", "redis_client"]

@@ -13,6 +13,17 @@ awaits them. Addresses come from redis-py itself
 the database number mean what they mean everywhere else. Whatever it cannot express (a
 credential provider, a fake or cluster client) gives ``None``: the caller keeps redis-py.
 
+A master found through Sentinel (a ``redis+sentinel://`` URL, ``broker.redis_url``, or a client
+built on redis-py's ``SentinelConnectionPool``) is an address with a :class:`SentinelRoute`.
+Every connect resolves it afresh (:meth:`RespAddress.discover`): the sentinels are asked in
+order (``SENTINEL get-master-addr-by-name``) until one names the master, and the connection
+then proves with ``ROLE`` that the node it reached is a master before it is used
+(:class:`NotMasterError` otherwise): a sentinel that has not yet noticed a failover names the
+demoted master, which still takes ``PUBLISH`` (only for its own subscribers) and must never be
+written to. Readers that open their own protocol (the control channel, the consumer's
+subscription) resolve with :meth:`RespAddress.resolve`, which proves the role on a short
+connection of its own.
+
 Failures raise redis-py's exceptions (``ConnectionError``, ``AuthenticationError``,
 ``ResponseError``), so callers handle one family of Redis errors. After any failure, timeout or
 cancellation mid-command the connection is closed: its replies would no longer line up.
@@ -26,7 +37,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -36,8 +47,16 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from broker.redis_url import is_sentinel_url, parse_sentinel_url
 
 try:
     import hiredis
@@ -72,9 +91,31 @@ def xadd_prefix(key: bytes, cap: int) -> bytes:
     return head[: -len(b"$0\r\n\r\n")]  # the empty value, which the frame replaces
 
 
+class NotMasterError(RedisConnectionError):
+    """The node a sentinel named is not a master (any more, or not yet): not to be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelRoute:
+    """How a master is found: the sentinels, asked in order, the service they monitor, and how
+    to reach them (their own credentials; TLS like the master's)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    def describe(self) -> str:
+        """The sentinels and the service, without credentials (for logs)."""
+        scheme = "rediss+sentinel" if self.tls is not None else "redis+sentinel"
+        return f"{scheme}://{','.join(f'{h}:{p}' for h, p in self.sentinels)}/{self.service}"
+
+
 @dataclass(frozen=True, slots=True)
 class RespAddress:
-    """Where and as whom to connect. ``path`` set means a unix socket."""
+    """Where and as whom to connect. ``path`` set means a unix socket; ``sentinel`` set means
+    the master those sentinels name (``host`` and ``port`` are then found at each connect)."""
 
     host: str = "127.0.0.1"
     port: int = 6379
@@ -84,32 +125,89 @@ class RespAddress:
     password: str | None = None
     db: int = 0
     connect_timeout: float = 5.0
+    sentinel: SentinelRoute | None = None
+    #: named by a sentinel: a connection proves with ROLE that it reached a master
+    master_only: bool = False
 
     @classmethod
     def from_url(cls, url: str) -> RespAddress:
-        """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...``, ``unix:///path``.
+        """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...``, ``unix:///path``,
+        ``redis+sentinel://...`` and ``rediss+sentinel://...`` (``broker.redis_url``).
 
         Raises:
-            ValueError: a scheme redis-py does not know, or options this module cannot honour.
+            ValueError: a scheme redis-py does not know, a malformed Sentinel URL
+                (``RedisUrlError``), or options this module cannot honour.
         """
+        route: SentinelRoute | None = None
+        if is_sentinel_url(url):
+            parsed = parse_sentinel_url(url)
+            url = parsed.redis_url()  # the master's options, read by redis-py
+            route = SentinelRoute(
+                parsed.sentinels, parsed.service, parsed.sentinel_username, parsed.sentinel_password
+            )
         kwargs: dict[str, Any] = dict(parse_url(url))
         connection_class = kwargs.pop("connection_class", Connection)
         address = cls._from_kwargs(connection_class, kwargs)
         if address is None:
             raise ValueError("this Redis URL needs redis-py (unsupported options)")
+        if route is not None:
+            address = replace(address, sentinel=replace(route, tls=address.tls))
         return address
 
     @classmethod
     def from_client(cls, client: aioredis.Redis) -> RespAddress | None:
         """The address of ``client``'s connection pool; ``None`` when it is anything but a
-        plain TCP, TLS or unix-socket pool (fakes, sentinels, credential providers)."""
+        plain TCP, TLS or unix-socket pool, or a Sentinel pool of a master reached over TCP or
+        TLS (fakes, replicas, credential providers)."""
         pool = getattr(client, "connection_pool", None)
         if pool is None:
             return None
         kwargs = getattr(pool, "connection_kwargs", None)
         if not isinstance(kwargs, dict):
             return None
+        if isinstance(pool, SentinelConnectionPool):
+            return cls._from_sentinel_pool(pool, dict(kwargs))
         return cls._from_kwargs(pool.connection_class, dict(kwargs))
+
+    @classmethod
+    def _from_sentinel_pool(
+        cls, pool: SentinelConnectionPool, kwargs: dict[str, Any]
+    ) -> RespAddress | None:
+        if not pool.is_master:
+            return None
+        kwargs.pop("connection_pool", None)
+        classes: dict[Any, Any] = {
+            SentinelManagedConnection: Connection,
+            SentinelManagedSSLConnection: SSLConnection,
+        }
+        master = cls._from_kwargs(classes.get(pool.connection_class), kwargs)
+        # the sentinels as redis-py reaches them (one credential and TLS setting for all)
+        sentinels = []
+        for client in pool.sentinel_manager.sentinels:
+            sentinel_pool = client.connection_pool
+            node = cls._from_kwargs(
+                sentinel_pool.connection_class, dict(sentinel_pool.connection_kwargs)
+            )
+            if node is None or node.path is not None:
+                return None
+            sentinels.append(node)
+        if master is None or not sentinels:
+            return None
+        first = sentinels[0]
+        if any(
+            (s.username, s.password, s.tls is None)
+            != (first.username, first.password, first.tls is None)
+            for s in sentinels
+        ):
+            return None
+        route = SentinelRoute(
+            tuple((s.host, s.port) for s in sentinels),
+            str(pool.service_name),
+            first.username,
+            first.password,
+            first.tls,
+        )
+        return replace(master, sentinel=route)
 
     @classmethod
     def _from_kwargs(cls, connection_class: Any, kwargs: dict[str, Any]) -> RespAddress | None:
@@ -140,9 +238,79 @@ class RespAddress:
             return cls(host=host, port=port, **common)
         return None
 
+    async def discover(self) -> RespAddress:
+        """The address to connect to now: this one, or, through Sentinel, the master the first
+        sentinel that knows the service names (``master_only``: the connection must prove it
+        with ROLE). Each sentinel is given ``connect_timeout`` to answer.
+
+        Raises:
+            redis.asyncio.sentinel.MasterNotFoundError: no sentinel named a master (each one's
+                reason in the message).
+            redis.exceptions.AuthenticationError: every sentinel refused our AUTH.
+        """
+        route = self.sentinel
+        if route is None:
+            return self
+        errors: list[str] = []
+        refused = 0
+        query = encode_command(b"SENTINEL", b"get-master-addr-by-name", route.service)
+        for host, port in route.sentinels:
+            node = RespAddress(
+                host=host,
+                port=port,
+                tls=route.tls,
+                username=route.username,
+                password=route.password,
+                connect_timeout=self.connect_timeout,
+            )
+            try:
+                conn = await RespConnection.connect(node)
+                try:
+                    async with asyncio.timeout(self.connect_timeout):
+                        [reply] = await conn.execute(query, 1)
+                finally:
+                    await conn.aclose()
+            except (RedisError, OSError, TimeoutError) as exc:
+                refused += isinstance(exc, AuthenticationError)
+                errors.append(f"{host}:{port}: {exc or 'timed out'}")
+                continue
+            if isinstance(reply, Exception):
+                errors.append(f"{host}:{port}: {reply}")
+            elif not reply or len(reply) != 2:
+                errors.append(f"{host}:{port}: knows no master {route.service!r}")
+            else:
+                found = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                return replace(
+                    self, host=found, port=int(reply[1]), sentinel=None, master_only=True
+                )
+        why = f"no sentinel named the master of {route.service!r}: {'; '.join(errors)}"
+        if refused == len(route.sentinels):
+            raise AuthenticationError(why)
+        raise MasterNotFoundError(why)
+
+    async def resolve(self) -> RespAddress:
+        """:meth:`discover`, and for a master found through Sentinel, proof on a short
+        connection of its own (AUTH, ROLE) that it is one: for readers that speak their own
+        protocol on the connection they open next.
+
+        Raises:
+            redis.exceptions.ConnectionError: no master found, or the node named is not a
+                master (:class:`NotMasterError`), or it cannot be reached.
+            redis.exceptions.AuthenticationError: AUTH was refused.
+        """
+        if self.sentinel is None:
+            return self
+        conn = await RespConnection.connect(self)
+        await conn.aclose()
+        assert conn.address is not None
+        return conn.address
+
     async def connect(self, protocol: asyncio.Protocol) -> None:
         """Open a TCP, TLS or unix-socket connection to this address driven by ``protocol``
-        (no timeout of its own: the callers bound it). Raises ``OSError`` when it cannot."""
+        (no timeout of its own: the callers bound it). Raises ``OSError`` when it cannot; an
+        address with a Sentinel route must be resolved first (:meth:`discover`)."""
+        if self.sentinel is not None:
+            raise RedisConnectionError(f"{self.describe()}: resolve the master first")
         loop = asyncio.get_running_loop()
         if self.path is not None:
             await loop.create_unix_connection(lambda: protocol, self.path)
@@ -157,6 +325,8 @@ class RespAddress:
 
     def describe(self) -> str:
         """Where, without credentials (for logs)."""
+        if self.sentinel is not None:
+            return f"{self.sentinel.describe()}/{self.db}"
         if self.path is not None:
             return f"unix://{self.path}?db={self.db}"
         scheme = "rediss" if self.tls is not None else "redis"
@@ -226,6 +396,8 @@ class RespConnection(asyncio.Protocol):
         self.closed = False
         #: the transport's buffer is over its high-water mark: stop writing until it drains
         self.writing_paused = False
+        #: the node this connection reached (through Sentinel: the master found)
+        self.address: RespAddress | None = None
 
     @classmethod
     async def connect(
@@ -236,31 +408,36 @@ class RespConnection(asyncio.Protocol):
         on_lost: OnLost | None = None,
         on_refused: OnRefused | None = None,
     ) -> RespConnection:
-        """Open, authenticate and select the database.
+        """Open, authenticate and select the database; through Sentinel, find the master first
+        and prove its role (:attr:`address` is then the node reached).
 
         Raises:
-            redis.exceptions.ConnectionError: the server cannot be reached (or timed out).
+            redis.exceptions.ConnectionError: the server cannot be reached (or timed out); no
+                sentinel named a master (``MasterNotFoundError``); the node named is not a
+                master (:class:`NotMasterError`).
             redis.exceptions.AuthenticationError: AUTH was refused.
             redis.exceptions.ResponseError: SELECT was refused.
         """
         if not AVAILABLE:  # pragma: no cover
             raise RedisConnectionError("raw RESP needs hiredis")
+        target = await address.discover()
         conn = cls(on_answered, on_lost, on_refused)
+        conn.address = target
         try:
-            async with asyncio.timeout(address.connect_timeout):
-                await address.connect(conn)
+            async with asyncio.timeout(target.connect_timeout):
+                await target.connect(conn)
         except (OSError, TimeoutError) as exc:
             conn.close()
             raise RedisConnectionError(
-                f"cannot connect to {address.describe()}: {exc or 'timed out'}"
+                f"cannot connect to {target.describe()}: {exc or 'timed out'}"
             ) from exc
         try:
-            async with asyncio.timeout(address.connect_timeout):
-                await conn._handshake(address)
+            async with asyncio.timeout(target.connect_timeout):
+                await conn._handshake(target)
         except BaseException as exc:
             conn.close()
             if isinstance(exc, TimeoutError):
-                raise RedisConnectionError(f"{address.describe()}: handshake timed out") from exc
+                raise RedisConnectionError(f"{target.describe()}: handshake timed out") from exc
             raise
         return conn
 
@@ -273,14 +450,33 @@ class RespConnection(asyncio.Protocol):
                 commands.append(encode_command(b"AUTH", address.password))
         if address.db:
             commands.append(encode_command(b"SELECT", address.db))
+        if address.master_only:
+            commands.append(encode_command(b"ROLE"))
         if not commands:
             return
         replies = await self.execute(b"".join(commands), len(commands))
+        role = replies.pop() if address.master_only else None
         for i, reply in enumerate(replies):
             if isinstance(reply, Exception):
                 is_auth = address.password is not None and i == 0
                 kind = AuthenticationError if is_auth else ResponseError
                 raise kind(str(reply))
+        if address.master_only:
+            if isinstance(role, Exception):
+                # ROLE is in @admin and @dangerous, which least-privilege ACLs leave out;
+                # INFO (granted for the memory and server checks) says the same.
+                [role] = await self.execute(encode_command(b"INFO", b"replication"), 1)
+            if isinstance(role, Exception):
+                raise ResponseError(
+                    f"cannot tell whether {address.describe()} is a master: ROLE and INFO were "
+                    f"refused ({role}); grant +role or +info"
+                )
+            name = _role(role)
+            if name != "master":
+                raise NotMasterError(
+                    f"{address.describe()} is a {name or 'node of no role'}, "
+                    "not the master: the sentinel has not seen the failover yet"
+                )
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -476,10 +672,24 @@ class RespConnection(asyncio.Protocol):
                 await asyncio.shield(self._lost)
 
 
+def _role(reply: Any) -> str:
+    """The role in a ROLE reply (``[b"master", ...]``) or an ``INFO replication`` text."""
+    if isinstance(reply, list) and reply:
+        first = reply[0]
+        return first.decode() if isinstance(first, bytes) else str(first)
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    for line in text.splitlines():
+        if line.startswith("role:"):
+            return line[5:].strip()
+    return ""
+
+
 __all__ = [
     "AVAILABLE",
+    "NotMasterError",
     "RespAddress",
     "RespConnection",
+    "SentinelRoute",
     "encode_command",
     "publish_prefix",
 ]

@@ -38,8 +38,16 @@ def default_broker_id() -> str:
 def redact_url(url: str) -> str:
     """``redis://user:secret@host`` -> ``redis://user:***@host``: never print a password."""
     url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
-    # redis-py also takes credentials as query parameters (?password=...).
-    return re.sub(r"([?&](?:password|pass|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    # redis-py also takes credentials as query parameters (?password=...), and a Sentinel URL
+    # the sentinels' (?sentinel_password=..., broker.redis_url).
+    return re.sub(
+        r"([?&](?:sentinel_)?(?:password|pass|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE
+    )
+
+
+#: the schemes a Redis URL may have: redis-py's, and a master found through Sentinel
+#: (``broker.redis_url``)
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 
 
 # -- bounds ---------------------------------------------------------------------------------------
@@ -288,10 +296,10 @@ class BrokerSettings:
                 f"rest url must be http://, https://, empty or off, got {self.rest_url!r}"
             )
         parse_history_caps(self.history)  # a ConfigError naming the bad part
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if not self.redis_url.startswith(REDIS_URL_SCHEMES):
             raise ConfigError(
-                f"redis url must start with redis://, rediss:// or unix://, "
-                f"got {redact_url(self.redis_url)!r}"
+                f"redis url must start with redis://, rediss://, unix://, redis+sentinel:// "
+                f"or rediss+sentinel://, got {redact_url(self.redis_url)!r}"
             )
         for name in SETTING_BOUNDS:
             # frozen: the checked value (7 -> 7.0, "5" -> 5.0) replaces what was given

@@ -71,7 +71,7 @@ from broker.errors import (
 from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
 from broker.leases import Lease, LeaseStore
 from broker.redis_client import redis_client
-from broker.settings import CLIENT_BOUNDS, Bound, check_number, redact_url
+from broker.settings import CLIENT_BOUNDS, REDIS_URL_SCHEMES, Bound, check_number, redact_url
 from broker.upbit.codes import normalize_depth, parse_code, validate_code
 from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
 from consumers import commands
@@ -245,7 +245,11 @@ class BrokerClient:
     """A consumer of the broker: ``async with BrokerClient(redis_url=...) as client: ...``.
 
     Args:
-        redis_url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+        redis_url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``),
+            or a master found through Sentinel:
+            ``redis+sentinel://[user:password@]h1:26379,h2:26379/mymaster/0``
+            (``rediss+sentinel://`` with TLS; ``broker.redis_url``). After a failover the
+            lease is re-asserted and the channels resubscribed on the new master, with a gap.
         client_id: the lease's name; default ``{host}-{pid}-{random}``, unique per start.
         namespace: key prefix shared with the broker.
         lease_ttl: seconds the lease outlives this process if it dies; heartbeats every TTL/3.
@@ -286,12 +290,10 @@ class BrokerClient:
         durable: bool = False,
         read_count: int = DEFAULT_READ_COUNT,
     ) -> None:
-        if not isinstance(redis_url, str) or not redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
+        if not isinstance(redis_url, str) or not redis_url.startswith(REDIS_URL_SCHEMES):
             raise ConfigError(
-                f"redis url must start with redis://, rediss:// or unix://, "
-                f"got {redact_url(str(redis_url))!r}"
+                f"redis url must start with redis://, rediss://, unix://, redis+sentinel:// "
+                f"or rediss+sentinel://, got {redact_url(str(redis_url))!r}"
             )
         # every numeric option finite and in range (broker.settings.CLIENT_BOUNDS)
         lease_ttl = check_number("lease_ttl", lease_ttl, CLIENT_BOUNDS["lease_ttl"])
@@ -1172,6 +1174,9 @@ class BrokerClient:
         if incident.reason == FELL_BEHIND:
             self.stats.fell_behind += 1
             detail = "redis dropped this subscriber (output buffer limit: it fell behind)"
+        elif incident.server_changed:
+            detail = "the pub/sub connection to redis was lost; another server answers now (a "
+            detail += "failover or a restart)"
         else:
             detail = "the pub/sub connection to redis was lost"
         # durable streams lost nothing (their reader resumes from its offsets): with any of
@@ -1183,7 +1188,11 @@ class BrokerClient:
                 *sorted(r.channel for r in self._routes.values() if not r.durable),
                 self.keys.events,
             )
-            detail += "; durable streams are not affected"
+            if incident.server_changed:  # the new master may lack the old one's last entries
+                detail += "; durable streams resume at their offsets (the broker's redis gap "
+                detail += "names what the new server may lack)"
+            else:
+                detail += "; durable streams are not affected"
         self._emit_gap(
             Gap(
                 reason=incident.reason,
@@ -1194,7 +1203,8 @@ class BrokerClient:
                 channels=channels,
             )
         )
-        # Redis may have restarted empty: put the lease back now, not at the next heartbeat
+        # Redis may have restarted empty, or failed over to a replica that lacks the lease's
+        # last write (replication is asynchronous): put it back now, not at the next heartbeat
         self._renew_now.set()
 
     async def _dispatch(self) -> None:

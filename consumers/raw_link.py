@@ -55,9 +55,10 @@ RawAddress = RespAddress
 
 
 def raw_address(url: str) -> RawAddress | None:
-    """``url`` as redis-py reads it (``broker.resp.RespAddress.from_url``), or ``None`` when
-    the raw road cannot honour it: no hiredis, a malformed URL or options it cannot express, a
-    user without a password (whose AUTH redis-py spells its own way)."""
+    """``url`` as redis-py reads it (``broker.resp.RespAddress.from_url``; a Sentinel URL
+    gives the route to the master, resolved at each connect), or ``None`` when the raw road
+    cannot honour it: no hiredis, a malformed URL or options it cannot express, a user without
+    a password (whose AUTH redis-py spells its own way)."""
     if not AVAILABLE:
         return None
     try:
@@ -109,10 +110,13 @@ class RawLink(asyncio.Protocol):
         ``b""`` without ``info``).
 
         Raises:
-            redis.exceptions.ConnectionError: unreachable, or the connection broke.
+            redis.exceptions.ConnectionError: unreachable, or the connection broke; through
+                Sentinel also no master found, or the node named is not one.
             redis.exceptions.AuthenticationError: AUTH was refused.
             redis.exceptions.ResponseError: SELECT or CLIENT SETNAME was refused.
         """
+        # through Sentinel: the master the sentinels name now, its role proven
+        address = await address.resolve()
         link = cls(deliver, confirm)
         try:
             await address.connect(link)

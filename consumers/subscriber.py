@@ -17,7 +17,10 @@ classify, resubscribe and report exactly as described here.
 Why the break is classified by the server's ``run_id``: Redis 7.0 does not say why it closed a
 connection. If the same server (same ``run_id``) is there after the reconnect and it closed the
 connection on us, it dropped this client on purpose, and the pub/sub output-buffer limit (a
-subscriber that fell behind) is by far the usual reason; a new ``run_id`` means Redis restarted.
+subscriber that fell behind) is by far the usual reason; a new ``run_id`` means Redis restarted,
+or, with a ``redis+sentinel://`` URL, that Sentinel promoted a replica: both roads ask the
+sentinels for the master at every connect (redis-py's Sentinel pool; ``RespAddress.resolve``),
+so the reconnect reaches the new master and resubscribes there.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Break:
     until_ms: int  # when every channel was subscribed again
     error: str  # what the old connection died of
     attempts: int  # connection attempts it took
+    #: another Redis server answers than before the break (INFO run_id): a restart or a failover
+    server_changed: bool = False
 
 
 class Subscriber:
@@ -204,6 +209,11 @@ class Subscriber:
                     until_ms=now_ms(),
                     error=error,
                     attempts=attempts,
+                    server_changed=(
+                        previous_run_id is not None
+                        and self._run_id is not None
+                        and previous_run_id != self._run_id
+                    ),
                 )
                 logger.info("pubsub reconnected after %d attempt(s); %s", attempts, incident.reason)
                 if self._on_restored is not None:

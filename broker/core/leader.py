@@ -12,8 +12,10 @@ lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet st
 (``quiet``), all in ``broker.core``:
 
     feed   took_lead(now_ms, previous_token, previous_last_frame_ms) / phase_ended()
+           inherit_union(desired, written_ms, now, now_ms)
            control_messages(batch, now) -> {Wake} / control_message(data, now) -> Wake
            control_subscribed(now) / control_lost(why, now)
+           redis_server_seen(run_id, now, now_ms)
            redis_emptied(now) / begin_lease_read(now) -> LeaseRead
            leases_listed(listing, now, now_ms) / leases_read(reads, now, now_ms)
            lease_read_failed(now)
@@ -31,10 +33,17 @@ lease feedback (``lease_feedback``), the gap tracker (``gaps``) and the quiet st
 
 The rules, each table-tested in ``tests/test_leader_core.py`` (the pieces it owns say theirs):
 
-- Union grace: when Redis lost its data (the epoch key vanished) or the control channel broke,
-  leases may be missing until their holders re-assert them (within a heartbeat): the union held
-  before stays wanted, on top of what the leases ask, for one lease TTL, and no expiry is
-  announced meanwhile. Holding again during a grace extends it and keeps both sets.
+- Union grace: when Redis lost its data (the epoch key vanished), the control channel broke, or
+  another Redis server answers than before (its ``run_id``: a Sentinel failover to a replica, or
+  a restart), leases may be missing until their holders re-assert them (within a heartbeat):
+  the union held before stays wanted, on top of what the leases ask, for one lease TTL, and no
+  expiry is announced meanwhile. Holding again during a grace extends it and keeps both sets.
+- Takeover: the union the status names when a phase begins (the predecessor's, or this
+  process's before a lapse) is held for one lease TTL if it is at most one lease TTL old: a
+  leader that takes over during a Redis failover may find fewer leases than were served.
+- Another Redis server (a failover: replication is asynchronous, so the new master may lack
+  the old one's last writes, history entries included) also announces a ``redis`` gap, from
+  ``REPLICATION_SLACK_MS`` before the old server was lost to the moment the new one was seen.
 - Connections: each gets a new epoch and a ``connected`` event, after the gap event it owes
   (``broker.core.gaps``); the planned switch to a fresh connection keeps the epoch, says nothing.
 - Commands: a snapshot goes to the snapshot desk (refused at once while
@@ -82,7 +91,7 @@ from broker.core.admission import UNKNOWN_MARKET, UNLISTED, Admitted, Refusal, U
 from broker.core.backfill import BackfillDesk, BackfillJob, StreamResult, job_since_ms
 from broker.core.control import MAX_RESENDS, SubscriptionController, Verdict
 from broker.core.control_messages import ControlBatch
-from broker.core.gaps import GapTracker, Loss
+from broker.core.gaps import GapReason, GapTracker, Loss
 from broker.core.lease_feedback import LeaseFeedback, log_changes
 from broker.core.quiet import QuietStreams
 from broker.core.reconcile import LeaseRead, LeaseReconciler, LeaseSnapshot
@@ -103,6 +112,10 @@ MAX_SNAPSHOT_WAITERS = 1_000
 MIN_MARKETS_KEPT = 0.5
 #: entries the status lists at most in ``refused`` and ``unknown_codes`` (counts have them all)
 STATUS_LIST_MAX = 100
+#: a gap for another Redis server starts this long before the old one was lost: what it
+#: confirmed in its last moments may not have reached the replica that replaced it
+#: (replication is asynchronous; its lag is normally a few ms)
+REPLICATION_SLACK_MS = 1_000
 
 
 class Wake(enum.Enum):
@@ -202,6 +215,10 @@ class LeaderCore:
         self._replies: list[OutReply] = []
         self._grace_until: float | None = None
         self._grace_set: SubscriptionSet = EMPTY
+        #: the Redis server seen last (INFO ``run_id``; None: none yet, or it has no INFO)
+        self.redis_run_id: str | None = None
+        #: when the control channel broke, first since the last :meth:`redis_server_seen`
+        self._redis_lost_at: float | None = None
         self._connected_at_ms = 0
         #: snapshot requests taken and not answered yet (at most MAX_SNAPSHOT_WAITERS)
         self._snapshots_open = 0
@@ -242,6 +259,30 @@ class LeaderCore:
         self.gaps.took_lead(now_ms, other, previous_last_frame_ms)
         self._event(LeaderEvent(broker=self.broker_id, ts_ms=now_ms))
 
+    def inherit_union(
+        self, desired: SubscriptionSet, written_ms: int, now: float, now_ms: int
+    ) -> None:
+        """The union the status named as this phase began (``desired``, written at
+        ``written_ms``): the predecessor's, or this process's before a lapse.
+
+        Held for one lease TTL when it is at most one lease TTL old: a leader that takes over
+        during a Redis failover reads the new master, which may lack leases the old one had
+        (asynchronous replication), or hold them expired (no master answered their holders'
+        heartbeats), until their next heartbeats; without this its first subscription would
+        drop their streams. An older status is not held: its leases have had a TTL to come
+        back. Outside a failover the leases already ask for the same union: nothing changes.
+        """
+        if not desired or now_ms - written_ms > self.settings.lease_ttl * 1000:
+            return
+        self._grace_set = union(self._grace_set, desired) if self.in_grace(now) else desired
+        self._grace_until = now + self.settings.lease_ttl
+        self.log.info(
+            "holding the union the status names (%d streams) for %.0fs",
+            len(desired),
+            self.settings.lease_ttl,
+        )
+        self._apply_union(now, None)
+
     def phase_ended(self) -> None:
         """The leader phase is over (the status now names no leader)."""
         self.leading = False
@@ -278,8 +319,49 @@ class LeaderCore:
         self.leases.read_all_soon(now)
 
     def control_lost(self, why: str, now: float) -> None:
-        """The control channel broke: Redis may be restarting, perhaps empty."""
+        """The control channel broke: Redis may be restarting, perhaps empty, or failing over."""
+        if self._redis_lost_at is None:
+            self._redis_lost_at = now
         self._hold_union(f"control channel lost ({why})", now)
+
+    def redis_server_seen(self, run_id: str, now: float, now_ms: int) -> None:
+        """The Redis server the leader's connections reach now (its INFO ``run_id``), read at
+        each (re)subscription of the control channel: every failover and restart breaks it.
+
+        Another server than before (a failover promoted a replica, or Redis restarted) may lack
+        leases written just before (replication is asynchronous): the union is held for one
+        lease TTL from now, every lease is read at once, and, once data has flowed (an epoch),
+        a ``redis`` gap is announced from ``REPLICATION_SLACK_MS`` before the old server was
+        lost until now: frames it confirmed last may be missing on the new one (history
+        entries, cache), and the back-fill restores the trades and candles of that window.
+        """
+        previous, self.redis_run_id = self.redis_run_id, run_id
+        lost_at, self._redis_lost_at = self._redis_lost_at, None
+        if previous is None or previous == run_id:
+            return
+        self._hold_union(
+            f"another redis server answers (run_id {previous[:8]}.. -> {run_id[:8]}..: "
+            "a failover or a restart)",
+            now,
+        )
+        self.leases.read_all_now()
+        if self.epoch <= 0:
+            return  # no frame has flowed in this phase: nothing to miss
+        lost_ms = now_ms - round((now - lost_at) * 1000) if lost_at is not None else now_ms
+        gap = GapEvent(
+            epoch=self.epoch,
+            since_ms=lost_ms - REPLICATION_SLACK_MS,
+            until_ms=now_ms,
+            reason=GapReason.REDIS.value,
+            broker=self.broker_id,
+        )
+        self.log.warning(
+            "redis server changed: writes of its last moments may be missing: gap %d..%d announced",
+            gap.since_ms,
+            gap.until_ms,
+        )
+        self._event(gap)
+        self._queue_backfill(gap)
 
     @property
     def watches_epoch_key(self) -> bool:
@@ -869,4 +951,11 @@ class LeaderCore:
         self._controller_changed = True
 
 
-__all__ = ["MAX_SNAPSHOT_WAITERS", "LeaderCore", "OutEvent", "OutReply", "Wake"]
+__all__ = [
+    "MAX_SNAPSHOT_WAITERS",
+    "REPLICATION_SLACK_MS",
+    "LeaderCore",
+    "OutEvent",
+    "OutReply",
+    "Wake",
+]

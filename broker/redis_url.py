@@ -1,0 +1,190 @@
+"""Redis Sentinel URLs, parsed without I/O (pure: the standard library and ``redact_url``).
+
+redis-py reads ``redis://``, ``rediss://`` and ``unix://`` URLs itself, but has no URL for a
+master found through Sentinel. This module adds one, the convention Prefect and docket document
+(and the ``Redis-Sentinel-Url`` package before them), so one string configures every process:
+
+    redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db][?options]
+    rediss+sentinel://...      TLS to the sentinels and to the master
+
+- **Sentinels** are ``host[:port]`` pairs separated by commas, asked in that order; the port
+  defaults to 26379 (Sentinel's). An IPv6 host is written in brackets (``[::1]:26379``).
+- **service** is the name the sentinels monitor (``sentinel monitor <service> ...``), required.
+- **db** is the database number (default 0), in the path or as ``?db=``, not both.
+- **user:password** authenticate to the *master* (``AUTH``), as in a ``redis://`` URL. The
+  sentinels get ``?sentinel_username=...&sentinel_password=...`` (without them, no AUTH is
+  sent to a sentinel). Separate on purpose: sentinels commonly run without ``requirepass``
+  while the master has one, and Redis refuses an AUTH to a server without a password.
+- **options**: every other query option is a redis-py URL option (``ssl_ca_certs``,
+  ``ssl_cert_reqs``, ``protocol`` ...) for the master's connections; on ``rediss+sentinel``
+  the ``ssl_*`` options serve the sentinels' TLS as well (one CA for the whole topology).
+
+A malformed URL (no sentinel, no service name, a bad port or database) is a
+:class:`RedisUrlError` naming it with the password redacted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+
+from broker.errors import ConfigError
+from broker.settings import redact_url
+
+#: the Sentinel schemes (plain and TLS)
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+#: the port a sentinel listens on unless the URL says otherwise
+SENTINEL_PORT = 26379
+#: the query options that belong to the sentinels, not to the master
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+class RedisUrlError(ConfigError, ValueError):
+    """A Redis URL that cannot be parsed (e.g. a port that is not a number)."""
+
+
+def is_sentinel_url(url: str) -> bool:
+    """Whether ``url`` names a master through Sentinel (only the scheme is looked at)."""
+    return url[:19].lower().startswith(SENTINEL_SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """A parsed ``redis+sentinel://`` URL."""
+
+    #: the sentinels, in the order they are asked
+    sentinels: tuple[tuple[str, int], ...]
+    #: the name the sentinels monitor the master under
+    service: str
+    db: int = 0
+    #: the master's credentials
+    username: str | None = None
+    password: str | None = None
+    #: the sentinels' credentials (``sentinel_username`` / ``sentinel_password``)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    #: ``rediss+sentinel``: TLS to sentinels and master
+    tls: bool = False
+    #: the other query options, for redis-py, in the order given
+    options: tuple[tuple[str, str], ...] = ()
+
+    def redis_url(self, host: str = "localhost", port: int = 6379) -> str:
+        """The ``redis://`` (``rediss://``) URL of the master at ``host:port``: its credentials,
+        database and options, for redis-py's own URL parsing (``parse_url``), so an option means
+        here what it means in a ``redis://`` URL."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if self.username is not None or self.password is not None:
+            auth = quote(self.username or "", safe="")
+            if self.password is not None:
+                auth += ":" + quote(self.password, safe="")
+            auth += "@"
+        netloc = f"[{host}]" if ":" in host else host
+        query = f"?{urlencode(self.options)}" if self.options else ""
+        return f"{scheme}://{auth}{netloc}:{port}/{self.db}{query}"
+
+    def describe(self) -> str:
+        """The URL without credentials (for logs)."""
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
+        return f"{scheme}://{hosts}/{self.service}/{self.db}"
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """``redis+sentinel://[user:password@]h1[:port][,h2[:port]]/service[/db][?options]``.
+
+    Raises:
+        RedisUrlError: not a Sentinel URL, no sentinel, an empty host, a bad port, no service
+            name, a bad database number, or a path with more than service and database.
+    """
+
+    def bad(why: str) -> RedisUrlError:
+        return RedisUrlError(f"bad redis url {redact_url(url)}: {why}")
+
+    if not is_sentinel_url(url):
+        raise bad("not a redis+sentinel:// or rediss+sentinel:// url")
+    scheme, _, rest = url.partition("://")
+    tls = scheme.lower() == "rediss+sentinel"
+    rest, _, _fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = tuple(_host_port(part, bad) for part in hosts.split(",")) if hosts else ()
+    if not sentinels:
+        raise bad("no sentinel host (redis+sentinel://host:26379,.../service)")
+    segments = [unquote(s) for s in path.split("/")] if slash else []
+    while segments and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    if not segments or not segments[0]:
+        raise bad("no service name (redis+sentinel://hosts/SERVICE[/db])")
+    if len(segments) > 2:
+        raise bad("the path is /service[/db], got more")
+    service = segments[0]
+    if any(c.isspace() for c in service):
+        raise bad(f"the service name {service!r} contains white space")
+    options: list[tuple[str, str]] = []
+    sentinel_auth: dict[str, str] = {}
+    db_text = segments[1] if len(segments) == 2 else None
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in _SENTINEL_OPTIONS:
+            sentinel_auth[name] = value
+        elif name == "db":
+            if db_text is not None and db_text != value:
+                raise bad(f"two database numbers ({db_text} in the path, {value} in ?db=)")
+            db_text = value
+        else:
+            options.append((name, value))
+    db = 0
+    if db_text is not None:
+        if not db_text.isdigit():
+            raise bad(f"the database must be a number from 0, got {db_text!r}")
+        db = int(db_text)
+    return SentinelUrl(
+        sentinels=sentinels,
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        sentinel_username=sentinel_auth.get("sentinel_username") or None,
+        sentinel_password=sentinel_auth.get("sentinel_password") or None,
+        tls=tls,
+        options=tuple(options),
+    )
+
+
+def _host_port(part: str, bad: Callable[[str], RedisUrlError]) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port``."""
+    text = unquote(part)
+    if text.startswith("["):
+        host, bracket, tail = text[1:].partition("]")
+        if not bracket:
+            raise bad(f"unclosed [ in sentinel {text!r}")
+        port_text = tail[1:] if tail.startswith(":") else None
+        if tail and port_text is None:
+            raise bad(f"bad sentinel {text!r}")
+    else:
+        host, colon, port_text_or = text.partition(":")
+        port_text = port_text_or if colon else None
+    if not host:
+        raise bad(f"a sentinel without a host ({part!r})")
+    if port_text is None:
+        return host, SENTINEL_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad(f"the port of sentinel {host} must be from 1 to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+__all__ = [
+    "SENTINEL_PORT",
+    "SENTINEL_SCHEMES",
+    "RedisUrlError",
+    "SentinelUrl",
+    "is_sentinel_url",
+    "parse_sentinel_url",
+]
