@@ -353,7 +353,11 @@ class GapEvent(msgspec.Struct, tag="gap", tag_field="event", kw_only=True, froze
     ``reason`` ``redis``: the broker's publish connection to Redis broke (a reset, ``CLIENT
     KILL``, a timeout) with frames Redis never confirmed; ``since_ms`` is the last confirmed
     publish (or the first unconfirmed frame's write, if earlier), ``until_ms`` when Redis
-    confirmed a publish again, ``epoch`` the upstream connection, which stayed up.
+    confirmed a publish again, ``epoch`` the upstream connection, which stayed up. Also
+    announced when another Redis server answers than before: a Redis failover (Sentinel
+    promoted a replica) or a restart (``INFO`` ``run_id`` changed), from 1 s before the old
+    server was lost to when the new one was seen, since the old master's last writes may
+    never have reached the replica that replaced it.
     """
 
     epoch: int | None = None

@@ -16,6 +16,11 @@ between the broker, the consumer library, the CLI and the demo:
   The sentinels' own clients get no socket timeout either and no retries (master discovery
   moves on to the next sentinel); they are closed with the pool, so closing the client closes
   everything it opened.
+- **A replica through Sentinel** (``?role=replica``) only for :func:`connection_pool`, the
+  subscriber's: redis-py's ``Sentinel.slave_for`` pool, which connects to the replicas the
+  sentinels list (``SENTINEL replicas``, those not down), in turn, and to the master when none
+  answers. :func:`redis_client` refuses it: its clients write (leases, the lock, frames), and a
+  replica refuses writes.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
-from broker.redis_url import RedisUrlError, is_sentinel_url, parse_sentinel_url
+from broker.redis_url import RedisUrlError, is_sentinel_url, names_replica, parse_sentinel_url
 from broker.settings import redact_url
 
 #: What ``CLIENT SETNAME`` accepts (longer names are cut, not refused).
@@ -98,6 +103,11 @@ def redis_client(
         health_check_interval=health_check_interval,
     )
     if is_sentinel_url(url):
+        if names_replica(url):
+            raise RedisUrlError(
+                f"bad redis url {redact_url(url)}: role=replica is for a subscribe url only "
+                "(a replica takes no writes)"
+            )
         return Redis.from_pool(_sentinel_pool(url, options))
     try:
         return Redis.from_url(url, **options)
@@ -113,6 +123,9 @@ def connection_pool(
     protocol: int = 2,
 ) -> ConnectionPool:
     """A bare pool for code that drives its own connections (the pub/sub subscriber).
+
+    A Sentinel URL with ``?role=replica`` gives connections to a replica the sentinels know
+    (the master when none answers); the caller checks the node's replication link.
 
     No retries: a failed connection must surface to the caller, never be replaced silently.
 
@@ -164,7 +177,8 @@ def _sentinel_pool(url: str, options: dict[str, Any]) -> ClosingSentinelPool:
             parsed.service,
             sentinel,
             connection_class=connection_class,
-            is_master=True,
+            # ?role=replica: rotate_slaves (the replicas not down, the master last)
+            is_master=parsed.role == "master",
             **kwargs,
         )
     except (TypeError, ValueError) as exc:  # an option redis-py's connections do not take

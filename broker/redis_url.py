@@ -15,6 +15,10 @@ master found through Sentinel. This module adds one, the convention Prefect and 
   sentinels get ``?sentinel_username=...&sentinel_password=...`` (without them, no AUTH is
   sent to a sentinel). Separate on purpose: sentinels commonly run without ``requirepass``
   while the master has one, and Redis refuses an AUTH to a server without a password.
+- **role**: ``?role=master`` (the default) or ``?role=replica``: a replica of that master the
+  sentinels know (``SENTINEL replicas``; redis-py's ``Sentinel.slave_for``), the master when
+  none is usable. Only a *subscribe* URL may name a replica (``BrokerClient(subscribe_url=...)``,
+  design.md "Fan-out from replicas"): a replica takes no writes, so every other client refuses it.
 - **options**: every other query option is a redis-py URL option (``ssl_ca_certs``,
   ``ssl_cert_reqs``, ``protocol`` ...) for the master's connections; on ``rediss+sentinel``
   the ``ssl_*`` options serve the sentinels' TLS as well (one CA for the whole topology).
@@ -38,6 +42,8 @@ SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 SENTINEL_PORT = 26379
 #: the query options that belong to the sentinels, not to the master
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+#: ``?role=``: the node of the service to connect to
+ROLES = ("master", "replica")
 
 
 class RedisUrlError(ConfigError, ValueError):
@@ -68,6 +74,8 @@ class SentinelUrl:
     tls: bool = False
     #: the other query options, for redis-py, in the order given
     options: tuple[tuple[str, str], ...] = ()
+    #: ``?role=``: "master", or "replica" (a replica the sentinels know; subscribe URLs only)
+    role: str = "master"
 
     def redis_url(self, host: str = "localhost", port: int = 6379) -> str:
         """The ``redis://`` (``rediss://``) URL of the master at ``host:port``: its credentials,
@@ -88,7 +96,8 @@ class SentinelUrl:
         """The URL without credentials (for logs)."""
         scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
-        return f"{scheme}://{hosts}/{self.service}/{self.db}"
+        role = "" if self.role == "master" else f"?role={self.role}"
+        return f"{scheme}://{hosts}/{self.service}/{self.db}{role}"
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl:
@@ -130,6 +139,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         raise bad(f"the service name {service!r} contains white space")
     options: list[tuple[str, str]] = []
     sentinel_auth: dict[str, str] = {}
+    role = "master"
     db_text = segments[1] if len(segments) == 2 else None
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name in _SENTINEL_OPTIONS:
@@ -138,6 +148,10 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
             if db_text is not None and db_text != value:
                 raise bad(f"two database numbers ({db_text} in the path, {value} in ?db=)")
             db_text = value
+        elif name == "role":
+            if value not in ROLES:
+                raise bad(f"role must be master or replica, got {value!r}")
+            role = value
         else:
             options.append((name, value))
     db = 0
@@ -155,7 +169,19 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         sentinel_password=sentinel_auth.get("sentinel_password") or None,
         tls=tls,
         options=tuple(options),
+        role=role,
     )
+
+
+def names_replica(url: str) -> bool:
+    """Whether ``url`` is a Sentinel URL with ``?role=replica`` (a malformed URL: False, its
+    error is for the parser to report)."""
+    if not is_sentinel_url(url):
+        return False
+    try:
+        return parse_sentinel_url(url).role == "replica"
+    except RedisUrlError:
+        return False
 
 
 def _host_port(part: str, bad: Callable[[str], RedisUrlError]) -> tuple[str, int]:
@@ -181,10 +207,12 @@ def _host_port(part: str, bad: Callable[[str], RedisUrlError]) -> tuple[str, int
 
 
 __all__ = [
+    "ROLES",
     "SENTINEL_PORT",
     "SENTINEL_SCHEMES",
     "RedisUrlError",
     "SentinelUrl",
     "is_sentinel_url",
+    "names_replica",
     "parse_sentinel_url",
 ]

@@ -25,7 +25,8 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.clock import now_ms
 from broker.contract import Status, encode_status
@@ -38,6 +39,7 @@ from broker.leader import LeaderLock
 from broker.leader_phase import REDIS_TIMEOUT, LeaderPhase
 from broker.publisher import Publisher
 from broker.redis_client import redis_client
+from broker.redis_url import is_sentinel_url
 from broker.settings import BrokerSettings, redact_url
 from broker.upbit.types import SubscriptionSet
 from broker.upstream import Upstream
@@ -112,7 +114,8 @@ class Broker:
         self._lock = LeaderLock(self._redis, s.namespace, s.broker_id, int(s.leader_ttl * 1000))
         started = counted = False
         try:
-            await self._first_contact()
+            if not await self._first_contact(stop):
+                return  # stopped while waiting for the sentinels to name a master
             started = True
             logger.info(
                 "broker %s starting: redis=%s upstream=%s namespace=%s",
@@ -152,20 +155,61 @@ class Broker:
             if started and not counted:
                 self._log_final_counts()
 
-    async def _first_contact(self) -> None:
+    async def _first_contact(self, stop: asyncio.Event) -> bool:
         """PING Redis once before anything else: a wrong URL, password or TLS option is a
-        setup error to report in one line, not an outage to retry forever."""
+        setup error to report in one line, not an outage to retry forever.
+
+        Through Sentinel, no master to reach is not a setup error: a failover in progress
+        (the sentinels name no master, or one that just died) lasts seconds, so it is logged
+        and retried until a master answers or ``stop`` is set. A sentinel or master that
+        refuses our credentials, or a bad option, is still a setup error.
+
+        Returns:
+            False when ``stop`` was set before a master answered.
+        """
         assert self._redis is not None
         url = redact_url(self.settings.redis_url)
-        try:
-            async with asyncio.timeout(FIRST_CONTACT_TIMEOUT):
-                await self._redis.ping()
-        except TimeoutError:
-            raise ConfigError(
-                f"redis at {url} did not answer within {FIRST_CONTACT_TIMEOUT:.0f}s"
-            ) from None
-        except (RedisError, OSError, ValueError) as exc:
-            raise ConfigError(f"cannot use redis at {url}: {redact_url(str(exc))}") from None
+        sentinel = is_sentinel_url(self.settings.redis_url)
+        delay, attempts = 0.1, 0
+        while True:
+            attempts += 1
+            try:
+                async with asyncio.timeout(FIRST_CONTACT_TIMEOUT):
+                    await self._redis.ping()
+                if attempts > 1:
+                    logger.info("redis at %s answers (after %d attempts)", url, attempts)
+                return True
+            except TimeoutError:
+                if not sentinel:
+                    raise ConfigError(
+                        f"redis at {url} did not answer within {FIRST_CONTACT_TIMEOUT:.0f}s"
+                    ) from None
+                why = f"no answer within {FIRST_CONTACT_TIMEOUT:.0f}s"
+            except AuthenticationError as exc:
+                raise ConfigError(f"cannot use redis at {url}: {redact_url(str(exc))}") from None
+            except RedisConnectionError as exc:  # MasterNotFoundError is one
+                if not sentinel:
+                    raise ConfigError(
+                        f"cannot use redis at {url}: {redact_url(str(exc))}"
+                    ) from None
+                why = redact_url(str(exc))
+            except (RedisError, OSError, ValueError) as exc:
+                raise ConfigError(f"cannot use redis at {url}: {redact_url(str(exc))}") from None
+            self.stats.redis_errors += 1
+            if attempts == 1 or attempts % 10 == 0:
+                logger.warning(
+                    "no redis master through %s yet (%s; a failover in progress?); "
+                    "retrying every %.1fs",
+                    url,
+                    why,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            if stop.is_set():
+                return False
+            delay = min(delay * 2, 2.0)
 
     async def _standby(self, stopper: asyncio.Task[Any]) -> bool:
         """Wait for the leader lock; False when asked to stop first."""

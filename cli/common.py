@@ -56,7 +56,23 @@ RedisUrlOption = Annotated[
         "--redis-url",
         envvar="UPBIT_BROKER_REDIS_URL",
         # "\[": rich markup would take "[user:password@]" for a style tag and drop it
-        help="Redis URL (redis://\\[user:password@]host:port/db, rediss:// for TLS, unix://).",
+        help=(
+            "Redis URL: redis://\\[user:password@]host:port/db, rediss://, unix://, "
+            "redis+sentinel://h1:26379,h2/mymaster/0."
+        ),
+        show_envvar=True,
+    ),
+]
+SubscribeUrlOption = Annotated[
+    str,
+    typer.Option(
+        "--subscribe-url",
+        envvar="UPBIT_BROKER_SUBSCRIBE_URL",
+        help=(
+            "Subscribe here instead of on --redis-url, which keeps the lease: a replica "
+            "(redis://replica:6379/0), or one the sentinels know "
+            "(redis+sentinel://h1:26379/mymaster/0?role=replica). Empty: --redis-url."
+        ),
         show_envvar=True,
     ),
 ]

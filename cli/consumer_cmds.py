@@ -33,6 +33,7 @@ from cli.common import (
     JsonOption,
     NamespaceOption,
     RedisUrlOption,
+    SubscribeUrlOption,
     VerboseOption,
     build_settings,
     configure_logging,
@@ -88,9 +89,10 @@ DurationOption = Annotated[
 ]
 
 
-def _client(settings: BrokerSettings, **kwargs: Any) -> BrokerClient:
+def _client(settings: BrokerSettings, subscribe_url: str = "", **kwargs: Any) -> BrokerClient:
     return BrokerClient(
         redis_url=settings.redis_url,
+        subscribe_url=subscribe_url or None,
         namespace=settings.namespace,
         lease_ttl=settings.lease_ttl,
         **kwargs,
@@ -207,6 +209,7 @@ def tail(
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,
+    subscribe_url: SubscribeUrlOption = "",
 ) -> None:
     """Print a stream's messages as they arrive (holds a lease like any consumer).
 
@@ -221,7 +224,7 @@ def tail(
 
     async def main(stop: asyncio.Event) -> int:
         validate_streams(data_type, wanted, level)  # a typo fails before Redis is touched
-        async with _client(settings) as client:
+        async with _client(settings, subscribe_url) as client:
             await client.subscribe(data_type, wanted, level=level)
             received = 0
 
@@ -330,6 +333,7 @@ def top(
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     namespace: NamespaceOption = DEFAULT_NAMESPACE,
     verbose: VerboseOption = False,
+    subscribe_url: SubscribeUrlOption = "",
 ) -> None:
     """A live table of price, change and 24h volume from the ticker stream.
 
@@ -346,7 +350,9 @@ def top(
 
     async def main(stop: asyncio.Event) -> int:
         validate_streams("ticker", wanted)
-        async with _client(settings, on_gap=board.on_gap, on_lease=on_lease) as client:
+        async with _client(
+            settings, subscribe_url, on_gap=board.on_gap, on_lease=on_lease
+        ) as client:
             await client.subscribe("ticker", wanted, board.on_message)
             watcher = asyncio.create_task(
                 _say_if_no_broker(client, settings, lambda: any(board.updates.values()))

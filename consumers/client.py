@@ -52,10 +52,7 @@ from redis.exceptions import RedisError
 
 from broker.clock import now_ms
 from broker.contract import (
-    ConnectedEvent,
     Event,
-    GapEvent,
-    LeaderEvent,
     LeaseEvent,
     UnknownEvent,
     decode_event,
@@ -68,9 +65,12 @@ from broker.errors import (
     LeaseError,
     describe,
 )
+from broker.event_gate import EventGate as _EventGate
+from broker.event_gate import Verdict
 from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
 from broker.leases import Lease, LeaseStore
 from broker.redis_client import redis_client
+from broker.redis_url import names_replica
 from broker.settings import CLIENT_BOUNDS, REDIS_URL_SCHEMES, Bound, check_number, redact_url
 from broker.upbit.codes import normalize_depth, parse_code, validate_code
 from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
@@ -161,67 +161,12 @@ _VERIFY_POLL = 0.1
 #: Unverified events held at most; more are rejected at once (a flood of forged ones).
 _VERIFY_MAX_PENDING = 256
 
-_ACCEPT, _REJECT, _CHECK = "accept", "reject", "check"
+_ACCEPT, _REJECT, _CHECK = Verdict.ACCEPT, Verdict.REJECT, Verdict.CHECK
 
 #: ``read_count``: XREAD COUNT per stream (durable streams); at most the broker's smallest cap
 _READ_COUNT_BOUND = Bound(1, 10_000, "entries", True, "XREAD COUNT per durable stream")
 #: Every trade is an event, not a state: conflating trades would drop some silently.
 _NOT_CONFLATED = frozenset({DataType.TRADE.value})
-
-
-class _EventGate:
-    """Which events on ``{ns}:events`` are the leader's (pure: fed the status and events).
-
-    An event is accepted when its ``broker`` is the one ``{ns}:status`` names as ``leader``
-    and, for ``gap`` and ``connected``, its ``epoch`` is not lower than the highest accepted
-    so far. An event naming another broker is checked against a fresh read of the status.
-    """
-
-    def __init__(self) -> None:
-        #: the leader the status named at the last read (None: not read yet, or no status)
-        self.leader: str | None = None
-        self.token: str | None = None
-        #: the highest epoch accepted (None: none yet)
-        self.epoch: int | None = None
-
-    def judge(self, event: Event) -> tuple[str, str]:
-        """``(_ACCEPT | _REJECT | _CHECK, why)``; ``_CHECK``: re-read the status first."""
-        if not event.broker:
-            return _REJECT, "it names no broker"
-        if isinstance(event, LeaderEvent) or event.broker != self.leader:
-            return _CHECK, f"broker {event.broker!r} is not the leader the status names"
-        return self._epoch_rule(event)
-
-    def settle(self, event: Event) -> tuple[str, str]:
-        """The verdict after the status was re-read: accept only what it names as leader."""
-        if not event.broker or event.broker != self.leader:
-            return _REJECT, (
-                f"broker {event.broker!r} is not the leader "
-                f"(the status names {self.leader or 'none'})"
-            )
-        return self._epoch_rule(event)
-
-    def _epoch_rule(self, event: Event) -> tuple[str, str]:
-        if isinstance(event, GapEvent) and isinstance(event.state, str):
-            # A gap's follow-up names the epoch of the gap it follows up, which may be older
-            # than connections announced since: it is accepted, and moves no floor.
-            return _ACCEPT, ""
-        if isinstance(event, GapEvent | ConnectedEvent) and event.epoch is not None:
-            if self.epoch is not None and event.epoch < self.epoch:
-                return _REJECT, f"epoch {event.epoch} is older than {self.epoch}, already seen"
-            self.epoch = event.epoch
-        return _ACCEPT, ""
-
-    def status_read(self, leader: str | None, token: str | None, epoch: int | None) -> None:
-        """The status's ``leader``, ``leader_token`` and ``epoch`` as just read."""
-        self.leader = leader or None
-        self.token = token
-        if epoch is not None and self.epoch is not None and epoch < self.epoch:
-            self.epoch = epoch  # Redis lost its epoch counter (restarted empty): start again
-
-    def reconnected(self) -> None:
-        """Our pub/sub connection broke: Redis may have restarted empty (epochs restart)."""
-        self.epoch = None
 
 
 @dataclass(slots=True)
@@ -250,6 +195,13 @@ class BrokerClient:
             ``redis+sentinel://[user:password@]h1:26379,h2:26379/mymaster/0``
             (``rediss+sentinel://`` with TLS; ``broker.redis_url``). After a failover the
             lease is re-asserted and the channels resubscribed on the new master, with a gap.
+        subscribe_url: where to SUBSCRIBE, when not ``redis_url``: a replica of that master
+            (``redis://replica:6379/0``), or one the sentinels know
+            (``redis+sentinel://h1:26379/mymaster/0?role=replica``), so fan-out grows by
+            adding replicas (design.md "Fan-out from replicas"). The lease, the commands, the
+            status and durable streams stay on ``redis_url``. A replica that does not hear
+            the master (its link down, resyncing, another master's) is left for the master,
+            with a ``consumer-disconnected`` gap.
         client_id: the lease's name; default ``{host}-{pid}-{random}``, unique per start.
         namespace: key prefix shared with the broker.
         lease_ttl: seconds the lease outlives this process if it dies; heartbeats every TTL/3.
@@ -289,11 +241,20 @@ class BrokerClient:
         ping_interval: float = 5.0,
         durable: bool = False,
         read_count: int = DEFAULT_READ_COUNT,
+        subscribe_url: str | None = None,
     ) -> None:
-        if not isinstance(redis_url, str) or not redis_url.startswith(REDIS_URL_SCHEMES):
+        for what, url in (("redis url", redis_url), ("subscribe url", subscribe_url)):
+            if what == "subscribe url" and url is None:
+                continue
+            if not isinstance(url, str) or not url.startswith(REDIS_URL_SCHEMES):
+                raise ConfigError(
+                    f"{what} must start with redis://, rediss://, unix://, redis+sentinel:// "
+                    f"or rediss+sentinel://, got {redact_url(str(url))!r}"
+                )
+        if names_replica(redis_url):
             raise ConfigError(
-                f"redis url must start with redis://, rediss://, unix://, redis+sentinel:// "
-                f"or rediss+sentinel://, got {redact_url(str(redis_url))!r}"
+                f"redis url {redact_url(redis_url)}: role=replica is for subscribe_url only "
+                "(the lease is written to the master)"
             )
         # every numeric option finite and in range (broker.settings.CLIENT_BOUNDS)
         lease_ttl = check_number("lease_ttl", lease_ttl, CLIENT_BOUNDS["lease_ttl"])
@@ -306,6 +267,8 @@ class BrokerClient:
         self.durable = bool(durable)
         self._read_count = read_count
         self.redis_url = redis_url
+        #: where the pub/sub subscription goes (``redis_url`` unless ``subscribe_url`` given)
+        self.subscribe_url = subscribe_url or redis_url
         self.client_id = validate_name(client_id or default_client_id(), "client id")
         self.keys = Keys(namespace)
         self.namespace = self.keys.namespace
@@ -385,14 +348,18 @@ class BrokerClient:
             ) from exc
         self._store = LeaseStore(redis, self.namespace)
         await self._read_leader()  # events of the leader are then judged at once
+        elsewhere = self.subscribe_url != self.redis_url
         self._subscriber = Subscriber(
-            self.redis_url,
+            self.subscribe_url,
             name=f"{self.client_id}:sub"[:128],
             on_message=self._on_message,
             on_break=self._on_break,
             on_restored=self._on_restored,
             connect_timeout=self._connect_timeout,
             ping_interval=self._ping_interval,
+            # subscribing elsewhere: prove the node hears the master, else fall back on it
+            fallback_url=self.redis_url if elsewhere else None,
+            master_replid=self._master_replid if elsewhere else None,
         )
         await self._subscriber.subscribe([self.keys.events.encode()])
         # connects once a durable stream is subscribed
@@ -419,7 +386,7 @@ class BrokerClient:
         except TimeoutError:
             await self.close()
             raise RedisUnavailableError(
-                f"cannot subscribe at {redact_url(self.redis_url)} within "
+                f"cannot subscribe at {redact_url(self.subscribe_url)} within "
                 f"{self._connect_timeout * 3:g}s"
             ) from None
         logger.debug("client %s started", self.client_id)
@@ -465,6 +432,14 @@ class BrokerClient:
             connect_timeout=self._connect_timeout,
             retries=2,
         )
+
+    async def _master_replid(self) -> str | None:
+        """The ``master_replid`` of the master the lease goes to (``INFO replication``; None
+        when it says none). Errors propagate: the subscriber takes them as "unknown"."""
+        assert self._redis is not None
+        info: dict[str, Any] = await self._redis.info("replication")
+        replid = info.get("master_replid")
+        return str(replid) if replid else None
 
     async def _abort_start(self) -> None:
         self._closed = True
@@ -1171,7 +1146,11 @@ class BrokerClient:
 
     async def _on_restored(self, incident: Break) -> None:
         self._gate.reconnected()
-        if incident.reason == FELL_BEHIND:
+        if incident.replica:
+            # incident.error says why (the replica's link, resync or master)
+            detail = "the node subscribed on did not hear the master, subscribed again on "
+            detail += self._subscriber_where()
+        elif incident.reason == FELL_BEHIND:
             self.stats.fell_behind += 1
             detail = "redis dropped this subscriber (output buffer limit: it fell behind)"
         elif incident.server_changed:
@@ -1206,6 +1185,9 @@ class BrokerClient:
         # Redis may have restarted empty, or failed over to a replica that lacks the lease's
         # last write (replication is asynchronous): put it back now, not at the next heartbeat
         self._renew_now.set()
+
+    def _subscriber_where(self) -> str:
+        return self._subscriber.where if self._subscriber is not None else "?"
 
     async def _dispatch(self) -> None:
         while True:

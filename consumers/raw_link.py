@@ -33,6 +33,7 @@ from typing import Any, cast
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from broker.redis_url import names_replica
 from broker.resp import AVAILABLE, RespAddress, encode_command
 
 if AVAILABLE:
@@ -58,8 +59,10 @@ def raw_address(url: str) -> RawAddress | None:
     """``url`` as redis-py reads it (``broker.resp.RespAddress.from_url``; a Sentinel URL
     gives the route to the master, resolved at each connect), or ``None`` when the raw road
     cannot honour it: no hiredis, a malformed URL or options it cannot express, a user without
-    a password (whose AUTH redis-py spells its own way)."""
-    if not AVAILABLE:
+    a password (whose AUTH redis-py spells its own way), a replica through Sentinel
+    (``?role=replica``: ``RespAddress`` resolves masters only; redis-py's pool rotates over the
+    replicas)."""
+    if not AVAILABLE or names_replica(url):
         return None
     try:
         address = RespAddress.from_url(url)
@@ -104,9 +107,11 @@ class RawLink(asyncio.Protocol):
         info: bool,
         deliver: Deliver,
         confirm: Confirm,
+        info_args: tuple[str, ...] = ("server",),
     ) -> tuple[RawLink, Any]:
         """Connect and authenticate; returns the link and, with ``info``, the reply to ``INFO
-        server`` (a ``ResponseError`` instance when the server has no INFO, e.g. fakeredis;
+        server`` (``INFO *info_args``: ``()`` for the default sections, replication too; a
+        ``ResponseError`` instance when the server has no INFO, e.g. fakeredis;
         ``b""`` without ``info``).
 
         Raises:
@@ -134,7 +139,7 @@ class RawLink(asyncio.Protocol):
                 commands.append((b"SELECT", address.db))
             commands.append((b"CLIENT", b"SETNAME", name))
             if info:
-                commands.append((b"INFO", b"server"))
+                commands.append((b"INFO", *info_args))
             replies = await link._call(commands)
             for command, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Exception) and command[0] != b"INFO":

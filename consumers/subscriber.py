@@ -21,6 +21,18 @@ subscriber that fell behind) is by far the usual reason; a new ``run_id`` means 
 or, with a ``redis+sentinel://`` URL, that Sentinel promoted a replica: both roads ask the
 sentinels for the master at every connect (redis-py's Sentinel pool; ``RespAddress.resolve``),
 so the reconnect reaches the new master and resubscribes there.
+
+Subscribing on a replica (``BrokerClient(subscribe_url=...)``; design.md "Fan-out from
+replicas"): given ``master_replid`` (how to read the replication id of the master the leases
+go to), every connect reads the node's ``INFO`` (server and replication) and refuses a node
+that would hear nothing the broker publishes (``consumers.replica_link.judge``: a replica with
+its link down, resyncing, or following another master; a master of its own); it then tries
+``fallback_url`` (the lease URL: the master) in the same attempt. While subscribed on a
+replica, a second, ordinary connection to that node reads ``INFO replication`` every
+``link_check_interval`` (a subscribed RESP2 connection takes no INFO) and ends the
+subscription as soon as the judgement fails, or the replica resynced from scratch: a
+:class:`ReplicaLinkLost` break, reported once resubscribed like any other, its gap starting
+when the replica's link went down.
 """
 
 from __future__ import annotations
@@ -31,16 +43,18 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from broker.clock import now_ms
 from broker.errors import describe
-from broker.redis_client import connection_pool
+from broker.redis_client import connection_pool, redis_client
+from broker.redis_url import is_sentinel_url, parse_sentinel_url
 from broker.settings import redact_url
 from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms
 from consumers.raw_link import RawAddress, RawLink, ServerClosed, raw_address
+from consumers.replica_link import Replication, judge, parse_replication
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +73,38 @@ class Break:
     until_ms: int  # when every channel was subscribed again
     error: str  # what the old connection died of
     attempts: int  # connection attempts it took
-    #: another Redis server answers than before the break (INFO run_id): a restart or a failover
+    #: another Redis server answers than before the break (INFO run_id): a restart or a
+    #: failover, or the subscription moved between a replica and the master
     server_changed: bool = False
+    #: the break was the subscribe node's replication (:class:`ReplicaLinkLost`): why
+    replica: str = ""
+
+
+class ReplicaLinkLost(RedisConnectionError):
+    """The node subscribed on does not (or did not for a while) hear the master: its link to
+    the master is down, it resyncs, follows another master, or resynced from scratch.
+
+    Attributes:
+        since_ms: when its link went down, as far as it says (None: not known).
+    """
+
+    def __init__(self, why: str, since_ms: int | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.since_ms = since_ms
+
+
+#: what to read of the master: its ``master_replid`` (None: could not be read)
+MasterReplid = Callable[[], Awaitable[str | None]]
+
+
+@dataclass(slots=True)
+class _Target:
+    """One place to subscribe: the subscribe URL, then the fallback."""
+
+    url: str
+    pool: ConnectionPool
+    address: RawAddress | None
 
 
 class Subscriber:
@@ -76,6 +120,12 @@ class Subscriber:
         on_restored: awaited once a new connection has every channel subscribed again.
         ping_interval: with nothing received for this long, PING; no answer within another
             interval means the connection is dead.
+        fallback_url: where to subscribe when ``redis_url`` cannot be used (the master, when
+            ``redis_url`` names a replica).
+        master_replid: reads the ``master_replid`` of the master the broker publishes on;
+            given, every node is checked as the module docstring says.
+        link_check_interval: seconds between two checks of a replica's link (default:
+            ``ping_interval``).
     """
 
     def __init__(
@@ -91,13 +141,33 @@ class Subscriber:
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
         confirm_timeout: float = 5.0,
+        fallback_url: str | None = None,
+        master_replid: MasterReplid | None = None,
+        link_check_interval: float | None = None,
     ) -> None:
         # no retries and no socket timeout (broker.redis_client): every wait here has its own
         # asyncio.timeout, and a failed connection must surface here, never be replaced silently
-        self._pool = connection_pool(redis_url, name=name, connect_timeout=connect_timeout)
-        self._address = raw_address(redis_url) if RAW_ROAD else None
+        urls = [redis_url] + ([fallback_url] if fallback_url and fallback_url != redis_url else [])
+        self._targets = [
+            _Target(
+                url,
+                connection_pool(url, name=name, connect_timeout=connect_timeout),
+                raw_address(url) if RAW_ROAD else None,
+            )
+            for url in urls
+        ]
+        self._pool = self._targets[0].pool
+        self._address = self._targets[0].address
         self._name = name[:128]
         self._url = redact_url(redis_url)
+        self._master_replid = master_replid
+        self._link_check_interval = link_check_interval or ping_interval
+        #: the node subscribed on, when it is a replica to watch: (url to reach it, reading)
+        self._replica: tuple[str, Replication] | None = None
+        #: the node's replication at the last connect (None: not checked, or no INFO)
+        self._node: Replication | None = None
+        #: where the current connection is (redacted), for logs
+        self._where = self._url
         self._on_message = on_message
         self._on_break = on_break
         self._on_restored = on_restored
@@ -126,8 +196,15 @@ class Subscriber:
 
     @property
     def raw(self) -> bool:
-        """True when this subscriber takes the raw road (``consumers.raw_link``)."""
+        """True when this subscriber takes the raw road (``consumers.raw_link``) to its
+        subscribe URL."""
         return self._address is not None
+
+    @property
+    def where(self) -> str:
+        """The URL (redacted) of the connection now or last: the subscribe URL, or the
+        fallback."""
+        return self._where
 
     @property
     def channels(self) -> frozenset[bytes]:
@@ -179,11 +256,12 @@ class Subscriber:
 
     async def run(self) -> None:
         """Connect, read, and on any failure reconnect with backoff; until cancelled."""
-        broken: tuple[int, str, bool] | None = None  # (since_ms, error, server_closed)
+        broken: tuple[int, str, bool, str] | None = None  # (since_ms, error, closed, replica)
         attempts = 0
         delay = self._backoff_initial
         while True:
             attempts += 1
+            previous_node = self._node
             try:
                 conn, run_id = await self._connect()
             except asyncio.CancelledError:
@@ -201,10 +279,19 @@ class Subscriber:
                 continue
             previous_run_id, self._run_id = self._run_id, run_id
             if broken is not None:
-                since_ms, error, server_closed = broken
+                since_ms, error, server_closed, replica = broken
                 same_server = previous_run_id is not None and previous_run_id == self._run_id
+                # the same server, promoted or re-pointed meanwhile: Sentinel closes every
+                # client of the replica it promotes (CLIENT KILL TYPE pubsub): no slow reader
+                same_role = (
+                    previous_node is None
+                    or self._node is None
+                    or (previous_node.role, previous_node.replid)
+                    == (self._node.role, self._node.replid)
+                )
+                dropped = same_server and server_closed and same_role
                 incident = Break(
-                    reason=FELL_BEHIND if same_server and server_closed else CONSUMER_DISCONNECTED,
+                    reason=FELL_BEHIND if dropped else CONSUMER_DISCONNECTED,
                     since_ms=since_ms,
                     until_ms=now_ms(),
                     error=error,
@@ -214,6 +301,7 @@ class Subscriber:
                         and self._run_id is not None
                         and previous_run_id != self._run_id
                     ),
+                    replica=replica,
                 )
                 logger.info("pubsub reconnected after %d attempt(s); %s", attempts, incident.reason)
                 if self._on_restored is not None:
@@ -225,10 +313,20 @@ class Subscriber:
                 await self._read_loop(conn)
             except asyncio.CancelledError:
                 raise
+            except ReplicaLinkLost as exc:
+                since_ms = self._break_since_ms()
+                if exc.since_ms is not None:
+                    since_ms = min(since_ms, exc.since_ms)
+                broken = (since_ms, exc.why, False, exc.why)
+                logger.warning(
+                    "pubsub on %s left: the replica %s; resubscribing", self._where, exc.why
+                )
+                if self._on_break is not None:
+                    self._on_break(exc.why)
             except (RedisError, OSError, TimeoutError, ServerClosed) as exc:
                 error = describe(exc)
-                broken = (self._break_since_ms(), error, isinstance(exc, ServerClosed))
-                logger.warning("pubsub connection to %s lost: %s; reconnecting", self._url, error)
+                broken = (self._break_since_ms(), error, isinstance(exc, ServerClosed), "")
+                logger.warning("pubsub connection to %s lost: %s; reconnecting", self._where, error)
                 if self._on_break is not None:
                     self._on_break(error)
             finally:
@@ -241,20 +339,90 @@ class Subscriber:
         self._drop_connection()
         if conn is not None:
             await _disconnect(conn)
-        await self._pool.disconnect(inuse_connections=True)
+        for target in self._targets:
+            await target.pool.disconnect(inuse_connections=True)
 
     # -- internals --------------------------------------------------------------------------
 
     async def _connect(self) -> tuple[AbstractConnection | RawLink, str | None]:
-        if self._address is not None:
-            return await self._connect_raw(self._address)
-        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        """Connect to the subscribe URL, else to the fallback; the last failure is raised."""
+        for i, target in enumerate(self._targets):
+            result: tuple[AbstractConnection | RawLink, str | None]
+            try:
+                if target.address is not None:
+                    result = await self._connect_raw(target)
+                else:
+                    result = await self._connect_redis_py(target)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                if i + 1 == len(self._targets):
+                    raise
+                logger.info(
+                    "pubsub cannot use %s (%s); trying %s",
+                    redact_url(target.url),
+                    describe(exc),
+                    redact_url(self._targets[i + 1].url),
+                )
+                continue
+            self._where = redact_url(target.url)
+            return result
+        raise AssertionError("no target")  # pragma: no cover: there is always one
+
+    @property
+    def _info_args(self) -> tuple[str, ...]:
+        # the replication section too when nodes are checked (INFO without a section has
+        # both: "INFO server replication" needs Redis 7)
+        return () if self._master_replid is not None else ("server",)
+
+    async def _check_node(
+        self, target: _Target, info: object, host: str | None, port: int | None
+    ) -> None:
+        """Refuse a node that would hear nothing the broker publishes (module docstring);
+        remember a replica to watch.
+
+        Raises:
+            ReplicaLinkLost: why the node cannot be used.
+        """
+        self._replica = None
+        self._node = None
+        if self._master_replid is None:
+            return
+        node = self._node = parse_replication(info)
+        if node is None:
+            return  # no INFO (fakeredis, an ACL without +info): nothing to judge by
+        master = await self._read_master_replid()
+        why = judge(node, master)
+        where = redact_url(target.url)
+        if why is not None:
+            raise ReplicaLinkLost(f"{where}: {why}", _down_since_ms(node))
+        if node.role == "slave":
+            # the watcher's own connection reaches the same node: through Sentinel, the
+            # replica this connection was given, with the URL's credentials and options
+            url = target.url
+            if is_sentinel_url(url) and host is not None and port is not None:
+                url = parse_sentinel_url(url).redis_url(host, port)
+            self._replica = (url, node)
+
+    async def _read_master_replid(self) -> str | None:
+        assert self._master_replid is not None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                return await self._master_replid()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the master unreadable: judge by the node alone
+            logger.debug("could not read the master's replication id: %s", describe(exc))
+            return None
+
+    async def _connect_redis_py(self, target: _Target) -> tuple[AbstractConnection, str | None]:
+        conn: AbstractConnection = target.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             async with asyncio.timeout(self._connect_timeout * 2):
                 await conn.connect()  # type: ignore[no-untyped-call]
                 info: object = b""
                 if self._has_info:
-                    await conn.send_command("INFO", "server")
+                    await conn.send_command("INFO", *self._info_args)
                     try:
                         info = await conn.read_response()
                     except ResponseError as exc:
@@ -262,6 +430,9 @@ class Subscriber:
                         # on; if it hung up after the error, the next attempt skips INFO
                         logger.debug("no INFO on this server (%s)", exc)
                         self._has_info = False
+                host = getattr(conn, "host", None)
+                port = getattr(conn, "port", None)
+                await self._check_node(target, info, host, port)
             run_id = _run_id(info)
             subscribed: set[bytes] = set()
             # a subscribe() during this handshake only records its channel (not live yet), so
@@ -285,12 +456,14 @@ class Subscriber:
             await conn.disconnect(nowait=True)
             raise
 
-    async def _connect_raw(self, address: RawAddress) -> tuple[RawLink, str | None]:
+    async def _connect_raw(self, target: _Target) -> tuple[RawLink, str | None]:
+        assert target.address is not None
         async with asyncio.timeout(self._connect_timeout * 2):
             link, info = await RawLink.open(
-                address,
+                target.address,
                 self._name,
                 info=self._has_info,
+                info_args=self._info_args,
                 deliver=self._deliver,
                 confirm=self._on_confirm,
             )
@@ -298,6 +471,8 @@ class Subscriber:
             if isinstance(info, ResponseError):
                 logger.debug("no INFO on this server (%s)", info)  # as on redis-py's road
                 self._has_info = False
+            async with asyncio.timeout(self._connect_timeout * 2):
+                await self._check_node(target, info, None, None)
             run_id = _run_id(info)
             # as on redis-py's road: until what is subscribed covers what is desired
             while missing := sorted(self._desired - link.subscribed):
@@ -329,6 +504,60 @@ class Subscriber:
                 await conn.send_command(command, *channels[i : i + _CHUNK])
 
     async def _read_loop(self, conn: AbstractConnection | RawLink) -> None:
+        """Read until the connection breaks, or, on a replica, until its link does."""
+        if self._replica is None:
+            await self._read(conn)
+            return
+        url, node = self._replica
+        reader = asyncio.create_task(self._read(conn), name=f"{self._name}:read")
+        watcher = asyncio.create_task(self._watch_replica(url, node), name=f"{self._name}:link")
+        try:
+            done, _ = await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, watcher):
+                task.cancel()
+            # both are ours and cancelled: wait for them, their errors are read below
+            await asyncio.wait({reader, watcher})
+        for task in (watcher, reader):  # the replica's verdict explains a break best
+            if task in done and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        raise RedisConnectionError("the pub/sub reader stopped")  # pragma: no cover
+
+    async def _watch_replica(self, url: str, first: Replication) -> None:
+        """Read the replica's ``INFO replication`` every ``link_check_interval`` on a
+        connection of its own; raise :class:`ReplicaLinkLost` once it fails the judgement.
+        An unreadable INFO is no verdict (the pub/sub PING finds a dead node)."""
+        previous = first
+        client = redis_client(url, name=f"{self._name}:link", connect_timeout=self._connect_timeout)
+        try:
+            while True:
+                await asyncio.sleep(self._link_check_interval)
+                try:
+                    async with asyncio.timeout(self._connect_timeout):
+                        info = await client.execute_command(  # type: ignore[no-untyped-call]
+                            "INFO", "replication"
+                        )
+                except ResponseError as exc:  # an ACL without +info: nothing more to learn
+                    logger.warning("cannot watch the replica's link (%s)", exc)
+                    await asyncio.Event().wait()  # the reader decides from now on
+                    return
+                except (RedisError, OSError, TimeoutError) as exc:
+                    logger.debug("replica INFO failed: %s", describe(exc))
+                    continue
+                node = parse_replication(info)
+                if node is None:
+                    continue
+                master = await self._read_master_replid()
+                why = judge(node, master, previous)
+                if why is not None:
+                    raise ReplicaLinkLost(
+                        f"{redact_url(url)}: {why}", _down_since_ms(node, self._link_check_interval)
+                    )
+                previous = node
+        finally:
+            await client.aclose()
+
+    async def _read(self, conn: AbstractConnection | RawLink) -> None:
         if isinstance(conn, RawLink):
             await conn.watch(self._ping_interval)  # messages go by data_received
             return
@@ -400,6 +629,16 @@ async def _disconnect(conn: AbstractConnection | RawLink) -> None:
         conn.close()
     else:
         await conn.disconnect(nowait=True)
+
+
+def _down_since_ms(node: Replication, at_most_s: float | None = None) -> int | None:
+    """When the node's link to its master went down (None: up, or not said; a link that was
+    never up, or went down and up between two checks: ``at_most_s`` ago, if given)."""
+    if node.role != "slave":
+        return None if at_most_s is None else now_ms() - int(at_most_s * 1000)
+    if node.down_since_s is not None and node.down_since_s >= 0:
+        return now_ms() - node.down_since_s * 1000
+    return None if at_most_s is None else now_ms() - int(at_most_s * 1000)
 
 
 def _run_id(info: object) -> str | None:

@@ -46,6 +46,7 @@ class SyncBrokerClient:
         start_timeout: float = 20.0,
         durable: bool = False,
         read_count: int = DEFAULT_READ_COUNT,
+        subscribe_url: str | None = None,
     ) -> None:
         self._client = BrokerClient(
             redis_url=redis_url,
@@ -57,6 +58,7 @@ class SyncBrokerClient:
             queue_size=queue_size,
             durable=durable,
             read_count=read_count,
+            subscribe_url=subscribe_url,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(

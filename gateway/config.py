@@ -17,7 +17,7 @@ from typing import Any
 
 from broker.errors import ConfigError
 from broker.keys import DEFAULT_NAMESPACE, validate_name
-from broker.settings import ENV_PREFIX, Bound, check_number, redact_url
+from broker.settings import ENV_PREFIX, REDIS_URL_SCHEMES, Bound, check_number, redact_url
 
 GATEWAY_ENV_PREFIX = "UPBIT_GATEWAY_"
 #: what the gateway does when the broker announces a gap on a client's streams
@@ -123,10 +123,12 @@ class GatewaySettings:
             raise ConfigError(f"on_gap must be one of {', '.join(ON_GAP)}, got {self.on_gap!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both, or neither")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        # the broker's schemes: the gateway's clients are built by broker.redis_client and
+        # consumers.subscriber, which read a redis+sentinel:// URL as the broker does
+        if not self.redis_url.startswith(REDIS_URL_SCHEMES):
             raise ConfigError(
-                "redis url must start with redis://, rediss:// or unix://, "
-                f"got {redact_url(self.redis_url)!r}"
+                "redis url must start with redis://, rediss://, unix://, redis+sentinel:// "
+                f"or rediss+sentinel://, got {redact_url(self.redis_url)!r}"
             )
         if not self.upstream_rest_url.startswith(("http://", "https://")):
             raise ConfigError(

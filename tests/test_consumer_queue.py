@@ -139,6 +139,7 @@ def test_consumers_import_only_their_allowed_layers() -> None:
         "broker.core.history",  # the history caps (pure), read with the settings
         "broker.resp",  # the RESP wire layer (redis-py and the standard library only)
         "broker.redis_url",  # the Sentinel URL's parser (pure)
+        "broker.event_gate",  # which events are the leader's (pure), shared with the gateway
     }  # fmt: skip
     bad = sorted(
         m

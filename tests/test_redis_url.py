@@ -16,6 +16,7 @@ from broker.redis_url import (
     RedisUrlError,
     SentinelUrl,
     is_sentinel_url,
+    names_replica,
     parse_sentinel_url,
 )
 from broker.settings import BrokerSettings, redact_url
@@ -53,6 +54,13 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
         {"sentinels": (("::1", 26379), ("fe80::2", 26379))},
     ),
     ("redis+sentinel://h/my-master.1/2", {"service": "my-master.1", "db": 2}),
+    # ?role=: a replica of the service (subscribe URLs), not an option for redis-py
+    ("redis+sentinel://h/svc/0?role=replica", {"role": "replica", "options": ()}),
+    (
+        "redis+sentinel://h/svc?role=master&protocol=2",
+        {"role": "master", "options": (("protocol", "2"),)},
+    ),
+    ("redis+sentinel://h/svc", {"role": "master"}),
 ]
 
 
@@ -84,6 +92,8 @@ BAD: list[tuple[str, str]] = [
     ("redis+sentinel://h/svc/0/extra", "the path is /service[/db]"),
     ("redis+sentinel://h/my%20master", "white space"),
     ("redis://h:6379/0", "not a redis+sentinel"),
+    ("redis+sentinel://h/svc?role=slave", "role must be master or replica"),
+    ("redis+sentinel://h/svc?role=", "role must be master or replica"),
 ]
 
 
@@ -129,3 +139,35 @@ def test_settings_accept_the_sentinel_schemes_only() -> None:
     with pytest.raises(ConfigError, match="redis\\+sentinel://"):
         BrokerSettings(redis_url="sentinel://h/svc")
     assert not is_sentinel_url("redis://h") and not is_sentinel_url("sentinel://h/svc")
+
+
+def test_role_replica_is_for_subscribe_urls_only() -> None:
+    """A replica's pool for the subscriber (redis-py's ``slave_for``: ``is_master`` False, so
+    no raw road either); every client that writes refuses it, and so does the library's
+    ``redis_url``, before any I/O."""
+    from broker.redis_client import ClosingSentinelPool, connection_pool, redis_client
+    from consumers import BrokerClient
+    from consumers.raw_link import raw_address
+
+    url = "redis+sentinel://h1,h2:26380/svc/3?role=replica"
+    assert names_replica(url) and not names_replica(url.replace("replica", "master"))
+    assert not names_replica("redis://h/0?role=replica") and not names_replica("redis+sentinel://")
+    assert (
+        parse_sentinel_url(url).describe()
+        == "redis+sentinel://h1:26379,h2:26380/svc/3?role=replica"
+    )
+    pool = connection_pool(url)
+    assert isinstance(pool, ClosingSentinelPool) and not pool.is_master
+    assert pool.connection_kwargs["db"] == 3 and "role" not in pool.connection_kwargs
+    master_pool = connection_pool(url.replace("?role=replica", ""))
+    assert isinstance(master_pool, ClosingSentinelPool) and master_pool.is_master
+    assert raw_address(url) is None
+    with pytest.raises(RedisUrlError, match="role=replica is for a subscribe url only"):
+        redis_client(url)
+    with pytest.raises(ConfigError, match="role=replica is for subscribe_url only"):
+        BrokerClient(redis_url=url)
+    client = BrokerClient(redis_url="redis://m:6379/0", subscribe_url=url)
+    assert client.subscribe_url == url and client.redis_url == "redis://m:6379/0"
+    assert BrokerClient(redis_url="redis://m:6379/0").subscribe_url == "redis://m:6379/0"
+    with pytest.raises(ConfigError, match="subscribe url must start with"):
+        BrokerClient(subscribe_url="http://replica:6379")

@@ -243,4 +243,7 @@ async def _link_up(replica_port: int) -> bool:
         await client.aclose()
 
 
-__all__ = ["SERVICE", "SentinelProcess", "SentinelSetup", "running_sentinels"]
+#: whether the replica on ``replica_port`` is in sync with its master (``master_link_status``)
+link_up = _link_up
+
+__all__ = ["SERVICE", "SentinelProcess", "SentinelSetup", "link_up", "running_sentinels"]
