@@ -156,7 +156,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
             options.append((name, value))
     db = 0
     if db_text is not None:
-        if not db_text.isdigit():
+        if not (db_text.isascii() and db_text.isdecimal()):
             raise bad(f"the database must be a number from 0, got {db_text!r}")
         db = int(db_text)
     return SentinelUrl(
@@ -201,7 +201,7 @@ def _host_port(part: str, bad: Callable[[str], RedisUrlError]) -> tuple[str, int
         raise bad(f"a sentinel without a host ({part!r})")
     if port_text is None:
         return host, SENTINEL_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdecimal()) or not 0 < int(port_text) < 65536:
         raise bad(f"the port of sentinel {host} must be from 1 to 65535, got {port_text!r}")
     return host, int(port_text)
 

@@ -94,6 +94,11 @@ BAD: list[tuple[str, str]] = [
     ("redis://h:6379/0", "not a redis+sentinel"),
     ("redis+sentinel://h/svc?role=slave", "role must be master or replica"),
     ("redis+sentinel://h/svc?role=", "role must be master or replica"),
+    # digits int() takes but no one means: a superscript (int() raises), Arabic-Indic
+    ("redis+sentinel://h:2\u00b2/svc", "must be from 1 to 65535"),
+    ("redis+sentinel://h/svc/\u00b2", "the database must be a number"),
+    ("redis+sentinel://h:\u0662\u0666/svc", "must be from 1 to 65535"),
+    ("redis+sentinel://h/svc?db=\u0663", "the database must be a number"),
 ]
 
 
