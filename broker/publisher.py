@@ -14,9 +14,11 @@ replies are not told apart) is a frame they will never see: it is counted
 (``history_refused``) and announced like a frame that never reached Redis, as a ``redis`` gap
 (a :class:`RedisLoss` that stays open until a burst's history is accepted again).
 
-On the raw RESP road (:mod:`broker.resp`: one packed buffer, replies counted by hiredis where
-they arrive) the write does not wait for Redis: replies are counted as they come, so a burst
-costs one ``write`` and no task switch. Redis that falls behind fills the transport buffer; the
+On the raw RESP road (:mod:`broker.resp`: one packed buffer, replies counted by hiredis) the
+write does not wait for Redis, and its replies are read by the next burst's write, before it
+(:meth:`broker.resp.RespConnection.poll_replies`; a timer reads the last burst's within
+``REPLY_POLL_INTERVAL``), so a burst costs one ``write`` and one wake-up: the read of the
+upstream socket that brought it. Redis that falls behind fills the transport buffer; the
 publisher then stops writing and lets frames accumulate until it drains, and a buffer
 unanswered for ``PIPELINE_TIMEOUT`` means Redis is gone (the connection is dropped, the error
 counted, the next burst reconnects). A frame counts as published once Redis has answered its
@@ -65,10 +67,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -123,10 +123,16 @@ class Target:
     commands: int = 1
     #: for a trade stream with history: where its SNAPSHOT frames go (:class:`SnapshotTwin`)
     snapshot_twin: Target | None = None
+    #: the cache hash's name and the code as RESP bulk strings (the HSET's arguments)
+    cache_bulk: bytes = b""
+    code_bulk: bytes = b""
 
     def __post_init__(self) -> None:
         if not self.publish_prefix:
             object.__setattr__(self, "publish_prefix", resp.publish_prefix(self.channel))
+        if not self.cache_bulk:
+            object.__setattr__(self, "cache_bulk", resp.bulk(self.cache_key))
+            object.__setattr__(self, "code_bulk", resp.bulk(self.code))
         if self.history_key and self.history_cap > 0:
             object.__setattr__(
                 self, "history_prefix", resp.xadd_prefix(self.history_key, self.history_cap)
@@ -178,9 +184,6 @@ def make_target(keys: Keys, key: StreamKey, history_caps: dict[str, int] | None 
         object.__setattr__(twin, "original", target)
         object.__setattr__(target, "snapshot_twin", twin)
     return target
-
-
-_first = itemgetter(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +446,10 @@ class Publisher:
                         on_lost=self._connection_lost,
                         on_refused=self._refused,
                     )
+                    # Replies are read by the next burst's write (or a timer), not by a
+                    # wake-up of their own: at ~100 bursts a second that wake-up cost as
+                    # much CPU as the write itself.
+                    conn.poll_replies()
                     if self._watchdog is not None:
                         self._watchdog.cancel()  # one watchdog, for the newest connection
                     self._arm_watchdog()
@@ -494,14 +501,25 @@ class Publisher:
                     commands += 1
         else:
             parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
+            extend = parts.extend
             commands = len(batch)
         history = commands - len(batch)
         cache = _NO_CACHE
         if self._cache:
             # Only the newest frame of each stream goes to the cache: dict() keeps the last.
+            # One HSET per cache hash, its arguments written straight into the buffer's parts
+            # (the frames are copied once, by the join).
             cache, newest = self._plan_cache(dict(batch))
-            for key, fields in self._cache_mappings(newest).items():
-                parts.append(resp.encode_command(b"HSET", key, *fields))
+            per_hash: dict[bytes, list[bytes]] = {}
+            for target, frame in newest.items():
+                fields = per_hash.get(target.cache_bulk)
+                if fields is None:
+                    fields = per_hash[target.cache_bulk] = []
+                fields += (target.code_bulk, b"$%d\r\n" % len(frame), frame, b"\r\n")
+            for key_bulk, fields in per_hash.items():
+                # HSET, the key, then a code and a frame (four parts) per field
+                extend((b"*%d\r\n$4\r\nHSET\r\n" % (2 + len(fields) // 2), key_bulk))
+                extend(fields)
                 commands += 1
         try:
             conn.send(b"".join(parts), commands, token=(now_ms(), batch, cache, history))
@@ -574,9 +592,12 @@ class Publisher:
         stats = self.stats
         by_type = stats.published_by_type
         last_seen = stats.last_seen
-        for target, n_frames in Counter(map(_first, batch)).items():
-            last_seen[target.key] = now
-            by_type[target.key.type] = by_type.get(target.key.type, 0) + n_frames
+        # A plain loop: a burst is ~8 frames, where building a Counter cost more than it saved.
+        for target, _ in batch:
+            key = target.key
+            last_seen[key] = now
+            kind = key.type
+            by_type[kind] = by_type.get(kind, 0) + 1
         stats.published += len(batch)
         if history_written == 0 or (history_written < 0 and self._history_loss):
             # The history refused them, or took none since it refused some: the loss stays

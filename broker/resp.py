@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -77,6 +79,11 @@ def encode_command(*args: bytes | str | int) -> bytes:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def bulk(data: bytes) -> bytes:
+    """``data`` as a RESP bulk string (one argument of a command)."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def publish_prefix(channel: bytes) -> bytes:
@@ -333,6 +340,17 @@ class RespAddress:
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
 
+#: with :meth:`RespConnection.poll_replies` on, replies wait unread at most this long after the
+#: last write (the next write reads them without a wake-up of its own; this timer reads them
+#: when no write comes)
+REPLY_POLL_INTERVAL = 0.05
+#: a write reads the replies if the last read was at least this long ago (at 100 bursts a
+#: second, every write; at thousands of small writes a second, a read every few of them)
+REPLY_POLL_GAP = 0.002
+#: bytes asked of one ``recv`` when replies are polled
+_POLL_CHUNK = 262_144
+
+
 class _InFlight:
     """One buffer of commands written and not yet fully answered."""
 
@@ -398,6 +416,15 @@ class RespConnection(asyncio.Protocol):
         self.writing_paused = False
         #: the node this connection reached (through Sentinel: the master found)
         self.address: RespAddress | None = None
+        #: a duplicate of the socket's descriptor, read directly while replies are polled
+        #: (None: polling is off, or the transport cannot be read this way, e.g. TLS)
+        self._poll_sock: socket.socket | None = None
+        #: the transport is paused for reading: replies are read by :meth:`_poll`
+        self._polling = False
+        self._in_poll = False
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._written_since_poll = False
+        self._polled_at = 0.0
 
     @classmethod
     async def connect(
@@ -487,7 +514,108 @@ class RespConnection(asyncio.Protocol):
         Raises:
             redis.exceptions.ConnectionError: the connection is closed.
         """
-        self._write(buffer, _InFlight(replies, token))
+        entry = _InFlight(replies, token)
+        self._write(buffer, entry)
+        if self._poll_sock is not None:
+            self._written_since_poll = True
+            if not self._polling:
+                self._start_polling()
+            elif not self._in_poll and entry.sent_at - self._polled_at >= REPLY_POLL_GAP:
+                # The replies that came since the last write, without a wake-up of their own;
+                # read after this write, so that they never delay it. Writes closer together
+                # than the gap leave them to a later one (fewer reads, each of more replies).
+                self._poll()
+
+    def poll_replies(self) -> bool:
+        """Read the replies to :meth:`send` without a wake-up of their own (the publisher's
+        road: at ~100 bursts a second, waking for each burst's replies cost as much as the
+        write). The transport stops reading while buffers are in flight; each :meth:`send`,
+        once it has written, reads (one non-blocking ``recv``) what Redis has answered so
+        far, and a timer
+        reads them ``REPLY_POLL_INTERVAL`` after the last write when no further write comes,
+        then the transport reads again (an idle connection's close is noticed at once).
+        Replies are counted exactly as before, only up to that long later; an awaited
+        command (:meth:`execute`, :meth:`drain`) reads as usual. False: this transport cannot
+        be read directly (TLS, no socket), and replies keep their own wake-ups.
+        """
+        transport = self._transport
+        if self._poll_sock is not None:
+            return True
+        if transport is None or self.closed or transport.get_extra_info("sslcontext") is not None:
+            return False
+        raw = transport.get_extra_info("socket")
+        if raw is None:
+            return False
+        try:
+            # A duplicate of the descriptor (the same socket; the transport keeps its own):
+            # asyncio's and uvloop's transports hand out no socket that may be read.
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+            sock.setblocking(False)
+        except (OSError, ValueError):
+            return False
+        self._poll_sock = sock
+        return True
+
+    def _start_polling(self) -> None:
+        assert self._transport is not None
+        self._transport.pause_reading()
+        self._polling = True
+        self._poll_timer = asyncio.get_running_loop().call_later(
+            REPLY_POLL_INTERVAL, self._poll_due
+        )
+
+    def _stop_polling(self) -> None:
+        """The transport reads again (replies already waiting are read at the loop's next
+        turn)."""
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+        if self._polling:
+            self._polling = False
+            if not self.closed and self._transport is not None:
+                self._transport.resume_reading()
+
+    def _poll_due(self) -> None:
+        """No write for a while may have read the replies: read them now; once a whole
+        interval passed without a write, the transport reads again."""
+        self._poll_timer = None
+        if self.closed or not self._polling:
+            return
+        self._poll()
+        if self.closed:
+            return
+        if self._written_since_poll:
+            self._written_since_poll = False
+            self._poll_timer = asyncio.get_running_loop().call_later(
+                REPLY_POLL_INTERVAL, self._poll_due
+            )
+        else:
+            self._stop_polling()
+
+    def _poll(self) -> None:
+        """Read whatever Redis has sent (non-blocking) and count it like the transport would;
+        an end of stream or a socket error breaks the connection as the transport would."""
+        sock = self._poll_sock
+        assert sock is not None
+        self._polled_at = time.monotonic()
+        self._in_poll = True
+        try:
+            while not self.closed:
+                try:
+                    data = sock.recv(_POLL_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    self.abort(RedisConnectionError(str(exc)))  # (reported as a loss)
+                    return
+                if not data:
+                    self.abort(RedisConnectionError("closed by the server"))
+                    return
+                self.data_received(data)
+                if len(data) < _POLL_CHUNK:
+                    return
+        finally:
+            self._in_poll = False
 
     async def execute(self, buffer: bytes, replies: int) -> list[Any]:
         """Send ``buffer`` (``replies`` packed commands) and return the replies in order.
@@ -540,6 +668,13 @@ class RespConnection(asyncio.Protocol):
     async def _roundtrip(self, buffer: bytes, replies: int, *, collect: bool) -> _InFlight:
         waiter: asyncio.Future[_InFlight] = asyncio.get_running_loop().create_future()
         entry = _InFlight(replies, replies=[] if collect else None, waiter=waiter)
+        if self._polling:
+            self._poll()  # (replies read so far keep their order before this one's)
+            self._stop_polling()  # an awaited reply is read as soon as it comes
+            if self.closed:
+                # The poll found the connection broken: return once that is reported, as
+                # when the transport finds it while we wait.
+                await asyncio.shield(self._lost)
         self._write(buffer, entry)
         if replies == 0 and len(self._inflight) == 1:
             self._complete(self._inflight.popleft())
@@ -572,29 +707,35 @@ class RespConnection(asyncio.Protocol):
         reply_error = hiredis.ReplyError
         try:
             while True:
-                reply = gets()
-                if reply is False:
-                    return
                 # A zero-command marker (drain) is complete once everything before it is.
                 while inflight and inflight[0].remaining == 0:
                     self._complete(inflight.popleft())
                 if not inflight:
+                    reply = gets()
+                    if reply is False:
+                        return
                     raise hiredis.ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
+                # The oldest buffer's replies in one tight loop (a burst's are ~10-20).
                 entry = inflight[0]
-                entry.remaining -= 1
-                if type(reply) is reply_error:
-                    entry.errors += 1
-                    if entry.refusals is None:
-                        entry.refusals = [reply]
-                    else:
-                        entry.refusals.append(reply)
-                if entry.replies is not None:
-                    entry.replies.append(reply)
-                if entry.remaining == 0:
-                    inflight.popleft()
-                    self._complete(entry)
-                    while inflight and inflight[0].remaining == 0:
-                        self._complete(inflight.popleft())
+                remaining = entry.remaining
+                replies = entry.replies
+                while remaining:
+                    reply = gets()
+                    if reply is False:
+                        entry.remaining = remaining
+                        return
+                    remaining -= 1
+                    if type(reply) is reply_error:
+                        entry.errors += 1
+                        if entry.refusals is None:
+                            entry.refusals = [reply]
+                        else:
+                            entry.refusals.append(reply)
+                    if replies is not None:
+                        replies.append(reply)
+                entry.remaining = 0
+                inflight.popleft()
+                self._complete(entry)
         except hiredis.ProtocolError as exc:
             self.abort(RedisConnectionError(f"redis protocol error: {exc}"))
 
@@ -623,6 +764,7 @@ class RespConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.writing_paused = False
+        self._close_poll_sock()
         reason = exc or self._abort_reason or "closed by the server"
         why = RedisConnectionError(f"redis connection lost: {reason}")
         unanswered = list(self._inflight)
@@ -638,6 +780,15 @@ class RespConnection(asyncio.Protocol):
             self._on_lost(why, [e.token for e in unanswered if e.waiter is None])
 
     # -- closing ----------------------------------------------------------------------------
+
+    def _close_poll_sock(self) -> None:
+        self._polling = False
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+        sock, self._poll_sock = self._poll_sock, None
+        if sock is not None:
+            sock.close()  # (the duplicate only: the transport closes its own)
 
     def abort(self, why: Exception, *, report: bool = True) -> None:
         """Drop the connection now (unsent writes too): its replies can no longer be trusted.
@@ -690,6 +841,7 @@ __all__ = [
     "RespAddress",
     "RespConnection",
     "SentinelRoute",
+    "bulk",
     "encode_command",
     "publish_prefix",
 ]

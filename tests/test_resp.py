@@ -5,6 +5,7 @@ replies, broken connections, and the publisher's two roads writing the same thin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -151,6 +152,17 @@ async def test_tls(server_factory: Any, tmp_path: Path) -> None:
         await RespConnection.connect(RespAddress.from_url(f"rediss://127.0.0.1:{tls_port}/0"))
     insecure = RespAddress.from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none")
     assert await _roundtrip(insecure) == [b"OK", b"v"]
+    # TLS bytes cannot be read beside the transport: replies keep their own wake-ups.
+    answered: list[Any] = []
+    conn = await RespConnection.connect(
+        address, on_answered=lambda token, errors: answered.append(token)
+    )
+    try:
+        assert not conn.poll_replies()
+        conn.send(encode_command(b"PING"), 1, token="t")
+        await wait_for(lambda: answered == ["t"], 5, message="the reply read by the transport")
+    finally:
+        await conn.aclose()
 
 
 async def test_from_client_and_fallbacks(redis_url: str) -> None:
@@ -323,6 +335,128 @@ async def test_send_reports_each_buffer_once_answered_in_order(redis_url: str) -
         await conn.aclose()
 
 
+async def _confirmed_by_redis(client: aioredis.Redis, key: str, value: int) -> None:
+    """Wait until Redis has run the INCRs of a buffer (its replies are then on their way)."""
+
+    async def done() -> bool:
+        return int(await client.get(key) or 0) >= value
+
+    await wait_for(done, 5, message=f"{key} reached {value}")
+
+
+async def test_polled_replies_are_read_by_the_next_write_without_a_wake_up(
+    redis_client: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With poll_replies on, the transport does not read while buffers are in flight: the
+    replies Redis sent wait until the next send() reads them (in the same call, in order)."""
+    import broker.resp as resp_module
+
+    monkeypatch.setattr(resp_module, "REPLY_POLL_INTERVAL", 30.0)  # (the timer stays out)
+    answered: list[tuple[Any, int]] = []
+    conn = await RespConnection.connect(
+        RespAddress.from_url(redis_url),
+        on_answered=lambda token, errors: answered.append((token, errors)),
+    )
+    try:
+        assert conn.poll_replies()
+        conn.send(encode_command(b"INCR", b"n") * 2, 2, token="a")
+        await _confirmed_by_redis(redis_client, "n", 2)
+        await asyncio.sleep(0.05)  # (loop turns in which a reading transport would read)
+        assert answered == [] and conn.unanswered_since is not None
+        conn.send(encode_command(b"INCR", b"n") + encode_command(b"INCR", b"s"), 2, token="b")
+        assert answered[:1] == [("a", 0)]  # read within send(), once b was written
+        await conn.drain()  # an awaited reply: the transport reads again
+        assert answered == [("a", 0), ("b", 0)]
+        assert conn.unanswered_since is None
+        assert await conn.execute(encode_command(b"GET", b"n"), 1) == [b"3"]
+    finally:
+        await conn.aclose()
+
+
+async def test_polled_replies_are_read_when_no_further_write_comes(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """The last buffer's replies are read by the timer, and the connection is then watched by
+    its transport again: a connection killed while idle is reported at once."""
+    answered: list[tuple[Any, int]] = []
+    lost: list[tuple[Exception, list[Any]]] = []
+    conn = await RespConnection.connect(
+        RespAddress.from_url(redis_url),
+        on_answered=lambda token, errors: answered.append((token, errors)),
+        on_lost=lambda why, tokens: lost.append((why, tokens)),
+    )
+    try:
+        assert conn.poll_replies()
+        await conn.execute(encode_command(b"CLIENT", b"SETNAME", b"polled"), 1)
+        conn.send(encode_command(b"INCR", b"n") + encode_command(b"HSET", b"n", b"f", b"v"), 2, 1)
+        conn.send(encode_command(b"INCR", b"n"), 1, token=2)
+        await wait_for(lambda: len(answered) == 2, 5, message="replies read")
+        assert answered == [(1, 1), (2, 0)]  # (HSET on a string: one error reply)
+        assert conn.unanswered_since is None
+        await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await wait_for(lambda: bool(lost), 5, message="the idle connection's loss reported")
+        assert conn.closed and lost[0][1] == []
+    finally:
+        await conn.aclose()
+
+
+async def test_a_connection_broken_while_polled_reports_its_unanswered_buffers(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis gone while the transport does not read: the next send() finds the end of the
+    connection; every unanswered buffer is reported lost, once, and nothing is answered."""
+    import broker.resp as resp_module
+
+    monkeypatch.setattr(resp_module, "REPLY_POLL_INTERVAL", 30.0)
+    lost: list[list[Any]] = []
+    answered: list[Any] = []
+    conn = await RespConnection.connect(
+        RespAddress.from_url(redis_server.url),
+        on_answered=lambda token, errors: answered.append(token),
+        on_lost=lambda why, tokens: lost.append(tokens),
+    )
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    try:
+        assert conn.poll_replies()
+        os.kill(pid, signal.SIGSTOP)  # the buffer is taken but never answered
+        conn.send(encode_command(b"PING"), 1, token="a")
+        redis_server.kill()  # (SIGKILL works on a stopped process)
+        await asyncio.sleep(0.05)  # a reading transport would have noticed; this one not
+        assert not lost and not conn.closed
+        with contextlib.suppress(RedisConnectionError):  # (closed by its own write, or not)
+            conn.send(encode_command(b"PING"), 1, token="b")
+        await wait_for(lambda: bool(lost), 5, message="loss reported")
+        assert lost in ([["a"]], [["a", "b"]]) and answered == []
+        assert conn.closed
+        with pytest.raises(RedisConnectionError):
+            conn.send(encode_command(b"PING"), 1, token="c")
+    finally:
+        await conn.aclose()
+
+
+async def test_a_publisher_counts_its_last_burst_without_a_further_burst(
+    redis_url: str,
+) -> None:
+    """The publisher polls its replies: a single burst is still confirmed (published,
+    last_publish_ms) with no burst after it."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+    target = make_target(Keys("t"), StreamKey("trade", "KRW-BTC"), {"trade": 100})
+    publisher = Publisher(client, history_caps={"trade": 100})
+    task = await _run_publisher(publisher)
+    try:
+        publisher.enqueue_burst([(target, b"one")])  # no connection yet: the task connects
+        await wait_for(lambda: publisher.stats.published == 1, 5, message="first burst")
+        assert publisher._conn is not None and publisher._conn._poll_sock is not None
+        publisher.enqueue_burst([(target, b"two"), (target, b"three")])
+        await wait_for(lambda: publisher.stats.published == 3, 5, message="last burst read")
+        assert publisher.stats.history_written == 3 and publisher.stats.last_publish_ms > 0
+        assert await client.hget("t:last:trade", "KRW-BTC") == b"three"
+    finally:
+        await _stop_task(task)
+        await client.aclose()
+
+
 async def _run_publisher(publisher: Publisher) -> asyncio.Task[None]:
     return asyncio.create_task(publisher.run(lambda: True))
 
@@ -406,7 +540,10 @@ async def test_a_slow_redis_pauses_writes_and_loses_nothing(redis_server: RedisS
             lambda: len(subscriber.got) == len(frames) + 1, 30, message="every frame delivered"
         )
         assert [m for _, m in subscriber.got[1:]] == frames
-        assert publisher.stats.published == len(frames) + 1
+        # (replies are read by the next write or the poll timer, a little after delivery)
+        await wait_for(
+            lambda: publisher.stats.published == len(frames) + 1, 5, message="every reply read"
+        )
         assert publisher.stats.redis_errors == 0
         assert publisher.stats.dropped_overflow == 0
     finally:
