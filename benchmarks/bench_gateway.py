@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness as h
-from benchmarks.bench_latency import _match, _no_connections
+from benchmarks.bench_latency import _match, _no_connections, _window
 from benchmarks.bench_throughput import wait_subscribed
 from broker.redis_client import redis_client
 from broker.testing import BrokerProcess, ManagedProcess, SimulatorProcess, wait_for
@@ -398,19 +398,6 @@ async def run_latency(
         out[f"added_over_direct_{p}_us"] = round(g[f"{p}_us"] - d[f"{p}_us"], 1)
         out[f"broker_over_direct_{p}_us"] = round(b[f"{p}_us"] - d[f"{p}_us"], 1)
     return out
-
-
-async def _window(
-    sim: SimulatorProcess, duration: float, pids: list[int]
-) -> tuple[list[list[int]], float]:
-    """The simulator's send log of one window, and the cores other processes used meanwhile."""
-    await h.quiet_moment(pids)
-    await sim.get("/_sim/sends?clear=1")
-    window = h.CpuWindow.begin({str(p): p for p in pids})
-    await asyncio.sleep(duration)
-    sends: list[list[int]] = await sim.get("/_sim/sends?clear=1")
-    elapsed, cpu = window.end()
-    return sends, h.others_in(window, elapsed, cpu)
 
 
 def _disturbed(latency: dict[str, Any]) -> float:
