@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import pytest
 import redis
@@ -339,12 +340,12 @@ async def test_pushed_off_the_window_while_waiting_for_room_one_precise_gap(
         assert [m.offset for m in await take(client, 1)] == more
 
 
-async def test_a_full_read_after_falling_off_is_judged_one_precise_gap(
-    small_nodes_redis: RedisServer, small_nodes_client: aioredis.Redis
-) -> None:
-    """The reader is not told it stalled (a callback blocks its loop for a moment while the
-    stream runs 370 entries past a cap of 50): the full COUNT it reads next gives it away."""
-    r = small_nodes_client
+async def stalled_past_the_cap(
+    url: str, r: aioredis.Redis, **client_options: Any
+) -> tuple[list[Item], list[str], str]:
+    """A durable client on KRW-BTC's trades whose first item's callback blocks its loop (and so
+    its reader) while a thread appends 370 entries past a cap of 50; then it reads on. What it
+    took, the ids appended (the first before the burst), and the stream's key."""
     key = hist("KRW-BTC")
     blocked = threading.Event()
     burst_done = threading.Event()
@@ -356,7 +357,7 @@ async def test_a_full_read_after_falling_off_is_judged_one_precise_gap(
             burst_done.wait(scaled(10))  # blocks the client's loop (and so its reader)
 
     def burst() -> None:
-        sync = redis.Redis.from_url(small_nodes_redis.url)
+        sync = redis.Redis.from_url(url)
         try:
             blocked.wait(scaled(10))
             pipe = sync.pipeline(transaction=False)
@@ -367,7 +368,7 @@ async def test_a_full_read_after_falling_off_is_judged_one_precise_gap(
             sync.close()
             burst_done.set()
 
-    async with BrokerClient(redis_url=small_nodes_redis.url, durable=True, read_count=10) as client:
+    async with BrokerClient(redis_url=url, durable=True, **client_options) as client:
         await client.subscribe("trade", "KRW-BTC", stall_once)
         await client.subscribe("trade", "KRW-BTC")  # and to messages()
         thread = threading.Thread(target=burst)
@@ -380,12 +381,22 @@ async def test_a_full_read_after_falling_off_is_judged_one_precise_gap(
             await asyncio.to_thread(thread.join)
         oldest = (await r.xrange(key, count=1))[0][0].decode()
         rest = await take(client, len(ids) - ids.index(oldest) + 1)
-        items = first + rest
-        got = [m.offset for m in data(items)]
-        # the reader may have read the burst's first entry before the trimming: either way,
-        # one gap, precise, then the rest
-        assert_one_precise_gap(items, ids, key)
-        assert got[-1] == ids[-1]
+    return first + rest, ids, key
+
+
+async def test_a_full_read_after_falling_off_is_judged_one_precise_gap(
+    small_nodes_redis: RedisServer, small_nodes_client: aioredis.Redis
+) -> None:
+    """The reader is not told it stalled (a callback blocks its loop for a moment while the
+    stream runs 370 entries past a cap of 50): the full COUNT it reads next gives it away."""
+    items, ids, key = await stalled_past_the_cap(
+        small_nodes_redis.url, small_nodes_client, read_count=10
+    )
+    got = [m.offset for m in data(items)]
+    # the reader may have read the burst's first entry before the trimming: either way,
+    # one gap, precise, then the rest
+    assert_one_precise_gap(items, ids, key)
+    assert got[-1] == ids[-1]
 
 
 # -- back-pressure and conflation ------------------------------------------------------------
@@ -759,44 +770,9 @@ async def test_read_count_is_lowered_to_the_smallest_cap_the_broker_keeps(
 ) -> None:
     """With COUNT (100) above the cap (50) a stream trimmed past returns fewer than COUNT and
     looks whole; the caps in the broker's status lower COUNT, and the loss is seen."""
-    r = small_nodes_client
-    key = hist("KRW-BTC")
-    await broker_caps(r, "trade=50,candle=1000,ticker=100,orderbook=100")
-    blocked = threading.Event()
-    burst_done = threading.Event()
-    ids: list[str] = []
-
-    def stall_once(item: StreamMessage) -> None:
-        if not blocked.is_set():
-            blocked.set()
-            burst_done.wait(scaled(10))  # blocks the client's loop (and so its reader)
-
-    def burst() -> None:
-        sync = redis.Redis.from_url(small_nodes_redis.url)
-        try:
-            blocked.wait(scaled(10))
-            pipe = sync.pipeline(transaction=False)
-            for n in range(1, 371):
-                pipe.execute_command("XADD", key, "MAXLEN", "~", 50, "*", "f", frame("KRW-BTC", n))
-            ids.extend(i.decode() for i in pipe.execute())
-        finally:
-            sync.close()
-            burst_done.set()
-
-    async with BrokerClient(redis_url=small_nodes_redis.url, durable=True) as client:
-        await client.subscribe("trade", "KRW-BTC", stall_once)
-        await client.subscribe("trade", "KRW-BTC")
-        thread = threading.Thread(target=burst)
-        thread.start()
-        try:
-            ids[:0] = await append(r, key, [frame("KRW-BTC", 0)], cap=50)
-            first = await take(client, 1)
-            await asyncio.to_thread(burst_done.wait, scaled(10))
-        finally:
-            await asyncio.to_thread(thread.join)
-        oldest = (await r.xrange(key, count=1))[0][0].decode()
-        rest = await take(client, len(ids) - ids.index(oldest) + 1)
-    assert_one_precise_gap(first + rest, ids, key)
+    await broker_caps(small_nodes_client, "trade=50,candle=1000,ticker=100,orderbook=100")
+    items, ids, key = await stalled_past_the_cap(small_nodes_redis.url, small_nodes_client)
+    assert_one_precise_gap(items, ids, key)
 
 
 async def test_a_durable_subscription_without_history_is_refused(
