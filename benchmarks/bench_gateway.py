@@ -30,8 +30,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -108,19 +106,8 @@ def raw_clients(
             with open(request_file, "w") as f:
                 f.write("\n".join(lines) + "\n")
             out = os.path.join(tmp, f"out{i}.json")
-            cmd = [sys.executable, "-m", "benchmarks.consumer", "wsraw", "--out", out]
-            cmd += ["--url", url, "--request-file", request_file, "--clients", str(len(lines))]
-            if record:
-                cmd.append("--record")
-            popen = subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                cwd=h.ROOT,
-            )
-            procs.append(h.ConsumerProc(popen, out))
+            args = ["--url", url, "--request-file", request_file, "--clients", str(len(lines))]
+            procs.append(h.start_consumer("wsraw", out, args, record=record))
         for proc in procs:
             proc.wait_ready(60)
         yield procs

@@ -248,24 +248,13 @@ def consumers(
     try:
         for i in range(n):
             out = os.path.join(tmp, f"out{i}.json")
-            cmd = [sys.executable, "-m", "benchmarks.consumer", mode, "--out", out]
             if mode == "ws":
-                cmd += ["--url", url, "--request-file", request_file]
+                args = ["--url", url, "--request-file", request_file]
             else:
-                cmd += ["--port", str(port), "--channels-file", channels_file]
+                args = ["--port", str(port), "--channels-file", channels_file]
                 if events:
-                    cmd += ["--events", events]
-            if record:
-                cmd.append("--record")
-            popen = subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                **_consumer_place(mode),
-            )
-            procs.append(ConsumerProc(popen, out))
+                    args += ["--events", events]
+            procs.append(start_consumer(mode, out, args, record=record))
         for proc in procs:
             proc.wait_ready()
         yield procs
@@ -273,6 +262,23 @@ def consumers(
         for proc in procs:
             proc.terminate(5.0)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_consumer(mode: str, out: str, args: list[str], *, record: bool) -> ConsumerProc:
+    """One ``benchmarks.consumer`` process in ``mode``, its result in ``out`` (``args``: the
+    mode's own options; ``record``: it keeps every frame's receive time)."""
+    cmd = [sys.executable, "-m", "benchmarks.consumer", mode, "--out", out, *args]
+    if record:
+        cmd.append("--record")
+    popen = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        **_consumer_place(mode),
+    )
+    return ConsumerProc(popen, out)
 
 
 def _consumer_place(mode: str) -> dict[str, Any]:
