@@ -534,7 +534,9 @@ class Publisher:
         refused = self._history_refused_token is token
         if refused:
             self._history_refused_token = None
-        self._confirmed(batch, history_written=(0 if refused else history) if history else -1)
+        self._confirmed(
+            batch, written_ms, history_written=(0 if refused else history) if history else -1
+        )
         if not errors:
             self._cache_answered(cache, written_ms, refused=False)
 
@@ -584,10 +586,12 @@ class Publisher:
 
     # -- shared by both roads -------------------------------------------------------------------
 
-    def _confirmed(self, batch: list[tuple[Target, bytes]], history_written: int = -1) -> None:
-        """Redis answered every command of ``batch``: its frames are published, and
-        ``history_written`` history entries were accepted (0: refused, the loss stays open;
-        -1: the burst carried none)."""
+    def _confirmed(
+        self, batch: list[tuple[Target, bytes]], written_ms: int, history_written: int = -1
+    ) -> None:
+        """Redis answered every command of ``batch``, written at ``written_ms``: its frames are
+        published, and ``history_written`` history entries were accepted (0: refused, the loss
+        stays open; -1: the burst carried none)."""
         now = time.monotonic()
         stats = self.stats
         by_type = stats.published_by_type
@@ -607,7 +611,10 @@ class Publisher:
         if history_written > 0:
             stats.history_written += history_written
             self._history_loss = False
-        stats.last_publish_ms = now_ms()
+        # When it was written, not when its replies were read: those may be read late (polled
+        # with the next write, or after this process was paused), and a gap that starts at the
+        # last publish must not start after frames that were held back meanwhile.
+        stats.last_publish_ms = max(stats.last_publish_ms, written_ms)
         if self._loss is not None:
             self._close_loss(stats.last_publish_ms)
 
@@ -659,7 +666,9 @@ class Publisher:
             return
         if errors and history:
             self._history_lost(history, written_ms)
-        self._confirmed(batch, history_written=(0 if errors else history) if history else -1)
+        self._confirmed(
+            batch, written_ms, history_written=(0 if errors else history) if history else -1
+        )
         self._sent(batch)
         if errors:
             self._reply_errors(errors, oom)
