@@ -38,6 +38,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker.coordination import server_time
 from broker.core.backfill import (
     CANDLE_PAGE,
     TRADE_PAGE,
@@ -192,7 +193,7 @@ class Backfiller:
         answer; the history reads will say why)."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                seconds, micros = await self.redis.time()
+                seconds, micros = await server_time(self.redis, self.keys)
         except Exception as exc:  # CancelledError is no Exception
             logger.debug("redis TIME failed: %s", describe(exc))
             return 0

@@ -31,6 +31,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker import resp
+from broker.cluster_slots import key_slot
 from broker.core.control_messages import ControlBatch
 
 if resp.AVAILABLE:
@@ -73,7 +74,9 @@ async def subscribe_control(redis: aioredis.Redis, channel: str) -> ControlSubsc
     address = resp.RespAddress.from_client(redis) if resp.AVAILABLE else None
     if address is None:
         return await _PubSubControl.subscribe(redis, channel)
-    return await _RawControl.subscribe(address, channel)
+    # On a cluster, the master holding the namespace's keys (a PUBLISH reaches every node, so
+    # any would hear it; this one hears the lease script's first, and fails over with them)
+    return await _RawControl.subscribe(address.routed(key_slot(channel)), channel)
 
 
 class _RawControl(asyncio.Protocol):

@@ -19,6 +19,15 @@ This is the contract with consumers in any language (README, "Redis schema"):
                                            frames fetched over REST after a gap (backfill) also
                                            carry ``origin`` = ``rest``
 
+On a Redis Cluster (a ``redis+cluster://`` URL) the first nine names above carry the namespace
+as a hash tag, ``{upbit}:leases``, ``{upbit}:lease:ID``, ``{upbit}:leader`` ...: Redis hashes only
+the text between the braces, so they share one slot, one master, and the lease scripts (which
+touch a lease hash and the index together) stay atomic. The frames' names keep the plain
+namespace, ``upbit:ticker:KRW-BTC``, ``upbit:hist:...``, ``upbit:last:ticker``, so their slots
+spread over the masters: that is the cluster's scale. (``Keys(ns, hash_tag=True)``; every
+process derives it from its Redis URL with :func:`keys_for`, so the broker and its consumers
+cannot disagree.)
+
 ``{stream}`` is the data type (``ticker``, ``trade``, ``orderbook``, ``candle.1m`` ...), or
 ``orderbook@{level}`` for an orderbook grouped by a non-zero ``level``.
 Only validated names reach these functions: market codes through ``broker.upbit.codes``,
@@ -86,9 +95,11 @@ class Keys:
     """Key and channel names of one namespace."""
 
     __slots__ = (
+        "_coordination",
         "control",
         "epoch",
         "events",
+        "hash_tag",
         "leader",
         "leases",
         "namespace",
@@ -96,9 +107,11 @@ class Keys:
         "status",
     )
 
-    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE, *, hash_tag: bool = False) -> None:
+        """``hash_tag``: on a Redis Cluster, the coordination keys share one slot (above)."""
         self.namespace = validate_name(namespace, "namespace")
-        ns = self.namespace
+        self.hash_tag = hash_tag
+        ns = self._coordination = f"{{{self.namespace}}}" if hash_tag else self.namespace
         self.leases = f"{ns}:leases"
         self.control = f"{ns}:control"
         self.requests = f"{ns}:requests"
@@ -108,14 +121,14 @@ class Keys:
         self.events = f"{ns}:events"
 
     def lease(self, client_id: str) -> str:
-        return f"{self.namespace}:lease:{validate_name(client_id, 'client id')}"
+        return f"{self._coordination}:lease:{validate_name(client_id, 'client id')}"
 
     def lease_pattern(self) -> str:
         """A SCAN pattern for every lease hash of this namespace."""
-        return f"{self.namespace}:lease:*"
+        return f"{self._coordination}:lease:*"
 
     def reply(self, request_id: str) -> str:
-        return f"{self.namespace}:reply:{validate_name(request_id, 'request id')}"
+        return f"{self._coordination}:reply:{validate_name(request_id, 'request id')}"
 
     def last_values(self, type_: str, level: float = 0.0) -> str:
         return f"{self.namespace}:last:{stream_name(type_, level)}"
@@ -130,3 +143,10 @@ class Keys:
     def channel_pattern_all(self) -> str:
         """A PSUBSCRIBE pattern for every data channel of this namespace (tools only)."""
         return f"{self.namespace}:*:*-*"
+
+
+def keys_for(namespace: str, redis_url: str) -> Keys:
+    """The keys of ``namespace`` on the Redis ``redis_url`` names: hash-tagged on a cluster."""
+    from broker.redis_url import is_cluster_url  # (it imports broker.settings, which needs us)
+
+    return Keys(namespace, hash_tag=is_cluster_url(redis_url))

@@ -45,6 +45,7 @@ from redis.asyncio import Redis
 
 from broker.errors import ConfigError
 from broker.keys import Keys, validate_name
+from broker.redis_client import is_cluster_client
 from broker.redis_oom import AllowOomScript
 
 #: Fraction of the TTL, counted from before the round trip, during which we act as leader.
@@ -138,7 +139,7 @@ class LeaderLock:
         if not token or not token.isascii() or not token.isalnum():
             raise ConfigError(f"leader token must be letters and digits, got {token!r}")
         self.redis = redis
-        self.key = Keys(namespace).leader
+        self.key = Keys(namespace, hash_tag=is_cluster_client(redis)).leader
         self.broker_id = validate_name(broker_id, "broker id")
         #: this process's fence: the status carries it (``leader_token``) while we lead
         self.token = token

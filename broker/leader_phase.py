@@ -52,13 +52,14 @@ from broker.backfill import Backfiller
 from broker.clock import now_ms
 from broker.contract import encode_status
 from broker.control_channel import ControlSubscription, subscribe_control
+from broker.coordination import server_info
 from broker.core.backfill import Outcome, StreamResult
 from broker.core.history import history_cap
 from broker.core.leader import LeaderCore, OutEvent, OutReply, Wake
 from broker.core.snapshots import CacheQuery
 from broker.core.stats import Counters
 from broker.errors import NotLeaderError, describe
-from broker.keys import Keys
+from broker.keys import keys_for
 from broker.leader import LeaderLock
 from broker.leases import LeaseStore
 from broker.markets import fetch_market_codes
@@ -133,7 +134,7 @@ class LeaderPhase:
         self.core = core
         self.counters = counters
         self.stats = counters.broker
-        self.keys = Keys(settings.namespace)
+        self.keys = keys_for(settings.namespace, settings.redis_url)
         self.redis = redis
         self.lock = lock
         self.ready = ready
@@ -362,7 +363,7 @@ class LeaderPhase:
         tells a failover or a restart from a broken connection. None when INFO is refused
         (an ACL without ``+info``) or says nothing of it (a fake)."""
         try:
-            info: dict[str, Any] = await self.redis.info("server")
+            info = await server_info(self.redis, self.keys, "server")
         except ResponseError as exc:
             logger.debug("no INFO server (%s): a redis failover is not told apart", exc)
             return None
@@ -607,7 +608,9 @@ class LeaderPhase:
                 self.redis.pipeline(transaction=False) as pipe,
             ):
                 for event in events:
-                    pipe.publish(self.keys.events, event.data)
+                    # (redis-py's cluster pipeline refuses pipe.publish(); the command itself
+                    # is fine: a cluster forwards a PUBLISH to every node)
+                    pipe.execute_command("PUBLISH", self.keys.events, event.data)
                 for reply in replies:
                     key = self.keys.reply(reply.request_id)
                     pipe.rpush(key, reply.data)

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from broker.clock import server_time_ms
+from broker.coordination import queue_time, server_time
 from broker.core.lease import (
     LEASE_VERSION,
     MAX_LEASE_STREAMS,
@@ -50,6 +51,7 @@ from broker.core.lease import (
 )
 from broker.errors import ConfigError, LeaseError
 from broker.keys import DEFAULT_NAMESPACE, Keys
+from broker.redis_client import is_cluster_client
 from broker.upbit.types import SubscriptionSet
 
 _SCAN_COUNT = 1000
@@ -142,7 +144,7 @@ class LeaseStore:
     def __init__(self, redis: Redis, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.redis = redis
         try:
-            self.keys = Keys(namespace)
+            self.keys = Keys(namespace, hash_tag=is_cluster_client(redis))
         except ConfigError as exc:
             raise LeaseError(str(exc)) from None
         self._write_script = redis.register_script(LEASE_LUA)
@@ -240,14 +242,15 @@ class LeaseStore:
         results: list[ResponseError | None] = []
         for start in range(0, len(ops), chunk):
             batch = ops[start : start + chunk]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for client_id, args in batch:
-                    keys = [self._lease_key(client_id), self.keys.leases]
-                    if args is None:
-                        await self._release_script(keys=keys, args=[client_id], client=pipe)
-                    else:
-                        await self._write_script(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._run_scripts(batch)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                # A cluster's pipeline does not load the scripts first (a single server's
+                # does), and a failover's new master may not have them: load them on every
+                # master and run the batch again (a lease written twice is renewed twice, a
+                # release twice is released).
+                await self.redis.script_load(LEASE_LUA)
+                await self.redis.script_load(RELEASE_LUA)
+                replies = await self._run_scripts(batch)
             for reply in replies:
                 if isinstance(reply, NoScriptError) or (
                     isinstance(reply, Exception) and not isinstance(reply, ResponseError)
@@ -255,6 +258,17 @@ class LeaseStore:
                     raise reply
                 results.append(reply if isinstance(reply, ResponseError) else None)
         return results
+
+    async def _run_scripts(self, batch: Sequence[tuple[str, LeaseArgs | None]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for client_id, args in batch:
+                keys = [self._lease_key(client_id), self.keys.leases]
+                if args is None:
+                    await self._release_script(keys=keys, args=[client_id], client=pipe)
+                else:
+                    await self._write_script(keys=keys, args=args, client=pipe)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -287,7 +301,7 @@ class LeaseStore:
                 ignored.append(client_id)
                 continue
             ids.append(client_id)
-        server_now_ms = server_time_ms(await self.redis.time())
+        server_now_ms = server_time_ms(await server_time(self.redis, self.keys))
         memo = self._subs_memo.setdefault(max_streams, {})
         leases: list[Lease] = []
         invalid: list[tuple[str, str]] = []
@@ -332,7 +346,7 @@ class LeaseStore:
         ``scan`` adds a SCAN over ``{ns}:lease:*``: use it for periodic reconciles only.
         """
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
+            queue_time(pipe, self.keys)
             pipe.zrange(self.keys.leases, 0, -1)
             server_time, members = await pipe.execute()
         server_now_ms = server_time_ms(server_time)
@@ -419,7 +433,7 @@ class LeaseStore:
         The broker sleeps ``deadline - now`` of the *server* clock, never trusting its own.
         """
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
+            queue_time(pipe, self.keys)
             pipe.zrange(self.keys.leases, 0, 0, withscores=True)
             server_time, first = await pipe.execute()
         deadline = int(first[0][1]) if first else None

@@ -68,7 +68,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -76,11 +76,13 @@ from redis.exceptions import RedisError
 
 from broker import resp
 from broker.clock import now_ms
+from broker.cluster_slots import key_slot
 from broker.core.history import history_cap
 from broker.core.oom import inherited_cache_stale_since
 from broker.core.stats import PublishStats
 from broker.keys import Keys
 from broker.redis_oom import is_oom
+from broker.sharded import ShardedConnection
 from broker.upbit.types import DataType, StreamKey
 
 logger = logging.getLogger(__name__)
@@ -126,10 +128,22 @@ class Target:
     #: the cache hash's name and the code as RESP bulk strings (the HSET's arguments)
     cache_bulk: bytes = b""
     code_bulk: bytes = b""
+    #: on a Redis Cluster: SPUBLISH, and the slots the publisher routes the commands by
+    sharded: bool = False
+    channel_slot: int = 0
+    history_slot: int = 0
+    cache_slot: int = 0
 
     def __post_init__(self) -> None:
         if not self.publish_prefix:
-            object.__setattr__(self, "publish_prefix", resp.publish_prefix(self.channel))
+            object.__setattr__(
+                self, "publish_prefix", resp.publish_prefix(self.channel, sharded=self.sharded)
+            )
+        if self.sharded:
+            object.__setattr__(self, "channel_slot", key_slot(self.channel))
+            object.__setattr__(self, "cache_slot", key_slot(self.cache_key))
+            if self.history_key:
+                object.__setattr__(self, "history_slot", key_slot(self.history_key))
         if not self.cache_bulk:
             object.__setattr__(self, "cache_bulk", resp.bulk(self.cache_key))
             object.__setattr__(self, "code_bulk", resp.bulk(self.code))
@@ -172,6 +186,7 @@ def make_target(keys: Keys, key: StreamKey, history_caps: dict[str, int] | None 
         code=key.code.encode(),
         history_key=keys.history(key.type, key.code, key.level).encode() if cap else b"",
         history_cap=cap,
+        sharded=keys.hash_tag,
     )
     if cap and key.type == DataType.TRADE:
         twin = SnapshotTwin(
@@ -180,6 +195,7 @@ def make_target(keys: Keys, key: StreamKey, history_caps: dict[str, int] | None 
             cache_key=target.cache_key,
             code=target.code,
             publish_prefix=target.publish_prefix,
+            sharded=target.sharded,
         )
         object.__setattr__(twin, "original", target)
         object.__setattr__(target, "snapshot_twin", twin)
@@ -229,7 +245,9 @@ class Publisher:
         self._redis = redis
         #: where raw RESP goes; None: publish through redis-py pipelines
         self._address = resp.RespAddress.from_client(redis) if raw_resp and resp.AVAILABLE else None
-        self._conn: resp.RespConnection | None = None
+        #: a Redis Cluster: one connection per master, each command routed by its slot
+        self._sharded = self._address is not None and self._address.cluster is not None
+        self._conn: resp.RespConnection | ShardedConnection | None = None
         #: which road the bursts take: "resp" or "redis-py"
         self.transport = "resp" if self._address is not None else "redis-py"
         self._cache = last_value_cache
@@ -431,7 +449,7 @@ class Publisher:
 
     # -- the raw RESP road ----------------------------------------------------------------------
 
-    async def _ready_connection(self) -> resp.RespConnection | None:
+    async def _ready_connection(self) -> resp.RespConnection | ShardedConnection | None:
         """A connection that takes writes now: (re)connect, or wait for a full buffer to drain.
         On failure the pending frames are dropped and the error counted (None)."""
         assert self._address is not None
@@ -440,16 +458,7 @@ class Publisher:
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
                 if conn is None or conn.closed:
-                    conn = self._conn = await resp.RespConnection.connect(
-                        self._address,
-                        on_answered=self._answered,
-                        on_lost=self._connection_lost,
-                        on_refused=self._refused,
-                    )
-                    # Replies are read by the next burst's write (or a timer), not by a
-                    # wake-up of their own: at ~100 bursts a second that wake-up cost as
-                    # much CPU as the write itself.
-                    conn.poll_replies()
+                    conn = self._conn = await self._connect(conn)
                     if self._watchdog is not None:
                         self._watchdog.cancel()  # one watchdog, for the newest connection
                     self._arm_watchdog()
@@ -468,7 +477,41 @@ class Publisher:
             logger.warning("publish of %d frames failed: %s", lost, exc or "timed out")
             return None
 
-    def _write_pending(self, conn: resp.RespConnection) -> None:
+    async def _connect(
+        self, previous: resp.RespConnection | ShardedConnection | None
+    ) -> resp.RespConnection | ShardedConnection:
+        assert self._address is not None
+        if self._sharded:
+            address = self._address
+            assert address.cluster is not None
+            # Seeds: the node a redirect named first (it knows its slots first), then the
+            # masters last seen, then the URL's nodes (which may all have failed over since).
+            seeds = list(address.cluster.nodes)
+            if isinstance(previous, ShardedConnection):
+                seeds = list(previous.slots.masters) + seeds
+                if previous.redirected_to is not None:
+                    seeds.insert(0, previous.redirected_to)
+            address = replace(
+                address, cluster=replace(address.cluster, nodes=tuple(dict.fromkeys(seeds)))
+            )
+            return await ShardedConnection.connect(
+                address,
+                on_answered=self._answered,
+                on_lost=self._connection_lost,
+                on_refused=self._refused,
+            )
+        conn = await resp.RespConnection.connect(
+            self._address,
+            on_answered=self._answered,
+            on_lost=self._connection_lost,
+            on_refused=self._refused,
+        )
+        # Replies are read by the next burst's write (or a timer), not by a wake-up of their
+        # own: at ~100 bursts a second that wake-up cost as much CPU as the write itself.
+        conn.poll_replies()
+        return conn
+
+    def _write_pending(self, conn: resp.RespConnection | ShardedConnection) -> None:
         batch = self._take_batch()
         if not batch:
             return
@@ -478,9 +521,14 @@ class Publisher:
             return
         self._write_all(conn, batch)
 
-    def _write_all(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
+    def _write_all(
+        self, conn: resp.RespConnection | ShardedConnection, batch: list[tuple[Target, bytes]]
+    ) -> None:
         for start in range(0, len(batch), MAX_PIPELINE):
-            self._write_raw(conn, batch[start : start + MAX_PIPELINE])
+            if isinstance(conn, ShardedConnection):
+                self._write_sharded(conn, batch[start : start + MAX_PIPELINE])
+            else:
+                self._write_raw(conn, batch[start : start + MAX_PIPELINE])
 
     def _write_raw(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
         """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash. Its frames
@@ -523,6 +571,58 @@ class Publisher:
                 commands += 1
         try:
             conn.send(b"".join(parts), commands, token=(now_ms(), batch, cache, history))
+        except RedisError:
+            self._lost(len(batch))  # closed under us (the error is counted)
+            self._cache_lost([cache])
+            return
+        self._sent(batch)
+
+    def _write_sharded(self, conn: ShardedConnection, batch: list[tuple[Target, bytes]]) -> None:
+        """:meth:`_write_raw` on a Redis Cluster: each command to the master owning its slot
+        (SPUBLISH by channel, XADD by history stream, HSET by cache hash), one buffer per
+        master, the burst answered once all are (``broker.sharded``)."""
+        owner = conn.owner
+        parts: dict[int, list[bytes]] = {}
+        counts: dict[int, int] = {}
+        history = 0
+        for t, f in batch:
+            body = b"$%d\r\n%b\r\n" % (len(f), f)
+            if t.history_prefix:
+                node = owner[t.history_slot]
+                node_parts = parts.get(node)
+                if node_parts is None:
+                    node_parts = parts[node] = []
+                node_parts += (t.history_prefix, body)
+                counts[node] = counts.get(node, 0) + 1
+                history += 1
+            node = owner[t.channel_slot]
+            node_parts = parts.get(node)
+            if node_parts is None:
+                node_parts = parts[node] = []
+            node_parts += (t.publish_prefix, body)
+            counts[node] = counts.get(node, 0) + 1
+        cache = _NO_CACHE
+        if self._cache:
+            cache, newest = self._plan_cache(dict(batch))
+            per_hash: dict[bytes, list[bytes]] = {}
+            slot_of: dict[bytes, int] = {}
+            for target, frame in newest.items():
+                fields = per_hash.get(target.cache_bulk)
+                if fields is None:
+                    fields = per_hash[target.cache_bulk] = []
+                    slot_of[target.cache_bulk] = target.cache_slot
+                fields += (target.code_bulk, b"$%d\r\n" % len(frame), frame, b"\r\n")
+            for key_bulk, fields in per_hash.items():
+                node = owner[slot_of[key_bulk]]
+                node_parts = parts.get(node)
+                if node_parts is None:
+                    node_parts = parts[node] = []
+                node_parts += (b"*%d\r\n$4\r\nHSET\r\n" % (2 + len(fields) // 2), key_bulk)
+                node_parts += fields
+                counts[node] = counts.get(node, 0) + 1
+        buffers = {node: (b"".join(p), counts[node]) for node, p in parts.items()}
+        try:
+            conn.send_parts(buffers, token=(now_ms(), batch, cache, history))
         except RedisError:
             self._lost(len(batch))  # closed under us (the error is counted)
             self._cache_lost([cache])
@@ -697,7 +797,7 @@ class Publisher:
                 command(
                     "XADD", target.history_key, "MAXLEN", "~", target.history_cap, "*", "f", frame
                 )
-            command("PUBLISH", target.channel, frame)
+            command("SPUBLISH" if target.sharded else "PUBLISH", target.channel, frame)
         for cache_key, fields in self._cache_mappings(newest).items():
             command("HSET", cache_key, *fields)
         replies = await pipe.execute(raise_on_error=False)

@@ -16,6 +16,16 @@ between the broker, the consumer library, the CLI and the demo:
   The sentinels' own clients get no socket timeout either and no retries (master discovery
   moves on to the next sentinel); they are closed with the pool, so closing the client closes
   everything it opened.
+- **Cluster.** A ``redis+cluster://`` URL gives redis-py's ``RedisCluster`` (typed as a
+  ``Redis`` here: the commands upbit-broker sends through redis-py are the same, and routed by
+  key), with the options of a ``redis://`` URL for every node, no retries of its own beyond the
+  redirections it follows (``MOVED``, ``ASK``, a topology refresh), and its topology refreshed
+  no more than once a second however many errors arrive. Pub/sub on it is the caller's
+  business (``consumers.sharded_subscriber`` SSUBSCRIBEs per shard over raw RESP). One
+  difference is mended here: redis-py raises a cluster it cannot reach, or a slot no master
+  serves (mid-failover), as ``RedisClusterException``, which is no ``RedisError``; every
+  caller in this project handles ``RedisError``, so :class:`ClusterClient` raises those as
+  :class:`ClusterUnavailable`, a ``ConnectionError``: Redis is unreachable for now.
 - **A replica through Sentinel** (``?role=replica``) only for :func:`connection_pool`, the
   subscriber's: redis-py's ``Sentinel.slave_for`` pool, which connects to the replicas the
   sentinels list (``SENTINEL replicas``, those not down), in turn, and to the master when none
@@ -25,9 +35,10 @@ between the broker, the consumer library, the CLI and the demo:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
@@ -37,8 +48,17 @@ from redis.asyncio.sentinel import (
     SentinelManagedSSLConnection,
 )
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
-from broker.redis_url import RedisUrlError, is_sentinel_url, names_replica, parse_sentinel_url
+from broker.redis_url import (
+    RedisUrlError,
+    is_cluster_url,
+    is_sentinel_url,
+    names_replica,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 from broker.settings import redact_url
 
 #: What ``CLIENT SETNAME`` accepts (longer names are cut, not refused).
@@ -109,6 +129,8 @@ def redis_client(
                 "(a replica takes no writes)"
             )
         return Redis.from_pool(_sentinel_pool(url, options))
+    if is_cluster_url(url):
+        return cast(Redis, _cluster_client(url, options))
     try:
         return Redis.from_url(url, **options)
     except ValueError as exc:
@@ -140,6 +162,72 @@ def connection_pool(
     try:
         return ConnectionPool.from_url(url, protocol=protocol, **options)
     except ValueError as exc:
+        raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
+
+
+class ClusterUnavailable(RedisConnectionError):
+    """The cluster cannot serve the command now (no node reachable, a slot without a master):
+    what redis-py raises as ``RedisClusterException``, as the ``ConnectionError`` it is here."""
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client whose errors are all ``RedisError`` (see the module doc)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            raise ValueError("shard_hint is not supported on a cluster")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (its keys are then hash-tagged)."""
+    return isinstance(client, RedisCluster)
+
+
+def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
+    """redis-py's cluster client for a ``redis+cluster://`` URL.
+
+    Raises:
+        RedisUrlError: ``url`` cannot be parsed (by ``broker.redis_url``, or its options by
+            redis-py).
+    """
+    parsed = parse_cluster_url(url)
+    host, port = parsed.nodes[0]
+    try:
+        from_url: dict[str, Any] = dict(parse_url(parsed.node_url(host, port)))
+    except ValueError as exc:
+        raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
+    for name in ("host", "port", "db"):
+        from_url.pop(name, None)
+    if from_url.pop("connection_class", None) is SSLConnection:
+        from_url["ssl"] = True
+    kwargs = {**options, **from_url}
+    retry = kwargs.pop("retry")
+    kwargs.pop("retry_on_timeout", None)
+    try:
+        return ClusterClient(
+            startup_nodes=[ClusterNode(h, p) for h, p in parsed.nodes],
+            # the redirections and a topology refresh are retried; a dead node is not waited
+            # on longer than the caller's own retries allow
+            retry=retry,
+            topology_refresh_min_interval=1.0,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as exc:  # an option redis-py's cluster client does not take
         raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
 
 
@@ -185,4 +273,12 @@ def _sentinel_pool(url: str, options: dict[str, Any]) -> ClosingSentinelPool:
         raise RedisUrlError(f"bad redis url {redact_url(url)}: {exc}") from None
 
 
-__all__ = ["ClosingSentinelPool", "RedisUrlError", "connection_pool", "redis_client"]
+__all__ = [
+    "ClosingSentinelPool",
+    "ClusterClient",
+    "ClusterUnavailable",
+    "RedisUrlError",
+    "connection_pool",
+    "is_cluster_client",
+    "redis_client",
+]

@@ -1,4 +1,5 @@
-"""Redis Sentinel URLs, parsed without I/O (pure: the standard library and ``redact_url``).
+"""Redis Sentinel and Redis Cluster URLs, parsed without I/O (pure: the standard library and
+``redact_url``).
 
 redis-py reads ``redis://``, ``rediss://`` and ``unix://`` URLs itself, but has no URL for a
 master found through Sentinel. This module adds one, the convention Prefect and docket document
@@ -23,6 +24,19 @@ master found through Sentinel. This module adds one, the convention Prefect and 
   ``ssl_cert_reqs``, ``protocol`` ...) for the master's connections; on ``rediss+sentinel``
   the ``ssl_*`` options serve the sentinels' TLS as well (one CA for the whole topology).
 
+A Redis Cluster is named by some of its nodes (any node tells the whole topology):
+
+    redis+cluster://[user:password@]host[:port][,host[:port]...][/][?options]
+    rediss+cluster://...       TLS to every node
+
+- **nodes** are ``host[:port]`` pairs (port 6379 by default), tried in order until one answers
+  ``CLUSTER SLOTS``; naming every master spares a start-up the wait for a dead one.
+- no database: a cluster has only database 0 (``/0`` is accepted, any other is an error).
+- **user:password** and **options** as in a ``redis://`` URL, for every node.
+- The scheme itself is what tells upbit-broker it talks to a cluster: keys get one hash tag
+  (``broker.keys``), frames go out with SPUBLISH to the master owning each channel, consumers
+  SSUBSCRIBE (design.md "Redis Cluster").
+
 A malformed URL (no sentinel, no service name, a bad port or database) is a
 :class:`RedisUrlError` naming it with the password redacted.
 """
@@ -44,6 +58,10 @@ SENTINEL_PORT = 26379
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 #: ``?role=``: the node of the service to connect to
 ROLES = ("master", "replica")
+#: the Cluster schemes (plain and TLS)
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+#: the port of a cluster node unless the URL says otherwise
+CLUSTER_PORT = 6379
 
 
 class RedisUrlError(ConfigError, ValueError):
@@ -53,6 +71,11 @@ class RedisUrlError(ConfigError, ValueError):
 def is_sentinel_url(url: str) -> bool:
     """Whether ``url`` names a master through Sentinel (only the scheme is looked at)."""
     return url[:19].lower().startswith(SENTINEL_SCHEMES)
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (only the scheme is looked at)."""
+    return url[:18].lower().startswith(CLUSTER_SCHEMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,35 +207,126 @@ def names_replica(url: str) -> bool:
         return False
 
 
-def _host_port(part: str, bad: Callable[[str], RedisUrlError]) -> tuple[str, int]:
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    """A parsed ``redis+cluster://`` URL."""
+
+    #: the nodes asked for the topology, in order
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    #: ``rediss+cluster``: TLS to every node
+    tls: bool = False
+    #: the query options, for redis-py, in the order given
+    options: tuple[tuple[str, str], ...] = ()
+
+    def node_url(self, host: str, port: int) -> str:
+        """The ``redis://`` (``rediss://``) URL of one node: the credentials and options, for
+        redis-py's own URL parsing (an option means here what it means in a ``redis://`` URL).
+        """
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if self.username is not None or self.password is not None:
+            auth = quote(self.username or "", safe="")
+            if self.password is not None:
+                auth += ":" + quote(self.password, safe="")
+            auth += "@"
+        netloc = f"[{host}]" if ":" in host else host
+        query = f"?{urlencode(self.options)}" if self.options else ""
+        return f"{scheme}://{auth}{netloc}:{port}/0{query}"
+
+    def describe(self) -> str:
+        """The URL without credentials (for logs)."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        return f"{scheme}://{hosts}"
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """``redis+cluster://[user:password@]h1[:port][,h2[:port]...][/][?options]``.
+
+    Raises:
+        RedisUrlError: not a Cluster URL, no node, an empty host, a bad port, a database other
+            than 0, a ``role`` option (replicas are not read here).
+    """
+
+    def bad(why: str) -> RedisUrlError:
+        return RedisUrlError(f"bad redis url {redact_url(url)}: {why}")
+
+    if not is_cluster_url(url):
+        raise bad("not a redis+cluster:// or rediss+cluster:// url")
+    scheme, _, rest = url.partition("://")
+    tls = scheme.lower() == "rediss+cluster"
+    rest, _, _fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    nodes = (
+        tuple(_host_port(p, bad, CLUSTER_PORT, "node") for p in hosts.split(",")) if hosts else ()
+    )
+    if not nodes:
+        raise bad("no node (redis+cluster://host:6379,host:6380,...)")
+    db_texts = [unquote(path).strip("/")] if path.strip("/") else []
+    options: list[tuple[str, str]] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "db":
+            db_texts.append(value)
+        elif name == "role":
+            raise bad("role= is for Sentinel urls; a cluster url names its nodes")
+        else:
+            options.append((name, value))
+    for text in db_texts:
+        if text != "0":
+            raise bad(f"a cluster has only database 0, got {text!r}")
+    return ClusterUrl(
+        nodes=nodes, username=username, password=password, tls=tls, options=tuple(options)
+    )
+
+
+def _host_port(
+    part: str,
+    bad: Callable[[str], RedisUrlError],
+    default_port: int = SENTINEL_PORT,
+    what: str = "sentinel",
+) -> tuple[str, int]:
     """``host``, ``host:port`` or ``[v6]:port``."""
     text = unquote(part)
     if text.startswith("["):
         host, bracket, tail = text[1:].partition("]")
         if not bracket:
-            raise bad(f"unclosed [ in sentinel {text!r}")
+            raise bad(f"unclosed [ in {what} {text!r}")
         port_text = tail[1:] if tail.startswith(":") else None
         if tail and port_text is None:
-            raise bad(f"bad sentinel {text!r}")
+            raise bad(f"bad {what} {text!r}")
     else:
         host, colon, port_text_or = text.partition(":")
         port_text = port_text_or if colon else None
     if not host:
-        raise bad(f"a sentinel without a host ({part!r})")
+        raise bad(f"a {what} without a host ({part!r})")
     if port_text is None:
-        return host, SENTINEL_PORT
+        return host, default_port
     if not (port_text.isascii() and port_text.isdecimal()) or not 0 < int(port_text) < 65536:
-        raise bad(f"the port of sentinel {host} must be from 1 to 65535, got {port_text!r}")
+        raise bad(f"the port of {what} {host} must be from 1 to 65535, got {port_text!r}")
     return host, int(port_text)
 
 
 __all__ = [
+    "CLUSTER_PORT",
+    "CLUSTER_SCHEMES",
     "ROLES",
     "SENTINEL_PORT",
     "SENTINEL_SCHEMES",
+    "ClusterUrl",
     "RedisUrlError",
     "SentinelUrl",
+    "is_cluster_url",
     "is_sentinel_url",
     "names_replica",
+    "parse_cluster_url",
     "parse_sentinel_url",
 ]

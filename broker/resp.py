@@ -24,6 +24,12 @@ written to. Readers that open their own protocol (the control channel, the consu
 subscription) resolve with :meth:`RespAddress.resolve`, which proves the role on a short
 connection of its own.
 
+A Redis Cluster (a ``redis+cluster://`` URL, or redis-py's ``RedisCluster``) is an address
+with a :class:`ClusterRoute`: its seed nodes and the slot whose master a connection wants.
+:meth:`RespAddress.slot_map` asks the seeds in order for ``CLUSTER SLOTS``; a connect goes to
+the master owning the route's slot (the publisher, which writes to every master, routes each
+command itself: ``broker.sharded``).
+
 Failures raise redis-py's exceptions (``ConnectionError``, ``AuthenticationError``,
 ``ResponseError``), so callers handle one family of Redis errors. After any failure, timeout or
 cancellation mid-command the connection is closed: its replies would no longer line up.
@@ -58,7 +64,8 @@ from redis.asyncio.sentinel import (
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker.redis_url import is_sentinel_url, parse_sentinel_url
+from broker.cluster_slots import ClusterReplyError, SlotMap, parse_cluster_slots
+from broker.redis_url import is_cluster_url, is_sentinel_url, parse_cluster_url, parse_sentinel_url
 
 try:
     import hiredis
@@ -86,8 +93,11 @@ def bulk(data: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
-def publish_prefix(channel: bytes) -> bytes:
-    """``PUBLISH channel`` up to the message: append ``$len\\r\\n`` + message + ``\\r\\n``."""
+def publish_prefix(channel: bytes, *, sharded: bool = False) -> bytes:
+    """``PUBLISH channel`` (``SPUBLISH`` on a cluster: sharded pub/sub) up to the message:
+    append ``$len\\r\\n`` + message + ``\\r\\n``."""
+    if sharded:
+        return b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
     return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
 
 
@@ -120,6 +130,22 @@ class SentinelRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterRoute:
+    """How a Redis Cluster is found: seed nodes asked in order for the slot map, and the slot
+    whose master a single connection goes to."""
+
+    nodes: tuple[tuple[str, int], ...]
+    slot: int = 0
+
+    def describe(self) -> str:
+        return f"redis+cluster://{','.join(f'{h}:{p}' for h, p in self.nodes)}"
+
+
+class ClusterDownError(RedisConnectionError):
+    """No seed node answered with a map in which the slot wanted has a master."""
+
+
+@dataclass(frozen=True, slots=True)
 class RespAddress:
     """Where and as whom to connect. ``path`` set means a unix socket; ``sentinel`` set means
     the master those sentinels name (``host`` and ``port`` are then found at each connect)."""
@@ -135,6 +161,8 @@ class RespAddress:
     sentinel: SentinelRoute | None = None
     #: named by a sentinel: a connection proves with ROLE that it reached a master
     master_only: bool = False
+    #: a node of a Redis Cluster: the master of ``cluster.slot`` (found at each connect)
+    cluster: ClusterRoute | None = None
 
     @classmethod
     def from_url(cls, url: str) -> RespAddress:
@@ -146,7 +174,12 @@ class RespAddress:
                 (``RedisUrlError``), or options this module cannot honour.
         """
         route: SentinelRoute | None = None
-        if is_sentinel_url(url):
+        cluster: ClusterRoute | None = None
+        if is_cluster_url(url):
+            parsed_cluster = parse_cluster_url(url)
+            url = parsed_cluster.node_url(*parsed_cluster.nodes[0])
+            cluster = ClusterRoute(parsed_cluster.nodes)
+        elif is_sentinel_url(url):
             parsed = parse_sentinel_url(url)
             url = parsed.redis_url()  # the master's options, read by redis-py
             route = SentinelRoute(
@@ -159,6 +192,8 @@ class RespAddress:
             raise ValueError("this Redis URL needs redis-py (unsupported options)")
         if route is not None:
             address = replace(address, sentinel=replace(route, tls=address.tls))
+        if cluster is not None:
+            address = replace(address, cluster=cluster)
         return address
 
     @classmethod
@@ -166,6 +201,8 @@ class RespAddress:
         """The address of ``client``'s connection pool; ``None`` when it is anything but a
         plain TCP, TLS or unix-socket pool, or a Sentinel pool of a master reached over TCP or
         TLS (fakes, replicas, credential providers)."""
+        if isinstance(client, aioredis.RedisCluster):
+            return cls._from_cluster_client(client)
         pool = getattr(client, "connection_pool", None)
         if pool is None:
             return None
@@ -175,6 +212,62 @@ class RespAddress:
         if isinstance(pool, SentinelConnectionPool):
             return cls._from_sentinel_pool(pool, dict(kwargs))
         return cls._from_kwargs(pool.connection_class, dict(kwargs))
+
+    @classmethod
+    def _from_cluster_client(cls, client: aioredis.RedisCluster) -> RespAddress | None:
+        """A cluster client's seed nodes (the ones it was given, and those it has found) and
+        the options of its connections."""
+        kwargs = dict(client.connection_kwargs)
+        connection_class = kwargs.pop("connection_class", Connection)
+        seeds = [(str(node.host), int(node.port)) for node in client.startup_nodes]
+        seeds += [(str(node.host), int(node.port)) for node in client.get_primaries()]
+        nodes = tuple(dict.fromkeys(seeds))
+        if not nodes:
+            return None
+        host, port = nodes[0]
+        address = cls._from_kwargs(connection_class, {**kwargs, "host": host, "port": port})
+        return None if address is None else replace(address, cluster=ClusterRoute(nodes))
+
+    def routed(self, slot: int) -> RespAddress:
+        """This cluster address, for the master of ``slot`` (unchanged for a single server)."""
+        if self.cluster is None:
+            return self
+        return replace(self, cluster=replace(self.cluster, slot=slot))
+
+    def node(self, host: str, port: int) -> RespAddress:
+        """One node of this cluster, connected to as is (no routing)."""
+        return replace(self, host=host, port=port, cluster=None, sentinel=None)
+
+    async def slot_map(self) -> SlotMap:
+        """The cluster's slot map, from the first seed that answers ``CLUSTER SLOTS``.
+
+        Raises:
+            ClusterDownError: no seed answered (each one's reason in the message).
+            redis.exceptions.AuthenticationError: every seed refused our AUTH.
+        """
+        route = self.cluster
+        if route is None:
+            raise RedisConnectionError(f"{self.describe()} is not a cluster")
+        errors: list[str] = []
+        refused = 0
+        for host, port in route.nodes:
+            try:
+                conn = await RespConnection.connect(self.node(host, port))
+                try:
+                    async with asyncio.timeout(self.connect_timeout):
+                        [reply] = await conn.execute(encode_command(b"CLUSTER", b"SLOTS"), 1)
+                finally:
+                    await conn.aclose()
+                if isinstance(reply, Exception):
+                    raise ResponseError(str(reply))
+                return parse_cluster_slots(reply, default_host=host)
+            except (RedisError, OSError, TimeoutError, ClusterReplyError) as exc:
+                refused += isinstance(exc, AuthenticationError)
+                errors.append(f"{host}:{port}: {exc or 'timed out'}")
+        why = f"no node of {route.describe()} gave its slot map: {'; '.join(errors)}"
+        if refused == len(route.nodes):
+            raise AuthenticationError(why)
+        raise ClusterDownError(why)
 
     @classmethod
     def _from_sentinel_pool(
@@ -255,6 +348,14 @@ class RespAddress:
                 reason in the message).
             redis.exceptions.AuthenticationError: every sentinel refused our AUTH.
         """
+        if self.cluster is not None:
+            slots = await self.slot_map()
+            master = slots.node_of(self.cluster.slot)
+            if master is None:
+                raise ClusterDownError(
+                    f"{self.cluster.describe()}: no master owns slot {self.cluster.slot}"
+                )
+            return self.node(*master)
         route = self.sentinel
         if route is None:
             return self
@@ -305,6 +406,8 @@ class RespAddress:
                 master (:class:`NotMasterError`), or it cannot be reached.
             redis.exceptions.AuthenticationError: AUTH was refused.
         """
+        if self.cluster is not None:
+            return await self.discover()
         if self.sentinel is None:
             return self
         conn = await RespConnection.connect(self)
@@ -316,7 +419,7 @@ class RespAddress:
         """Open a TCP, TLS or unix-socket connection to this address driven by ``protocol``
         (no timeout of its own: the callers bound it). Raises ``OSError`` when it cannot; an
         address with a Sentinel route must be resolved first (:meth:`discover`)."""
-        if self.sentinel is not None:
+        if self.sentinel is not None or self.cluster is not None:
             raise RedisConnectionError(f"{self.describe()}: resolve the master first")
         loop = asyncio.get_running_loop()
         if self.path is not None:
@@ -332,6 +435,8 @@ class RespAddress:
 
     def describe(self) -> str:
         """Where, without credentials (for logs)."""
+        if self.cluster is not None:
+            return f"{self.cluster.describe()} (slot {self.cluster.slot})"
         if self.sentinel is not None:
             return f"{self.sentinel.describe()}/{self.db}"
         if self.path is not None:
@@ -837,6 +942,8 @@ def _role(reply: Any) -> str:
 
 __all__ = [
     "AVAILABLE",
+    "ClusterDownError",
+    "ClusterRoute",
     "NotMasterError",
     "RespAddress",
     "RespConnection",

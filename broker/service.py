@@ -34,7 +34,7 @@ from broker.core.control import SubscriptionController
 from broker.core.leader import LeaderCore
 from broker.core.stats import BrokerStats, Counters
 from broker.errors import ConfigError, NotLeaderError
-from broker.keys import Keys
+from broker.keys import keys_for
 from broker.leader import LeaderLock
 from broker.leader_phase import REDIS_TIMEOUT, LeaderPhase
 from broker.publisher import Publisher
@@ -62,7 +62,7 @@ class Broker:
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.keys = keys_for(settings.namespace, settings.redis_url)
         self.counters = Counters()
         self.stats: BrokerStats = self.counters.broker
         self.core = LeaderCore(settings, self.counters, logger=logger)

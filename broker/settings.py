@@ -45,9 +45,19 @@ def redact_url(url: str) -> str:
     )
 
 
-#: the schemes a Redis URL may have: redis-py's, and a master found through Sentinel
-#: (``broker.redis_url``)
-REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+#: the schemes a Redis URL may have: redis-py's, a master found through Sentinel, a Redis
+#: Cluster (``broker.redis_url``)
+REDIS_URL_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
+#: the schemes, for error messages
+REDIS_URL_SCHEMES_TEXT = ", ".join(REDIS_URL_SCHEMES[:-1]) + " or " + REDIS_URL_SCHEMES[-1]
 
 
 # -- bounds ---------------------------------------------------------------------------------------
@@ -298,8 +308,8 @@ class BrokerSettings:
         parse_history_caps(self.history)  # a ConfigError naming the bad part
         if not self.redis_url.startswith(REDIS_URL_SCHEMES):
             raise ConfigError(
-                f"redis url must start with redis://, rediss://, unix://, redis+sentinel:// "
-                f"or rediss+sentinel://, got {redact_url(self.redis_url)!r}"
+                f"redis url must start with {REDIS_URL_SCHEMES_TEXT}, "
+                f"got {redact_url(self.redis_url)!r}"
             )
         for name in SETTING_BOUNDS:
             # frozen: the checked value (7 -> 7.0, "5" -> 5.0) replaces what was given

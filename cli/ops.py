@@ -20,8 +20,9 @@ from rich.table import Table
 
 from broker.clock import server_time_ms
 from broker.contract import ContractError, Status, check_health, decode_status
+from broker.coordination import server_time
 from broker.core.oom import MemoryInfo
-from broker.keys import DEFAULT_NAMESPACE, Keys
+from broker.keys import DEFAULT_NAMESPACE, Keys, keys_for
 from broker.leases import LeaseListing, LeaseStore
 from broker.redis_oom import read_memory
 from cli import bounds
@@ -134,8 +135,8 @@ def status_json(status: Status, server_now_ms: int, status_interval: float) -> d
     return info
 
 
-async def _server_now_ms(redis: Any) -> int:
-    return server_time_ms(await redis.time())
+async def _server_now_ms(redis: Any, keys: Keys) -> int:
+    return server_time_ms(await server_time(redis, keys))
 
 
 async def _read_status(
@@ -147,7 +148,7 @@ async def _read_status(
     must not leave a denial in ``ACL LOG`` at every run)."""
     async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
         raw: dict[bytes, bytes] = await redis.hgetall(keys.status)  # type: ignore[assignment]
-        now = await _server_now_ms(redis)
+        now = await _server_now_ms(redis, keys)
         memory = None
         if _memory_matters(raw, now, settings.status_interval):
             memory = await read_memory(redis)
@@ -182,7 +183,7 @@ def status(
     """
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
-    keys = Keys(settings.namespace)
+    keys = keys_for(settings.namespace, settings.redis_url)
 
     async def main(stop: asyncio.Event) -> int:
         raw, now, memory = await _read_status(settings, keys)
@@ -293,7 +294,7 @@ def leases(
     async def main(stop: asyncio.Event) -> int:
         async with open_redis(settings) as redis, asyncio.timeout(REDIS_TIMEOUT):
             listing = await LeaseStore(redis, settings.namespace).list_all(scan=True)
-            status_key = Keys(settings.namespace).status
+            status_key = keys_for(settings.namespace, settings.redis_url).status
             raw: dict[bytes, bytes] = await redis.hgetall(status_key)  # type: ignore[assignment]
         rows = lease_rows(listing, parse_status(raw, listing.server_now_ms).status)
         if as_json:
@@ -365,7 +366,7 @@ def resubscribe(
         async with open_redis(settings) as redis:
             try:
                 epoch, upstream = await commands.resubscribe(
-                    redis, Keys(settings.namespace), timeout=timeout
+                    redis, keys_for(settings.namespace, settings.redis_url), timeout=timeout
                 )
             except (NoBrokerError, CommandRefused) as exc:
                 typer.echo(f"error: {exc}", err=True)
@@ -391,7 +392,7 @@ def check(
     """Exit 0 when a leader is connected upstream and its status is fresh, else 1 (and why)."""
     configure_logging(verbose)
     settings = build_settings(redis_url, namespace)
-    keys = Keys(settings.namespace)
+    keys = keys_for(settings.namespace, settings.redis_url)
 
     async def main(stop: asyncio.Event) -> int:
         raw, now, memory = await _read_status(settings, keys)

@@ -67,11 +67,18 @@ from broker.errors import (
 )
 from broker.event_gate import EventGate as _EventGate
 from broker.event_gate import Verdict
-from broker.keys import DEFAULT_NAMESPACE, Keys, stream_name, validate_name
+from broker.keys import DEFAULT_NAMESPACE, keys_for, stream_name, validate_name
 from broker.leases import Lease, LeaseStore
 from broker.redis_client import redis_client
-from broker.redis_url import names_replica
-from broker.settings import CLIENT_BOUNDS, REDIS_URL_SCHEMES, Bound, check_number, redact_url
+from broker.redis_url import is_cluster_url, names_replica
+from broker.settings import (
+    CLIENT_BOUNDS,
+    REDIS_URL_SCHEMES,
+    REDIS_URL_SCHEMES_TEXT,
+    Bound,
+    check_number,
+    redact_url,
+)
 from broker.upbit.codes import normalize_depth, parse_code, validate_code
 from broker.upbit.types import DataType, StreamKey, SubscriptionSet, union
 from consumers import commands
@@ -98,6 +105,7 @@ from consumers.items import (
     event_item,
 )
 from consumers.queue import DropOldestQueue, QueueClosed
+from consumers.sharded_subscriber import ShardedSubscriber
 from consumers.subscriber import Break, Subscriber
 
 if TYPE_CHECKING:
@@ -165,6 +173,13 @@ _ACCEPT, _REJECT, _CHECK = Verdict.ACCEPT, Verdict.REJECT, Verdict.CHECK
 
 #: ``read_count``: XREAD COUNT per stream (durable streams); at most the broker's smallest cap
 _READ_COUNT_BOUND = Bound(1, 10_000, "entries", True, "XREAD COUNT per durable stream")
+#: Why ``durable`` is refused on a Redis Cluster: the history reader reads many streams with one
+#: XREAD, and a cluster refuses one command over keys of several slots (``-CROSSSLOT``).
+_NO_DURABLE_ON_CLUSTER = (
+    "durable streams are not available on a Redis Cluster yet (the history reader's XREAD "
+    "over many streams spans several slots, which a cluster refuses with CROSSSLOT): "
+    "subscribe with durable=False"
+)
 #: Every trade is an event, not a state: conflating trades would drop some silently.
 _NOT_CONFLATED = frozenset({DataType.TRADE.value})
 
@@ -195,6 +210,9 @@ class BrokerClient:
             ``redis+sentinel://[user:password@]h1:26379,h2:26379/mymaster/0``
             (``rediss+sentinel://`` with TLS; ``broker.redis_url``). After a failover the
             lease is re-asserted and the channels resubscribed on the new master, with a gap.
+            A Redis Cluster: ``redis+cluster://[user:password@]h1:p1,h2:p2``; its frames are
+            SSUBSCRIBEd on the master of each channel's slot
+            (``consumers.sharded_subscriber``), and ``durable`` is not available on it yet.
         subscribe_url: where to SUBSCRIBE, when not ``redis_url``: a replica of that master
             (``redis://replica:6379/0``), or one the sentinels know
             (``redis+sentinel://h1:26379/mymaster/0?role=replica``), so fan-out grows by
@@ -224,7 +242,8 @@ class BrokerClient:
     Raises:
         ConfigError: a bad URL, namespace or client id, or a number out of its range
             (``broker.settings.CLIENT_BOUNDS``: lease_ttl, queue_size, connect_timeout,
-            ping_interval; read_count from 1 to 10000).
+            ping_interval; read_count from 1 to 10000); ``durable`` on a Redis Cluster, or a
+            cluster URL beside one that names no cluster.
     """
 
     def __init__(
@@ -248,14 +267,24 @@ class BrokerClient:
                 continue
             if not isinstance(url, str) or not url.startswith(REDIS_URL_SCHEMES):
                 raise ConfigError(
-                    f"{what} must start with redis://, rediss://, unix://, redis+sentinel:// "
-                    f"or rediss+sentinel://, got {redact_url(str(url))!r}"
+                    f"{what} must start with {REDIS_URL_SCHEMES_TEXT}, got {redact_url(str(url))!r}"
                 )
         if names_replica(redis_url):
             raise ConfigError(
                 f"redis url {redact_url(redis_url)}: role=replica is for subscribe_url only "
                 "(the lease is written to the master)"
             )
+        #: a Redis Cluster: frames come by sharded pub/sub (consumers.sharded_subscriber)
+        self.cluster = is_cluster_url(redis_url)
+        if subscribe_url is not None and is_cluster_url(subscribe_url) != self.cluster:
+            # the broker SPUBLISHes on a cluster and PUBLISHes elsewhere: the other one hears
+            # nothing it sends
+            raise ConfigError(
+                f"redis url {redact_url(redis_url)} and subscribe url "
+                f"{redact_url(subscribe_url)}: both must name the cluster, or neither"
+            )
+        if durable and self.cluster:
+            raise ConfigError(_NO_DURABLE_ON_CLUSTER)
         # every numeric option finite and in range (broker.settings.CLIENT_BOUNDS)
         lease_ttl = check_number("lease_ttl", lease_ttl, CLIENT_BOUNDS["lease_ttl"])
         queue_size = check_number("queue_size", queue_size, CLIENT_BOUNDS["queue_size"])
@@ -270,7 +299,7 @@ class BrokerClient:
         #: where the pub/sub subscription goes (``redis_url`` unless ``subscribe_url`` given)
         self.subscribe_url = subscribe_url or redis_url
         self.client_id = validate_name(client_id or default_client_id(), "client id")
-        self.keys = Keys(namespace)
+        self.keys = keys_for(namespace, redis_url)
         self.namespace = self.keys.namespace
         self.lease_ttl = float(lease_ttl)
         self.stats = ClientStats()
@@ -293,7 +322,7 @@ class BrokerClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis: Redis | None = None
         self._store: LeaseStore | None = None
-        self._subscriber: Subscriber | None = None
+        self._subscriber: Subscriber | ShardedSubscriber | None = None
         self._history: HistoryReader | None = None
         self._started = False
         self._closed = False
@@ -349,35 +378,58 @@ class BrokerClient:
         self._store = LeaseStore(redis, self.namespace)
         await self._read_leader()  # events of the leader are then judged at once
         elsewhere = self.subscribe_url != self.redis_url
-        self._subscriber = Subscriber(
-            self.subscribe_url,
-            name=f"{self.client_id}:sub"[:128],
-            on_message=self._on_message,
-            on_break=self._on_break,
-            on_restored=self._on_restored,
-            connect_timeout=self._connect_timeout,
-            ping_interval=self._ping_interval,
-            # subscribing elsewhere: prove the node hears the master, else fall back on it
-            fallback_url=self.redis_url if elsewhere else None,
-            master_replid=self._master_replid if elsewhere else None,
-        )
+        if self.cluster:
+            events = self.keys.events.encode()
+            try:
+                self._subscriber = ShardedSubscriber(
+                    self.subscribe_url,
+                    name=f"{self.client_id}:sub"[:128],
+                    on_message=self._on_message,
+                    # the data channels are SPUBLISHed, the events channel PUBLISHed
+                    sharded=lambda channel: channel != events,
+                    on_break=self._on_break,
+                    on_restored=self._on_restored,
+                    connect_timeout=self._connect_timeout,
+                    ping_interval=self._ping_interval,
+                )
+            except ConfigError:
+                await self._abort_start()
+                raise
+        else:
+            self._subscriber = Subscriber(
+                self.subscribe_url,
+                name=f"{self.client_id}:sub"[:128],
+                on_message=self._on_message,
+                on_break=self._on_break,
+                on_restored=self._on_restored,
+                connect_timeout=self._connect_timeout,
+                ping_interval=self._ping_interval,
+                # subscribing elsewhere: prove the node hears the master, else fall back on it
+                fallback_url=self.redis_url if elsewhere else None,
+                master_replid=self._master_replid if elsewhere else None,
+            )
         await self._subscriber.subscribe([self.keys.events.encode()])
-        # connects once a durable stream is subscribed
-        self._history = HistoryReader(
-            self.redis_url,
-            name=f"{self.client_id}:hist"[:128],
-            on_entries=self._on_entries,
-            on_trimmed=self._on_trimmed,
-            on_restart=self._on_history_restart,
-            on_break=self._on_history_break,
-            on_failure=self._on_history_failure,
-            room=self._room,
-            wait_room=self._wait_room,
-            read_count=self._read_count,
-            connect_timeout=self._connect_timeout,
+        # connects once a durable stream is subscribed (none on a cluster: no durable there)
+        self._history = (
+            None
+            if self.cluster
+            else HistoryReader(
+                self.redis_url,
+                name=f"{self.client_id}:hist"[:128],
+                on_entries=self._on_entries,
+                on_trimmed=self._on_trimmed,
+                on_restart=self._on_history_restart,
+                on_break=self._on_history_break,
+                on_failure=self._on_history_failure,
+                room=self._room,
+                wait_room=self._wait_room,
+                read_count=self._read_count,
+                connect_timeout=self._connect_timeout,
+            )
         )
         self._spawn(self._subscriber.run(), "reader")
-        self._spawn(self._history.run(), "history")
+        if self._history is not None:
+            self._spawn(self._history.run(), "history")
         self._spawn(self._heartbeat(), "heartbeat")
         self._spawn(self._dispatch(), "dispatcher")
         self._spawn(self._verify_events(), "events")
@@ -497,7 +549,8 @@ class BrokerClient:
             ValueError: an unknown data type, no codes, a level for a non-orderbook type, a
                 bad ``start`` (or one without ``durable``), ``latest_only`` for trade, a
                 stream already subscribed with other ``durable`` / ``latest_only`` settings,
-                or ``durable`` for a type the broker keeps no history of (its status says so).
+                or ``durable`` for a type the broker keeps no history of (its status says so),
+                or on a Redis Cluster (a ``ConfigError``).
             InvalidCodeError: a code not of Upbit's shape (nothing was written).
             LeaseError: the lease could not be written (the subscription is rolled back).
             RedisUnavailableError: Redis did not confirm the SUBSCRIBE in time, or did not
@@ -505,6 +558,8 @@ class BrokerClient:
         """
         wanted = _parse_streams(data_type, codes, level)
         durable = self.durable if durable is None else bool(durable)
+        if durable and self.cluster:
+            raise ConfigError(_NO_DURABLE_ON_CLUSTER)
         start = check_start(start)
         if start != "$" and not durable:
             raise ValueError(f"start={start!r} needs a durable subscription (durable=True)")
@@ -516,7 +571,6 @@ class BrokerClient:
             )
         self._check_running()
         assert self._store is not None and self._subscriber is not None
-        assert self._history is not None
         if durable:
             await self._read_leader()  # the broker's caps as they are now
             self._check_history(_data_type(data_type))
@@ -568,7 +622,7 @@ class BrokerClient:
             except BaseException:
                 for route in added:
                     del self._routes[route.channel]
-                    if route.durable:
+                    if route.durable and self._history is not None:
                         self._history.remove(self._history_key(route))
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await self._subscriber.unsubscribe(

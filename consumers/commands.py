@@ -31,6 +31,7 @@ from broker.contract import (
     decode_reply,
     encode_command,
 )
+from broker.coordination import queue_time
 from broker.keys import Keys, stream_name
 from broker.upbit.codes import validate_code
 from consumers.errors import (
@@ -78,7 +79,8 @@ async def send_command(
         redis.pipeline(transaction=True) as pipe,
     ):
         pipe.rpush(keys.requests, payload)
-        pipe.publish(keys.control, "request")
+        # (redis-py's cluster pipeline refuses pipe.publish(); the command is fine)
+        pipe.execute_command("PUBLISH", keys.control, "request")
         await pipe.execute()
     raw: bytes | None = None
     try:
@@ -176,7 +178,7 @@ async def read_status(
     """
     async with asyncio.timeout(timeout), redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.status)
-        pipe.time()
+        queue_time(pipe, keys)
         raw, server_time = await pipe.execute()
     status = {_bytes(k): _bytes(v) for k, v in raw.items()}
     return status, server_time_ms(server_time)

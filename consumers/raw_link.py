@@ -19,6 +19,15 @@ Every break is raised from :meth:`RawLink.watch`: :class:`ServerClosed` when Red
 connection (EOF, reset: the output-buffer limit looks like this), ``TimeoutError`` when a PING
 went unanswered. Liveness costs nothing per chunk: a flag is set, and a timer every
 ``ping_interval`` looks at it (PING after an interval of silence, dead after one more).
+
+On a Redis Cluster the same link carries sharded pub/sub
+(:class:`consumers.sharded_subscriber.ShardedSubscriber`): ``SSUBSCRIBE`` is confirmed by
+``ssubscribe`` like ``subscribe``, and ``smessage`` is delivered like ``message``. Redis sends
+``sunsubscribe`` unasked when the slot of a shard channel stops being this node's (a failover,
+a resharding): the channel hears nothing here from then on, so that ends the link with
+:class:`SlotMoved`, as does a redirection (``-MOVED``, ``-ASK``) or ``-CLUSTERDOWN`` answering
+a command of the link. A ``sunsubscribe`` this link asked for (``SUNSUBSCRIBE`` sent through
+:meth:`RawLink.send_chunked`) is a confirmation like ``unsubscribe``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -42,8 +51,14 @@ if AVAILABLE:
 logger = logging.getLogger(__name__)
 
 _MESSAGE = b"message"
+_SMESSAGE = b"smessage"  # sharded pub/sub (Redis Cluster)
 _SUBSCRIBE = b"subscribe"
 _UNSUBSCRIBE = b"unsubscribe"
+_SSUBSCRIBE = b"ssubscribe"
+_SUNSUBSCRIBE = b"sunsubscribe"
+_CONFIRMATIONS = (_SUBSCRIBE, _UNSUBSCRIBE, _SSUBSCRIBE, _SUNSUBSCRIBE)
+#: error replies that say this node is not (or no longer) where the channel's slot is served
+_TOPOLOGY_ERRORS = ("MOVED ", "ASK ", "CLUSTERDOWN")
 
 #: called with (channel, data, received_ms) for each message, in ``data_received``
 Deliver = Callable[[bytes, bytes, int], None]
@@ -77,6 +92,12 @@ class ServerClosed(Exception):
     """Redis closed the connection (EOF/reset), as opposed to our own PING timeout."""
 
 
+class SlotMoved(RedisConnectionError):
+    """A Redis Cluster node stopped serving a shard channel of this link: it unsubscribed it
+    unasked (``sunsubscribe``: the channel's slot moved, by failover or resharding), or answered
+    a redirection or ``-CLUSTERDOWN``. The connection is fine; the subscription is not."""
+
+
 class RawLink(asyncio.Protocol):
     """One pub/sub connection, parsed where its bytes arrive.
 
@@ -95,6 +116,9 @@ class RawLink(asyncio.Protocol):
         self._pending: deque[asyncio.Future[Any]] = deque()
         #: channels this connection has confirmed
         self.subscribed: set[bytes] = set()
+        #: SUNSUBSCRIBEs sent and not yet confirmed, per channel (any other ``sunsubscribe``
+        #: is Redis' own: the slot moved)
+        self._leaving: Counter[bytes] = Counter()
         self._confirmed = asyncio.Event()  # a SUBSCRIBE confirmation arrived
         self._active = False  # bytes arrived since the watcher last looked
 
@@ -162,9 +186,11 @@ class RawLink(asyncio.Protocol):
         self._write(encode_command(*args))
 
     def send_chunked(self, command: bytes, channels: Iterable[bytes], chunk: int) -> None:
-        """``command`` (SUBSCRIBE, UNSUBSCRIBE) over ``channels``, ``chunk`` per command, in one
-        write."""
+        """``command`` (SUBSCRIBE, UNSUBSCRIBE; SSUBSCRIBE, SUNSUBSCRIBE with channels of one
+        slot) over ``channels``, ``chunk`` per command, in one write."""
         names = list(channels)
+        if command == b"SUNSUBSCRIBE":
+            self._leaving.update(names)
         self._write(
             b"".join(
                 encode_command(command, *names[i : i + chunk]) for i in range(0, len(names), chunk)
@@ -194,13 +220,17 @@ class RawLink(asyncio.Protocol):
 
         Raises:
             ServerClosed: Redis closed the connection (or it failed: reset, protocol error).
+            SlotMoved: a cluster node stopped serving a shard channel of this link.
             TimeoutError: nothing arrived within ``ping_interval`` of a PING.
         """
         pinged_at: float | None = None
         while True:
             done, _ = await asyncio.wait({self._lost}, timeout=ping_interval)
             if done:
-                raise ServerClosed(str(self._lost.result()))
+                why = self._lost.result()
+                if isinstance(why, SlotMoved):
+                    raise why  # Redis did not close anything: the cluster moved a slot
+                raise ServerClosed(str(why))
             if self._active:  # traffic proves it alive: look again an interval later
                 self._active = False
                 pinged_at = None
@@ -232,7 +262,11 @@ class RawLink(asyncio.Protocol):
         received_ms = 0
         try:
             while (reply := reader.gets()) is not False:
-                if type(reply) is list and len(reply) == 3 and reply[0] == _MESSAGE:
+                if (
+                    type(reply) is list
+                    and len(reply) == 3
+                    and (reply[0] == _MESSAGE or reply[0] == _SMESSAGE)
+                ):
                     if not received_ms:
                         received_ms = time.time_ns() // 1_000_000  # broker.clock.now_ms
                     deliver(reply[1], reply[2], received_ms)
@@ -244,13 +278,24 @@ class RawLink(asyncio.Protocol):
 
     def _other(self, reply: Any) -> None:
         """A reply that is no message: a confirmation, a pong, or a handshake reply."""
-        if type(reply) is list and len(reply) == 3 and reply[0] in (_SUBSCRIBE, _UNSUBSCRIBE):
-            subscribed = reply[0] == _SUBSCRIBE
+        if type(reply) is list and len(reply) == 3 and reply[0] in _CONFIRMATIONS:
+            kind = reply[0]
+            subscribed = kind in (_SUBSCRIBE, _SSUBSCRIBE)
             channel = reply[1]
             if subscribed:
                 self.subscribed.add(channel)
                 self._confirmed.set()
+            elif kind == _SUNSUBSCRIBE and not self._leaving[channel]:
+                if channel in self.subscribed:  # not asked for: the slot left this node
+                    self.subscribed.discard(channel)
+                    self._lose(SlotMoved(f"redis unsubscribed {channel!r}: its slot moved"))
+                    self.close()
+                return
             else:
+                if kind == _SUNSUBSCRIBE:
+                    self._leaving[channel] -= 1
+                    if not self._leaving[channel]:
+                        del self._leaving[channel]
                 self.subscribed.discard(channel)
             self._confirm(channel, subscribed)
         elif self._pending:
@@ -258,6 +303,12 @@ class RawLink(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(reply)
         elif isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith(_TOPOLOGY_ERRORS):
+                # a shard channel is not served here (our slot map is old): a break, so the
+                # subscription is made again from a fresh map
+                self._lose(SlotMoved(f"redis answered {reply}"))
+                self.close()
+                return
             # e.g. -NOPERM for a channel the ACL denies: its SUBSCRIBE is never confirmed,
             # and subscribe() says so when its wait runs out
             logger.warning("redis refused a pub/sub command: %s", reply)
@@ -303,4 +354,4 @@ class RawLink(asyncio.Protocol):
         self._pending.clear()
 
 
-__all__ = ["AVAILABLE", "RawAddress", "RawLink", "ServerClosed", "raw_address"]
+__all__ = ["AVAILABLE", "RawAddress", "RawLink", "ServerClosed", "SlotMoved", "raw_address"]

@@ -433,7 +433,7 @@ class Subscriber:
                 host = getattr(conn, "host", None)
                 port = getattr(conn, "port", None)
                 await self._check_node(target, info, host, port)
-            run_id = _run_id(info)
+            run_id = run_id_of(info)
             subscribed: set[bytes] = set()
             # a subscribe() during this handshake only records its channel (not live yet), so
             # loop until what is subscribed covers what is desired, with no await after the check
@@ -473,7 +473,7 @@ class Subscriber:
                 self._has_info = False
             async with asyncio.timeout(self._connect_timeout * 2):
                 await self._check_node(target, info, None, None)
-            run_id = _run_id(info)
+            run_id = run_id_of(info)
             # as on redis-py's road: until what is subscribed covers what is desired
             while missing := sorted(self._desired - link.subscribed):
                 async with asyncio.timeout(self._confirm_timeout):
@@ -641,7 +641,7 @@ def _down_since_ms(node: Replication, at_most_s: float | None = None) -> int | N
     return None if at_most_s is None else now_ms() - int(at_most_s * 1000)
 
 
-def _run_id(info: object) -> str | None:
+def run_id_of(info: object) -> str | None:
     text = info.decode() if isinstance(info, bytes) else str(info)
     for line in text.splitlines():
         if line.startswith("run_id:"):

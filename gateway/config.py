@@ -17,7 +17,14 @@ from typing import Any
 
 from broker.errors import ConfigError
 from broker.keys import DEFAULT_NAMESPACE, validate_name
-from broker.settings import ENV_PREFIX, REDIS_URL_SCHEMES, Bound, check_number, redact_url
+from broker.settings import (
+    ENV_PREFIX,
+    REDIS_URL_SCHEMES,
+    REDIS_URL_SCHEMES_TEXT,
+    Bound,
+    check_number,
+    redact_url,
+)
 
 GATEWAY_ENV_PREFIX = "UPBIT_GATEWAY_"
 #: what the gateway does when the broker announces a gap on a client's streams
@@ -127,8 +134,8 @@ class GatewaySettings:
         # consumers.subscriber, which read a redis+sentinel:// URL as the broker does
         if not self.redis_url.startswith(REDIS_URL_SCHEMES):
             raise ConfigError(
-                "redis url must start with redis://, rediss://, unix://, redis+sentinel:// "
-                f"or rediss+sentinel://, got {redact_url(self.redis_url)!r}"
+                f"redis url must start with {REDIS_URL_SCHEMES_TEXT}, "
+                f"got {redact_url(self.redis_url)!r}"
             )
         if not self.upstream_rest_url.startswith(("http://", "https://")):
             raise ConfigError(

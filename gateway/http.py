@@ -41,6 +41,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from broker.clock import server_time_ms
+from broker.coordination import queue_time
 from broker.errors import BrokerError, FrameError
 from broker.keys import Keys
 from broker.leases import LeaseStore
@@ -316,7 +317,7 @@ class RestGateway:
             if codes:
                 pipe.hmget(self.keys.last_values(stream), codes)
             pipe.hmget(self.keys.status, list(rest.STATUS_FIELDS))
-            pipe.time()
+            queue_time(pipe, self.keys)
             results = await pipe.execute()
         values: list[bytes | str | None] = list(results[0]) if codes else []
         status, now = results[-2], results[-1]

@@ -40,7 +40,9 @@ from typing import Protocol
 
 from broker.errors import describe
 from broker.keys import Keys
+from broker.redis_url import is_cluster_url
 from broker.upbit.types import DataType, StreamKey
+from consumers.sharded_subscriber import ShardedSubscriber
 from consumers.subscriber import Break, Subscriber
 from gateway.frames import Variant, binary_frame, convert, is_snapshot, trade_id
 
@@ -171,13 +173,27 @@ class Hub:
         self._on_event = on_event
         self._on_restored = on_restored
         self._events = keys.events.encode()
-        self._subscriber = Subscriber(
-            redis_url,
-            name=name,
-            on_message=self._on_message,
-            on_restored=self._restored,
-            connect_timeout=connect_timeout,
-        )
+        self._subscriber: Subscriber | ShardedSubscriber
+        if is_cluster_url(redis_url):
+            events = self._events
+            # a cluster: the data channels are SPUBLISHed (SSUBSCRIBE per master), the events
+            # channel PUBLISHed
+            self._subscriber = ShardedSubscriber(
+                redis_url,
+                name=name,
+                on_message=self._on_message,
+                sharded=lambda channel: channel != events,
+                on_restored=self._restored,
+                connect_timeout=connect_timeout,
+            )
+        else:
+            self._subscriber = Subscriber(
+                redis_url,
+                name=name,
+                on_message=self._on_message,
+                on_restored=self._restored,
+                connect_timeout=connect_timeout,
+            )
         self.channels: dict[bytes, Channel] = {}
         self._pending: list[tuple[bytes, bytes]] = []
         self._scheduled = False

@@ -59,7 +59,7 @@ from websockets.http11 import Request, Response
 from broker.contract import ContractError, GapEvent, LeaderEvent, LeaseEvent, decode_event
 from broker.errors import describe
 from broker.event_gate import EventGate, Verdict
-from broker.keys import Keys
+from broker.keys import keys_for
 from broker.leases import LeaseStore
 from broker.redis_client import redis_client
 from broker.settings import redact_url
@@ -127,7 +127,7 @@ class Gateway:
         base = settings or GatewaySettings()
         self.settings = base.with_(**overrides) if overrides else base
         s = self.settings
-        self.keys = Keys(s.namespace)
+        self.keys = keys_for(s.namespace, s.redis_url)
         # commands are bounded by their callers (broker.redis_client says why)
         self.redis = redis_client(s.redis_url, name=f"upbit-gateway-{s.gateway_id}")
         self.leases = LeaseStore(self.redis, s.namespace)

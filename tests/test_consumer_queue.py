@@ -140,6 +140,8 @@ def test_consumers_import_only_their_allowed_layers() -> None:
         "broker.resp",  # the RESP wire layer (redis-py and the standard library only)
         "broker.redis_url",  # the Sentinel URL's parser (pure)
         "broker.event_gate",  # which events are the leader's (pure), shared with the gateway
+        "broker.cluster_slots",  # Redis Cluster's slots and CLUSTER SLOTS replies (pure)
+        "broker.coordination",  # the server clock of the node holding the leases (I/O)
     }  # fmt: skip
     bad = sorted(
         m

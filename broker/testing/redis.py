@@ -33,7 +33,9 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 
+from broker.keys import Keys
 from broker.leases import LeaseStore
+from broker.redis_client import is_cluster_client
 from broker.testing.wait import scaled
 from broker.upbit.types import SubscriptionSet
 
@@ -204,8 +206,10 @@ async def write_lease(
 
 
 async def read_status(redis: Redis, namespace: str = "t") -> dict[str, str]:
-    """The leader's status hash ``{ns}:status`` as text (empty: no broker wrote one)."""
-    raw: dict[Any, Any] = await redis.hgetall(f"{namespace}:status")
+    """The leader's status hash ``{ns}:status`` as text (empty: no broker wrote one); on a
+    Redis Cluster client, ``{{ns}}:status`` (``broker.keys``)."""
+    status = Keys(namespace, hash_tag=is_cluster_client(redis)).status
+    raw: dict[Any, Any] = await redis.hgetall(status)
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
