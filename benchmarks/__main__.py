@@ -33,6 +33,7 @@ SECTIONS = (
     "history",
     "gateway",
     "replicas",
+    "cluster",
 )
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 DEFAULT_PLOT_DIR = Path(__file__).resolve().parents[1] / "docs"
@@ -41,6 +42,7 @@ DEFAULT_PLOT_DIR = Path(__file__).resolve().parents[1] / "docs"
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import (
         bench_ceilings,
+        bench_cluster,
         bench_cryptofeed,
         bench_gateway,
         bench_history,
@@ -60,11 +62,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         only.discard("redis_py")
         if not args.only:
             # wholemarket: minutes of long windows; gateway: three stacks of processes (its
-            # own test runs it); replicas: three redis-servers and a stack per run. --quick
-            # --only wholemarket (or gateway, replicas): a smoke run
+            # own test runs it); replicas, cluster: three redis-servers and a stack per run.
+            # --quick --only wholemarket (or gateway, replicas, cluster): a smoke run
             only.discard("wholemarket")
             only.discard("gateway")
             only.discard("replicas")
+            only.discard("cluster")
     record: dict[str, Any] = {
         "benchmark": "upbit-broker",
         "mode": "quick" if quick else "full",
@@ -160,6 +163,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if "replicas" in only:
             print("fan-out from replicas (a master and two replicas) ...", flush=True)
             await section("replicas", lambda: bench_replicas.run(server, quick))
+        if "cluster" in only:
+            print(
+                "redis cluster, sharded pub/sub (one redis against three masters) ...", flush=True
+            )
+            await section("cluster", lambda: bench_cluster.run(server, quick))
     record["errors"] = errors
     git, dirty = h.git_state()
     record["git_at_end"] = {"git": git, "dirty": dirty}

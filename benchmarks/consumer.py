@@ -5,6 +5,9 @@ broker. Modes:
 
 * ``hiredis``: a plain Redis subscriber on a blocking socket, replies parsed by
   ``hiredis.Reader`` (the leanest Python subscriber: it leaves the CPU to the broker);
+* ``hiredis-sharded``: the same on a Redis Cluster's sharded pub/sub: ``--channels-file``
+  lines are ``PORT CHANNEL``, one socket per master port, one ``SSUBSCRIBE`` per channel (a
+  sharded subscription names channels of one slot), ``smessage`` replies;
 * ``redis-py``: the same with redis-py's ``PubSub.listen()`` (what most applications use);
 * ``redis-py-async``: redis-py's asyncio ``PubSub.listen()`` on the default event loop (the
   bare asyncio loop the consumer library is compared with);
@@ -50,7 +53,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 _blake2b = hashlib.blake2b
-MODES = ("hiredis", "redis-py", "redis-py-async", "library", "library-durable", "ws", "wsraw")
+MODES = (
+    "hiredis",
+    "hiredis-sharded",
+    "redis-py",
+    "redis-py-async",
+    "library",
+    "library-durable",
+    "ws",
+    "wsraw",
+)
 
 
 class Recorder:
@@ -167,6 +179,62 @@ def run_hiredis(args: argparse.Namespace, channels: list[bytes]) -> None:
                         rec.event(reply[2], t)
                     else:
                         data(reply[2], t)
+            else:
+                chunk = os.read(sys.stdin.fileno(), 4096)
+                if not chunk:
+                    _finish(rec, args.out)
+                    return
+                control += chunk
+                while (line := _control_line(control)) is not None:
+                    if line == "count":
+                        _answer(rec)
+                    elif line == "stop":
+                        _finish(rec, args.out)
+                        return
+
+
+def run_hiredis_sharded(args: argparse.Namespace, lines: list[bytes]) -> None:
+    """:func:`run_hiredis` over one socket per master of a cluster (``PORT CHANNEL`` lines)."""
+    import hiredis
+
+    rec = Recorder(args.record, None)
+    by_port: dict[int, list[bytes]] = {}
+    for line in lines:
+        port, _, channel = line.partition(b" ")
+        by_port.setdefault(int(port), []).append(channel)
+    sel = selectors.DefaultSelector()
+    for port, channels in by_port.items():
+        sock = socket.create_connection((args.host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        reader = hiredis.Reader()
+        sock.sendall(b"".join(_resp(b"SSUBSCRIBE", channel) for channel in channels))
+        confirmed = 0
+        while confirmed < len(channels):
+            reader.feed(sock.recv(1 << 16))
+            while (reply := reader.gets()) is not False:
+                if isinstance(reply, list) and reply and reply[0] == b"ssubscribe":
+                    confirmed += 1
+                elif not isinstance(reply, list):
+                    raise SystemExit(f"SSUBSCRIBE on {port} refused: {reply!r}")
+        sel.register(sock, selectors.EVENT_READ, reader)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
+    control = bytearray()
+    data = rec.data
+    while True:
+        for key, _ in sel.select():
+            reader = key.data
+            if reader is not None:
+                chunk = key.fileobj.recv(4 << 20)  # type: ignore[union-attr]
+                if not chunk:
+                    _finish(rec, args.out, error="redis closed the connection")
+                    return
+                t = time.time_ns()
+                reader.feed(chunk)
+                while (reply := reader.gets()) is not False:
+                    data(reply[2], t)
             else:
                 chunk = os.read(sys.stdin.fileno(), 4096)
                 if not chunk:
@@ -551,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
         channels = [line.strip() for line in f if line.strip()]
     if args.mode == "hiredis":
         run_hiredis(args, channels)
+    elif args.mode == "hiredis-sharded":
+        run_hiredis_sharded(args, channels)
     elif args.mode == "redis-py":
         run_redis_py(args, channels)
     elif args.mode == "redis-py-async":

@@ -340,6 +340,9 @@ def table(record: dict[str, Any]) -> str:
     rep = record.get("replicas")
     if rep:
         lines += ["", *_replicas_lines(rep)]
+    clu = record.get("cluster")
+    if clu:
+        lines += ["", *_cluster_lines(clu)]
     s = record.get("summary", {})
     if s:
         lines += ["", "Goals"]
@@ -560,6 +563,47 @@ def _gateway_lines(gw: dict[str, Any]) -> list[str]:
 
 def _kilo(n: Any) -> str:
     return f"{n / 1000:.0f}k" if isinstance(n, int | float) else "-"
+
+
+def _cluster_lines(clu: dict[str, Any]) -> list[str]:
+    """The Redis Cluster section (issue 15): one line per (consumers, way), then the two ways
+    side by side."""
+    runs = clu.get("runs", [])
+    clock = runs[0].get("clock", "stat") if runs else "stat"
+    lines = [
+        f"12. Redis Cluster, sharded pub/sub: one broker, N hiredis consumers of every channel, "
+        f"on one redis-server (PUBLISH/SUBSCRIBE) or a {clu['masters']}-master cluster "
+        f"(SPUBLISH/SSUBSCRIBE, a connection per master) ({clu['codes']} codes x "
+        f"{'/'.join(clu['types'])}, {_load(clu['target_fps'])} frames/s offered; window "
+        f"{clu['duration_s']:g} s, CPU from {clock})",
+        f"  {'cons':>4} {'on':<8} {'offered/s':>9} {'deliveries/s':>12} {'expected':>9} "
+        f"{'loss':>5} {'broker us/fr':>12} {'redis cores (each)':<20} {'redis us/dlv':>12} "
+        f"{'consumers':>9} {'busy':>5} {'others':>6} limited by",
+    ]
+    for r in runs:
+        cores = "/".join(f"{c:.3f}" for c in r["redis_cores"].values())
+        lines.append(
+            f"  {r['consumers']:>4} {r['mode']:<8} {r['offered_fps']:>9.0f} "
+            f"{r['deliveries_per_s']:>12.0f} {r['expected_deliveries_per_s']:>9.0f} "
+            f"{r['loss']:>5} {_f(r['broker_cpu_us_per_frame']):>12} {cores:<20} "
+            f"{_f(r['redis_us_per_delivery'], '.2f'):>12} {r['consumer_cores']:>9.3f} "
+            f"{r['machine_cpu_cores_busy_all_processes']:>5.2f} "
+            f"{r.get('other_load_cores', 0):>6.2f} {r['limited_by']}"
+        )
+    pairs = clu.get("compare", [])
+    if pairs:
+        lines.append(
+            "  one redis vs the cluster, same N: deliveries/s, broker us/frame, busiest "
+            "redis-server cores, all redis-servers' cores"
+        )
+        for c in pairs:
+            d, b = c["deliveries_per_s"], c["broker_cpu_us_per_frame"]
+            busy, total = c["busiest_redis_cores"], c["all_redis_cores"]
+            lines.append(
+                f"  {c['consumers']:>4}: {d[0]:.0f} -> {d[1]:.0f}; {_f(b[0])} -> {_f(b[1])} us; "
+                f"{busy[0]:.3f} -> {busy[1]:.3f}; {total[0]:.3f} -> {total[1]:.3f}"
+            )
+    return lines
 
 
 def _replicas_lines(rep: dict[str, Any]) -> list[str]:
