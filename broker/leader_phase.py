@@ -50,6 +50,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from broker.backfill import Backfiller
 from broker.clock import now_ms
+from broker.cluster_slots import key_slot
 from broker.contract import encode_status
 from broker.control_channel import ControlSubscription, subscribe_control
 from broker.coordination import server_info
@@ -158,6 +159,8 @@ class LeaderPhase:
             max_pending=settings.max_pending_frames,
             stats=counters.publish,
             watch_wake=self._wake_clock,
+            # on a cluster, losing a master that does not hold the lock fences nothing
+            fence_slot=key_slot(self.keys.leader) if self.keys.hash_tag else None,
         )
         self.upstream = Upstream(
             settings, core.controller, self.publisher, self.keys, stats=counters.upstream
@@ -235,9 +238,7 @@ class LeaderPhase:
         no publish error since the last renewal (:meth:`_may_publish`'s conditions, without
         its fence bookkeeping, which stays the publisher's): a leader deposed mid-job (paused
         past its TTL) must not append what its successor back-fills too."""
-        return (
-            self.lock.is_valid() and self.counters.publish.redis_errors == self._errors_at_renewal
-        )
+        return self.lock.is_valid() and self.publisher.fence_errors == self._errors_at_renewal
 
     def _may_publish(self) -> bool:
         """Checked before every burst: the lock is valid locally, and Redis has not failed us
@@ -251,7 +252,7 @@ class LeaderPhase:
         successor's takeover gap covers them (it starts at our last frame).
         """
         published = self.counters.publish
-        errors = published.redis_errors != self._errors_at_renewal
+        errors = self.publisher.fence_errors != self._errors_at_renewal
         if errors and self._fenced is not None:
             self._end_fence()  # the publisher's loss counts what is held back from here on
         if not self.lock.is_valid():
@@ -280,22 +281,23 @@ class LeaderPhase:
         """Renew every third of the TTL (at once after a Redis error); a lock that vanished
         (Redis restarted empty) is re-acquired if nobody else took it."""
         lock = self.lock
-        published = self.counters.publish
         interval = self.settings.leader_ttl / 3
-        self._errors_at_renewal = published.redis_errors
+        self._errors_at_renewal = self.publisher.fence_errors
         unconfirmed_since: float | None = None
+        failed = False  # the last renewal failed: retry sooner (a failover may be under way)
         while True:
-            wait = interval if unconfirmed_since is None else interval / 4
+            wait = interval / 4 if failed or unconfirmed_since is not None else interval
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._renew_now.wait()
             self._renew_now.clear()
-            errors_before = published.redis_errors
+            errors_before = self.publisher.fence_errors
             try:
                 async with asyncio.timeout(interval):
                     if await lock.renew():
                         self._errors_at_renewal = errors_before
                         unconfirmed_since = None
+                        failed = False
                         continue
                     if await lock.holder() is None and await lock.try_acquire():
                         logger.warning("leader lock was gone (redis restarted?): re-acquired")
@@ -306,6 +308,9 @@ class LeaderPhase:
                 raise NotLeaderError(f"lock now held by {holder}")
             except (RedisError, OSError, TimeoutError) as exc:
                 self.stats.redis_errors += 1
+                # Every attempt counts: through a failover the lock key lives on with the TTL
+                # of the last renewal, and a standby polling for it wins once it expired.
+                failed = True
                 if lock.is_valid():
                     logger.warning("leader lock renewal failed (%s); still valid locally", exc)
                     continue

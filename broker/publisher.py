@@ -228,6 +228,7 @@ class Publisher:
         raw_resp: bool = True,
         stats: PublishStats | None = None,
         watch_wake: asyncio.Event | None = None,
+        fence_slot: int | None = None,
     ) -> None:
         """Nothing connects until the first burst.
 
@@ -241,6 +242,8 @@ class Publisher:
             raw_resp: take the raw RESP road when the client allows it.
             stats: the counters to bump (the broker's, which outlive this publisher).
             watch_wake: set when frames of watched streams were written (see :meth:`watch`).
+            fence_slot: on a cluster, the slot of the leader lock: losing another master's
+                connection does not stop the leader publishing (:attr:`fence_errors`).
         """
         self._redis = redis
         #: where raw RESP goes; None: publish through redis-py pipelines
@@ -264,6 +267,11 @@ class Publisher:
         self.wake = asyncio.Event()
         self._flush_scheduled = False
         self._may_publish: Callable[[], bool] | None = None
+        #: Redis errors that put the leader lock in doubt: the leader publishes nothing after
+        #: one until a renewal succeeds (``broker.leader_phase``). Every error counts, except a
+        #: cluster master lost that does not hold the lock (``fence_slot``'s master)
+        self.fence_errors = 0
+        self._fence_slot = fence_slot
         self._watchdog: asyncio.TimerHandle | None = None
         self.stats = PublishStats() if stats is None else stats
         self._watch_wake = watch_wake
@@ -472,6 +480,7 @@ class Publisher:
             if conn is not None and not conn.closed:
                 conn.abort(RedisError("writes stalled"), report=False)
             self.stats.redis_errors += 1
+            self.fence_errors += 1
             lost = len(self._take_batch())
             self._lost(lost)
             logger.warning("publish of %d frames failed: %s", lost, exc or "timed out")
@@ -499,6 +508,8 @@ class Publisher:
                 on_answered=self._answered,
                 on_lost=self._connection_lost,
                 on_refused=self._refused,
+                on_dropped=self._dropped_burst,
+                fence_slot=self._fence_slot,
             )
         conn = await resp.RespConnection.connect(
             self._address,
@@ -663,12 +674,21 @@ class Publisher:
 
     def _connection_lost(self, why: Exception, unanswered: list[Any]) -> None:
         self.stats.redis_errors += 1
+        if getattr(why, "fences", True):
+            self.fence_errors += 1
         lost = sum(len(batch) for _, batch, _, _ in unanswered)
         self._lost(lost, min((written for written, _, _, _ in unanswered), default=0))
         self._cache_lost([cache for _, _, cache, _ in unanswered])
         logger.warning("publish connection lost with %d frames unconfirmed: %s", lost, why)
         if self._pending:
             self.wake.set()  # the task reconnects for them
+
+    def _dropped_burst(self, token: _Token) -> None:
+        """A burst had frames for a cluster master with no connection (dead, a failover under
+        way): written to the others, counted lost as a whole (``broker.sharded``)."""
+        written_ms, batch, cache, _ = token
+        self._lost(len(batch), written_ms)
+        self._cache_lost([cache])
 
     def _arm_watchdog(self) -> None:
         """Once a second while connected: a buffer unanswered for ``PIPELINE_TIMEOUT`` means
@@ -679,9 +699,14 @@ class Publisher:
             return
         since = conn.unanswered_since
         if since is not None and time.monotonic() - since > PIPELINE_TIMEOUT:
-            conn.abort(RedisError(f"no reply within {PIPELINE_TIMEOUT:.0f}s"))
-            self._watchdog = None
-            return
+            why = RedisError(f"no reply within {PIPELINE_TIMEOUT:.0f}s")
+            if isinstance(conn, ShardedConnection):
+                # that master is gone; the others go on
+                conn.abort_stalled(time.monotonic() - PIPELINE_TIMEOUT, why)
+            else:
+                conn.abort(why)
+                self._watchdog = None
+                return
         self._watchdog = asyncio.get_running_loop().call_later(1.0, self._arm_watchdog)
 
     # -- shared by both roads -------------------------------------------------------------------
@@ -715,8 +740,15 @@ class Publisher:
         # with the next write, or after this process was paused), and a gap that starts at the
         # last publish must not start after frames that were held back meanwhile.
         stats.last_publish_ms = max(stats.last_publish_ms, written_ms)
-        if self._loss is not None:
+        if self._loss is not None and not self._master_missing():
             self._close_loss(stats.last_publish_ms)
+
+    def _master_missing(self) -> bool:
+        """A cluster master has no connection now: its frames are being dropped, so the loss
+        stays open (one gap for the whole outage, not one per burst that happened to avoid
+        that master)."""
+        conn = self._conn
+        return isinstance(conn, ShardedConnection) and not conn.closed and conn.missing > 0
 
     def _close_loss(self, until_ms: int) -> None:
         """Publishing is confirmed again: the open loss is over (reported if it lost frames)."""
@@ -760,6 +792,7 @@ class Publisher:
                 errors, oom = await self._send_pipeline(batch, newest)
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
+            self.fence_errors += 1
             self._lost(len(batch))
             self._cache_lost([cache])
             logger.warning("publish of %d frames failed: %s", len(batch), exc)
@@ -927,6 +960,7 @@ class Publisher:
                     deleted += await self._redis.delete(*hashes[start : start + MAX_PIPELINE])
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
+            self.fence_errors += 1
             self._purge_at = time.monotonic() + CACHE_PROBE_INTERVAL
             logger.warning("last-value cache purge failed (%s): retried with a later burst", exc)
             return
@@ -957,6 +991,7 @@ class Publisher:
             since = inherited_cache_stale_since(stale, oom)
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.redis_errors += 1
+            self.fence_errors += 1
             logger.warning("previous status unreadable (%s): last-value cache held stale", exc)
             since = now_ms()
         if not since:

@@ -20,7 +20,7 @@ between the broker, the consumer library, the CLI and the demo:
   ``Redis`` here: the commands upbit-broker sends through redis-py are the same, and routed by
   key), with the options of a ``redis://`` URL for every node, no retries of its own beyond the
   redirections it follows (``MOVED``, ``ASK``, a topology refresh), and its topology refreshed
-  no more than once a second however many errors arrive. Pub/sub on it is the caller's
+  at most four times a second however many errors arrive. Pub/sub on it is the caller's
   business (``consumers.sharded_subscriber`` SSUBSCRIBEs per shard over raw RESP). One
   difference is mended here: redis-py raises a cluster it cannot reach, or a slot no master
   serves (mid-failover), as ``RedisClusterException``, which is no ``RedisError``; every
@@ -224,7 +224,7 @@ def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
             # the redirections and a topology refresh are retried; a dead node is not waited
             # on longer than the caller's own retries allow
             retry=retry,
-            topology_refresh_min_interval=1.0,
+            topology_refresh_min_interval=0.25,
             **kwargs,
         )
     except (TypeError, ValueError) as exc:  # an option redis-py's cluster client does not take

@@ -7,24 +7,35 @@ owning its channel's slot, its ``XADD`` to the one owning its history stream, ea
 command itself, with one list lookup (:attr:`ShardedConnection.owner`), and hands over one
 buffer per master (:meth:`ShardedConnection.send_parts`); this class keeps the promise
 ``broker.resp.RespConnection`` keeps for one server, so the publisher's accounting is unchanged:
+every burst is reported exactly once, as
 
-- a burst is **answered** once every master it went to has answered its part (errors summed,
-  error replies reported first through ``on_refused``), exactly once;
-- a burst is **lost** when any connection breaks before it is answered: the whole sharded
-  connection is dropped (the other masters' connections too), and every burst not yet
-  answered is reported through ``on_lost``, exactly once. Some of their frames may have been
-  published on the masters that stayed up: a gap then announces more than was lost, never
-  less (a consumer told of a gap re-reads; one never told loses data silently);
-- a ``-MOVED`` reply (the slot has moved: a failover inside the cluster, a resharding) means
-  the command was not run: the burst is lost like above, and the next connect reads the slot
-  map afresh, asking the node the redirect named first (it knows its own slots before anyone
-  else does);
-- an ``-ASK`` reply (the slot is migrating and this key already left) is an error reply like
-  any other: the map has not changed, so reconnecting would not help. Only keys are asked
-  about (a shard channel is no key: its SPUBLISH runs on the source until the slot has moved),
-  so it is an XADD or a cache HSET that did not run: the publisher counts the burst's history
-  as refused and announces it (a ``redis`` gap for durable readers), the frames themselves
-  were published. It is not retried with ``ASKING``: a slot migrates in milliseconds.
+- **answered** (``on_answered``, its error replies first through ``on_refused``) once every
+  master it went to has answered its part;
+- **lost** (``on_lost``) when a master's connection breaks before answering its part: the
+  bursts that had a part there. Their parts on the other masters may have been published: a
+  gap then announces more than was lost, never less (a consumer told of a gap re-reads; one
+  never told loses data silently);
+- **dropped** (``on_dropped``) when it had a part for a master that has no connection now: its
+  other parts are written (their subscribers get their frames), the burst counts as lost.
+
+**One master down does not stop the others.** A master whose connection broke (it died, a
+failover is under way) is left out until the cluster serves its slots again: a task reads the
+slot map every so often (from the masters last seen, then the URL's nodes) and, once every slot
+has a master again (the replica promoted, or the master back), connects whatever master it lacks
+and routes by the new map. Meanwhile the frames for that master's slots are dropped and
+announced, and every other master's subscribers keep theirs. Only when no master is left is the
+connection closed (the publisher then reconnects from scratch).
+
+**Redirections.** A ``-MOVED`` reply (the slot moved: a resharding, or a failover seen first by
+another node) means the command did not run: the whole connection is dropped, every burst not
+yet answered is lost, and the next connect reads the slot map afresh, asking the node the
+redirect named first (it knows its own slots before anyone else does). An ``-ASK`` reply (the
+slot is migrating and this key already left) is an error reply like any other: the map has not
+changed, so reconnecting would not help. Only keys are asked about (a shard channel is no key:
+its SPUBLISH runs on the source until the slot has moved), so it is an XADD or a cache HSET
+that did not run: the publisher counts the burst's history as refused and announces it (a
+``redis`` gap for durable readers), the frames themselves were published. It is not retried
+with ``ASKING``: a slot migrates in milliseconds.
 
 Replies are read like the single connection's: behind the next write to that master, or by
 its timer (:meth:`broker.resp.RespConnection.poll_replies`).
@@ -34,6 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,43 +57,77 @@ from redis.exceptions import RedisError
 from broker.cluster_slots import SlotMap, parse_redirect
 from broker.resp import ClusterDownError, OnAnswered, OnLost, OnRefused, RespAddress, RespConnection
 
+logger = logging.getLogger(__name__)
+
+#: a master, as ``CLUSTER SLOTS`` names it
+Node = tuple[str, int]
+#: called with a burst's token when it could not be written whole (a master had no connection)
+OnDropped = Callable[[Any], None]
+
+#: while a master is missing, the slot map is read again after this long, doubling up to
+#: :data:`HEAL_MAX` (a failover takes the cluster's node timeout plus an election)
+HEAL_INITIAL = 0.05
+HEAL_MAX = 1.0
+
+
+class MasterLost(RedisConnectionError):
+    """One master's connection broke. ``fences``: that master holds the leader lock (or which
+    one does is not known), so the leader must renew it before publishing again."""
+
+    def __init__(self, message: str, *, fences: bool) -> None:
+        super().__init__(message)
+        self.fences = fences
+
 
 class _Burst:
     """One burst written to several masters, answered when all its parts are."""
 
-    __slots__ = ("errors", "redirect", "refusals", "remaining", "token")
+    __slots__ = ("dropped", "errors", "redirect", "refusals", "remaining", "token")
 
     def __init__(self, token: Any, parts: int) -> None:
         self.token = token
         self.remaining = parts
         self.errors = 0
         self.refusals: list[Exception] = []
-        #: "MOVED 3999 host:port" or "ASK ...": a part ran nowhere
+        #: "MOVED 3999 host:port": a part ran nowhere
         self.redirect: str | None = None
+        #: a part had no master to go to: the burst counts as lost once the others answered
+        self.dropped = False
 
 
 class ShardedConnection:
-    """Raw RESP connections to every master of a cluster, as one pipeline."""
+    """Raw RESP connections to the masters of a cluster, as one pipeline."""
 
     def __init__(
         self,
+        address: RespAddress,
         slots: SlotMap,
         on_answered: OnAnswered | None,
         on_lost: OnLost | None,
         on_refused: OnRefused | None,
+        on_dropped: OnDropped | None,
+        fence_slot: int | None = None,
     ) -> None:
+        self._address = address
+        #: the slot of the leader lock (None: unknown; every master's loss then fences)
+        self._fence_slot = fence_slot
         self.slots = slots
-        #: slot -> index of its master's connection (what the publisher routes by)
+        #: slot -> index of its master (what the publisher routes by)
         self.owner = slots.owner
-        self._conns: list[RespConnection] = []
+        #: master index -> its connection, None while it has none
+        self._by_index: list[RespConnection | None] = [None] * len(slots.masters)
+        #: every open connection, by master
+        self._conns: dict[Node, RespConnection] = {}
         self._on_answered = on_answered
         self._on_lost = on_lost
         self._on_refused = on_refused
+        self._on_dropped = on_dropped
         #: bursts written and not yet answered, in write order (dicts keep it)
         self._unanswered: dict[int, _Burst] = {}
         self.closed = False
         #: the node a redirect named (ask it first for the new map), if one ended this
-        self.redirected_to: tuple[str, int] | None = None
+        self.redirected_to: Node | None = None
+        self._healing: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -88,85 +137,101 @@ class ShardedConnection:
         on_answered: OnAnswered | None = None,
         on_lost: OnLost | None = None,
         on_refused: OnRefused | None = None,
+        on_dropped: OnDropped | None = None,
+        fence_slot: int | None = None,
     ) -> ShardedConnection:
-        """Read the slot map and connect to every master (all at once).
+        """Read the slot map and connect to every master (all at once). A master that cannot
+        be reached is left out and looked for again (see the module docstring), as long as
+        one can be.
 
         Raises:
             ClusterDownError: no seed gave a map, or some slot has no master.
-            redis.exceptions.ConnectionError, AuthenticationError: a master cannot be used.
+            redis.exceptions.ConnectionError, AuthenticationError: no master can be used.
         """
         slots = await address.slot_map()
         if not slots.complete:
             raise ClusterDownError(f"{slots.unowned()} slots have no master: the cluster is down")
-        self = cls(slots, on_answered, on_lost, on_refused)
-        results = await asyncio.gather(
-            *(
-                RespConnection.connect(
-                    address.node(host, port),
-                    on_answered=self._part_answered,
-                    on_lost=self._part_lost,
-                    on_refused=self._part_refused,
-                )
-                for host, port in slots.masters
-            ),
-            return_exceptions=True,
-        )
-        conns = [r for r in results if isinstance(r, RespConnection)]
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None:
-            for conn in conns:
-                await conn.aclose()
+        self = cls(address, slots, on_answered, on_lost, on_refused, on_dropped, fence_slot)
+        failure = await self._connect_missing()
+        if not self._conns:
+            assert failure is not None
             raise failure
-        self._conns = conns
-        for conn in conns:
-            conn.poll_replies()
+        if failure is not None:
+            logger.warning("redis cluster: a master cannot be reached (%s): left out", failure)
+            self._start_healing()
         return self
 
     # -- what the publisher asks of a connection ------------------------------------------------
 
     @property
     def writing_paused(self) -> bool:
-        return any(conn.writing_paused for conn in self._conns)
+        return any(conn.writing_paused for conn in self._conns.values())
 
     @property
     def unanswered_since(self) -> float | None:
-        times = [t for conn in self._conns if (t := conn.unanswered_since) is not None]
+        times = [t for c in self._conns.values() if (t := c.unanswered_since) is not None]
         return min(times) if times else None
+
+    @property
+    def missing(self) -> int:
+        """How many masters of the current map have no connection."""
+        return self._by_index.count(None)
 
     def send_parts(self, parts: dict[int, tuple[bytes, int]], token: Any) -> None:
         """Write each master's part (``master index -> (buffer, commands)``) without waiting;
-        ``on_answered(token, errors)`` follows once all are answered.
+        ``on_answered(token, errors)`` follows once all are answered, or ``on_dropped(token)``
+        when a part had no master to go to.
 
         Raises:
             redis.exceptions.ConnectionError: the connection is closed.
         """
         if self.closed:
             raise RedisConnectionError("connection closed")
-        burst = _Burst(token, len(parts))
-        self._unanswered[id(burst)] = burst
+        by_index = self._by_index
+        burst = _Burst(token, 0)
         for index, (buffer, commands) in parts.items():
-            self._conns[index].send(buffer, commands, token=burst)
+            conn = by_index[index]
+            if conn is None or conn.closed:
+                burst.dropped = True
+                continue
+            conn.send(buffer, commands, token=burst)
+            burst.remaining += 1
+        if burst.remaining:
+            self._unanswered[id(burst)] = burst
+        elif self._on_dropped is not None:
+            self._on_dropped(token)
 
     async def wait_writable(self) -> None:
         """Return once every master's transport takes writes.
 
         Raises:
-            redis.exceptions.ConnectionError: a connection broke meanwhile.
+            redis.exceptions.ConnectionError: the connection was closed meanwhile.
         """
-        for conn in self._conns:
-            await conn.wait_writable()
+        for conn in list(self._conns.values()):
+            with contextlib.suppress(RedisConnectionError):
+                await conn.wait_writable()  # (a broken one is left out by then)
         if self.closed:
             raise RedisConnectionError("connection closed")
 
     async def drain(self) -> None:
-        """Wait until every burst written so far is answered.
+        """Wait until every burst written so far is answered (or reported lost).
 
         Raises:
-            redis.exceptions.ConnectionError: a connection broke first.
+            redis.exceptions.ConnectionError: the connection is closed.
         """
         if self.closed:
             raise RedisConnectionError("connection closed")
-        await asyncio.gather(*(conn.drain() for conn in self._conns))
+        await asyncio.gather(
+            *(conn.drain() for conn in self._conns.values()), return_exceptions=True
+        )
+
+    def abort_stalled(self, older_than: float, why: Exception) -> None:
+        """Drop the connection of every master with a buffer unanswered since before
+        ``older_than`` (monotonic): that master is gone, the others go on."""
+        for conn in list(self._conns.values()):
+            since = conn.unanswered_since
+            if since is not None and since < older_than:
+                conn.abort(why)  # reported through _node_lost
 
     def abort(self, why: Exception, *, report: bool = True) -> None:
         """Drop every connection now; ``on_lost`` hears of the unanswered bursts unless
@@ -174,17 +239,23 @@ class ShardedConnection:
         if self.closed:
             return
         self.closed = True
-        for conn in self._conns:
+        if self._healing is not None:
+            self._healing.cancel()
+        for conn in self._conns.values():
             conn.abort(why, report=False)
         lost, self._unanswered = list(self._unanswered.values()), {}
-        if report and self._on_lost is not None:
+        if report and lost and self._on_lost is not None:
             self._on_lost(why, [burst.token for burst in lost])
 
     async def aclose(self) -> None:
         """Close every connection (``on_lost`` is not called)."""
         self.closed = True
         self._unanswered = {}
-        for conn in self._conns:
+        healing, self._healing = self._healing, None
+        if healing is not None:
+            healing.cancel()
+            await asyncio.gather(healing, return_exceptions=True)
+        for conn in list(self._conns.values()):
             with contextlib.suppress(RedisError, OSError):
                 await conn.aclose()
 
@@ -213,13 +284,118 @@ class ShardedConnection:
             self.abort(RedisConnectionError(f"the cluster redirected a write: {burst.redirect}"))
             return
         del self._unanswered[id(burst)]
+        if burst.dropped:
+            if self._on_dropped is not None:
+                self._on_dropped(burst.token)
+            return
         if burst.refusals and self._on_refused is not None:
             self._on_refused(burst.token, burst.refusals)
         if self._on_answered is not None:
             self._on_answered(burst.token, burst.errors)
 
-    def _part_lost(self, why: Exception, tokens: list[Any]) -> None:
-        self.abort(why)
+    def _node_lost(self, node: Node, why: Exception, bursts: list[Any]) -> None:
+        """A master's connection broke: the bursts with a part there are lost; the others go
+        on without it until the slot map is whole again."""
+        conn = self._conns.pop(node, None)
+        self._by_index = [None if c is conn else c for c in self._by_index]
+        if self.closed:
+            return
+        lost = [b for b in bursts if self._unanswered.pop(id(b), None) is not None]
+        fence = self._fence_slot
+        fences = fence is None or self.slots.node_of(fence) in (node, None)
+        if lost and self._on_lost is not None:
+            self._on_lost(
+                MasterLost(f"{node[0]}:{node[1]}: {why}", fences=fences), [b.token for b in lost]
+            )
+        if not self._conns:
+            self.abort(why)  # no master left: the publisher reconnects from scratch
+            return
+        logger.warning(
+            "redis cluster: the connection to master %s:%d broke (%s): its slots' frames are "
+            "dropped and announced until the cluster serves them again",
+            *node,
+            why,
+        )
+        self._start_healing()
+
+    # -- healing --------------------------------------------------------------------------------
+
+    def _start_healing(self) -> None:
+        if self._healing is None and not self.closed:
+            self._healing = asyncio.get_running_loop().create_task(
+                self._heal(), name="cluster-heal"
+            )
+
+    async def _heal(self) -> None:
+        """Until every slot's master has a connection: read the map, connect what is missing."""
+        delay = HEAL_INITIAL
+        try:
+            while not self.closed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, HEAL_MAX)
+                try:
+                    slots = await self._fresh_map()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    logger.debug("redis cluster: no slot map yet (%s)", exc)
+                    continue
+                if not slots.complete or self.closed:
+                    continue
+                self.slots, self.owner = slots, slots.owner
+                self._by_index = [self._conns.get(node) for node in slots.masters]
+                for node in [n for n in self._conns if n not in slots.masters]:
+                    # demoted (an old master back as a replica): its bursts are lost
+                    self._conns[node].abort(RedisConnectionError(f"{node} is no master now"))
+                failure = await self._connect_missing()
+                if failure is None and not self.missing:
+                    logger.info(
+                        "redis cluster: every slot has a master again (%d masters)",
+                        len(slots.masters),
+                    )
+                    return
+        finally:
+            self._healing = None
+
+    async def _fresh_map(self) -> SlotMap:
+        """The slot map, asking the masters last seen first, then the URL's nodes."""
+        route = self._address.cluster
+        assert route is not None
+        seeds = tuple(dict.fromkeys([*self._conns, *self.slots.masters, *route.nodes]))
+        return await replace(self._address, cluster=replace(route, nodes=seeds)).slot_map()
+
+    async def _connect_missing(self) -> Exception | None:
+        """Connect every master of the current map that has no connection; the first failure
+        (None: all connected)."""
+        wanted = [
+            (index, node)
+            for index, node in enumerate(self.slots.masters)
+            if self._by_index[index] is None
+        ]
+        results = await asyncio.gather(
+            *(
+                RespConnection.connect(
+                    self._address.node(*node),
+                    on_answered=self._part_answered,
+                    on_lost=functools.partial(self._node_lost, node),
+                    on_refused=self._part_refused,
+                )
+                for _, node in wanted
+            ),
+            return_exceptions=True,
+        )
+        failure: Exception | None = None
+        for (index, node), result in zip(wanted, results, strict=True):
+            if isinstance(result, RespConnection):
+                if self.closed:
+                    await result.aclose()
+                    continue
+                result.poll_replies()
+                self._conns[node] = result
+                self._by_index[index] = result
+            elif isinstance(result, Exception):
+                failure = failure or result
+            else:
+                raise result  # (a BaseException: cancelled)
+        return failure
 
 
-__all__ = ["ShardedConnection"]
+__all__ = ["HEAL_INITIAL", "HEAL_MAX", "MasterLost", "OnDropped", "ShardedConnection"]
