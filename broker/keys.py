@@ -22,9 +22,11 @@ This is the contract with consumers in any language (README, "Redis schema"):
 On a Redis Cluster (a ``redis+cluster://`` URL) the first nine names above carry the namespace
 as a hash tag, ``{upbit}:leases``, ``{upbit}:lease:ID``, ``{upbit}:leader`` ...: Redis hashes only
 the text between the braces, so they share one slot, one master, and the lease scripts (which
-touch a lease hash and the index together) stay atomic. The frames' names keep the plain
-namespace, ``upbit:ticker:KRW-BTC``, ``upbit:hist:...``, ``upbit:last:ticker``, so their slots
-spread over the masters: that is the cluster's scale. (``Keys(ns, hash_tag=True)``; every
+touch a lease hash and the index together) stay atomic. The frames' channels and caches keep
+the plain namespace, ``upbit:ticker:KRW-BTC``, ``upbit:last:ticker``, so their slots spread
+over the masters: that is the cluster's scale. The history streams share a tag of their own,
+``{upbit:hist}:ticker:KRW-BTC``: a durable consumer reads all its streams with one ``XREAD``,
+which a cluster runs only over keys of one slot. (``Keys(ns, hash_tag=True)``; every
 process derives it from its Redis URL with :func:`keys_for`, so the broker and its consumers
 cannot disagree.)
 
@@ -137,8 +139,10 @@ class Keys:
         return f"{self.namespace}:{stream_name(type_, level)}:{validate_code(code)}"
 
     def history(self, type_: str, code: str, level: float = 0.0) -> str:
-        """The capped Redis Stream holding every frame of one stream (``XREAD``/``XRANGE``)."""
-        return f"{self.namespace}:hist:{stream_name(type_, level)}:{validate_code(code)}"
+        """The capped Redis Stream holding every frame of one stream (``XREAD``/``XRANGE``);
+        on a cluster ``{ns:hist}:{stream}:{code}``: every stream of the namespace in one slot."""
+        prefix = f"{{{self.namespace}:hist}}" if self.hash_tag else f"{self.namespace}:hist"
+        return f"{prefix}:{stream_name(type_, level)}:{validate_code(code)}"
 
     def channel_pattern_all(self) -> str:
         """A PSUBSCRIBE pattern for every data channel of this namespace (tools only)."""

@@ -173,13 +173,6 @@ _ACCEPT, _REJECT, _CHECK = Verdict.ACCEPT, Verdict.REJECT, Verdict.CHECK
 
 #: ``read_count``: XREAD COUNT per stream (durable streams); at most the broker's smallest cap
 _READ_COUNT_BOUND = Bound(1, 10_000, "entries", True, "XREAD COUNT per durable stream")
-#: Why ``durable`` is refused on a Redis Cluster: the history reader reads many streams with one
-#: XREAD, and a cluster refuses one command over keys of several slots (``-CROSSSLOT``).
-_NO_DURABLE_ON_CLUSTER = (
-    "durable streams are not available on a Redis Cluster yet (the history reader's XREAD "
-    "over many streams spans several slots, which a cluster refuses with CROSSSLOT): "
-    "subscribe with durable=False"
-)
 #: Every trade is an event, not a state: conflating trades would drop some silently.
 _NOT_CONFLATED = frozenset({DataType.TRADE.value})
 
@@ -212,7 +205,8 @@ class BrokerClient:
             lease is re-asserted and the channels resubscribed on the new master, with a gap.
             A Redis Cluster: ``redis+cluster://[user:password@]h1:p1,h2:p2``; its frames are
             SSUBSCRIBEd on the master of each channel's slot
-            (``consumers.sharded_subscriber``), and ``durable`` is not available on it yet.
+            (``consumers.sharded_subscriber``); durable streams are read from the master of
+            the history's slot (one hash tag for all of them: ``broker.keys``).
         subscribe_url: where to SUBSCRIBE, when not ``redis_url``: a replica of that master
             (``redis://replica:6379/0``), or one the sentinels know
             (``redis+sentinel://h1:26379/mymaster/0?role=replica``), so fan-out grows by
@@ -283,8 +277,6 @@ class BrokerClient:
                 f"redis url {redact_url(redis_url)} and subscribe url "
                 f"{redact_url(subscribe_url)}: both must name the cluster, or neither"
             )
-        if durable and self.cluster:
-            raise ConfigError(_NO_DURABLE_ON_CLUSTER)
         # every numeric option finite and in range (broker.settings.CLIENT_BOUNDS)
         lease_ttl = check_number("lease_ttl", lease_ttl, CLIENT_BOUNDS["lease_ttl"])
         queue_size = check_number("queue_size", queue_size, CLIENT_BOUNDS["queue_size"])
@@ -409,23 +401,21 @@ class BrokerClient:
                 master_replid=self._master_replid if elsewhere else None,
             )
         await self._subscriber.subscribe([self.keys.events.encode()])
-        # connects once a durable stream is subscribed (none on a cluster: no durable there)
-        self._history = (
-            None
-            if self.cluster
-            else HistoryReader(
-                self.redis_url,
-                name=f"{self.client_id}:hist"[:128],
-                on_entries=self._on_entries,
-                on_trimmed=self._on_trimmed,
-                on_restart=self._on_history_restart,
-                on_break=self._on_history_break,
-                on_failure=self._on_history_failure,
-                room=self._room,
-                wait_room=self._wait_room,
-                read_count=self._read_count,
-                connect_timeout=self._connect_timeout,
-            )
+        # connects once a durable stream is subscribed
+        self._history = HistoryReader(
+            self.redis_url,
+            name=f"{self.client_id}:hist"[:128],
+            on_entries=self._on_entries,
+            on_trimmed=self._on_trimmed,
+            on_restart=self._on_history_restart,
+            on_break=self._on_history_break,
+            on_failure=self._on_history_failure,
+            room=self._room,
+            wait_room=self._wait_room,
+            read_count=self._read_count,
+            connect_timeout=self._connect_timeout,
+            # on a cluster every history stream shares one slot: any of them names it
+            cluster_key=self.keys.history("trade", "KRW-BTC") if self.cluster else None,
         )
         self._spawn(self._subscriber.run(), "reader")
         if self._history is not None:
@@ -558,8 +548,6 @@ class BrokerClient:
         """
         wanted = _parse_streams(data_type, codes, level)
         durable = self.durable if durable is None else bool(durable)
-        if durable and self.cluster:
-            raise ConfigError(_NO_DURABLE_ON_CLUSTER)
         start = check_start(start)
         if start != "$" and not durable:
             raise ValueError(f"start={start!r} needs a durable subscription (durable=True)")

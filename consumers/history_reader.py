@@ -31,6 +31,13 @@ back-filled one, ``origin`` = ``rest``, is old state appended late: skipped), an
 batch the reader jumps to the stream's newest entry (``XREVRANGE + - COUNT 1``) when it is a
 live one.
 
+On a Redis Cluster (a ``redis+cluster://`` URL) every history stream of the namespace shares
+one hash tag (``{ns:hist}``, ``broker.keys``), hence one slot and one master: each connect asks
+the cluster which master serves that slot (``broker.resp.RespAddress``: ``CLUSTER SLOTS``) and
+reads there as on one server. A failover promotes the replica: another ``run_id``, handled as
+a restart (below: what was not replicated is announced). A resharding that moves the slot
+answers ``-MOVED``: the reader reconnects and asks again.
+
 A Redis restart (a new ``run_id``) loses unread history with the server's data; it is reported
 once (``on_restart``), and each stream is then read on from ``last`` if Redis kept it, else
 from the new stream's start (its ids may be below ``last``: the new server's clock may be
@@ -48,12 +55,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
 from broker.clock import now_ms
+from broker.cluster_slots import key_slot
 from broker.errors import describe
 from broker.redis_client import connection_pool
+from broker.redis_url import ClusterUrl, is_cluster_url, parse_cluster_url
+from broker.resp import RespAddress
 from broker.settings import redact_url
 from consumers.history_window import (
     UNSURE,
@@ -175,11 +185,23 @@ class HistoryReader:
         block_ms: int = BLOCK_MS,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
+        cluster_key: str | None = None,
     ) -> None:
-        self._pool = connection_pool(redis_url, name=name, connect_timeout=connect_timeout)
-        # a URL's ?protocol=3 wins over the argument (redis-py); RESP3 replies are maps the
-        # parsing below does not read, so the reader's own connections speak RESP2
-        self._pool.connection_kwargs["protocol"] = 2
+        """``cluster_key``: with a ``redis+cluster://`` URL, a key in the slot of every stream
+        this reader reads (``Keys.history`` of any stream: they share one hash tag)."""
+        self._name = name
+        #: a cluster: the master of the history's slot, found at each connect
+        self._cluster: tuple[ClusterUrl, RespAddress] | None = None
+        if is_cluster_url(redis_url):
+            if cluster_key is None:
+                raise ValueError("a cluster's history reader needs cluster_key")
+            route = RespAddress.from_url(redis_url).routed(key_slot(cluster_key))
+            parsed = parse_cluster_url(redis_url)
+            self._cluster = (parsed, route)
+            # (replaced at each connect by the pool of the master found then)
+            self._pool = self._node_pool(parsed.node_url(*parsed.nodes[0]), connect_timeout)
+        else:
+            self._pool = self._node_pool(redis_url, connect_timeout)
         self._url = redact_url(redis_url)
         self._on_entries = on_entries
         self._on_trimmed = on_trimmed
@@ -314,7 +336,21 @@ class HistoryReader:
             finally:
                 await conn.disconnect(nowait=True)
 
+    def _node_pool(self, url: str, connect_timeout: float) -> ConnectionPool:
+        pool = connection_pool(url, name=self._name, connect_timeout=connect_timeout)
+        # a URL's ?protocol=3 wins over the argument (redis-py); RESP3 replies are maps the
+        # parsing below does not read, so the reader's own connections speak RESP2
+        pool.connection_kwargs["protocol"] = 2
+        return pool
+
     async def _connect(self) -> AbstractConnection:
+        if self._cluster is not None:
+            parsed, route = self._cluster
+            async with asyncio.timeout(self._connect_timeout * 2):
+                node = await route.discover()  # the master serving the history's slot now
+            self._pool = self._node_pool(
+                parsed.node_url(node.host, node.port), self._connect_timeout
+            )
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             async with asyncio.timeout(self._connect_timeout * 2):

@@ -184,8 +184,9 @@ async def keys_by_port(cluster: ClusterSetup) -> dict[int, set[bytes]]:
 
 async def test_frames_go_to_the_shard_of_their_channel(cluster: ClusterSetup) -> None:
     """Every stream of a lease spanning the three masters arrives on its own master by
-    SSUBSCRIBE; the coordination keys sit together on the master of ``{t}``; the history and
-    the cache on the masters of their own slots; a classic SUBSCRIBE hears no frame."""
+    SSUBSCRIBE; the coordination keys sit together on the master of ``{t}``, the history
+    streams on the master of ``{t:hist}``, the cache hashes on their own slots' masters; a
+    classic SUBSCRIBE hears no frame."""
     url = cluster.url()
     streams = {"ticker": CODES, "trade": CODES}
     channels = [KEYS.channel(t, c).encode() for t, codes in streams.items() for c in codes]
@@ -218,8 +219,8 @@ async def test_frames_go_to_the_shard_of_their_channel(cluster: ClusterSetup) ->
     coordination = await cluster.owner(key_slot(KEYS.leases))
     for name in (KEYS.leases, KEYS.lease("wide"), KEYS.leader, KEYS.status, KEYS.epoch):
         assert name.encode() in placed[coordination], name
-    spread = {port for port, keys in placed.items() if any(b":hist:" in k for k in keys)}
-    assert len(spread) == 3  # the history of these 16 streams lives on every master
+    history = {port for port, keys in placed.items() if any(b":hist}:" in k for k in keys)}
+    assert history == {await cluster.owner(key_slot(f"{NS}:hist"))}  # one slot for all
     for port, keys in placed.items():
         for key in keys:
             assert await cluster.owner(key_slot(key)) == port, key
@@ -645,3 +646,40 @@ async def test_a_dead_data_master_stops_only_its_own_streams(tmp_path: Path) -> 
                 message="the outage's gap",
             )
             assert [g["reason"] for g in gaps] == ["redis"]
+
+
+async def test_durable_streams_on_a_cluster(cluster: ClusterSetup) -> None:
+    """A durable consumer on a cluster reads its streams' history with one XREAD on the master
+    of the history's slot (every stream of the namespace shares ``{t:hist}``), and another
+    resumes after an offset it was given; every history key sits on that one master."""
+    from consumers import BrokerClient, StreamMessage
+
+    url = cluster.url()
+    history = [KEYS.history("trade", "KRW-BTC"), KEYS.history("ticker", "KRW-ETH")]
+    assert {key_slot(k) for k in history} == {key_slot(f"{{{NS}:hist}}")}
+    async with (
+        cluster_broker(url, rate=400),
+        BrokerClient(redis_url=url, namespace=NS, durable=True) as first,
+    ):
+        await first.subscribe("trade", ["KRW-BTC"], start="0")
+        await first.subscribe("ticker", ["KRW-ETH"])
+        seen: dict[str, list[str]] = {"trade": [], "ticker": []}
+        while len(seen["trade"]) < 6 or not seen["ticker"]:
+            item = await first.next_message(timeout=scaled(10))
+            assert isinstance(item, StreamMessage), item
+            assert item.offset is not None
+            seen[item.type].append(item.offset)
+        trades = seen["trade"]
+        assert trades == sorted(trades, key=lambda o: tuple(map(int, o.split("-"))))
+        async with BrokerClient(redis_url=url, namespace=NS, durable=True) as later:
+            await later.subscribe("trade", ["KRW-BTC"], start=trades[2])
+            resumed = []
+            while len(resumed) < 3:
+                item = await later.next_message(timeout=scaled(10))
+                if isinstance(item, StreamMessage):
+                    resumed.append(item.offset)
+            assert resumed == trades[3:6]
+        placed = await keys_by_port(cluster)
+    holder = await cluster.owner(key_slot(history[0]))
+    hist_keys = {k for keys in placed.values() for k in keys if b":hist}" in k}
+    assert hist_keys and hist_keys <= placed[holder]

@@ -67,7 +67,9 @@ def test_coordination_keys_share_one_slot_and_frames_spread() -> None:
     channels = [keys.channel("ticker", f"KRW-C{i}") for i in range(200)]
     assert all(c.startswith("upbit:ticker:") for c in channels)
     assert len({key_slot(c) // (SLOTS // 3) for c in channels}) == 3  # every third of the slots
-    assert keys.history("trade", "KRW-BTC") == "upbit:hist:trade:KRW-BTC"
+    # the history streams share a tag of their own (one XREAD reads them all)
+    assert keys.history("trade", "KRW-BTC") == "{upbit:hist}:trade:KRW-BTC"
+    assert key_slot(keys.history("ticker", "KRW-ETH")) == key_slot("upbit:hist")
     assert keys.last_values("ticker") == "upbit:last:ticker"
 
 
@@ -77,6 +79,7 @@ def test_keys_are_tagged_only_for_a_cluster_url() -> None:
     for url in ("redis://h", "rediss://h", "unix:///s", "redis+sentinel://h/m"):
         keys = keys_for("upbit", url)
         assert not keys.hash_tag
+        assert keys.history("trade", "KRW-BTC") == "upbit:hist:trade:KRW-BTC"
         assert keys.leases == "upbit:leases"
         assert keys.lease("a") == "upbit:lease:a"
 
