@@ -574,14 +574,21 @@ async def test_the_gateway_serves_upbit_clients_from_a_cluster(cluster: ClusterS
     starting with one SNAPSHOT; REST is served from the cache the broker wrote on the
     masters of its hashes."""
     from gateway.config import GatewaySettings
+    from gateway.http import rest_gateway
     from gateway.server import Gateway
     from tests.support.sim import client, read_until, subscribe
+    from tests.test_gateway_rest_io import get
     from tests.test_gateway_ws import by_stream, realtime_after_snapshot, spelled
 
     url = cluster.url()
-    async with cluster_broker(url, rate=300):
+    async with cluster_broker(url, rate=300) as (sim, _):
         settings = GatewaySettings(
-            redis_url=url, namespace=NS, port=0, gateway_id="gwc", lease_ttl=2.0
+            redis_url=url,
+            namespace=NS,
+            port=0,
+            gateway_id="gwc",
+            lease_ttl=2.0,
+            upstream_rest_url=sim.http_url,
         )
         async with Gateway(settings) as gw, client(gw.url) as ws:
             await subscribe(
@@ -600,6 +607,14 @@ async def test_the_gateway_serves_upbit_clients_from_a_cluster(cluster: ClusterS
             finally:
                 await probe.aclose()
             assert any(b"gwc" in k for k in leases), leases
+            # REST: the first request of a code is fetched (a snapshot command through the
+            # leader), the next ones come from the cache the broker writes on its masters
+            stats = rest_gateway(gw).stats
+            for _ in range(2):
+                reply = await get(gw.http_url, "/v1/ticker?markets=KRW-BTC")
+                assert reply.status == 200, reply.body
+                assert [x["market"] for x in reply.body] == ["KRW-BTC"]
+            assert (stats.first_frames, stats.from_cache) == (1, 1)
 
 
 async def test_a_dead_data_master_stops_only_its_own_streams(tmp_path: Path) -> None:
