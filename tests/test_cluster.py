@@ -227,8 +227,8 @@ async def test_frames_go_to_the_shard_of_their_channel(cluster: ClusterSetup) ->
 
 
 async def test_the_cli_speaks_to_a_cluster(cluster: ClusterSetup) -> None:
-    """status, leases, check, resubscribe and snapshot, as users run them, through a cluster
-    URL naming one node only (the others are found)."""
+    """status, leases, check, resubscribe, tail and snapshot, as users run them, through a
+    cluster URL naming one node only (the others are found)."""
     url = cluster.url()
     one_node = f"redis+cluster://127.0.0.1:{cluster.nodes[-1].port}"
     async with cluster_broker(url, rate=300):
@@ -244,6 +244,14 @@ async def test_the_cli_speaks_to_a_cluster(cluster: ClusterSetup) -> None:
         assert "cli-lease" in leases.stdout
         resub = await asyncio.to_thread(run_cli, "resubscribe", *common)
         assert resub.returncode == 0 and "resubscribed" in resub.stdout, resub.stderr
+        tail = await asyncio.to_thread(
+            run_cli, "tail", "ticker", "KRW-ETH", "--count", "2", "--json", *common
+        )
+        assert tail.returncode == 0, tail.stderr
+        frames = [json.loads(line) for line in tail.stdout.splitlines()]
+        assert [f["code"] for f in frames] == ["KRW-ETH", "KRW-ETH"]
+        snap = await asyncio.to_thread(run_cli, "snapshot", "ticker", "KRW-BTC", *common)
+        assert snap.returncode == 0 and "KRW-BTC" in snap.stdout, snap.stderr
 
 
 async def test_a_slot_moved_under_the_publisher_is_followed_and_the_loss_announced(
