@@ -10,6 +10,9 @@ a failover of that node. These helpers say "that node" once:
 - :func:`queue_time` adds the clock read to a pipeline: ``TIME`` on one server; on a cluster a
   one-line script keyed on ``{ns}:leases`` (a script is routed by its key; ``TIME`` is not).
 - :func:`server_time` and :func:`server_info` are the awaited forms.
+- :func:`on_coordination_node` is the keyword that sends a keyless command (``SCAN`` for the
+  lease hashes) to that node only: a cluster client would ask every master, and a dead master
+  holding none of them would fail the listing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ async def server_time(redis: Redis, keys: Keys) -> tuple[Any, Any]:
     return await redis.time()
 
 
+def on_coordination_node(redis: Redis, keys: Keys) -> dict[str, Any]:
+    """Keyword arguments that route a keyless command to the coordination node (none on one
+    server)."""
+    if keys.hash_tag:
+        return {"target_nodes": redis.get_node_from_key(keys.leases)}  # type: ignore[attr-defined]
+    return {}
+
+
 async def server_info(redis: Redis, keys: Keys, section: str) -> dict[str, Any]:
     """``INFO section`` of the coordination node."""
     if keys.hash_tag:
@@ -52,4 +63,4 @@ async def server_info(redis: Redis, keys: Keys, section: str) -> dict[str, Any]:
     return dict(info)
 
 
-__all__ = ["TIME_LUA", "queue_time", "server_info", "server_time"]
+__all__ = ["TIME_LUA", "on_coordination_node", "queue_time", "server_info", "server_time"]

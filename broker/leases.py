@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from broker.clock import server_time_ms
-from broker.coordination import queue_time, server_time
+from broker.coordination import on_coordination_node, queue_time, server_time
 from broker.core.lease import (
     LEASE_VERSION,
     MAX_LEASE_STREAMS,
@@ -380,7 +380,9 @@ class LeaseStore:
             outside.append(client_id)
         if scan:
             async for key in self.redis.scan_iter(
-                match=self._lease_prefix + "*", count=_SCAN_COUNT
+                match=self._lease_prefix + "*",
+                count=_SCAN_COUNT,
+                **on_coordination_node(self.redis, self.keys),
             ):
                 client_id = _member_text(key)[len(self._lease_prefix) :]
                 if client_id in seen:

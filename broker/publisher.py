@@ -76,7 +76,7 @@ from redis.exceptions import RedisError
 
 from broker import resp
 from broker.clock import now_ms
-from broker.cluster_slots import key_slot
+from broker.cluster_slots import key_slot, parse_redirect
 from broker.core.history import history_cap
 from broker.core.oom import inherited_cache_stale_since
 from broker.core.stats import PublishStats
@@ -653,11 +653,16 @@ class Publisher:
 
     def _refused(self, token: _Token, replies: list[Exception]) -> None:
         """Redis answered some commands of a burst with errors (before :meth:`_answered`)."""
-        written_ms, _, cache, history = token
+        written_ms, batch, cache, history = token
         oom = sum(1 for reply in replies if is_oom(reply))
         other = next((reply for reply in replies if not is_oom(reply)), None)
         self._reply_errors(len(replies), oom, other)
-        self._cache_answered(cache, written_ms, refused=oom > 0)
+        # On a cluster, an -ASK (a slot migrating) refused a command whose key already left:
+        # when it is a cache hash's, the cache missed this burst's frames like at maxmemory
+        asked = {r.slot for reply in replies if (r := parse_redirect(reply)) is not None}
+        cache_asked = bool(asked) and any(t.cache_slot in asked for t, _ in batch)
+        why = "out of memory" if oom else "its slot was migrating"
+        self._cache_answered(cache, written_ms, refused=oom > 0 or cache_asked, why=why)
         if history:
             self._history_refused_token = token
             self._history_lost(history, written_ms)
@@ -740,15 +745,18 @@ class Publisher:
         # with the next write, or after this process was paused), and a gap that starts at the
         # last publish must not start after frames that were held back meanwhile.
         stats.last_publish_ms = max(stats.last_publish_ms, written_ms)
-        if self._loss is not None and not self._master_missing():
+        if self._loss is not None and not self._master_missing(written_ms):
             self._close_loss(stats.last_publish_ms)
 
-    def _master_missing(self) -> bool:
-        """A cluster master has no connection now: its frames are being dropped, so the loss
-        stays open (one gap for the whole outage, not one per burst that happened to avoid
-        that master)."""
+    def _master_missing(self, written_ms: int) -> bool:
+        """A cluster master has no connection now, or had none when this burst was written:
+        its frames are being dropped, so the loss stays open (one gap for the whole outage,
+        not one per burst that happened to avoid that master, and none that ends before a
+        burst dropped after it)."""
         conn = self._conn
-        return isinstance(conn, ShardedConnection) and not conn.closed and conn.missing > 0
+        if not isinstance(conn, ShardedConnection) or conn.closed:
+            return False
+        return conn.missing > 0 or written_ms < conn.whole_since_ms
 
     def _close_loss(self, until_ms: int) -> None:
         """Publishing is confirmed again: the open loss is over (reported if it lost frames)."""
@@ -883,8 +891,11 @@ class Publisher:
             return _BURST_CACHE, newest
         return _NO_CACHE, {}
 
-    def _cache_answered(self, cache: int, written_ms: int, *, refused: bool) -> None:
-        """Redis answered a burst's cache write (``refused``: for memory)."""
+    def _cache_answered(
+        self, cache: int, written_ms: int, *, refused: bool, why: str = "out of memory"
+    ) -> None:
+        """Redis answered a burst's cache write (``refused``: for memory, or on a cluster a
+        slot migrating: ``why``)."""
         if cache == _NO_CACHE:
             return
         stats = self.stats
@@ -896,8 +907,9 @@ class Publisher:
             if not stats.cache_stale_since_ms:
                 stats.cache_stale_since_ms = written_ms
                 logger.info(
-                    "last-value cache write refused by redis (out of memory): the cache lacks "
+                    "last-value cache write refused by redis (%s): the cache lacks "
                     "frames since %d; snapshots are fetched upstream until it is rewritten",
+                    why,
                     written_ms,
                 )
             return

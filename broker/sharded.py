@@ -54,6 +54,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from broker.clock import now_ms
 from broker.cluster_slots import SlotMap, parse_redirect
 from broker.resp import ClusterDownError, OnAnswered, OnLost, OnRefused, RespAddress, RespConnection
 
@@ -128,6 +129,11 @@ class ShardedConnection:
         #: the node a redirect named (ask it first for the new map), if one ended this
         self.redirected_to: Node | None = None
         self._healing: asyncio.Task[None] | None = None
+        #: connect() has returned: a loss now is the publisher's to hear of
+        self._connected = False
+        #: wall clock (ms) since when every master has a connection (0: not now); a burst
+        #: written before it may have been routed without one
+        self.whole_since_ms = 0
 
     @classmethod
     async def connect(
@@ -154,9 +160,9 @@ class ShardedConnection:
         self = cls(address, slots, on_answered, on_lost, on_refused, on_dropped, fence_slot)
         failure = await self._connect_missing()
         if not self._conns:
-            assert failure is not None
-            raise failure
-        if failure is not None:
+            raise failure or RedisConnectionError("every master's connection broke at once")
+        self._connected = True
+        if self.missing:
             logger.warning("redis cluster: a master cannot be reached (%s): left out", failure)
             self._start_healing()
         return self
@@ -174,8 +180,8 @@ class ShardedConnection:
 
     @property
     def missing(self) -> int:
-        """How many masters of the current map have no connection."""
-        return self._by_index.count(None)
+        """How many masters of the current map have no open connection."""
+        return sum(1 for conn in self._by_index if conn is None or conn.closed)
 
     def send_parts(self, parts: dict[int, tuple[bytes, int]], token: Any) -> None:
         """Write each master's part (``master index -> (buffer, commands)``) without waiting;
@@ -188,18 +194,33 @@ class ShardedConnection:
         if self.closed:
             raise RedisConnectionError("connection closed")
         by_index = self._by_index
-        burst = _Burst(token, 0)
+        sends = []
+        dropped = False
         for index, (buffer, commands) in parts.items():
             conn = by_index[index]
             if conn is None or conn.closed:
+                dropped = True
+            else:
+                sends.append((conn, buffer, commands))
+        if not sends:
+            if self._on_dropped is not None:
+                self._on_dropped(token)
+            return
+        # Registered before the first write: a write reads the replies that came since (the
+        # polled road), which may answer this very part, or break a connection, or redirect.
+        burst = _Burst(token, len(sends))
+        burst.dropped = dropped
+        key = id(burst)
+        self._unanswered[key] = burst
+        for conn, buffer, commands in sends:
+            if key not in self._unanswered:
+                return  # reported meanwhile (a connection broke, an abort): not written on
+            try:
+                conn.send(buffer, commands, token=burst)
+            except RedisConnectionError:
+                # closed under us since the routing: this part goes nowhere
                 burst.dropped = True
-                continue
-            conn.send(buffer, commands, token=burst)
-            burst.remaining += 1
-        if burst.remaining:
-            self._unanswered[id(burst)] = burst
-        elif self._on_dropped is not None:
-            self._on_dropped(token)
+                self._part_done(burst, 0)
 
     async def wait_writable(self) -> None:
         """Return once every master's transport takes writes.
@@ -239,12 +260,15 @@ class ShardedConnection:
         if self.closed:
             return
         self.closed = True
+        self.whole_since_ms = 0
         if self._healing is not None:
             self._healing.cancel()
         for conn in self._conns.values():
             conn.abort(why, report=False)
         lost, self._unanswered = list(self._unanswered.values()), {}
-        if report and lost and self._on_lost is not None:
+        # Reported even with nothing in flight: the publisher counts the error (and stops the
+        # leader publishing until its lock is renewed), as for one server's connection.
+        if report and self._on_lost is not None:
             self._on_lost(why, [burst.token for burst in lost])
 
     async def aclose(self) -> None:
@@ -270,6 +294,10 @@ class ShardedConnection:
                 burst.refusals.append(reply)
 
     def _part_answered(self, burst: _Burst, errors: int) -> None:
+        self._part_done(burst, errors)
+
+    def _part_done(self, burst: _Burst, errors: int) -> None:
+        """A part of ``burst`` was answered (or went nowhere); the last one reports it."""
         if self.closed or id(burst) not in self._unanswered:
             return  # reported lost already
         burst.errors += errors
@@ -296,20 +324,26 @@ class ShardedConnection:
     def _node_lost(self, node: Node, why: Exception, bursts: list[Any]) -> None:
         """A master's connection broke: the bursts with a part there are lost; the others go
         on without it until the slot map is whole again."""
-        conn = self._conns.pop(node, None)
-        self._by_index = [None if c is conn else c for c in self._by_index]
-        if self.closed:
-            return
+        current = self._conns.get(node)
+        if current is not None and current.closed:  # (not a newer, open one of that node)
+            del self._conns[node]
+        self._by_index = [None if c is None or c.closed else c for c in self._by_index]
+        self.whole_since_ms = 0
+        if self.closed or not self._connected:
+            return  # (connect() leaves it out, or gives up)
         lost = [b for b in bursts if self._unanswered.pop(id(b), None) is not None]
         fence = self._fence_slot
         fences = fence is None or self.slots.node_of(fence) in (node, None)
-        if lost and self._on_lost is not None:
+        if not self._conns:
+            # no master left: the publisher reconnects from scratch
+            self.abort(MasterLost(f"{node[0]}:{node[1]}: {why}", fences=True))
+            return
+        if self._on_lost is not None:
+            # reported with nothing in flight too: the error is counted, and losing the lock's
+            # master stops the leader publishing until it renewed the lock
             self._on_lost(
                 MasterLost(f"{node[0]}:{node[1]}: {why}", fences=fences), [b.token for b in lost]
             )
-        if not self._conns:
-            self.abort(why)  # no master left: the publisher reconnects from scratch
-            return
         logger.warning(
             "redis cluster: the connection to master %s:%d broke (%s): its slots' frames are "
             "dropped and announced until the cluster serves them again",
@@ -346,7 +380,7 @@ class ShardedConnection:
                     # demoted (an old master back as a replica): its bursts are lost
                     self._conns[node].abort(RedisConnectionError(f"{node} is no master now"))
                 failure = await self._connect_missing()
-                if failure is None and not self.missing:
+                if failure is None and not self.missing and not self.closed:
                     logger.info(
                         "redis cluster: every slot has a master again (%d masters)",
                         len(slots.masters),
@@ -367,34 +401,52 @@ class ShardedConnection:
         (None: all connected)."""
         wanted = [
             (index, node)
-            for index, node in enumerate(self.slots.masters)
-            if self._by_index[index] is None
+            for index, (node, conn) in enumerate(
+                zip(self.slots.masters, self._by_index, strict=True)
+            )
+            if conn is None or conn.closed
         ]
-        results = await asyncio.gather(
-            *(
+        tasks = [
+            asyncio.ensure_future(
                 RespConnection.connect(
                     self._address.node(*node),
                     on_answered=self._part_answered,
                     on_lost=functools.partial(self._node_lost, node),
                     on_refused=self._part_refused,
                 )
-                for _, node in wanted
-            ),
-            return_exceptions=True,
-        )
+            )
+            for _, node in wanted
+        ]
+        try:
+            if tasks:
+                await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:  # connected before the cancel: closed, not leaked
+                if not task.cancelled() and task.exception() is None:
+                    task.result().close()
+            raise
         failure: Exception | None = None
-        for (index, node), result in zip(wanted, results, strict=True):
-            if isinstance(result, RespConnection):
-                if self.closed:
-                    await result.aclose()
-                    continue
-                result.poll_replies()
-                self._conns[node] = result
-                self._by_index[index] = result
-            elif isinstance(result, Exception):
-                failure = failure or result
-            else:
-                raise result  # (a BaseException: cancelled)
+        for (index, node), task in zip(wanted, tasks, strict=True):
+            error = task.exception()
+            if error is not None:
+                if not isinstance(error, Exception):
+                    raise error
+                failure = failure or error
+                continue
+            conn = task.result()
+            if self.closed or conn.closed:
+                # closed meanwhile, or broke between its connect and now: not used
+                conn.close()
+                failure = failure or RedisConnectionError(f"{node[0]}:{node[1]}: closed")
+                continue
+            conn.poll_replies()
+            self._conns[node] = conn
+            self._by_index[index] = conn
+        if failure is None and not self.closed and not self.missing:
+            self.whole_since_ms = self.whole_since_ms or now_ms()
         return failure
 
 

@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, ClusterDownError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.clock import now_ms
 from broker.cluster_slots import key_slot
@@ -416,6 +417,10 @@ class HistoryReader:
             try:
                 await self._read(conn, cursors, checked, count)
             except ResponseError as exc:
+                if _redirected(exc):
+                    # a cluster moved the history's slot (a resharding, a failover seen
+                    # first elsewhere): reconnect, and ask again where it is
+                    raise RedisConnectionError(f"the cluster redirected a read: {exc}") from exc
                 for cursor in checked:
                     cursor.check = True
                 # refused (an ACL without XREAD or XINFO, a key of another type): say so,
@@ -663,6 +668,15 @@ class HistoryReader:
                 except ResponseError as exc:
                     replies.append(exc)
         return replies
+
+
+def _redirected(error: Exception) -> bool:
+    """Whether a refused read was a cluster's redirection (or its being down): not a refusal
+    of this reader, a reason to find the history's master again."""
+    if isinstance(error, AskError | ClusterDownError):  # (MovedError is an AskError)
+        return True
+    text = str(error)
+    return any(f"{word} " in text for word in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))
 
 
 def _reply(reply: Any) -> Any:

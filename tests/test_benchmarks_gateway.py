@@ -50,7 +50,9 @@ def test_quick_gateway_benchmark_runs_and_writes_a_record(tmp_path: Path) -> Non
 
     many = gw["many"]
     assert many["clients"] == 100 and many["client_processes"] > 1
-    assert many["min_frames_per_client"] > 0
+    # (not every one of them: a client of the many-clients run holds a few codes, and in a
+    # quick run's 2 s the quiet ones may have sent nothing yet; 1 and 0 were seen under load)
+    assert many["client_frames_per_s"] > 0 and many["min_frames_per_client"] >= 0
     assert many["latency"]["frames"] > 0 and many["broker_path_latency"]["frames"] > 0
     assert many["added_per_frame"]["frames"] > 0
     assert many["rss_per_client_bytes"] is not None and many["connect_all_s"] > 0

@@ -706,3 +706,65 @@ async def test_durable_streams_on_a_cluster(cluster: ClusterSetup) -> None:
     holder = await cluster.owner(key_slot(history[0]))
     hist_keys = {k for keys in placed.values() for k in keys if b":hist}" in k}
     assert hist_keys and hist_keys <= placed[holder]
+
+
+async def test_a_cache_hash_asked_elsewhere_marks_the_cache_stale_until_rewritten(
+    tmp_path: Path,
+) -> None:
+    """The ticker cache hash already migrated, its slot still migrating: the HSET is answered
+    with ASK, so the cache misses that burst's frames. It is marked stale (snapshots are then
+    fetched upstream, never served from an old frame) until the migration ends and the cache
+    is purged and rewritten, as after a refusal at maxmemory."""
+    async with running_cluster(tmp_path) as cl:
+        url = cl.url()
+        cache = KEYS.last_values("ticker")
+        slot = key_slot(cache)
+        source = await cl.owner(slot)
+        target = next(port for port in await cl.masters() if port != source)
+        async with cluster_broker(url, rate=400) as (_, broker):
+            await lease(url, "cached", {"ticker": ["KRW-BTC", "KRW-ETH"]})
+            publisher = broker.publisher
+            assert publisher is not None
+            stats = publisher.stats
+            await wait_for(lambda: stats.published > 3, scaled(10), message="frames")
+            await cl.begin_migration(slot, target)
+            node = aioredis.Redis(port=source)
+            try:
+                await node.execute_command(
+                    "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", cache
+                )
+            finally:
+                await node.aclose()
+            await wait_for(lambda: stats.cache_stale_since_ms, scaled(10), message="stale")
+            assert stats.oom_refusals == 0
+            await cl.finish_migration(slot, target)
+            await wait_for(
+                lambda: not stats.cache_stale_since_ms, scaled(15), message="current again"
+            )
+
+
+async def test_a_durable_reader_follows_its_history_slot_to_another_master(
+    tmp_path: Path,
+) -> None:
+    """Resharding moves the history's slot: the reader's next XREAD is answered MOVED, and it
+    reconnects to the new master (asking the cluster again) and reads on from its offsets."""
+    from consumers import BrokerClient, StreamMessage
+
+    async with running_cluster(tmp_path) as cl:
+        url = cl.url()
+        slot = key_slot(KEYS.history("trade", "KRW-BTC"))
+        async with (
+            cluster_broker(url, rate=400),
+            BrokerClient(redis_url=url, namespace=NS, durable=True) as client,
+        ):
+            await client.subscribe("trade", ["KRW-BTC"])
+            first = await client.next_message(timeout=scaled(10))
+            assert isinstance(first, StreamMessage)
+            source = await cl.owner(slot)
+            await cl.move_slot(slot, next(p for p in await cl.masters() if p != source))
+            offsets = []
+            while len(offsets) < 5:
+                item = await client.next_message(timeout=scaled(10))
+                if isinstance(item, StreamMessage):
+                    offsets.append(item.offset)
+            assert offsets == sorted(offsets, key=lambda o: tuple(map(int, o.split("-"))))

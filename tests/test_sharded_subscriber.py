@@ -217,6 +217,9 @@ class Feed:
         self.every = every
         #: channel -> frames published (the next one's number)
         self.sent = dict.fromkeys(channels, 0)
+        #: channel -> numbers whose SPUBLISH timed out: sent or not, nobody knows (a loaded
+        #: machine); never sent again, and not required to arrive
+        self.uncertain: dict[bytes, set[int]] = {c: set() for c in channels}
         self._owners: dict[bytes, int | None] = dict.fromkeys(channels)
         self._clients: dict[int, aioredis.Redis] = {}
 
@@ -243,7 +246,15 @@ class Feed:
             data = frame(channel.decode(), self.sent[channel])
             async with asyncio.timeout(2):
                 await client.execute_command("SPUBLISH", channel, data)
-        except (RedisError, OSError, TimeoutError, LookupError, RuntimeError):
+        except TimeoutError:
+            # written, maybe: Redis may have published it; the next frame gets the next number
+            self.uncertain[channel].add(self.sent[channel])
+            self.sent[channel] += 1
+            self._owners[channel] = None
+            if port is not None and (client := self._clients.pop(port, None)) is not None:
+                await client.aclose()
+            return
+        except (RedisError, OSError, LookupError, RuntimeError):
             self._owners[channel] = None  # dead or moved: ask again next round
             if port is not None and (client := self._clients.pop(port, None)) is not None:
                 await client.aclose()
@@ -265,13 +276,19 @@ async def feeding(cluster: ClusterSetup, channels: list[bytes]) -> AsyncIterator
 
 async def all_received(p: Probe, feed: Feed, channels: list[bytes]) -> None:
     """After the feed stopped: every frame published on ``channels`` arrives, in order, once."""
+
+    def certain(channel: bytes) -> list[int]:
+        return [n for n in range(feed.sent[channel]) if n not in feed.uncertain[channel]]
+
     await wait_for(
-        lambda: all(p.last(c) == feed.sent[c] - 1 for c in channels),
+        lambda: all(p.last(c) >= max(certain(c), default=-1) for c in channels),
         10,
         message="the last frames",
     )
     for channel in channels:
-        assert p.numbers[channel] == list(range(feed.sent[channel])), channel
+        got = p.numbers[channel]
+        assert got == sorted(set(got)), channel  # in order, once
+        assert set(certain(channel)) <= set(got), channel  # none missing
 
 
 async def flows(cluster: ClusterSetup, p: Probe, channels: list[bytes], tag: str) -> None:
