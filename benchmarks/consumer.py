@@ -179,18 +179,8 @@ def run_hiredis(args: argparse.Namespace, channels: list[bytes]) -> None:
                         rec.event(reply[2], t)
                     else:
                         data(reply[2], t)
-            else:
-                chunk = os.read(sys.stdin.fileno(), 4096)
-                if not chunk:
-                    _finish(rec, args.out)
-                    return
-                control += chunk
-                while (line := _control_line(control)) is not None:
-                    if line == "count":
-                        _answer(rec)
-                    elif line == "stop":
-                        _finish(rec, args.out)
-                        return
+            elif _stdin_ended(rec, args.out, control):
+                return
 
 
 def run_hiredis_sharded(args: argparse.Namespace, lines: list[bytes]) -> None:
@@ -235,18 +225,25 @@ def run_hiredis_sharded(args: argparse.Namespace, lines: list[bytes]) -> None:
                 reader.feed(chunk)
                 while (reply := reader.gets()) is not False:
                     data(reply[2], t)
-            else:
-                chunk = os.read(sys.stdin.fileno(), 4096)
-                if not chunk:
-                    _finish(rec, args.out)
-                    return
-                control += chunk
-                while (line := _control_line(control)) is not None:
-                    if line == "count":
-                        _answer(rec)
-                    elif line == "stop":
-                        _finish(rec, args.out)
-                        return
+            elif _stdin_ended(rec, args.out, control):
+                return
+
+
+def _stdin_ended(rec: Recorder, out: str, control: bytearray) -> bool:
+    """Read stdin (ready in a ``selectors`` loop) into ``control`` and obey its lines: ``count``
+    answers, ``stop`` (or EOF) writes the result; True once it did (the process ends)."""
+    chunk = os.read(sys.stdin.fileno(), 4096)
+    if not chunk:
+        _finish(rec, out)
+        return True
+    control += chunk
+    while (line := _control_line(control)) is not None:
+        if line == "count":
+            _answer(rec)
+        elif line == "stop":
+            _finish(rec, out)
+            return True
+    return False
 
 
 def _stdin_thread(rec: Recorder, out: str, done: threading.Event, **extra: Any) -> None:

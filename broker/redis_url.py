@@ -104,16 +104,7 @@ class SentinelUrl:
         """The ``redis://`` (``rediss://``) URL of the master at ``host:port``: its credentials,
         database and options, for redis-py's own URL parsing (``parse_url``), so an option means
         here what it means in a ``redis://`` URL."""
-        scheme = "rediss" if self.tls else "redis"
-        auth = ""
-        if self.username is not None or self.password is not None:
-            auth = quote(self.username or "", safe="")
-            if self.password is not None:
-                auth += ":" + quote(self.password, safe="")
-            auth += "@"
-        netloc = f"[{host}]" if ":" in host else host
-        query = f"?{urlencode(self.options)}" if self.options else ""
-        return f"{scheme}://{auth}{netloc}:{port}/{self.db}{query}"
+        return _node_url(self.tls, self.username, self.password, self.options, host, port, self.db)
 
     def describe(self) -> str:
         """The URL without credentials (for logs)."""
@@ -136,17 +127,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
 
     if not is_sentinel_url(url):
         raise bad("not a redis+sentinel:// or rediss+sentinel:// url")
-    scheme, _, rest = url.partition("://")
-    tls = scheme.lower() == "rediss+sentinel"
-    rest, _, _fragment = rest.partition("#")
-    rest, _, query = rest.partition("?")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    tls, username, password, hosts, slash, path, query = _split(url)
     sentinels = tuple(_host_port(part, bad) for part in hosts.split(",")) if hosts else ()
     if not sentinels:
         raise bad("no sentinel host (redis+sentinel://host:26379,.../service)")
@@ -224,16 +205,7 @@ class ClusterUrl:
         """The ``redis://`` (``rediss://``) URL of one node: the credentials and options, for
         redis-py's own URL parsing (an option means here what it means in a ``redis://`` URL).
         """
-        scheme = "rediss" if self.tls else "redis"
-        auth = ""
-        if self.username is not None or self.password is not None:
-            auth = quote(self.username or "", safe="")
-            if self.password is not None:
-                auth += ":" + quote(self.password, safe="")
-            auth += "@"
-        netloc = f"[{host}]" if ":" in host else host
-        query = f"?{urlencode(self.options)}" if self.options else ""
-        return f"{scheme}://{auth}{netloc}:{port}/0{query}"
+        return _node_url(self.tls, self.username, self.password, self.options, host, port, 0)
 
     def describe(self) -> str:
         """The URL without credentials (for logs)."""
@@ -255,17 +227,7 @@ def parse_cluster_url(url: str) -> ClusterUrl:
 
     if not is_cluster_url(url):
         raise bad("not a redis+cluster:// or rediss+cluster:// url")
-    scheme, _, rest = url.partition("://")
-    tls = scheme.lower() == "rediss+cluster"
-    rest, _, _fragment = rest.partition("#")
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    tls, username, password, hosts, _, path, query = _split(url)
     nodes = (
         tuple(_host_port(p, bad, CLUSTER_PORT, "node") for p in hosts.split(",")) if hosts else ()
     )
@@ -286,6 +248,45 @@ def parse_cluster_url(url: str) -> ClusterUrl:
     return ClusterUrl(
         nodes=nodes, username=username, password=password, tls=tls, options=tuple(options)
     )
+
+
+def _split(url: str) -> tuple[bool, str | None, str | None, str, str, str, str]:
+    """A ``scheme://[user:password@]hosts[/path][?query][#fragment]`` URL's parts: TLS (the
+    scheme starts with ``rediss``), user and password (percent-decoded; None when absent), the
+    hosts as written, ``/`` when there is a path, the path and the query."""
+    scheme, _, rest = url.partition("://")
+    rest, _, _fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return scheme.lower().startswith("rediss"), username, password, hosts, slash, path, query
+
+
+def _node_url(
+    tls: bool,
+    username: str | None,
+    password: str | None,
+    options: tuple[tuple[str, str], ...],
+    host: str,
+    port: int,
+    db: int,
+) -> str:
+    """The ``redis://`` (``rediss://``) URL of one server, for redis-py's own URL parsing."""
+    scheme = "rediss" if tls else "redis"
+    auth = ""
+    if username is not None or password is not None:
+        auth = quote(username or "", safe="")
+        if password is not None:
+            auth += ":" + quote(password, safe="")
+        auth += "@"
+    netloc = f"[{host}]" if ":" in host else host
+    query = f"?{urlencode(options)}" if options else ""
+    return f"{scheme}://{auth}{netloc}:{port}/{db}{query}"
 
 
 def _host_port(
