@@ -569,16 +569,8 @@ class Publisher:
             # One HSET per cache hash, its arguments written straight into the buffer's parts
             # (the frames are copied once, by the join).
             cache, newest = self._plan_cache(dict(batch))
-            per_hash: dict[bytes, list[bytes]] = {}
-            for target, frame in newest.items():
-                fields = per_hash.get(target.cache_bulk)
-                if fields is None:
-                    fields = per_hash[target.cache_bulk] = []
-                fields += (target.code_bulk, b"$%d\r\n" % len(frame), frame, b"\r\n")
-            for key_bulk, fields in per_hash.items():
-                # HSET, the key, then a code and a frame (four parts) per field
-                extend((b"*%d\r\n$4\r\nHSET\r\n" % (2 + len(fields) // 2), key_bulk))
-                extend(fields)
+            for _, hset in _cache_hsets(newest):
+                extend(hset)
                 commands += 1
         try:
             conn.send(b"".join(parts), commands, token=(now_ms(), batch, cache, history))
@@ -615,21 +607,12 @@ class Publisher:
         cache = _NO_CACHE
         if self._cache:
             cache, newest = self._plan_cache(dict(batch))
-            per_hash: dict[bytes, list[bytes]] = {}
-            slot_of: dict[bytes, int] = {}
-            for target, frame in newest.items():
-                fields = per_hash.get(target.cache_bulk)
-                if fields is None:
-                    fields = per_hash[target.cache_bulk] = []
-                    slot_of[target.cache_bulk] = target.cache_slot
-                fields += (target.code_bulk, b"$%d\r\n" % len(frame), frame, b"\r\n")
-            for key_bulk, fields in per_hash.items():
-                node = owner[slot_of[key_bulk]]
+            for slot, hset in _cache_hsets(newest):
+                node = owner[slot]
                 node_parts = parts.get(node)
                 if node_parts is None:
                     node_parts = parts[node] = []
-                node_parts += (b"*%d\r\n$4\r\nHSET\r\n" % (2 + len(fields) // 2), key_bulk)
-                node_parts += fields
+                node_parts += hset
                 counts[node] = counts.get(node, 0) + 1
         buffers = {node: (b"".join(p), counts[node]) for node, p in parts.items()}
         try:
@@ -1017,6 +1000,23 @@ class Publisher:
             )
         if not self._purged:
             self._purge_due = True
+
+
+def _cache_hsets(newest: dict[Target, bytes]) -> list[tuple[int, list[bytes]]]:
+    """One HSET per cache hash for ``newest`` (a frame per stream), as RESP parts written
+    straight into a burst's buffer (the frames are copied once, by its join), each with the
+    hash's slot (a cluster routes it there)."""
+    per_hash: dict[bytes, tuple[int, list[bytes]]] = {}
+    for target, frame in newest.items():
+        entry = per_hash.get(target.cache_bulk)
+        if entry is None:
+            entry = per_hash[target.cache_bulk] = (target.cache_slot, [])
+        entry[1].extend((target.code_bulk, b"$%d\r\n" % len(frame), frame, b"\r\n"))
+    # HSET, the key, then a code and a frame (four parts) per field
+    return [
+        (slot, [b"*%d\r\n$4\r\nHSET\r\n" % (2 + len(fields) // 2), key_bulk, *fields])
+        for key_bulk, (slot, fields) in per_hash.items()
+    ]
 
 
 def _cache_pattern(target: Target) -> bytes:

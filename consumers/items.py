@@ -242,6 +242,15 @@ class _Stamp(msgspec.Struct):
 _stamp_decoder = msgspec.json.Decoder(_Stamp)
 
 
+def gap_start_ms(last_rx_ms: int, last_data: bytes | None) -> int:
+    """Where a gap after the last message received (at ``last_rx_ms``, carrying
+    ``last_data``) starts: lost messages were published after it, and its own timestamp,
+    which precedes its publication, bounds that better than a late receive time (a stopped
+    or slow process reads a backlog)."""
+    stamp = frame_time_ms(last_data)
+    return last_rx_ms if stamp is None else min(last_rx_ms, stamp)
+
+
 def frame_time_ms(data: bytes | None) -> int | None:
     """The ``timestamp`` (DEFAULT) or ``tms`` (SIMPLE) of a frame, or ``None``.
 

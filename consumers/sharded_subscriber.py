@@ -74,7 +74,7 @@ from broker.errors import ConfigError, describe
 from broker.redis_url import parse_cluster_url
 from broker.resp import ClusterDownError
 from broker.settings import redact_url
-from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms
+from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, gap_start_ms
 from consumers.raw_link import RawAddress, RawLink, ServerClosed, SlotMoved, raw_address
 from consumers.subscriber import Break, run_id_of
 
@@ -270,8 +270,7 @@ class _Link:
     def since_ms(self) -> int:
         """When the last message before a break of this link was published, at the latest
         (as ``Subscriber``: its own timestamp bounds a late-read message better)."""
-        stamp = frame_time_ms(self.last_data)
-        return self.last_rx_ms if stamp is None else min(self.last_rx_ms, stamp)
+        return gap_start_ms(self.last_rx_ms, self.last_data)
 
 
 def _where(node: Node) -> str:

@@ -52,7 +52,7 @@ from broker.errors import describe
 from broker.redis_client import connection_pool, redis_client
 from broker.redis_url import is_sentinel_url, parse_sentinel_url
 from broker.settings import redact_url
-from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, frame_time_ms
+from consumers.items import CONSUMER_DISCONNECTED, FELL_BEHIND, gap_start_ms
 from consumers.raw_link import RawAddress, RawLink, ServerClosed, raw_address
 from consumers.replica_link import Replication, judge, parse_replication
 
@@ -597,11 +597,7 @@ class Subscriber:
                 fut.set_result(True)
 
     def _break_since_ms(self) -> int:
-        # Lost messages were published after the last one received. Its receive time can be
-        # much later than its publication (a stopped or slow process reads a backlog), so its
-        # own timestamp, which precedes publication, bounds the start of the gap better.
-        stamp = frame_time_ms(self._last_data)
-        return self._last_rx_ms if stamp is None else min(self._last_rx_ms, stamp)
+        return gap_start_ms(self._last_rx_ms, self._last_data)
 
     def _deliver(self, channel: bytes, data: bytes, received_ms: int) -> None:
         self._last_rx_ms = received_ms
