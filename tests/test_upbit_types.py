@@ -322,3 +322,24 @@ def test_views_round_trip(s: SubscriptionSet) -> None:
     for sub in subs:
         assert list(sub.codes) == sorted(sub.codes)
         assert sub.level is None or (sub.type == "orderbook" and math.isfinite(sub.level))
+
+
+@settings(max_examples=100, deadline=None)
+@given(SETS, SETS)
+def test_views_are_computed_once_and_handed_out_as_copies(
+    a: SubscriptionSet, b: SubscriptionSet
+) -> None:
+    # The status reads these views every second over the whole market: they are remembered
+    # per set (a frozen value), so a caller that changes what it was given must not change
+    # what the next caller gets, and a union built without __init__ has views of its own.
+    for s in (a, union(a, b)):
+        first = s.by_type()
+        expected = {name: list(codes) for name, codes in first.items()}
+        for codes in first.values():
+            codes.append("KRW-CHANGED")
+        first["trade"] = ["KRW-INSERTED"]
+        assert s.by_type() == expected
+        assert list(s) == sorted(s.depths)
+        assert list(s) == list(s)
+        assert s.keys() == frozenset(s.depths) and s.keys() is s.keys()
+        assert of(s.by_type()) == s

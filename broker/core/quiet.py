@@ -44,8 +44,11 @@ class QuietStreams:
         """The streams of ``held`` (what upstream holds) with nothing published (``seen``: the
         last publish of each) for ``quiet_after``."""
         horizon = now - self.quiet_after
-        since = self._since
-        return [key for key in held if max(seen.get(key, 0.0), since.get(key, now)) < horizon]
+        last_seen, since = seen.get, self._since.get
+        # Most streams published recently: one lookup settles them (run every second over
+        # every held stream: 2,586 with Upbit's whole market).
+        keys = held.depths if isinstance(held, SubscriptionSet) else held
+        return [key for key in keys if last_seen(key, 0.0) < horizon and since(key, now) < horizon]
 
     def next_check(self) -> float:
         return self._check_at
