@@ -95,6 +95,7 @@ PIPELINE_TIMEOUT = 5.0
 #: carries its cache write, to learn when Redis accepts writes again
 CACHE_PROBE_INTERVAL = 0.5
 
+_CRLF = b"\r\n"
 # What a burst's cache write is (the third item of its token): none, the burst's own newest
 # frames, or the newest frame of every stream seen (the rewrite that ends a staleness).
 _NO_CACHE, _BURST_CACHE, _FULL_CACHE = 0, 1, 2
@@ -544,23 +545,23 @@ class Publisher:
     def _write_raw(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
         """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash. Its frames
         count as published when Redis has answered every command (:meth:`_answered`)."""
+        # The frames themselves are never copied but by the join (once per command that
+        # carries them: XADD's value, PUBLISH's message): only their length lines are built.
+        parts: list[bytes] = []
+        extend = parts.extend
         if self.history_caps:
-            # The frame's bulk string is built once and referenced twice (XADD's value, then
-            # PUBLISH's message); join copies everything once.
-            parts: list[bytes] = []
-            extend = parts.extend
             commands = 0
             for t, f in batch:
-                body = b"$%d\r\n%b\r\n" % (len(f), f)
+                head = b"$%d\r\n" % len(f)
                 if t.history_prefix:
-                    extend((t.history_prefix, body, t.publish_prefix, body))
+                    extend((t.history_prefix, head, f, _CRLF, t.publish_prefix, head, f, _CRLF))
                     commands += 2
                 else:
-                    extend((t.publish_prefix, body))
+                    extend((t.publish_prefix, head, f, _CRLF))
                     commands += 1
         else:
-            parts = [b"%b$%d\r\n%b\r\n" % (t.publish_prefix, len(f), f) for t, f in batch]
-            extend = parts.extend
+            for t, f in batch:
+                extend((t.publish_prefix, b"$%d\r\n" % len(f), f, _CRLF))
             commands = len(batch)
         history = commands - len(batch)
         cache = _NO_CACHE
