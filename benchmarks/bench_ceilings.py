@@ -10,10 +10,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import harness as h
@@ -69,6 +73,17 @@ async def _raw_publish(server: Any, payload_bytes: int, n: int) -> dict[str, Any
     }
 
 
+def load_request(codes: list[str]) -> str:
+    """The subscribe request of a client taking the load types of ``codes`` directly."""
+    return json.dumps(
+        [
+            {"ticket": "bench-ceiling"},
+            *({"type": t, "codes": codes} for t in h.LOAD_TYPES),
+            {"format": "DEFAULT"},
+        ]
+    )
+
+
 async def websocket_receive(
     quick: bool,
     target_fps: float | None = None,
@@ -76,39 +91,42 @@ async def websocket_receive(
     codes_total: int = 200,
     duration: float | None = None,
     warmup: float = 1.0,
+    floor_redis: Any = None,
 ) -> dict[str, Any]:
     """A bare websockets client subscribed to the throughput benchmark's 600 streams (or the
     three types of ``codes_total`` codes), directly on the simulator: flat out (the ceiling),
     or at ``target_fps`` (the baseline the broker's CPU per frame is compared with at that
-    rate: receiving alone costs this much)."""
+    rate: receiving alone costs this much).
+
+    With ``floor_redis`` (a redis-server of the harness) the client is the ``floor`` consumer
+    instead: the broker's upstream adapter on uvloop, every frame routed, one write a read of
+    a PUBLISH per frame to that server, whose CPU is then measured too (not counted as other
+    load)."""
     seed = 7
     markets, codes = h.universe_codes(codes_total, seed)
-    request = json.dumps(
-        [
-            {"ticket": "bench-ceiling"},
-            *({"type": t, "codes": codes} for t in h.LOAD_TYPES),
-            {"format": "DEFAULT"},
-        ]
-    )
+    request = load_request(codes)
     duration = duration or (2.0 if quick else 6.0)
     rate = (target_fps or CEILING_FPS) / h.frames_per_event(markets, seed)
     async with h.simulator(rate=rate, markets=markets, seed=seed) as sim:
+        watched = {"simulator": sim.pid}
+        if floor_redis is not None:
+            watched["redis"] = floor_redis.pid
         # Wait for a calm machine before the client subscribes: the market only starts then,
         # and a client that falls far behind is cut off by the simulator (as by Upbit).
-        others = await h.quiet_moment([sim.pid])
+        others = await h.quiet_moment(watched.values())
         try:
-            with h.consumers(1, "ws", url=sim.url, request=request) as cons:
+            with receiver(sim.url, request, floor_redis) as cons:
                 await asyncio.sleep(warmup)
                 c0 = cons[0].count()
                 s0 = await sim.state()
-                window = h.CpuWindow.begin({"client": cons[0].pid, "simulator": sim.pid})
+                window = h.CpuWindow.begin({"client": cons[0].pid, **watched})
                 await asyncio.sleep(duration)
                 elapsed, cpu = window.end()
                 busy = window.machine_cores
                 precise = window.precise.get("client")
                 c1 = cons[0].count()
                 s1 = await sim.state()
-                cons[0].finish()
+                result = cons[0].finish()
         except (OSError, RuntimeError, TimeoutError) as exc:
             state = await sim.state()
             return {
@@ -118,7 +136,16 @@ async def websocket_receive(
                 "other_load_cores_before": others,
             }
     frames = c1 - c0
+    extra: dict[str, Any] = {}
+    if floor_redis is not None:
+        extra = {
+            "client": "floor",
+            "client_loop": result.get("loop"),
+            "redis_cpu_cores": round(cpu["redis"] / elapsed, 4),
+            **({"error": f"the floor client: {result['error']}"} if result.get("error") else {}),
+        }
     return {
+        **extra,
         "frames_per_s": round(frames / elapsed, 1),
         "sim_sent_per_s": round(
             (s1["totals"]["frames_sent"] - s0["totals"]["frames_sent"]) / elapsed, 1
@@ -143,6 +170,28 @@ async def websocket_receive(
             else "client"
         ),
     }
+
+
+@contextlib.contextmanager
+def receiver(url: str, request: str, floor_redis: Any) -> Iterator[list[h.ConsumerProc]]:
+    """The bare ``ws`` client, or (``floor_redis`` given) the ``floor`` client publishing to
+    that redis-server, connected and subscribed (``h.consumers`` gives a websocket mode no
+    Redis port)."""
+    if floor_redis is None:
+        with h.consumers(1, "ws", url=url, request=request) as cons:
+            yield cons
+        return
+    with tempfile.TemporaryDirectory(prefix="upbit-bench-floor-") as tmp:
+        request_file = os.path.join(tmp, "request")
+        with open(request_file, "w") as f:
+            f.write(request)
+        args = ["--url", url, "--request-file", request_file, "--port", str(floor_redis.port)]
+        proc = h.start_consumer("floor", os.path.join(tmp, "out.json"), args, record=False)
+        try:
+            proc.wait_ready()
+            yield [proc]
+        finally:
+            proc.terminate(5.0)
 
 
 async def run(server: Any, quick: bool, mean_frame_bytes: int) -> dict[str, Any]:

@@ -18,6 +18,13 @@ broker. Modes:
   of the channels (issue 13's durable vs pub/sub latency);
 * ``ws``: a bare websockets client on the simulator (the no-broker latency baseline, and the
   raw receive ceiling);
+* ``floor``: the least a broker built of the same parts does with what it receives, on uvloop
+  as the broker runs: the broker's own upstream adapter (``broker.upstream_connection``) on
+  the simulator, every frame routed (``broker.upbit.router.route_frame``), and one write a
+  socket read to Redis (``--port``) of ``PUBLISH floor:{type}:{code} frame`` for each data
+  frame, replies read and discarded. No leases, no cache, no publisher bookkeeping: what
+  receiving, routing and publishing alone cost on this machine (the whole-market benchmark's
+  floor);
 * ``wsraw``: ``--clients N`` WebSocket clients in one process, on raw blocking sockets under one
   ``selectors`` loop (no asyncio, no websockets library): the handshake by hand, server frames
   (unmasked, unfragmented, as Upbit, the simulator and the gateway send them) split by their
@@ -61,6 +68,7 @@ MODES = (
     "library",
     "library-durable",
     "ws",
+    "floor",
     "wsraw",
 )
 
@@ -429,6 +437,90 @@ async def _run_ws(args: argparse.Namespace, request: str) -> None:
     _finish(rec, args.out)
 
 
+class _Replies(asyncio.Protocol):
+    """Redis's side of the floor's connection: replies read and dropped (a PUBLISH answers
+    ``:N``, nothing to check); a lost connection noted."""
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = repr(exc) if exc is not None else "redis closed the connection"
+
+
+async def _run_floor(args: argparse.Namespace, request: str) -> None:
+    from broker import resp
+    from broker.upbit.router import FrameKind, route_frame
+    from broker.upstream_connection import open_connection
+
+    rec = Recorder(args.record, None)
+    loop = asyncio.get_running_loop()
+    redis, replies = await loop.create_connection(_Replies, args.host, args.port)
+    # the broker's own connection settings (broker.upstream.Upstream._connect)
+    ws = await open_connection(
+        args.url,
+        user_agent="upbit-broker-floor",
+        max_size=16 * 2**20,
+        open_timeout=10,
+        ping_interval=20,
+        ping_timeout=20,
+        close_timeout=2,
+    )
+    prefixes: dict[tuple[str, str, float], bytes] = {}  # as the broker's table of targets
+    data_kind = FrameKind.DATA
+    data = rec.data
+    write = redis.write
+
+    def on_messages(frames: list[bytes]) -> None:
+        t = time.time_ns()
+        parts: list[bytes] = []
+        add = parts.append
+        for frame in frames:
+            data(frame, t)
+            r = route_frame(frame)
+            if r.kind is data_kind:
+                key = (r.type, r.code, r.level)
+                prefix = prefixes.get(key)
+                if prefix is None:
+                    channel = f"floor:{r.type}:{r.code}".encode()
+                    prefix = prefixes[key] = resp.publish_prefix(channel)
+                add(prefix)
+                add(b"$%d\r\n" % len(frame))
+                add(frame)
+                add(b"\r\n")
+        if parts:
+            write(b"".join(parts))  # one write a read, as the broker's publisher
+
+    ended: list[str] = []
+
+    async def pump() -> None:
+        try:
+            await ws.wait_closed()
+        except Exception as exc:  # (CancelledError, on stop, is no Exception)
+            ended.append(repr(exc))
+
+    ws.start(on_messages)
+    await ws.send(request)
+    await _serve(rec, pump)
+    await ws.close()
+    redis.close()
+    errors = [*ended, *([replies.lost] if replies.lost else [])]
+    _finish(rec, args.out, loop=type(loop).__module__, **({"error": errors} if errors else {}))
+
+
+def _run_on_uvloop(main: Any) -> None:
+    """``main`` on uvloop when installed (as ``upbit-broker run`` with ``--event-loop auto``)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 # -- wsraw: many raw-socket WebSocket clients in one process --------------------------------------
 
 
@@ -593,10 +685,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=6379)
     parser.add_argument("--channels-file", help="one channel per line (redis modes)")
     parser.add_argument("--events", help="also subscribe to this events channel")
-    parser.add_argument("--url", help="websocket URL (ws and wsraw modes)")
+    parser.add_argument("--url", help="websocket URL (ws, floor and wsraw modes)")
     parser.add_argument(
         "--request-file",
-        help="the subscribe request to send (ws mode); one request per line (wsraw mode)",
+        help="the subscribe request to send (ws, floor); one request per line (wsraw mode)",
     )
     parser.add_argument("--clients", type=int, default=1, help="connections (wsraw mode)")
     parser.add_argument("--record", action="store_true", help="keep (time, key) per frame")
@@ -606,6 +698,11 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.request_file) as f:
             request = f.read()
         asyncio.run(_run_ws(args, request))
+        return
+    if args.mode == "floor":
+        with open(args.request_file) as f:
+            request = f.read()
+        _run_on_uvloop(_run_floor(args, request))
         return
     if args.mode == "wsraw":
         with open(args.request_file) as f:

@@ -10,7 +10,8 @@ out. Hand-written SVG because the lock has no plotting library, and the charts a
   direct connection (section 2), as a CDF whose vertical axis stretches the tail (50%, 90%,
   99%, 99.9% ... equally spaced), so p99 and p99.9 are as readable as the median.
 * ``bench-whole-market.svg``: the whole-market row (section 9): CPU per frame and % of a core
-  of the broker, the bare client, the consumer library, bare redis-py asyncio and hiredis.
+  of the broker, the bare client, the machine's floor (when the record has it), the consumer
+  library, bare redis-py asyncio and hiredis.
 
 A chart whose section is missing from the record is not written (and not deleted).
 """
@@ -442,10 +443,12 @@ def latency_cdf(record: dict[str, Any]) -> str | None:
     return svg.svg()
 
 
+FLOOR_LABEL = "machine floor: route + PUBLISH"
 #: (label, colour, the figures of one process in one whole-market run)
 WHOLE_MARKET_SERIES: tuple[tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]]], ...] = (
     ("upbit-broker", BLUE, lambda r: r["broker"]),
     ("bare websockets client", GREEN, lambda r: r.get("bare_client", {})),
+    (FLOOR_LABEL, GREY, lambda r: r.get("floor") or {}),
     ("consumer library (messages())", PINK, lambda r: r["consumers"]["library"]),
     ("bare redis-py asyncio pub/sub", ORANGE, lambda r: r["consumers"]["redis-py-async"]),
     ("hiredis subscriber", SKY, lambda r: r["consumers"]["hiredis"]),
@@ -481,9 +484,11 @@ def whole_market(record: dict[str, Any]) -> str | None:
         ("CPU µs per frame", _us_per_frame, 25.0, "goal 25"),
         ("% of one core", _pct_core, 2.0, "goal 2%"),
     )
+    with_floor = any(r.get("floor") for r in runs)  # older records have no floor
+    series = [s for s in WHOLE_MARKET_SERIES if with_floor or s[0] != FLOOR_LABEL]
     for i, (ylabel, value, goal, goal_label) in enumerate(panels):
         left = 80 + i * 410
-        rows = [[value(get(r)) for _, _, get in WHOLE_MARKET_SERIES] for r in runs]
+        rows = [[value(get(r)) for _, _, get in series] for r in runs]
         ys = [v for row in rows for v in row if v is not None] + [goal]
         y = Axis.fit(ys, 390, 80, log=False)
         x = Axis(0.0, float(len(runs)), left, left + 300)
@@ -491,13 +496,13 @@ def whole_market(record: dict[str, Any]) -> str | None:
         plot.axes("", ylabel, x_ticks=False)
         plot.goal(goal, goal_label, outside=True)
         group = (x.end - x.start) / len(runs)
-        bar = group * 0.8 / len(WHOLE_MARKET_SERIES)
+        bar = group * 0.8 / len(series)
         for g, (run, row) in enumerate(zip(runs, rows, strict=True)):
             x0 = x.start + g * group + group * 0.1
             for b, v in enumerate(row):
                 if v is None:
                     continue
-                colour = WHOLE_MARKET_SERIES[b][1]
+                colour = series[b][1]
                 top = y(v)
                 svg.rect(x0 + b * bar + 1, top, bar - 2, y.start - top, colour)
                 svg.text(
@@ -514,24 +519,30 @@ def whole_market(record: dict[str, Any]) -> str | None:
                 anchor="middle",
                 size=11,
             )
-    for j, (label, colour, _) in enumerate(WHOLE_MARKET_SERIES):
+    for j, (label, colour, _) in enumerate(series):
         svg.rect(880, 96 + j * 20 - 6, 12, 12, colour)
         svg.text(898, 96 + j * 20 + 4, label, size=11)
     clock = runs[0]["broker"].get("clock", "stat")
+    floor_notes = (
+        "Floor (measured as the bare",
+        "client): the broker's upstream",
+        "adapter, route_frame, one write",
+        "a read of a PUBLISH per frame,",
+        "nothing else (uvloop).",
+    )
     notes = (
         "Broker and bare client: CPU per",
         "frame offered; consumers: per",
         "frame received, side by side on",
         "the same channels, same window.",
+        *(floor_notes if with_floor else ()),
         "Goals (broker): 25 µs/frame at",
         "every rate; 2% of a core at the",
         "real rate (~800 frames/s).",
         "CPU time from " + ("schedstat (ns)." if clock == "schedstat" else "/proc/PID/stat."),
     )
     for j, line in enumerate(notes):
-        svg.text(
-            880, 96 + len(WHOLE_MARKET_SERIES) * 20 + 10 + j * 14, line, size=10, fill="#666666"
-        )
+        svg.text(880, 96 + len(series) * 20 + 10 + j * 14, line, size=10, fill="#666666")
     return svg.svg()
 
 

@@ -110,6 +110,19 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
                 v is not None and v <= GOAL_LIBRARY_VS_REDIS_PY for v in ratios.values()
             ),
         }
+        floors = [r for r in wm if r.get("floor")]
+        if floors:
+            # The least any broker pays for the same frames here: receive, route, one PUBLISH
+            # write a read (records before it have none).
+            out["whole_market"]["floor_pct_core"] = {
+                _load(r["target_fps"]): r["floor"].get("cpu_pct_core") for r in floors
+            }
+            out["whole_market"]["floor_pct_core_at_real_rate"] = real.get("floor", {}).get(
+                "cpu_pct_core"
+            )
+            out["whole_market"]["broker_beyond_floor_us_per_frame"] = {
+                _load(r["target_fps"]): r.get("broker_beyond_floor_us_per_frame") for r in floors
+            }
     lat = [r for r in record.get("latency", {}).get("runs", []) if r["target_fps"] == 1000]
     if lat:
         added = lat[0]["added_p99_us"]
@@ -372,6 +385,9 @@ def table(record: dict[str, Any]) -> str:
         if "whole_market" in s:
             w = s["whole_market"]
             pct = ", ".join(f"{k} {v:g}%" for k, v in w["broker_pct_core"].items())
+            floor = w.get("floor_pct_core_at_real_rate")
+            if floor is not None:
+                pct += f"; this machine's floor: {floor:g}%"
             lines.append(
                 f"  whole market, broker <= {w['goal_broker_pct_core']:g}% of a core at the real "
                 f"rate: {'met' if w['met_pct_core'] else 'NOT met'} ({pct})"
@@ -381,6 +397,13 @@ def table(record: dict[str, Any]) -> str:
                 f"  whole market, broker <= {w['goal_us_per_frame']:g} us/frame: met at "
                 f"{', '.join(w['met_us_per_frame_at']) or 'no rate'} ({us})"
             )
+            if w.get("broker_beyond_floor_us_per_frame"):
+                beyond = ", ".join(
+                    f"{k} {_f(v)}" for k, v in w["broker_beyond_floor_us_per_frame"].items()
+                )
+                lines.append(
+                    f"  whole market, broker beyond this machine's floor, us/frame: {beyond}"
+                )
             ratio = ", ".join(f"{k} {_f(v, '.2f')}x" for k, v in w["library_vs_redis_py"].items())
             lines.append(
                 f"  consumer library within {w['goal_library_vs_redis_py']:g}x of bare redis-py: "
@@ -416,22 +439,58 @@ def _whole_market_lines(wm: dict[str, Any]) -> list[str]:
     runs = wm.get("runs", [])
     streams = runs[0]["streams"] if runs else len(wm.get("types", ())) * wm.get("codes", 0)
     clock = runs[0]["broker"].get("clock", "stat") if runs else "stat"
+    # The machine's floor (route + one PUBLISH write a read): columns only when measured.
+    with_floor = any(r.get("floor") for r in runs)
+    floor_head = f" {'floor %core':>11} {'us/frame':>8} {'beyond':>6}" if with_floor else ""
     lines = [
         f"9. Whole market ({wm['codes']} codes x ticker/trade/orderbook = {streams} streams, "
         f"DEFAULT; window {wm['duration_s']:g} s, CPU from {clock})",
         f"  {'offered':>8} {'offered/s':>10} {'delivered/s':>11} {'loss':>5} "
         f"{'broker %core':>12} {'us/frame':>8} {'bare ws %core':>13} {'us/frame':>8} "
-        f"{'own':>5} {'others':>6} sat",
+        f"{'own':>5}{floor_head} {'others':>6} sat",
     ]
     for r in runs:
         b, bare = r["broker"], r.get("bare_client", {})
+        floor_cells = ""
+        if with_floor:
+            fl = r.get("floor") or {}
+            floor_cells = (
+                f" {_f(fl.get('cpu_pct_core'), '.2f'):>11} {_f(fl.get('cpu_us_per_frame')):>8} "
+                f"{_f(r.get('broker_beyond_floor_us_per_frame')):>6}"
+            )
         lines.append(
             f"  {_load(r['target_fps']):>8} {r['offered_fps']:>10.0f} {r['delivered_fps']:>11.0f} "
             f"{r['loss']:>5} {_f(b['cpu_pct_core'], '.2f'):>12} {_f(b['cpu_us_per_frame']):>8} "
             f"{_f(bare.get('cpu_pct_core'), '.2f'):>13} {_f(bare.get('cpu_us_per_frame')):>8} "
-            f"{_f(r.get('broker_own_us_per_frame')):>5} {r.get('other_load_cores', 0):>6.2f} "
-            f"{'yes' if r['saturated'] else 'no'}"
+            f"{_f(r.get('broker_own_us_per_frame')):>5}{floor_cells} "
+            f"{r.get('other_load_cores', 0):>6.2f} {'yes' if r['saturated'] else 'no'}"
         )
+    if with_floor:
+        lines.append(
+            "  own: broker us/frame beyond the bare websockets client; floor: the broker's "
+            "upstream adapter on uvloop,"
+        )
+        lines.append(
+            "  route_frame on every frame and one write a read of a PUBLISH per frame (no "
+            "leases, no cache); beyond: broker - floor"
+        )
+        disturbed = [
+            f"{_load(r['target_fps'])} {part} {o:.2f}"
+            for r in runs
+            for part, o in (
+                ("bare ws", r.get("bare_client", {}).get("other_load_cores")),
+                ("floor", (r.get("floor") or {}).get("other_load_cores")),
+            )
+            if o is not None and o >= 0.05
+        ]
+        if disturbed:
+            lines.append(f"  other load (cores) in those windows: {', '.join(disturbed)}")
+        errors = [
+            f"{_load(r['target_fps'])}: {r['floor']['error']}"
+            for r in runs
+            if (r.get("floor") or {}).get("error")
+        ]
+        lines += [f"  floor error {e}" for e in errors]
     lines.append("  consumer process CPU, us/frame (same channels, same window, side by side):")
     lines.append(
         f"  {'offered':>8} {'library':>8} {'redis-py asyncio':>16} {'ratio':>6} "

@@ -60,7 +60,8 @@ def _consumer(us: float) -> dict[str, Any]:
     return {"cpu_us_per_frame": us, "cpu_cores": us * 800 / 1e6, "loss": 0, "gaps": 0}
 
 
-def _whole_market(target: float, broker_us: float) -> dict[str, Any]:
+def _whole_market(target: float, broker_us: float, floor: tuple[float, float]) -> dict[str, Any]:
+    floor_us, floor_pct = floor
     return {
         "target_fps": target,
         "streams": 2586,
@@ -76,6 +77,13 @@ def _whole_market(target: float, broker_us: float) -> dict[str, Any]:
         },
         "bare_client": {"cpu_us_per_frame": 30.0, "cpu_pct_core": 2.4},
         "broker_own_us_per_frame": broker_us - 30.0,
+        "floor": {
+            "cpu_us_per_frame": floor_us,
+            "cpu_pct_core": floor_pct,
+            "frames_per_s": target * 0.99,
+            "other_load_cores": 0.0,
+        },
+        "broker_beyond_floor_us_per_frame": round(broker_us - floor_us, 2),
         "consumers": {
             "library": _consumer(44.3),
             "redis-py-async": _consumer(32.7),
@@ -137,7 +145,7 @@ RECORD: dict[str, Any] = {
         "codes": 862,
         "types": ["ticker", "trade", "orderbook"],
         "duration_s": 25.0,
-        "runs": [_whole_market(800, 72.3), _whole_market(4000, 27.5)],
+        "runs": [_whole_market(800, 72.3, (26.4, 2.11)), _whole_market(4000, 27.5, (8.7, 3.66))],
     },
 }
 
@@ -210,6 +218,39 @@ def test_plot_only_turns_a_record_into_valid_svg_charts(tmp_path: Path) -> None:
     assert {"72.3", "27.5", "44.3", "32.7", "18.1"} <= set(texts)  # the bars' values
     assert {"792 frames/s", "3,960 frames/s"} <= set(texts)
     assert {"goal 25", "goal 2%"} <= set(texts)
+    # the machine's floor beside the bare client: its bars (two rates, two panels) and legend
+    assert {"26.4", "8.7", "2.1", "3.7"} <= set(texts)
+    assert plot.FLOOR_LABEL in texts
+    assert len(_rects(wm, plot.GREY)) == 2 * 2 + 1
+
+
+def _rects(svg: ET.Element, fill: str) -> list[ET.Element]:
+    return [r for r in svg.iter(f"{SVG}rect") if r.attrib.get("fill") == fill]
+
+
+def test_an_older_whole_market_record_without_the_floor_still_plots_and_prints() -> None:
+    record = copy.deepcopy(RECORD)
+    for run in record["wholemarket"]["runs"]:
+        del run["floor"], run["broker_beyond_floor_us_per_frame"]
+    wm = ET.fromstring(plot.whole_market(record) or "")
+    texts = _texts(wm)
+    assert {"72.3", "27.5", "44.3", "32.7", "18.1"} <= set(texts)
+    assert plot.FLOOR_LABEL not in texts and "26.4" not in texts
+    assert _rects(wm, plot.GREY) == []
+    # the legend: one entry a series drawn, the floor's not among them
+    assert len([t for t in texts if t in {s[0] for s in plot.WHOLE_MARKET_SERIES}]) == 5
+
+    del record["cryptofeed"]
+    record["summary"] = report.summary(record)
+    assert "floor_pct_core" not in record["summary"]["whole_market"]
+    text = report.table(record)
+    assert "floor" not in text
+    header = next(line for line in text.splitlines() if "broker %core" in line)
+    assert header.split() == [
+        *("offered", "offered/s", "delivered/s", "loss", "broker", "%core", "us/frame"),
+        *("bare", "ws", "%core", "us/frame", "own", "others", "sat"),
+    ]
+    assert "NOT met (0.8k 5.784%, 4k 11%)\n" in text + "\n"
 
 
 def test_a_record_without_a_section_gets_the_other_charts(tmp_path: Path) -> None:
@@ -233,5 +274,11 @@ def test_the_report_has_the_whole_market_rows_and_goals() -> None:
     assert "9. Whole market (862 codes x ticker/trade/orderbook = 2586 streams" in text
     row = next(line for line in text.splitlines() if re.match(r"\s+0\.8k\s+792\s", line))
     assert "72.3" in row and "30.0" in row and "42.3" in row
+    # the machine's floor beside the bare client, and the broker beyond it
+    assert re.search(r"30\.0\s+42\.3\s+2\.11\s+26\.4\s+45\.9\s+0\.01 no$", row), row
+    assert w["floor_pct_core_at_real_rate"] == 2.11
+    assert w["broker_beyond_floor_us_per_frame"] == {"0.8k": 45.9, "4k": 18.8}
+    assert "at the real rate: NOT met (0.8k 5.784%, 4k 11%; this machine's floor: 2.11%)" in text
+    assert "whole market, broker beyond this machine's floor, us/frame: 0.8k 45.9, 4k 18.8" in text
     assert re.search(r"0\.8k\s+44\.3\s+32\.7\s+1\.35\s+18\.1", text)
     assert "consumer library within 1.2x of bare redis-py: NOT met (0.8k 1.35x, 4k 1.35x)" in text
