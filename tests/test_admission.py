@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.core.admission import (
     QUARANTINE_FIRST,
@@ -365,3 +368,44 @@ def test_a_code_the_market_list_lacks_asks_for_an_early_reread_once() -> None:
         core, 2.0, lease("new", {"ticker": ["KRW-NEWCOIN"]}), lease("b", {"ticker": ["KRW-BTC"]})
     )
     assert not core.take_market_refresh()  # the same unknown code: asked once
+
+
+def test_a_repeated_admission_of_the_same_sets_gives_the_same_union() -> None:
+    # Every heartbeat re-reads a lease: the same sets come back in new Lease objects. An
+    # admission that served everyone is not redone (the whole market is 2,586 streams a lease).
+    a = lease("a", {"ticker": codes("A", 40), "orderbook": ["KRW-A0001.15"]})
+    b = lease("b", {"ticker": codes("A", 20), "trade": codes("B", 10)}, created_ms=2)
+    adm = UnionAdmission(max_streams=100, max_bytes=10**6)
+    first = adm.admit([a, b], 0.0)
+    assert first.refused == {} and len(first.union) == 51
+    renewed = [replace(x, deadline_ms=x.deadline_ms + 5_000) for x in (a, b)]
+    again = adm.admit(renewed, 1.0)
+    assert again.union is first.union and again.request_bytes == first.request_bytes
+    assert again.leases == renewed and again.refused == {}
+    # a set that changed, a base, new bounds: admitted afresh
+    c = replace(b, subscriptions=sset(ticker=codes("A", 20), trade=codes("B", 11)))
+    assert len(adm.admit([a, c], 2.0).union) == 52
+    base = sset(candle=["KRW-X"])
+    assert len(adm.admit([a, c], 3.0, base=base).union) == 53
+    adm.too_big(first.request_bytes)  # a 1009: the cap shrinks below this union's request
+    after = adm.admit([a, c], 4.0, base=base)
+    assert after.refused and len(after.union) < 53
+    # last time refused someone: the same sets are admitted afresh, with the same answer
+    assert adm.admit([a, c], 5.0, base=base).refused == after.refused
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=6), min_size=1, max_size=8))
+def test_repeated_admissions_match_a_fresh_one(calls: list[list[int]]) -> None:
+    pool = [
+        lease(f"c{i}", {"ticker": codes(f"P{i % 3}", 5 + 7 * i), "trade": codes("Q", i)})
+        for i in range(6)
+    ]
+    adm = UnionAdmission(max_streams=60, max_bytes=10**6)
+    for now, picks in enumerate(calls):
+        leases = [pool[i] for i in dict.fromkeys(picks)]
+        out = adm.admit(leases, float(now))
+        fresh = UnionAdmission(max_streams=60, max_bytes=10**6).admit(leases, float(now))
+        if not out.refused and not fresh.refused:
+            assert out.union == fresh.union and out.request_bytes == fresh.request_bytes
+        assert set(out.refused) | {x.client_id for x in leases} == {x.client_id for x in leases}
