@@ -173,10 +173,12 @@ async def websocket_receive(
 
 
 @contextlib.contextmanager
-def receiver(url: str, request: str, floor_redis: Any) -> Iterator[list[h.ConsumerProc]]:
+def receiver(
+    url: str, request: str, floor_redis: Any, *, channel_prefix: str | None = None
+) -> Iterator[list[h.ConsumerProc]]:
     """The bare ``ws`` client, or (``floor_redis`` given) the ``floor`` client publishing to
-    that redis-server, connected and subscribed (``h.consumers`` gives a websocket mode no
-    Redis port)."""
+    that redis-server (on ``{channel_prefix}:{type}:{code}``, ``floor:...`` by default),
+    connected and subscribed (``h.consumers`` gives a websocket mode no Redis port)."""
     if floor_redis is None:
         with h.consumers(1, "ws", url=url, request=request) as cons:
             yield cons
@@ -186,6 +188,8 @@ def receiver(url: str, request: str, floor_redis: Any) -> Iterator[list[h.Consum
         with open(request_file, "w") as f:
             f.write(request)
         args = ["--url", url, "--request-file", request_file, "--port", str(floor_redis.port)]
+        if channel_prefix is not None:
+            args += ["--channel-prefix", channel_prefix]
         proc = h.start_consumer("floor", os.path.join(tmp, "out.json"), args, record=False)
         try:
             proc.wait_ready()

@@ -2,14 +2,20 @@
 
 The simulator records when it sends each frame (``record_sends``: time_ns and a 64-bit key of
 the frame's bytes); a consumer process records when each frame reached it, by the same key (the
-broker republishes frames byte for byte). Two paths, in the same run and on the same simulator:
+broker republishes frames byte for byte). Three paths, one after the other, each alone on the
+same simulator with the same streams:
 
 * ``broker``: simulator -> broker process -> Redis -> a subscriber process;
 * ``direct``: the same consumer program as a bare websockets client on the simulator (no
-  broker, no Redis): the baseline, which holds the simulator's and the client's own delays.
+  broker, no Redis): the baseline, which holds the simulator's and the client's own delays;
+* ``floor``: simulator -> the ``floor`` benchmark consumer (the broker's upstream adapter on
+  uvloop, every frame routed, one write a socket read of a PUBLISH per data frame; no leases,
+  cache or bookkeeping) -> Redis -> the same subscriber program on the floor's channels: the
+  least latency any broker built of these parts adds on this machine.
 
-Only frames sent inside the measured window are matched; keys sent twice (two SNAPSHOTs of a
-quiet stream) are left out. Times are one machine's ``time.time_ns()``.
+``added`` is the broker's percentile minus direct's, ``floor_added`` the floor's minus
+direct's. Only frames sent inside the measured window are matched; keys sent twice (two
+SNAPSHOTs of a quiet stream) are left out. Times are one machine's ``time.time_ns()``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import json
 from typing import Any
 
+from benchmarks import bench_ceilings
 from benchmarks import harness as h
 from benchmarks.bench_throughput import wait_subscribed
 from broker.redis_client import redis_client
@@ -25,6 +32,29 @@ from broker.testing import SimulatorProcess, wait_for
 
 #: percentiles kept in the record as the latency distribution (``--plot`` draws the CDF)
 CDF_PERCENTILES = (*range(0, 90, 5), *range(90, 100), 99.5, 99.9, 99.99, 100)
+#: the floor path publishes on ``{FLOOR_PREFIX}:{type}:{code}``: apart from the broker's
+#: namespace (``bench``), so that no lease of the broker's could publish into them
+FLOOR_PREFIX = "bench-floor"
+
+
+def direct_request(streams: dict[str, list[str]], ticket: str) -> str:
+    """The request the broker sends for ``streams`` (every stream, DEFAULT format)."""
+    return json.dumps(
+        [
+            {"ticket": ticket},
+            *({"type": t, "codes": c} for t, c in streams.items()),
+            {"format": "DEFAULT"},
+        ]
+    )
+
+
+def floor_channels(streams: dict[str, list[str]], prefix: str = FLOOR_PREFIX) -> list[str]:
+    """The channels the ``floor`` consumer publishes ``streams`` on (``--channel-prefix``)."""
+    return [f"{prefix}:{t}:{c}" for t, codes in streams.items() for c in codes]
+
+
+def _added(path: dict[str, Any], direct: dict[str, Any]) -> dict[str, float]:
+    return {k: round(path[k] - direct[k], 1) for k in ("p50_us", "p99_us", "p999_us")}
 
 
 def _match(sends: list[list[int]], recv: list[list[int]]) -> dict[str, Any]:
@@ -93,13 +123,7 @@ async def run_rate(
             out["offered_fps"] = round(len(sends) / duration, 1)
             # The broker is gone (its connection closed): the same consumer, straight to the
             # simulator, with the request the broker sent (every stream, DEFAULT format).
-            request = json.dumps(
-                [
-                    {"ticket": "bench-direct"},
-                    *({"type": t, "codes": c} for t, c in streams.items()),
-                    {"format": "DEFAULT"},
-                ]
-            )
+            request = direct_request(streams, "bench-direct")
             await wait_for(
                 lambda: _no_connections(sim), 10, 0.05, message="the broker's connection to close"
             )
@@ -109,13 +133,60 @@ async def run_rate(
                 await asyncio.sleep(0.5)
                 recv = direct[0].finish()["recv"]
             out["direct"] = {**_match(sends, recv), "other_load_cores": others}
+            # The floor alone on the simulator too, as each path before it: a connection still
+            # open would cost the simulator its own copy of every frame in the floor's window.
+            await wait_for(
+                lambda: _no_connections(sim),
+                10,
+                0.05,
+                message="the direct client's connection to close",
+            )
+            out["floor"] = await _floor_window(server, sim, streams, duration, warmup)
     finally:
         await client.aclose()
     b, d = out["broker"], out["direct"]
-    out["added_p50_us"] = round(b["p50_us"] - d["p50_us"], 1)
-    out["added_p99_us"] = round(b["p99_us"] - d["p99_us"], 1)
-    out["added_p999_us"] = round(b["p999_us"] - d["p999_us"], 1)
+    added = _added(b, d)
+    out["added_p50_us"] = added["p50_us"]
+    out["added_p99_us"] = added["p99_us"]
+    out["added_p999_us"] = added["p999_us"]
+    if "error" not in out["floor"]:
+        out["floor_added"] = _added(out["floor"], d)
     return out
+
+
+async def _floor_window(
+    server: Any,
+    sim: SimulatorProcess,
+    streams: dict[str, list[str]],
+    duration: float,
+    warmup: float,
+) -> dict[str, Any]:
+    """The floor path's window: the hiredis subscriber on the floor's channels, then the
+    ``floor`` consumer on the simulator publishing to ``server``. A failure is kept in the
+    record (as ``error``) rather than losing the broker's and direct's figures with it."""
+    request = direct_request(streams, "bench-floor")
+    channels = floor_channels(streams)
+    publisher = bench_ceilings.receiver(sim.url, request, server, channel_prefix=FLOOR_PREFIX)
+    try:
+        with (
+            h.consumers(1, "hiredis", port=server.port, channels=channels, record=True) as cons,
+            publisher as (floor,),
+        ):
+            await wait_for(cons[0].count, 10, 0.05, message="frames through the floor")
+            await asyncio.sleep(warmup)
+            pids = [sim.pid, floor.pid, server.pid, cons[0].pid]
+            sends, others = await _window(sim, duration, pids)
+            await asyncio.sleep(0.5)  # the last frames of the window arrive
+            recv = cons[0].finish()["recv"]
+            result = floor.finish()
+    except (OSError, RuntimeError, TimeoutError) as exc:  # WaitTimeout is a TimeoutError
+        return {"error": f"the floor path did not finish: {exc!r}"}
+    return {
+        **_match(sends, recv),
+        "other_load_cores": others,
+        "loop": result.get("loop"),
+        **({"process_error": result["error"]} if result.get("error") else {}),
+    }
 
 
 async def _no_connections(sim: SimulatorProcess) -> bool:

@@ -21,10 +21,11 @@ broker. Modes:
 * ``floor``: the least a broker built of the same parts does with what it receives, on uvloop
   as the broker runs: the broker's own upstream adapter (``broker.upstream_connection``) on
   the simulator, every frame routed (``broker.upbit.router.route_frame``), and one write a
-  socket read to Redis (``--port``) of ``PUBLISH floor:{type}:{code} frame`` for each data
-  frame, replies read and discarded. No leases, no cache, no publisher bookkeeping: what
-  receiving, routing and publishing alone cost on this machine (the whole-market benchmark's
-  floor);
+  socket read to Redis (``--port``) of ``PUBLISH {prefix}:{type}:{code} frame`` for each data
+  frame (``--channel-prefix``, ``floor`` by default), replies read and discarded. No leases, no
+  cache, no publisher bookkeeping: what receiving, routing and publishing alone cost on this
+  machine (the whole-market benchmark's floor), and the least latency such a process adds (the
+  latency benchmark's ``floor`` path, timed by a subscriber on those channels);
 * ``wsraw``: ``--clients N`` WebSocket clients in one process, on raw blocking sockets under one
   ``selectors`` loop (no asyncio, no websockets library): the handshake by hand, server frames
   (unmasked, unfragmented, as Upbit, the simulator and the gateway send them) split by their
@@ -470,6 +471,7 @@ async def _run_floor(args: argparse.Namespace, request: str) -> None:
         close_timeout=2,
     )
     prefixes: dict[tuple[str, str, float], bytes] = {}  # as the broker's table of targets
+    prefix_name = args.channel_prefix
     data_kind = FrameKind.DATA
     data = rec.data
     write = redis.write
@@ -485,7 +487,7 @@ async def _run_floor(args: argparse.Namespace, request: str) -> None:
                 key = (r.type, r.code, r.level)
                 prefix = prefixes.get(key)
                 if prefix is None:
-                    channel = f"floor:{r.type}:{r.code}".encode()
+                    channel = f"{prefix_name}:{r.type}:{r.code}".encode()
                     prefix = prefixes[key] = resp.publish_prefix(channel)
                 add(prefix)
                 add(b"$%d\r\n" % len(frame))
@@ -691,6 +693,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the subscribe request to send (ws, floor); one request per line (wsraw mode)",
     )
     parser.add_argument("--clients", type=int, default=1, help="connections (wsraw mode)")
+    parser.add_argument(
+        "--channel-prefix",
+        default="floor",
+        help="the floor's channels are PREFIX:{type}:{code} (floor mode)",
+    )
     parser.add_argument("--record", action="store_true", help="keep (time, key) per frame")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     args = parser.parse_args(argv)

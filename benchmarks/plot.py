@@ -7,8 +7,9 @@ out. Hand-written SVG because the lock has no plotting library, and the charts a
   a bare websockets client on the same load and rate, and cryptofeed (section 8, with the
   broker on cryptofeed's load) when the record has it; both axes logarithmic.
 * ``bench-latency-cdf.svg``: simulator send -> consumer receive, broker path against the
-  direct connection (section 2), as a CDF whose vertical axis stretches the tail (50%, 90%,
-  99%, 99.9% ... equally spaced), so p99 and p99.9 are as readable as the median.
+  direct connection and the machine's floor path when the record has it (section 2), as a CDF
+  whose vertical axis stretches the tail (50%, 90%, 99%, 99.9% ... equally spaced), so p99 and
+  p99.9 are as readable as the median.
 * ``bench-whole-market.svg``: the whole-market row (section 9): CPU per frame and % of a core
   of the broker, the bare client, the machine's floor (when the record has it), the consumer
   library, bare redis-py asyncio and hiredis.
@@ -390,18 +391,25 @@ def _tail(p: float) -> float:
     return 4.5 if p >= 100 else -math.log10(1 - p / 100)
 
 
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and v > 0  # (NaN is not)
+
+
 def latency_cdf(record: dict[str, Any]) -> str | None:
-    """Latency CDF, broker path against direct, per offered rate."""
+    """Latency CDF, broker path against direct (and the floor path), per offered rate."""
     runs = record.get("latency", {}).get("runs", [])
     if not runs:
         return None
-    colours = {"broker": BLUE, "direct": GREEN}
+    colours = {"broker": BLUE, "direct": GREEN, "floor": GREY}
     dashes = ["", "6 4", "2 3"]
     series: list[Series] = []
     from_percentiles: list[str] = []
+    with_floor = False
     for i, run in enumerate(runs):
-        for path in ("direct", "broker"):
+        for path in ("direct", "broker", "floor"):
             p = run.get(path, {})
+            if path == "floor" and not _positive(p.get("p50_us")):
+                continue  # older records have no floor path; a failed floor window no figures
             cdf = p.get("cdf_us")
             if not cdf:
                 if _num(run["target_fps"]) not in from_percentiles:
@@ -415,6 +423,7 @@ def latency_cdf(record: dict[str, Any]) -> str | None:
                 label = f"{_num(run['target_fps'])} frames/s, {path}"
                 marker = "none" if len(pts) > 8 else "circle"
                 series.append(Series(label, pts, colours[path], dashes[i % 3], marker))
+                with_floor |= path == "floor"
     if not series:
         return None
     svg = Svg(800, 440, "Latency, simulator send to consumer receive")
@@ -436,6 +445,9 @@ def latency_cdf(record: dict[str, Any]) -> str | None:
             svg.marker(s.marker, x, yy, s.colour, 3.0)
     note = "broker: simulator -> broker -> Redis -> a\nsubscriber process; direct: the same\n"
     note += "consumer on the simulator's socket."
+    if with_floor:
+        note += "\nfloor: simulator -> a process that only\nroutes and PUBLISHes -> Redis -> the\n"
+        note += "same subscriber (this machine's least)."
     if from_percentiles:
         rates = ", ".join(from_percentiles)
         note += f"\n{rates}: from p50/p99/p99.9/max only\n(no full distribution in the record)."

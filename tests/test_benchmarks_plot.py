@@ -282,3 +282,126 @@ def test_the_report_has_the_whole_market_rows_and_goals() -> None:
     assert "whole market, broker beyond this machine's floor, us/frame: 0.8k 45.9, 4k 18.8" in text
     assert re.search(r"0\.8k\s+44\.3\s+32\.7\s+1\.35\s+18\.1", text)
     assert "consumer library within 1.2x of bare redis-py: NOT met (0.8k 1.35x, 4k 1.35x)" in text
+
+
+#: section 2 of RECORD's table as printed before the floor path (a record without one prints it
+#: so still)
+LATENCY_WITHOUT_FLOOR = """\
+2. Latency, simulator send -> consumer receive (us)
+    rate path        p50     p99   p99.9     max  frames others
+      1k direct      344    1032    2752    3440    8000   0.00
+      1k broker      544    1632    4352    5440    8000   0.00
+         added       200     600    1600
+     10k direct     1448    4344   11584   14480    8000   0.00
+     10k broker     2570    7710   20560   25700    8000   0.00
+         added      1122    3366    8976
+"""
+
+
+def _with_latency_floor(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the latency benchmark's floor path in both runs (1k with its CDF, 10k
+    from percentiles only and a disturbed window)."""
+    record = copy.deepcopy(record)
+    one, ten = record["latency"]["runs"]
+    one["floor"] = {**_latency_path(400, True), "other_load_cores": 0.02, "loop": "uvloop"}
+    one["floor_added"] = {"p50_us": 56.0, "p99_us": 168.0, "p999_us": 448.0}
+    ten["floor"] = {**_latency_path(1500, False), "other_load_cores": 0.4, "loop": "uvloop"}
+    ten["floor_added"] = {"p50_us": 52.0, "p99_us": 156.0, "p999_us": 416.0}
+    return record
+
+
+def _section(text: str, title: str) -> str:
+    """The lines of ``text`` from ``title`` to the next blank line."""
+    start = text.index(title)
+    end = text.find("\n\n", start)
+    return text[start : end + 1 if end >= 0 else len(text)]
+
+
+def test_a_record_without_the_latency_floor_prints_and_plots_as_before() -> None:
+    record = copy.deepcopy(RECORD)
+    del record["cryptofeed"]
+    record["summary"] = report.summary(record)
+    assert "added_p99_us_issue16" not in record["summary"]
+    assert "floor_value" not in record["summary"]["added_p99_us_at_1k"]
+    text = report.table(record)
+    assert _section(text, "2. Latency") == LATENCY_WITHOUT_FLOOR
+    goals = text[text.index("\nGoals\n") :].splitlines()
+    assert goals[-1] == "  added p99 < 1 ms at 1k frames/s: met (600 us)"
+    assert not any("issue 16" in line for line in goals)
+
+    cdf = ET.fromstring(plot.latency_cdf(record) or "")
+    assert not any("floor" in t for t in _texts(cdf))
+    assert [p.attrib["stroke"] for p in cdf.iter(f"{SVG}polyline")] == [
+        *(plot.GREEN, plot.BLUE) * 2
+    ]
+
+
+def test_the_latency_floor_is_a_row_a_goal_figure_and_a_cdf() -> None:
+    record = _with_latency_floor(RECORD)
+    del record["cryptofeed"]
+    record["summary"] = report.summary(record)
+    s = record["summary"]
+    assert s["added_p99_us_at_1k"]["floor_value"] == 168.0
+    issue16 = s["added_p99_us_issue16"]
+    assert list(issue16) == ["1k", "10k"]
+    one, ten = issue16["1k"], issue16["10k"]
+    assert (one["goal"], one["value"], one["met"]) == (500, 600, False)
+    assert one["floor_value"] == 168.0 and one["floor_met"] is True
+    assert (ten["goal"], ten["value"], ten["met"]) == (1000, 3366, False)
+    assert ten["floor_value"] == 156.0 and ten["floor_other_load_cores"] == 0.4
+
+    text = report.table(record)
+    section = _section(text, "2. Latency").splitlines()
+    # each run: direct, broker, its added line, then the floor and its own added line
+    assert section[2:7] == [
+        *LATENCY_WITHOUT_FLOOR.splitlines()[2:5],
+        "      1k floor       400    1200    3200    4000    8000   0.02",
+        "         added        56     168     448",
+    ]
+    assert section[10:12] == [
+        "     10k floor      1500    4500   12000   15000    8000   0.40",
+        "         added        52     156     416",
+    ]
+    assert section[12].startswith("  added: the path above minus direct. floor: the least")
+    assert section[13].startswith("  simulator -> a process that only receives, routes")
+    assert len(section) == 14
+    goals = text[text.index("\nGoals\n") :].splitlines()
+    assert goals[-3:] == [
+        "  added p99 < 1 ms at 1k frames/s: met (600 us; this machine's floor: 168 us)",
+        "  added p99 < 0.5 ms at 1k frames/s (issue 16): NOT met "
+        "(600 us; this machine's floor: 168 us)",
+        "  added p99 < 1 ms at 10k frames/s (issue 16): NOT met "
+        "(3366 us; this machine's floor: 156 us with 0.40 cores of other load)",
+    ]
+
+    cdf = ET.fromstring(plot.latency_cdf(record) or "")
+    texts = _texts(cdf)
+    assert {"1k frames/s, floor", "10k frames/s, floor"} <= set(texts)
+    assert any(t.startswith("floor: simulator") for t in texts)
+    strokes = [p.attrib["stroke"] for p in cdf.iter(f"{SVG}polyline")]
+    assert strokes == [*(plot.GREEN, plot.BLUE, plot.GREY) * 2]
+    # the floor's CDF (1k, a full distribution) lies between direct's and the broker's
+    lines = list(cdf.iter(f"{SVG}polyline"))
+    first_x = [float(p.attrib["points"].split()[0].split(",")[0]) for p in lines[:3]]
+    assert first_x[0] < first_x[2] < first_x[1]
+    numbers = _numbers(cdf)
+    assert all(math.isfinite(v) and -1 <= v <= 801 for v in numbers)
+
+
+def test_a_failed_floor_window_is_said_and_not_drawn() -> None:
+    record = _with_latency_floor(RECORD)
+    del record["cryptofeed"]
+    one = record["latency"]["runs"][0]
+    one["floor"] = {"error": "the floor path did not finish: TimeoutError()"}
+    del one["floor_added"]
+    record["summary"] = report.summary(record)
+    assert record["summary"]["added_p99_us_issue16"]["1k"]["floor_value"] is None
+    text = report.table(record)
+    assert "      1k floor   the floor path did not finish: TimeoutError()\n" in text
+    goal = "added p99 < 0.5 ms at 1k frames/s (issue 16): NOT met"
+    assert f"{goal} (600 us; this machine's floor: -)" in text
+    cdf = ET.fromstring(plot.latency_cdf(record) or "")
+    texts = _texts(cdf)
+    assert "1k frames/s, floor" not in texts and "10k frames/s, floor" in texts
+    # only the 10k run is drawn from percentiles (a failed floor is not flagged as such)
+    assert any(t.startswith("10k: from p50/p99") for t in texts)

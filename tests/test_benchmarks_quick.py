@@ -61,9 +61,22 @@ def test_quick_benchmarks_run_and_write_a_record(tmp_path: Path) -> None:
         assert r["broker_own_cpu_us_per_frame"] is not None
 
     latency = record["latency"]["runs"][0]
-    for path in ("broker", "direct"):
+    assert "error" not in latency["floor"], latency["floor"]
+    for path in ("broker", "direct", "floor"):
         assert latency[path]["frames"] > 0
         assert {"p50_us", "p99_us", "p999_us", "max_us"} <= set(latency[path])
+        assert latency[path]["other_load_cores"] is not None
+    # the floor path: the floor consumer on uvloop publishing on its own channels, timed by the
+    # hiredis subscriber on them (no frames there would have failed the window)
+    floor, direct = latency["floor"], latency["direct"]
+    assert floor["loop"] == "uvloop" and "process_error" not in floor, floor
+    assert latency["floor_added"] == {
+        k: round(floor[k] - direct[k], 1) for k in ("p50_us", "p99_us", "p999_us")
+    }
+    goal = record["summary"]["added_p99_us_issue16"]["1k"]
+    assert goal["goal"] == 500 and goal["floor_value"] == latency["floor_added"]["p99_us"]
+    assert "added p99 < 0.5 ms at 1k frames/s (issue 16): " in proc.stdout
+    assert "      1k floor " in proc.stdout
 
     resub = record["resubscribe"]
     assert resub["idle"]["changes"] == len(resub["idle"]["ms_each"])
