@@ -7,6 +7,8 @@ announced once, as a ``redis`` loss, when Redis takes the history again.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -250,3 +252,42 @@ async def test_a_broker_acl_without_xadd_is_named_and_its_history_loss_announced
         finally:
             await publisher.aclose()
             await client.aclose()
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-resp", "redis-py"])
+async def test_a_bursts_publishes_run_before_its_history_and_cache(
+    raw: bool, redis_server: RedisServer
+) -> None:
+    # Redis reads a burst 16 KB at a time and sends subscribers what it published after each
+    # piece: the PUBLISHes go first so that no frame waits for the others' XADDs (issue 16's
+    # added latency). MONITOR lists the commands in the order Redis ran them.
+    client = aioredis.Redis.from_url(redis_server.url)
+    publisher = Publisher(client, raw_resp=raw, history_caps=CAPS)
+    trade = publisher.target(KEYS, StreamKey("trade", "KRW-BTC"))
+    ticker = publisher.target(KEYS, StreamKey("ticker", "KRW-ETH"))
+    book = publisher.target(KEYS, StreamKey("orderbook", "KRW-BTC"))  # no history for it
+    reader, writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+    try:
+        writer.write(b"MONITOR\r\n")
+        assert await reader.readline() == b"+OK\r\n"
+        sent = []
+        for i in range(40):
+            target = (trade, ticker, book)[i % 3]
+            frame = b'{"n":%d,"pad":"%s"}' % (i, b"x" * 900)  # ~37 KB with the XADDs
+            publisher.enqueue(target, frame)
+            sent.append((target.channel, frame))
+        await publisher.flush()
+        assert publisher.stats.batches == 1 and publisher.stats.history_written == 27
+        ran: list[tuple[str, bytes]] = []
+        while len(ran) < 40 + 27 + 3:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            match = re.search(rb'\] "(\w+)" "([^"]*)"', line)
+            if match and match[1] in (b"PUBLISH", b"XADD", b"HSET"):
+                ran.append((match[1].decode(), match[2]))
+    finally:
+        writer.close()
+        await publisher.aclose()
+        await client.aclose()
+    names = [name for name, _ in ran]
+    assert names == ["PUBLISH"] * 40 + ["XADD"] * 27 + ["HSET"] * 3, names
+    assert [key for _, key in ran[:40]] == [channel for channel, _ in sent]
