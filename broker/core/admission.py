@@ -102,7 +102,7 @@ class _Filtered:
 class _LastAdmission:
     """What an admission that refused nothing was given, and the union it made."""
 
-    bounds: tuple[int, int, int]  # version, stream cap, byte cap
+    bounds: tuple[int, int, int, int]  # version, stream cap, union byte cap, byte cap
     client_ids: tuple[str, ...]
     sets: tuple[SubscriptionSet, ...]  # the filtered leases' sets (kept alive: compared by id)
     base: SubscriptionSet
@@ -267,7 +267,19 @@ class UnionAdmission:
         memo, self._memo = self._memo, {}
         filtered = [self._filter(lease, memo) for lease in leases]
         self._queue(filtered)
-        bounds = (self.version, cap_streams, cap_bytes)
+        seen, demoted = self._seen, self._demoted
+
+        def rank(lease: Lease) -> tuple[bool, bool, int, str]:
+            before = previous.get(lease.client_id)
+            incumbent = before is not None and (
+                before is lease.subscriptions or before == lease.subscriptions
+            )
+            # Served with the same streams first; then in the order this broker saw them.
+            cid = lease.client_id
+            return (not incumbent, cid in demoted, seen[cid], cid)
+
+        filtered.sort(key=rank)
+        bounds = (self.version, cap_streams, cap_bytes, self.max_bytes)
         client_ids = tuple(lease.client_id for lease in filtered)
         sets = tuple(lease.subscriptions for lease in filtered)
         last = self._last
@@ -281,22 +293,12 @@ class UnionAdmission:
         ):
             # The same sets under the same bounds, and last time every lease was served: the
             # union cannot differ (every partial union is within the whole, which fitted, in
-            # any order), and no lease would become a suspect (each was served already).
+            # any order), and no lease would become a suspect (each was served already). Only
+            # the queue order is kept fresh (an error frame names its suspects in it).
             # Each heartbeat re-reads a lease: with Upbit's whole market leased, walking its
             # 2,586 streams again on each was ~7% of the broker's CPU (issue 16).
+            self._served = dict(zip(client_ids, sets, strict=True))
             return Admitted(last.union, filtered, {}, last.request_bytes)
-        seen, demoted = self._seen, self._demoted
-
-        def rank(lease: Lease) -> tuple[bool, bool, int, str]:
-            before = previous.get(lease.client_id)
-            incumbent = before is not None and (
-                before is lease.subscriptions or before == lease.subscriptions
-            )
-            # Served with the same streams first; then in the order this broker saw them.
-            cid = lease.client_id
-            return (not incumbent, cid in demoted, seen[cid], cid)
-
-        filtered.sort(key=rank)
         depths: dict[StreamKey, int] = dict(base.depths)
         groups = {(key.type, key.level) for key in depths}
         size = request_size_bound(base)
