@@ -550,8 +550,9 @@ class Publisher:
                 self._write_raw(conn, batch[start : start + MAX_PIPELINE])
 
     def _write_raw(self, conn: resp.RespConnection, batch: list[tuple[Target, bytes]]) -> None:
-        """The burst as one RESP buffer: every PUBLISH, then one HSET per cache hash. Its frames
-        count as published when Redis has answered every command (:meth:`_answered`)."""
+        """The burst as one RESP buffer: every PUBLISH, then every XADD, then one HSET per cache
+        hash. Its frames count as published when Redis has answered every command
+        (:meth:`_answered`)."""
         # Every PUBLISH first, then the XADDs (see the module's docstring: Redis reads a
         # burst 16 KB at a time and sends subscribers what it has published after each piece).
         # The frames themselves are never copied but by the join (once per command that
