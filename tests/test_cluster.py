@@ -325,13 +325,7 @@ async def test_a_history_key_asked_elsewhere_mid_migration_is_announced(tmp_path
 
             mark("begin")
             await cl.begin_migration(slot, target)
-            node = aioredis.Redis(port=source)
-            try:
-                await node.execute_command(
-                    "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", history
-                )
-            finally:
-                await node.aclose()
+            await cl.migrate_keys(slot, target, history)
             await wait_for(lambda: stats.history_refused > 0, scaled(10), message="an ASK")
             heard = len(tap.frames[channel])
             await wait_for(
@@ -728,13 +722,7 @@ async def test_a_cache_hash_asked_elsewhere_marks_the_cache_stale_until_rewritte
             stats = publisher.stats
             await wait_for(lambda: stats.published > 3, scaled(10), message="frames")
             await cl.begin_migration(slot, target)
-            node = aioredis.Redis(port=source)
-            try:
-                await node.execute_command(
-                    "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", cache
-                )
-            finally:
-                await node.aclose()
+            await cl.migrate_keys(slot, target, cache)
             await wait_for(lambda: stats.cache_stale_since_ms, scaled(10), message="stale")
             assert stats.oom_refusals == 0
             await cl.finish_migration(slot, target)

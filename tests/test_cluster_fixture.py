@@ -124,8 +124,8 @@ async def test_a_slot_held_in_migration_answers_ask_for_a_key_already_moved(
         async with node(source) as client:
             await client.mset({moved_key: b"1", staying_key: b"2"})
         await cluster.begin_migration(slot, target)
+        await cluster.migrate_keys(slot, target, moved_key)
         async with node(source) as client:
-            await client.execute_command("MIGRATE", "127.0.0.1", target, moved_key, 0, 5000)
             with pytest.raises(AskError) as ask:
                 await client.get(moved_key)
             assert not isinstance(ask.value, MovedError)

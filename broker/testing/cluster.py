@@ -290,14 +290,17 @@ class ClusterSetup:
         await _call(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
         await _call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
 
+    async def migrate_keys(self, slot: int, to_port: int, *keys: str | bytes) -> None:
+        """Move these keys of ``slot`` to ``to_port`` now, the slot still migrating (after
+        :meth:`begin_migration`): its owner answers ASK for them from then on."""
+        await _migrate(await self._source(slot, to_port), to_port, keys)
+
     async def finish_migration(self, slot: int, to_port: int) -> None:
         """Migrate the keys of ``slot`` left on its owner to ``to_port`` and assign the slot to
         it everywhere (after :meth:`begin_migration`); returns once every live node agrees."""
         source = await self._source(slot, to_port)
         while keys := await _call(source, "CLUSTER", "GETKEYSINSLOT", slot, MIGRATE_BATCH):
-            await _call(
-                source, "MIGRATE", "127.0.0.1", to_port, "", 0, MIGRATE_TIMEOUT_MS, "KEYS", *keys
-            )
+            await _migrate(source, to_port, keys)
         target_id = await _call(to_port, "CLUSTER", "MYID")
         live = self.live_ports
         others = [p for p in await self.masters() if p in live and p not in (source, to_port)]
@@ -367,6 +370,10 @@ async def _call(port: int, *args: Any) -> Any:
             return await client.execute_command(*args)  # type: ignore[no-untyped-call]
     finally:
         await client.aclose()
+
+
+async def _migrate(source: int, to_port: int, keys: Sequence[str | bytes]) -> None:
+    await _call(source, "MIGRATE", "127.0.0.1", to_port, "", 0, MIGRATE_TIMEOUT_MS, "KEYS", *keys)
 
 
 async def _probe(port: int, *args: Any) -> Any:
