@@ -10,14 +10,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import harness as h
@@ -115,7 +111,8 @@ async def websocket_receive(
         # and a client that falls far behind is cut off by the simulator (as by Upbit).
         others = await h.quiet_moment(watched.values())
         try:
-            with receiver(sim.url, request, floor_redis) as cons:
+            mode, port = ("ws", 0) if floor_redis is None else ("floor", floor_redis.port)
+            with h.consumers(1, mode, url=sim.url, request=request, port=port) as cons:
                 await asyncio.sleep(warmup)
                 c0 = cons[0].count()
                 s0 = await sim.state()
@@ -170,32 +167,6 @@ async def websocket_receive(
             else "client"
         ),
     }
-
-
-@contextlib.contextmanager
-def receiver(
-    url: str, request: str, floor_redis: Any, *, channel_prefix: str | None = None
-) -> Iterator[list[h.ConsumerProc]]:
-    """The bare ``ws`` client, or (``floor_redis`` given) the ``floor`` client publishing to
-    that redis-server (on ``{channel_prefix}:{type}:{code}``, ``floor:...`` by default),
-    connected and subscribed (``h.consumers`` gives a websocket mode no Redis port)."""
-    if floor_redis is None:
-        with h.consumers(1, "ws", url=url, request=request) as cons:
-            yield cons
-        return
-    with tempfile.TemporaryDirectory(prefix="upbit-bench-floor-") as tmp:
-        request_file = os.path.join(tmp, "request")
-        with open(request_file, "w") as f:
-            f.write(request)
-        args = ["--url", url, "--request-file", request_file, "--port", str(floor_redis.port)]
-        if channel_prefix is not None:
-            args += ["--channel-prefix", channel_prefix]
-        proc = h.start_consumer("floor", os.path.join(tmp, "out.json"), args, record=False)
-        try:
-            proc.wait_ready()
-            yield [proc]
-        finally:
-            proc.terminate(5.0)
 
 
 async def run(server: Any, quick: bool, mean_frame_bytes: int) -> dict[str, Any]:

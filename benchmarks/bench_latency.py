@@ -24,7 +24,6 @@ import asyncio
 import json
 from typing import Any
 
-from benchmarks import bench_ceilings
 from benchmarks import harness as h
 from benchmarks.bench_throughput import wait_subscribed
 from broker.redis_client import redis_client
@@ -166,7 +165,9 @@ async def _floor_window(
     record (as ``error``) rather than losing the broker's and direct's figures with it."""
     request = direct_request(streams, "bench-floor")
     channels = floor_channels(streams)
-    publisher = bench_ceilings.receiver(sim.url, request, server, channel_prefix=FLOOR_PREFIX)
+    publisher = h.consumers(
+        1, "floor", url=sim.url, request=request, port=server.port, channel_prefix=FLOOR_PREFIX
+    )
     try:
         with (
             h.consumers(1, "hiredis", port=server.port, channels=channels, record=True) as cons,

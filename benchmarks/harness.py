@@ -235,8 +235,11 @@ def consumers(
     url: str = "",
     request: str = "",
     record: bool = False,
+    channel_prefix: str | None = None,
 ) -> Iterator[list[ConsumerProc]]:
-    """``n`` consumer processes, each subscribed (or connected) before this yields."""
+    """``n`` consumer processes, each subscribed (or connected) before this yields. The
+    websocket modes (``ws``, ``floor``) take ``url`` and ``request``; ``floor`` also publishes
+    to the Redis on ``port`` (on ``{channel_prefix}:{type}:{code}``, ``floor:...`` by default)."""
     tmp = tempfile.mkdtemp(prefix="upbit-bench-consumers-")
     channels_file = os.path.join(tmp, "channels")
     with open(channels_file, "w") as f:
@@ -248,8 +251,12 @@ def consumers(
     try:
         for i in range(n):
             out = os.path.join(tmp, f"out{i}.json")
-            if mode == "ws":
+            if mode in ("ws", "floor"):
                 args = ["--url", url, "--request-file", request_file]
+                if mode == "floor":
+                    args += ["--port", str(port)]
+                    if channel_prefix is not None:
+                        args += ["--channel-prefix", channel_prefix]
             else:
                 args = ["--port", str(port), "--channels-file", channels_file]
                 if events:

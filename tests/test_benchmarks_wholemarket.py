@@ -46,7 +46,9 @@ async def test_the_floor_consumer_publishes_every_frame_it_routes(
     try:
         async with h.simulator(rate=50, markets=markets, seed=7) as sim:
             request = bench_ceilings.load_request(codes)
-            with bench_ceilings.receiver(sim.url, request, redis_server) as (floor,):
+            with h.consumers(1, "floor", url=sim.url, request=request, port=redis_server.port) as (
+                floor,
+            ):
                 await wait_for(lambda: len(got) >= 30, 20, message="frames published")
                 await sim.get("/_sim/stall?seconds=600")  # no more frames: the counts settle
                 counted = await wait_for(
